@@ -1,0 +1,5 @@
+//! TODO
+/// Block IPAM.
+pub struct BlockIpam;
+/// Block IPAM config.
+pub struct BlockIpamConfig;

@@ -1,0 +1,3 @@
+//! TODO
+/// Delegated.
+pub struct DelegatedIpam;

@@ -1,0 +1,26 @@
+//! # cni-core
+//!
+//! The foundation of cnikit: the CNI specification and its runner, the traits every part
+//! implements, the block IPAM engine with its datastores, and the Linux plumbing of the
+//! built-in pod networks.
+//!
+//! ## The parts
+//! - [`spec`]: CNI configurations, results and errors in versions 0.3.0 … 1.1.0.
+//! - [`Ipam`](ipam::Ipam), [`PodNetwork`](network::PodNetwork),
+//!   [`CrossNodeRouting`](routing::CrossNodeRouting), [`NodeRegistry`](registry::NodeRegistry):
+//!   the swappable parts, object-safe, so a configuration can pick them at run time.
+//! - [`store`]: the versioned key/value [`Store`](store::Store) the block IPAM and the node
+//!   registry are written against, with an in-memory and a local file implementation.
+//! - [`linux`]: network namespace handles and the netlink helpers.
+#![warn(missing_docs)]
+
+pub mod error;
+pub mod ipam;
+pub mod linux;
+pub mod network;
+pub mod registry;
+pub mod routing;
+pub mod spec;
+pub mod store;
+
+pub use error::{Error, ErrorCode, Result, StoreError};

@@ -1,0 +1,66 @@
+//! Cross-node routing: how pod traffic reaches pods on other nodes.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use async_trait::async_trait;
+use ipnet::IpNet;
+
+use crate::error::Result;
+use crate::registry::NodeRecord;
+
+/// The node a routing backend runs on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalNode {
+    /// Node name.
+    pub name: String,
+    /// Underlay address.
+    pub address: IpAddr,
+    /// Prefix length of the underlay subnet.
+    pub prefix_len: u8,
+    /// Underlay interface name.
+    pub interface: String,
+    /// MTU of the underlay interface.
+    pub underlay_mtu: u32,
+    /// Pod blocks this node owns.
+    pub blocks: Vec<IpNet>,
+}
+
+/// What one reconcile pass found and did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReconcileReport {
+    /// Kernel writes (netlink add/replace/delete requests) made.
+    pub writes: usize,
+    /// Peers that are routed.
+    pub routed: usize,
+    /// Peers this mode cannot route, with the reason (a host-gw peer that is not on-link).
+    pub unroutable: BTreeMap<String, String>,
+}
+
+/// Programs the node's kernel so that pods reach the blocks of other nodes.
+///
+/// Every method acts in the node's network namespace through handles the backend holds.
+#[async_trait]
+pub trait CrossNodeRouting: Send + Sync {
+    /// The mode name (`host-gw`, `vxlan`, …), also the configuration string.
+    fn mode(&self) -> &'static str;
+
+    /// Creates the devices the mode needs (a VXLAN device…). Idempotent.
+    /// Errors: 101 for kernel failures, 7 for a bad configuration.
+    async fn init(&mut self, local: &LocalNode) -> Result<()>;
+
+    /// Data to publish in this node's record for peers (for example the VTEP MAC).
+    /// Valid after [`init`](CrossNodeRouting::init).
+    fn node_data(&self) -> BTreeMap<String, String>;
+
+    /// Bytes of encapsulation this mode adds (pod MTU = underlay MTU − overhead).
+    fn mtu_overhead(&self) -> u32;
+
+    /// Makes the kernel match the full desired set of peers: level-triggered, safe to call
+    /// again, changes only what differs, removes what belongs to peers no longer listed.
+    /// The local node may be in `peers` and is skipped.
+    async fn reconcile(&mut self, peers: &[NodeRecord]) -> Result<ReconcileReport>;
+
+    /// Removes everything the mode created. Idempotent.
+    async fn teardown(&mut self) -> Result<()>;
+}

@@ -1,0 +1,3 @@
+//! TODO
+/// File.
+pub struct FileStore;

@@ -1,0 +1,3 @@
+//! TODO
+/// Mem.
+pub struct MemoryStore;

@@ -1,0 +1,149 @@
+//! The datastore abstraction: a versioned key/value store with multi-key compare-and-swap.
+//!
+//! Every write is a [`Txn`]: a list of [`Compare`]s that must all hold and a list of [`Op`]s
+//! applied atomically if they do. This is exactly what etcd v3 offers, and what the
+//! [`FileStore`](file::FileStore) emulates under a file lock, so the block IPAM engine and the
+//! node registry are written once for all datastores.
+//!
+//! Keys are `/`-separated strings; values are opaque bytes (cnikit writes JSON). Revisions
+//! grow monotonically over the whole store, as in etcd: a key's `mod_revision` is the
+//! revision of the transaction that last wrote it.
+
+use async_trait::async_trait;
+
+use crate::error::StoreError;
+
+pub mod file;
+pub mod memory;
+
+pub use file::FileStore;
+pub use memory::MemoryStore;
+
+/// A store-wide revision number; 0 means "never written".
+pub type Revision = u64;
+
+/// One stored key with its value and the revision that last wrote it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyValue {
+    /// The key.
+    pub key: String,
+    /// The value.
+    pub value: Vec<u8>,
+    /// Revision of the last write to this key.
+    pub mod_revision: Revision,
+}
+
+/// A precondition of a transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Compare {
+    /// The key does not exist.
+    Absent(String),
+    /// The key exists and was last written at this revision.
+    ModRevision(String, Revision),
+}
+
+impl Compare {
+    /// The key this compare is about.
+    pub fn key(&self) -> &str {
+        match self {
+            Compare::Absent(k) | Compare::ModRevision(k, _) => k,
+        }
+    }
+
+    /// A compare that holds for the key as it was read (`None`: it was absent).
+    pub fn unchanged(key: impl Into<String>, seen: Option<&KeyValue>) -> Self {
+        match seen {
+            None => Compare::Absent(key.into()),
+            Some(kv) => Compare::ModRevision(key.into(), kv.mod_revision),
+        }
+    }
+}
+
+/// A write of a transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// Create or replace a key.
+    Put(String, Vec<u8>),
+    /// Remove a key (no error if it is absent).
+    Delete(String),
+}
+
+/// An atomic multi-key transaction: all `compares` hold, then all `ops` apply; or nothing.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Txn {
+    /// Preconditions.
+    pub compares: Vec<Compare>,
+    /// Writes.
+    pub ops: Vec<Op>,
+}
+
+impl Txn {
+    /// An empty transaction.
+    pub fn new() -> Self {
+        Txn::default()
+    }
+
+    /// Adds a precondition.
+    pub fn when(mut self, compare: Compare) -> Self {
+        self.compares.push(compare);
+        self
+    }
+
+    /// Adds a put.
+    pub fn put(mut self, key: impl Into<String>, value: impl Into<Vec<u8>>) -> Self {
+        self.ops.push(Op::Put(key.into(), value.into()));
+        self
+    }
+
+    /// Adds a delete.
+    pub fn delete(mut self, key: impl Into<String>) -> Self {
+        self.ops.push(Op::Delete(key.into()));
+        self
+    }
+}
+
+/// What a transaction did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TxnOutcome {
+    /// Every compare held and every op applied at this revision.
+    Committed(Revision),
+    /// A compare failed; nothing was written. Holds the current value of every compared key
+    /// that exists (read in the same round trip), so the caller can retry without re-reading.
+    Failed(Vec<KeyValue>),
+}
+
+/// A versioned key/value datastore with multi-key compare-and-swap.
+///
+/// Implementations: [`MemoryStore`] (unit tests), [`FileStore`] (one node, the embedded
+/// default), and the etcd store of the `ipam-etcd` crate. All methods are safe to call from
+/// many tasks and processes at once; errors carry CNI code 11 when retrying later may help.
+#[async_trait]
+pub trait Store: Send + Sync {
+    /// Reads one key.
+    async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError>;
+
+    /// Reads every key that starts with `prefix`, sorted by key, in one consistent snapshot.
+    async fn list(&self, prefix: &str) -> Result<Vec<KeyValue>, StoreError>;
+
+    /// Applies a transaction atomically.
+    async fn commit(&self, txn: Txn) -> Result<TxnOutcome, StoreError>;
+
+    /// A short description for logs and errors (endpoints or path, never secrets).
+    fn describe(&self) -> String;
+}
+
+#[async_trait]
+impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
+    async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
+        (**self).get(key).await
+    }
+    async fn list(&self, prefix: &str) -> Result<Vec<KeyValue>, StoreError> {
+        (**self).list(prefix).await
+    }
+    async fn commit(&self, txn: Txn) -> Result<TxnOutcome, StoreError> {
+        (**self).commit(txn).await
+    }
+    fn describe(&self) -> String {
+        (**self).describe()
+    }
+}

@@ -1,0 +1,4 @@
+//! # cnikit
+//!
+//! Build Kubernetes CNI network plugins from swappable parts.
+pub use cni_core as core;
