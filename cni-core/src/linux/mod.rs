@@ -1,5 +1,68 @@
 //! Linux plumbing: namespaces, netlink helpers and the built-in pod networks.
+//!
+//! Every helper takes the [`NetNs`] it acts in; none depends on the namespace of the calling
+//! thread. Each one names the `ip` command it equals and maps failures to
+//! [`Error::Kernel`] (CNI code 101) with the command as `what`.
+//!
+//! - [`netns`]: namespace handles.
+//! - [`link`], [`veth`], [`addr`], [`route`], [`neigh`], [`sysctl`]: one kernel object each.
 
+use std::fmt;
+
+use crate::error::Error;
+
+pub mod addr;
+pub mod link;
+pub mod neigh;
 pub mod netns;
+pub mod route;
+pub mod sysctl;
+pub mod veth;
 
 pub use netns::NetNs;
+
+/// The kernel state differs from what it should be (the source of an
+/// [`Error::Kernel`] raised by CHECK or by a helper that found a
+/// conflicting object).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mismatch {
+    /// What was expected.
+    pub expected: String,
+    /// What was found.
+    pub found: String,
+}
+
+impl Mismatch {
+    /// Builds a mismatch.
+    pub fn new(expected: impl Into<String>, found: impl Into<String>) -> Self {
+        Mismatch {
+            expected: expected.into(),
+            found: found.into(),
+        }
+    }
+}
+
+impl fmt::Display for Mismatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "expected {}, found {}", self.expected, self.found)
+    }
+}
+
+impl std::error::Error for Mismatch {}
+
+/// The positive errno of a netlink error reply, if `e` is one.
+pub(crate) fn errno(e: &rtnetlink::Error) -> Option<i32> {
+    match e {
+        rtnetlink::Error::NetlinkError(m) => Some(m.raw_code().abs()),
+        _ => None,
+    }
+}
+
+/// Wraps a netlink failure as [`Error::Kernel`], turning errno replies into
+/// [`std::io::Error`]s so that the message reads like `File exists (os error 17)`.
+pub(crate) fn kernel(what: impl Into<String>, e: rtnetlink::Error) -> Error {
+    match e {
+        rtnetlink::Error::NetlinkError(m) => Error::kernel(what, m.to_io()),
+        other => Error::kernel(what, other),
+    }
+}

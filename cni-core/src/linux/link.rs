@@ -1,0 +1,258 @@
+//! Links: look up, bring up, delete, and the bridge device.
+
+use std::hash::{BuildHasher, Hasher};
+
+use futures::TryStreamExt;
+use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
+use rtnetlink::{LinkBridge, LinkBridgePort, LinkUnspec};
+
+use super::{Mismatch, NetNs, errno, kernel};
+use crate::error::{Error, Result};
+use crate::spec::HwAddr;
+
+/// The longest interface name the kernel accepts (`IFNAMSIZ - 1`).
+pub const MAX_NAME_LEN: usize = 15;
+
+/// A link as the helpers report it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Link {
+    /// Interface index in its namespace.
+    pub index: u32,
+    /// Interface name.
+    pub name: String,
+    /// Hardware address.
+    pub mac: Option<HwAddr>,
+    /// MTU.
+    pub mtu: Option<u32>,
+    /// Administratively up (`IFF_UP`).
+    pub up: bool,
+    /// Index of the bridge (or other controller) this link is enslaved to.
+    pub controller: Option<u32>,
+    /// `IFLA_LINK`: for a veth, the index of its peer (in the peer's namespace).
+    pub peer_index: Option<u32>,
+    /// The link kind (`bridge`, `veth`, …), absent for plain devices such as `lo`.
+    pub kind: Option<String>,
+}
+
+impl Link {
+    fn from_message(m: LinkMessage) -> Self {
+        let mut link = Link {
+            index: m.header.index,
+            name: String::new(),
+            mac: None,
+            mtu: None,
+            up: m.header.flags.contains(LinkFlags::Up),
+            controller: None,
+            peer_index: None,
+            kind: None,
+        };
+        for attr in m.attributes {
+            match attr {
+                LinkAttribute::IfName(n) => link.name = n,
+                LinkAttribute::Address(a) => link.mac = Some(HwAddr::new(a)),
+                LinkAttribute::Mtu(v) => link.mtu = Some(v),
+                LinkAttribute::Controller(c) => link.controller = Some(c),
+                LinkAttribute::Link(l) => link.peer_index = Some(l),
+                LinkAttribute::LinkInfo(infos) => {
+                    for info in infos {
+                        if let LinkInfo::Kind(k) = info {
+                            link.kind = Some(k.to_string());
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        link
+    }
+}
+
+/// Checks that `name` is usable as an interface name: 1 to 15 bytes, no `/`, `:` or
+/// whitespace, not `.` or `..` (the kernel's `dev_valid_name`, plus `:` for aliases).
+pub fn valid_name(name: &str) -> std::result::Result<(), String> {
+    if name.is_empty() {
+        return Err("empty interface name".into());
+    }
+    if name.len() > MAX_NAME_LEN {
+        return Err(format!(
+            "interface name {name:?} is longer than {MAX_NAME_LEN} bytes"
+        ));
+    }
+    if name == "." || name == ".." {
+        return Err(format!("{name:?} is not an interface name"));
+    }
+    if name
+        .chars()
+        .any(|c| c == '/' || c == ':' || c.is_whitespace())
+    {
+        return Err(format!(
+            "interface name {name:?} contains '/', ':' or whitespace"
+        ));
+    }
+    Ok(())
+}
+
+/// Looks a link up by name, like `ip link show dev NAME`. `Ok(None)` if there is none.
+pub async fn get(ns: &NetNs, name: &str) -> Result<Option<Link>> {
+    let reply = ns
+        .handle()
+        .link()
+        .get()
+        .match_name(name)
+        .execute()
+        .try_next()
+        .await;
+    match reply {
+        Ok(Some(m)) => Ok(Some(Link::from_message(m))),
+        Ok(None) => Ok(None),
+        Err(e) if matches!(errno(&e), Some(libc::ENODEV)) => Ok(None),
+        Err(e) => Err(kernel(format!("ip link show dev {name}"), e)),
+    }
+}
+
+/// Sets a link up, like `ip link set dev NAME up`.
+pub async fn set_up(ns: &NetNs, name: &str) -> Result<()> {
+    ns.handle()
+        .link()
+        .set(LinkUnspec::new_with_name(name).up().build())
+        .execute()
+        .await
+        .map_err(|e| kernel(format!("ip link set dev {name} up"), e))
+}
+
+/// Deletes a link by name, like `ip link del dev NAME`. Returns whether it existed: a
+/// missing link is success, so that DEL stays idempotent. Deleting one end of a veth pair
+/// deletes the other end too, in whichever namespace it is.
+pub async fn delete(ns: &NetNs, name: &str) -> Result<bool> {
+    let message = LinkUnspec::new_with_name(name).build();
+    match ns.handle().link().del_with_message(message).execute().await {
+        Ok(()) => Ok(true),
+        Err(e) if matches!(errno(&e), Some(libc::ENODEV | libc::ENOENT)) => Ok(false),
+        Err(e) => Err(kernel(format!("ip link del dev {name}"), e)),
+    }
+}
+
+/// Turns hairpin mode on or off on a bridge port, like
+/// `ip link set dev NAME type bridge_slave hairpin on|off`.
+pub async fn set_hairpin(ns: &NetNs, port: &Link, on: bool) -> Result<()> {
+    let onoff = if on { "on" } else { "off" };
+    ns.handle()
+        .link()
+        .set_port(LinkBridgePort::new(port.index).hairpin(on).build())
+        .execute()
+        .await
+        .map_err(|e| {
+            kernel(
+                format!(
+                    "ip link set dev {} type bridge_slave hairpin {onoff}",
+                    port.name
+                ),
+                e,
+            )
+        })
+}
+
+/// How a bridge is created when it does not exist yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BridgeSpec<'a> {
+    /// Device name.
+    pub name: &'a str,
+    /// MTU.
+    pub mtu: u32,
+    /// Whether bridged frames go through iptables, ip6tables and arptables.
+    pub netfilter: bool,
+}
+
+/// Makes sure a bridge exists and is up, like
+/// `ip link add NAME address MAC mtu MTU type bridge nf_call_iptables 0 nf_call_ip6tables 0
+/// nf_call_arptables 0; ip link set NAME up`, and returns it.
+///
+/// Idempotent, and safe against concurrent callers (plugins run in parallel processes): if
+/// another process creates it first, that bridge is used. An existing bridge is left as it
+/// is apart from being set up; a device of that name that is not a bridge is an error.
+///
+/// A new bridge gets a random, locally administered MAC address set explicitly, so that
+/// the kernel never changes it as ports come and go (pods cache the gateway's MAC).
+pub async fn ensure_bridge(ns: &NetNs, spec: &BridgeSpec<'_>) -> Result<Link> {
+    let name = spec.name;
+    let existing = match get(ns, name).await? {
+        Some(link) => link,
+        None => {
+            let message = LinkBridge::new(name)
+                .mtu(spec.mtu)
+                .address(random_mac().to_vec())
+                .nf_call_iptables(spec.netfilter)
+                .nf_call_ip6tables(spec.netfilter)
+                .nf_call_arptables(spec.netfilter)
+                .build();
+            match ns.handle().link().add(message).execute().await {
+                Ok(()) => {}
+                // Another plugin process won the race; use its bridge.
+                Err(e) if errno(&e) == Some(libc::EEXIST) => {}
+                Err(e) => return Err(kernel(format!("ip link add {name} type bridge"), e)),
+            }
+            get(ns, name).await?.ok_or_else(|| {
+                Error::kernel(
+                    format!("ip link add {name} type bridge"),
+                    Mismatch::new("the new bridge", "no such device (deleted concurrently?)"),
+                )
+            })?
+        }
+    };
+    if existing.kind.as_deref() != Some("bridge") {
+        return Err(Error::kernel(
+            format!("use {name} as the pods' bridge"),
+            Mismatch::new(
+                "a bridge",
+                format!("a {} device", existing.kind.as_deref().unwrap_or("plain")),
+            ),
+        ));
+    }
+    if !existing.up {
+        set_up(ns, name).await?;
+    }
+    Ok(Link {
+        up: true,
+        ..existing
+    })
+}
+
+/// A random unicast, locally administered MAC address.
+pub fn random_mac() -> [u8; 6] {
+    // RandomState is seeded from the OS's randomness per instance: enough for a MAC.
+    let bits = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
+        .to_be_bytes();
+    let mut mac = [0u8; 6];
+    mac.copy_from_slice(&bits[..6]);
+    mac[0] = (mac[0] & 0xfe) | 0x02;
+    mac
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_checked_like_the_kernel_does() {
+        assert!(valid_name("eth0").is_ok());
+        assert!(valid_name("cnk0123456789ab").is_ok());
+        assert!(valid_name("").is_err());
+        assert!(valid_name("0123456789abcdef").is_err());
+        assert!(valid_name("a/b").is_err());
+        assert!(valid_name("a b").is_err());
+        assert!(valid_name("a:1").is_err());
+        assert!(valid_name("..").is_err());
+    }
+
+    #[test]
+    fn random_macs_are_local_unicast() {
+        for _ in 0..64 {
+            let mac = random_mac();
+            assert_eq!(mac[0] & 0x01, 0, "multicast bit set in {mac:?}");
+            assert_eq!(mac[0] & 0x02, 0x02, "not locally administered: {mac:?}");
+        }
+        assert_ne!(random_mac(), random_mac());
+    }
+}

@@ -1,0 +1,238 @@
+//! Routes, described with the CNI result's [`Route`] type.
+//!
+//! A route without a gateway gets scope `link` (as `ip route add` gives it) unless its
+//! `scope` says otherwise; a route with one gets scope `universe`.
+
+use std::fmt::Write as _;
+use std::net::IpAddr;
+
+use futures::TryStreamExt;
+use ipnet::IpNet;
+use rtnetlink::RouteMessageBuilder;
+use rtnetlink::packet_route::AddressFamily;
+use rtnetlink::packet_route::route::{
+    RouteAddress, RouteAttribute, RouteMessage, RouteMetric, RouteScope,
+};
+
+use super::link::Link;
+use super::{NetNs, errno, kernel};
+use crate::error::{Error, Result};
+use crate::spec::Route;
+
+/// A route found in a namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// The route.
+    pub route: Route,
+    /// Output interface index, if the route has one.
+    pub oif: Option<u32>,
+}
+
+/// Adds a route through `link`, like
+/// `ip route add DST [via GW] dev DEV [scope S] [metric P] [table T] [mtu M] [advmss A]`.
+/// Fails with `EEXIST` (code 101) if the same route is there already.
+pub async fn add(ns: &NetNs, link: &Link, route: &Route) -> Result<()> {
+    request(ns, link, route, false).await
+}
+
+/// Adds or replaces a route through `link`, like `ip route replace DST … dev DEV`.
+/// Idempotent; takes over a route to the same destination through another device.
+pub async fn replace(ns: &NetNs, link: &Link, route: &Route) -> Result<()> {
+    request(ns, link, route, true).await
+}
+
+async fn request(ns: &NetNs, link: &Link, route: &Route, replace: bool) -> Result<()> {
+    let verb = if replace { "replace" } else { "add" };
+    let what = || format!("ip route {verb} {}", describe(route, &link.name));
+    let message = build(route, link.index).map_err(|e| Error::kernel(what(), e))?;
+    let req = ns.handle().route().add(message);
+    let req = if replace { req.replace() } else { req };
+    req.execute().await.map_err(|e| kernel(what(), e))
+}
+
+/// The `ip route` arguments of `route`, for messages.
+fn describe(route: &Route, dev: &str) -> String {
+    let mut s = route.dst.to_string();
+    if let Some(gw) = route.gw {
+        let _ = write!(s, " via {gw}");
+    }
+    let _ = write!(s, " dev {dev}");
+    if let Some(scope) = route.scope {
+        let _ = write!(s, " scope {scope}");
+    }
+    if let Some(p) = route.priority {
+        let _ = write!(s, " metric {p}");
+    }
+    if let Some(t) = route.table {
+        let _ = write!(s, " table {t}");
+    }
+    s
+}
+
+fn build(
+    route: &Route,
+    oif: u32,
+) -> std::result::Result<RouteMessage, Box<dyn std::error::Error + Send + Sync>> {
+    let mut b = RouteMessageBuilder::<IpAddr>::new()
+        .destination_prefix(route.dst.addr(), route.dst.prefix_len())?
+        .output_interface(oif);
+    if let Some(gw) = route.gw {
+        b = b.gateway(gw)?;
+    }
+    let scope = match (route.scope, route.gw, route.dst) {
+        (Some(s), _, _) => RouteScope::from(s),
+        (None, None, IpNet::V4(_)) => RouteScope::Link,
+        _ => RouteScope::Universe,
+    };
+    b = b.scope(scope);
+    if let Some(p) = route.priority {
+        b = b.priority(p);
+    }
+    if let Some(t) = route.table {
+        b = b.table_id(t);
+    }
+    let mut metrics = Vec::new();
+    if let Some(mtu) = route.mtu {
+        metrics.push(RouteMetric::Mtu(mtu));
+    }
+    if let Some(advmss) = route.advmss {
+        metrics.push(RouteMetric::Advmss(advmss));
+    }
+    if !metrics.is_empty() {
+        b.get_mut()
+            .attributes
+            .push(RouteAttribute::Metrics(metrics));
+    }
+    Ok(b.build())
+}
+
+/// Lists the routes of one address family in every table, like
+/// `ip [-6] route show table all`.
+pub async fn list(ns: &NetNs, ipv6: bool) -> Result<Vec<Entry>> {
+    let mut query = RouteMessage::default();
+    query.header.address_family = if ipv6 {
+        AddressFamily::Inet6
+    } else {
+        AddressFamily::Inet
+    };
+    let family = if ipv6 { "-6" } else { "-4" };
+    let messages: Vec<RouteMessage> = ns
+        .handle()
+        .route()
+        .get(query)
+        .execute()
+        .try_collect()
+        .await
+        .map_err(|e| kernel(format!("ip {family} route show table all"), e))?;
+    Ok(messages.into_iter().filter_map(parse).collect())
+}
+
+fn table_of(m: &RouteMessage) -> u32 {
+    m.attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(u32::from(m.header.table))
+}
+
+fn ip_of(a: &RouteAddress) -> Option<IpAddr> {
+    match a {
+        RouteAddress::Inet(v4) => Some(IpAddr::V4(*v4)),
+        RouteAddress::Inet6(v6) => Some(IpAddr::V6(*v6)),
+        _ => None,
+    }
+}
+
+fn parse(m: RouteMessage) -> Option<Entry> {
+    let unspecified = match m.header.address_family {
+        AddressFamily::Inet => IpAddr::from([0u8; 4]),
+        AddressFamily::Inet6 => IpAddr::from([0u16; 8]),
+        _ => return None,
+    };
+    let mut dst = unspecified;
+    let mut route = Route::new(IpNet::new(unspecified, 0).ok()?, None);
+    let mut oif = None;
+    for attr in &m.attributes {
+        match attr {
+            RouteAttribute::Destination(a) => dst = ip_of(a)?,
+            RouteAttribute::Gateway(a) => route.gw = ip_of(a),
+            RouteAttribute::Oif(i) => oif = Some(*i),
+            RouteAttribute::Priority(p) => route.priority = Some(*p),
+            RouteAttribute::Metrics(ms) => {
+                for metric in ms {
+                    match metric {
+                        RouteMetric::Mtu(v) => route.mtu = Some(*v),
+                        RouteMetric::Advmss(v) => route.advmss = Some(*v),
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    route.dst = IpNet::new(dst, m.header.destination_prefix_length).ok()?;
+    route.scope = Some(u8::from(m.header.scope));
+    route.table = Some(table_of(&m));
+    Some(Entry { route, oif })
+}
+
+/// Asks the kernel which interface it would send a packet to `dst` through, like
+/// `ip route get DST`. `Ok(None)` when `dst` is unreachable.
+pub async fn lookup(ns: &NetNs, dst: IpAddr) -> Result<Option<u32>> {
+    let what = || format!("ip route get {dst}");
+    let prefix = if dst.is_ipv4() { 32 } else { 128 };
+    let query = RouteMessageBuilder::<IpAddr>::new()
+        .destination_prefix(dst, prefix)
+        .map_err(|e| Error::kernel(what(), e))?
+        .build();
+    match ns.handle().route().get(query).execute().try_next().await {
+        Ok(Some(m)) => Ok(m.attributes.iter().find_map(|a| match a {
+            RouteAttribute::Oif(i) => Some(*i),
+            _ => None,
+        })),
+        Ok(None) => Ok(None),
+        Err(e)
+            if matches!(
+                errno(&e),
+                Some(libc::ENETUNREACH | libc::EHOSTUNREACH | libc::ESRCH)
+            ) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(kernel(what(), e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_without_gateway_are_link_scoped_on_ipv4_only() {
+        let link_route = Route::new("169.254.1.1/32".parse().unwrap(), None);
+        let m = build(&link_route, 7).unwrap();
+        assert_eq!(m.header.scope, RouteScope::Link);
+        let via = Route::new(
+            "0.0.0.0/0".parse().unwrap(),
+            Some("169.254.1.1".parse().unwrap()),
+        );
+        assert_eq!(build(&via, 7).unwrap().header.scope, RouteScope::Universe);
+        let v6 = Route::new("fd00::5/128".parse().unwrap(), None);
+        assert_eq!(build(&v6, 7).unwrap().header.scope, RouteScope::Universe);
+    }
+
+    #[test]
+    fn describe_reads_like_ip_route() {
+        let mut r = Route::new(
+            "10.1.0.0/16".parse().unwrap(),
+            Some("10.0.0.1".parse().unwrap()),
+        );
+        r.priority = Some(100);
+        assert_eq!(
+            describe(&r, "eth0"),
+            "10.1.0.0/16 via 10.0.0.1 dev eth0 metric 100"
+        );
+    }
+}
