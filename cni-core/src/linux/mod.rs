@@ -6,20 +6,32 @@
 //!
 //! - [`netns`]: namespace handles.
 //! - [`link`], [`veth`], [`addr`], [`route`], [`neigh`], [`sysctl`]: one kernel object each.
+//! - [`bridge`] (feature `bridge`) and [`routed`] (feature `routed`): the built-in
+//!   [`PodNetwork`](crate::network::PodNetwork)s.
 
 use std::fmt;
 
 use crate::error::Error;
 
 pub mod addr;
+#[cfg(feature = "bridge")]
+pub mod bridge;
 pub mod link;
 pub mod neigh;
 pub mod netns;
+#[cfg(any(feature = "bridge", feature = "routed"))]
+mod pod;
 pub mod route;
+#[cfg(feature = "routed")]
+pub mod routed;
 pub mod sysctl;
 pub mod veth;
 
+#[cfg(feature = "bridge")]
+pub use bridge::{BridgeConfig, BridgeNetwork};
 pub use netns::NetNs;
+#[cfg(feature = "routed")]
+pub use routed::{RoutedConfig, RoutedNetwork};
 
 /// The kernel state differs from what it should be (the source of an
 /// [`Error::Kernel`] raised by CHECK or by a helper that found a
