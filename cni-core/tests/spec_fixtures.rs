@@ -373,7 +373,10 @@ fn plugin_configs_are_built_as_libcni_does() {
     assert_eq!(first["type"], "cnikit");
     assert_eq!(first["mode"], "vxlan");
     assert_eq!(first["ipam"]["blockSize"], 26);
-    assert!(first.get("runtimeConfig").is_none(), "no capability declared");
+    assert!(
+        first.get("runtimeConfig").is_none(),
+        "no capability declared"
+    );
     assert!(first.get("prevResult").is_none());
 
     let second = list.plugin_config(1, version, Some(&prev), &rc).unwrap();
@@ -383,7 +386,10 @@ fn plugin_configs_are_built_as_libcni_does() {
     );
     assert_eq!(second["prevResult"], prev.to_json(Version::V1_1_0));
     let third = list.plugin_config(2, version, Some(&prev), &rc).unwrap();
-    assert_eq!(third["runtimeConfig"], json!({"bandwidth": {"ingressRate": 1000}}));
+    assert_eq!(
+        third["runtimeConfig"],
+        json!({"bandwidth": {"ingressRate": 1000}})
+    );
 
     // A plugin gets the previous result in the list's version.
     let old = conflist("conflists/podman-0.4.0.conflist").unwrap();
@@ -398,7 +404,9 @@ fn plugin_configs_are_built_as_libcni_does() {
     assert_eq!(decoded.version().unwrap(), Version::V0_4_0);
 
     assert_eq!(
-        list.plugin_config(3, version, None, &rc).unwrap_err().code(),
+        list.plugin_config(3, version, None, &rc)
+            .unwrap_err()
+            .code(),
         ErrorCode::INVALID_CONFIG
     );
 }
@@ -409,7 +417,9 @@ fn single_configuration_becomes_a_list_of_one() {
     let list = ConfList::from_conf(conf.clone());
     list.validate().unwrap();
     assert_eq!(list.negotiate().unwrap(), Version::V1_0_0);
-    let built = list.plugin_config(0, Version::V1_0_0, None, &Map::new()).unwrap();
+    let built = list
+        .plugin_config(0, Version::V1_0_0, None, &Map::new())
+        .unwrap();
     assert_eq!(built, conf.to_value());
 }
 

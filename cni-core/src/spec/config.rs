@@ -22,8 +22,8 @@ pub const VALID_ATTACHMENTS_KEY: &str = "cni.dev/valid-attachments";
 /// The key early drafts of spec 1.1.0 used instead of [`VALID_ATTACHMENTS_KEY`].
 pub const LEGACY_ATTACHMENTS_KEY: &str = "cni.dev/attachments";
 
-/// The version a configuration without `cniVersion` implicitly has (as libcni decides).
-const IMPLIED_VERSION: &str = "0.1.0";
+/// How a configuration without `cniVersion` is reported: libcni takes it as 0.1.0.
+const IMPLIED_VERSION: &str = "none (0.1.0 implied)";
 
 /// The network configuration a plugin receives on stdin.
 ///
