@@ -130,6 +130,23 @@ fn legacy_0_2_0_results_are_read() {
 }
 
 #[test]
+fn empty_and_null_fields_mean_absent() {
+    let result = CniResult::from_json(&json!({
+        "cniVersion": "1.0.0",
+        "interfaces": [{"name": "eth0", "mac": "", "sandbox": null}],
+        "ips": [{"address": "10.0.0.3/24", "gateway": "", "interface": 0}],
+        "routes": [{"dst": "0.0.0.0/0", "gw": null}],
+        "dns": null
+    }))
+    .unwrap();
+    assert_eq!(result.interfaces[0].mac, None);
+    assert_eq!(result.interfaces[0].sandbox, None);
+    assert_eq!(result.ips[0].gateway, None);
+    assert_eq!(result.routes[0].gw, None);
+    assert!(result.dns.is_empty());
+}
+
+#[test]
 fn malformed_results_are_decode_errors_with_a_path() {
     let cases = [
         json!([]),

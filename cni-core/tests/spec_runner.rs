@@ -784,3 +784,90 @@ fn requests_parse_without_the_runner() {
     let e = Request::from_env(env_for("ADD"), b"{", &[]).unwrap_err();
     assert_eq!(e.code().0, 6);
 }
+
+/// What the runtime half ([`cni_core::exec`], [`cni_core::spec::ConfList`]) produces, the
+/// plugin half accepts, in every version and for every command the version has.
+#[tokio::test]
+async fn runtime_side_output_is_accepted_by_the_runner() {
+    use cni_core::exec::Invocation;
+    use cni_core::spec::ConfList;
+
+    for version in Version::ALL {
+        let list = ConfList::from_slice(
+            json!({
+                "cniVersion": version.as_str(), "name": "cnikit",
+                "plugins": [{"type": "cnikit", "capabilities": {"portMappings": true},
+                             "ipam": {"type": "host-local"}}]
+            })
+            .to_string()
+            .as_bytes(),
+        )
+        .unwrap();
+        let mut rc = serde_json::Map::new();
+        rc.insert(
+            "portMappings".into(),
+            json!([{"HostPort": 8080, "ContainerPort": 80, "Protocol": "TCP", "HostIP": ""}]),
+        );
+        let prev = canned_result();
+        let inv = Invocation::new(
+            Command::Add,
+            "3f1c0a9b2e7d4c58",
+            Some("/var/run/netns/cni-1".into()),
+            "eth0",
+            vec!["/opt/cni/bin".into()],
+        )
+        .arg("IgnoreUnknown", "1")
+        .arg("K8S_POD_NAME", "web-0");
+
+        for command in [
+            Command::Add,
+            Command::Check,
+            Command::Del,
+            Command::Gc,
+            Command::Status,
+        ] {
+            if version < command.since() {
+                continue;
+            }
+            let with_prev = matches!(command, Command::Check | Command::Del);
+            let mut conf = list
+                .plugin_config(0, version, with_prev.then_some(&prev), &rc)
+                .unwrap();
+            let inv = match command {
+                Command::Gc | Command::Status => Invocation::global(command, inv.cni_path.clone()),
+                _ => inv.with_command(command),
+            };
+            if command == Command::Gc {
+                conf["cni.dev/valid-attachments"] =
+                    json!([{"containerID": "3f1c0a9b2e7d4c58", "ifname": "eth0"}]);
+            }
+            let plugin = Recorder::default();
+            let (exit, out) = invoke(&plugin, inv.env(), &conf.to_string()).await;
+            assert_eq!(
+                exit,
+                0,
+                "{version} {command}: {}",
+                String::from_utf8_lossy(&out)
+            );
+            let calls = plugin.calls();
+            let req = &calls[0].1;
+            assert_eq!(req.version, version);
+            if with_prev {
+                let expected = CniResult::from_json(&prev.to_json(version)).unwrap();
+                assert_eq!(
+                    req.prev_result.as_ref(),
+                    Some(&expected),
+                    "{version} {command}"
+                );
+            }
+            let mapping = &req.config.runtime_config.as_ref().unwrap().port_mappings[0];
+            assert_eq!((mapping.host_port, mapping.container_port), (8080, 80));
+            if command == Command::Gc {
+                assert_eq!(
+                    calls[0].2,
+                    [Attachment::new("cnikit", "3f1c0a9b2e7d4c58", "eth0")]
+                );
+            }
+        }
+    }
+}

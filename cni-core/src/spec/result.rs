@@ -399,9 +399,17 @@ impl CniResult {
             }
             return Ok(result);
         }
-        // Some writers print absent sections as `null`; they mean "none".
+        // Some writers print absent sections and fields as `null` or `""` (Go without
+        // `omitempty`); both mean "absent".
         let mut object = object.clone();
         object.retain(|_, v| !v.is_null());
+        for list in ["interfaces", "ips", "routes"] {
+            if let Some(Value::Array(entries)) = object.get_mut(list) {
+                for entry in entries.iter_mut().filter_map(Value::as_object_mut) {
+                    entry.retain(|_, v| !(v.is_null() || v.as_str() == Some("")));
+                }
+            }
+        }
         serde_path_to_error::deserialize(Value::Object(object)).map_err(decode)
     }
 }
