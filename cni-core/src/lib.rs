@@ -6,6 +6,9 @@
 //!
 //! ## The parts
 //! - [`spec`]: CNI configurations, results and errors in versions 0.3.0 … 1.1.0.
+//! - [`runner`]: the plugin entry point: a [`Plugin`](runner::Plugin) per CNI verb and
+//!   [`run`](runner::run), which validates the invocation and prints the outcome.
+//! - [`exec`]: running CNI plugin executables as a runtime does (delegation, whole lists).
 //! - [`Ipam`](ipam::Ipam), [`PodNetwork`](network::PodNetwork),
 //!   [`CrossNodeRouting`](routing::CrossNodeRouting), [`NodeRegistry`](registry::NodeRegistry):
 //!   the swappable parts, object-safe, so a configuration can pick them at run time.
@@ -15,11 +18,13 @@
 #![warn(missing_docs)]
 
 pub mod error;
+pub mod exec;
 pub mod ipam;
 pub mod linux;
 pub mod network;
 pub mod registry;
 pub mod routing;
+pub mod runner;
 pub mod spec;
 pub mod store;
 

@@ -9,6 +9,9 @@ use std::str::FromStr;
 
 use ipnet::IpNet;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::{Map, Value};
+
+use crate::spec::Version;
 
 /// A link-layer (hardware) address, written `aa:bb:cc:dd:ee:ff` in CNI JSON.
 ///
@@ -213,4 +216,200 @@ pub struct CniResult {
     /// DNS settings.
     #[serde(default, skip_serializing_if = "Dns::is_empty")]
     pub dns: Dns,
+}
+
+impl Interface {
+    /// The interface as written in a result of `version`.
+    fn to_json(&self, version: Version) -> Value {
+        let mut o = Map::new();
+        o.insert("name".into(), self.name.clone().into());
+        if let Some(mac) = &self.mac {
+            o.insert("mac".into(), mac.to_string().into());
+        }
+        if let Some(sandbox) = &self.sandbox {
+            o.insert("sandbox".into(), sandbox.clone().into());
+        }
+        if version >= Version::V1_1_0 {
+            if let Some(mtu) = self.mtu {
+                o.insert("mtu".into(), mtu.into());
+            }
+            if let Some(path) = &self.socket_path {
+                o.insert("socketPath".into(), path.clone().into());
+            }
+            if let Some(pci) = &self.pci_id {
+                o.insert("pciID".into(), pci.clone().into());
+            }
+        }
+        Value::Object(o)
+    }
+}
+
+impl IpConfig {
+    /// The address as written in a result of `version`.
+    fn to_json(&self, version: Version) -> Value {
+        let mut o = Map::new();
+        if version.has_ip_version_field() {
+            let family = if self.address.addr().is_ipv4() {
+                "4"
+            } else {
+                "6"
+            };
+            o.insert("version".into(), family.into());
+        }
+        if let Some(index) = self.interface {
+            o.insert("interface".into(), index.into());
+        }
+        o.insert("address".into(), self.address.to_string().into());
+        if let Some(gw) = self.gateway {
+            o.insert("gateway".into(), gw.to_string().into());
+        }
+        Value::Object(o)
+    }
+}
+
+impl Route {
+    /// The route as written in a result of `version`.
+    fn to_json(&self, version: Version) -> Value {
+        let mut o = Map::new();
+        o.insert("dst".into(), self.dst.to_string().into());
+        if let Some(gw) = self.gw {
+            o.insert("gw".into(), gw.to_string().into());
+        }
+        if version >= Version::V1_1_0 {
+            let extra = [
+                ("mtu", self.mtu),
+                ("advmss", self.advmss),
+                ("priority", self.priority),
+                ("table", self.table),
+                ("scope", self.scope.map(u32::from)),
+            ];
+            for (key, value) in extra {
+                if let Some(v) = value {
+                    o.insert(key.into(), v.into());
+                }
+            }
+        }
+        Value::Object(o)
+    }
+}
+
+impl Dns {
+    fn to_json(&self) -> Value {
+        let mut o = Map::new();
+        let lists = [
+            ("nameservers", &self.nameservers),
+            ("search", &self.search),
+            ("options", &self.options),
+        ];
+        for (key, list) in lists {
+            if !list.is_empty() {
+                o.insert(key.into(), list.clone().into());
+            }
+        }
+        if let Some(domain) = &self.domain {
+            o.insert("domain".into(), domain.clone().into());
+        }
+        Value::Object(o)
+    }
+}
+
+/// A result of spec 0.1.0 / 0.2.0: one `ip4` and one `ip6` section.
+#[derive(Deserialize)]
+struct LegacyResult {
+    #[serde(default)]
+    ip4: Option<LegacyIp>,
+    #[serde(default)]
+    ip6: Option<LegacyIp>,
+    #[serde(default)]
+    dns: Option<Dns>,
+}
+
+#[derive(Deserialize)]
+struct LegacyIp {
+    ip: IpNet,
+    #[serde(default)]
+    gateway: Option<IpAddr>,
+    #[serde(default)]
+    routes: Vec<Route>,
+}
+
+impl CniResult {
+    /// The result as printed for a configuration of `version`: with `cniVersion`, with
+    /// `ips[].version` (`"4"`/`"6"`) before 1.0.0, and without the fields 1.1.0 added
+    /// (interface `mtu`, `socketPath`, `pciID`; route `mtu`, `advmss`, `priority`, `table`,
+    /// `scope`) before 1.1.0. Interface indexes are kept in every version. `dns` is always
+    /// present, as the reference plugins print it.
+    pub fn to_json(&self, version: Version) -> Value {
+        let mut o = Map::new();
+        o.insert("cniVersion".into(), version.as_str().into());
+        if !self.interfaces.is_empty() {
+            let list = self.interfaces.iter().map(|i| i.to_json(version));
+            o.insert("interfaces".into(), Value::Array(list.collect()));
+        }
+        if !self.ips.is_empty() {
+            let list = self.ips.iter().map(|i| i.to_json(version));
+            o.insert("ips".into(), Value::Array(list.collect()));
+        }
+        if !self.routes.is_empty() {
+            let list = self.routes.iter().map(|r| r.to_json(version));
+            o.insert("routes".into(), Value::Array(list.collect()));
+        }
+        o.insert("dns".into(), self.dns.to_json());
+        Value::Object(o)
+    }
+
+    /// Reads a result of any spec version (0.1.0 … 1.1.0): a `prevResult`, or what a
+    /// delegated plugin printed. `cniVersion` and `ips[].version` are not needed and not
+    /// checked; unknown keys are ignored. Errors: 6, naming the key path.
+    pub fn from_json(value: &Value) -> crate::Result<CniResult> {
+        let decode = |e: serde_path_to_error::Error<serde_json::Error>| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            crate::Error::Decode {
+                what: "CNI result",
+                source: if path == "." {
+                    inner
+                } else {
+                    serde::de::Error::custom(format!("{path}: {inner}"))
+                },
+            }
+        };
+        let Some(object) = value.as_object() else {
+            return Err(crate::Error::Decode {
+                what: "CNI result",
+                source: serde::de::Error::custom(format!("expected a JSON object, found {value}")),
+            });
+        };
+        let legacy = !object.contains_key("ips")
+            && !object.contains_key("interfaces")
+            && (object.contains_key("ip4") || object.contains_key("ip6"));
+        if legacy {
+            let old: LegacyResult = serde_path_to_error::deserialize(value).map_err(decode)?;
+            let mut result = CniResult {
+                dns: old.dns.unwrap_or_default(),
+                ..CniResult::default()
+            };
+            for ip in [old.ip4, old.ip6].into_iter().flatten() {
+                result.ips.push(IpConfig {
+                    address: ip.ip,
+                    gateway: ip.gateway,
+                    interface: None,
+                });
+                result.routes.extend(ip.routes);
+            }
+            return Ok(result);
+        }
+        // Some writers print absent sections and fields as `null` or `""` (Go without
+        // `omitempty`); both mean "absent".
+        let mut object = object.clone();
+        object.retain(|_, v| !v.is_null());
+        for list in ["interfaces", "ips", "routes"] {
+            if let Some(Value::Array(entries)) = object.get_mut(list) {
+                for entry in entries.iter_mut().filter_map(Value::as_object_mut) {
+                    entry.retain(|_, v| !(v.is_null() || v.as_str() == Some("")));
+                }
+            }
+        }
+        serde_path_to_error::deserialize(Value::Object(object)).map_err(decode)
+    }
 }

@@ -1,0 +1,628 @@
+//! Network configurations: what a plugin reads on stdin ([`NetConf`]) and what a runtime
+//! reads from `/etc/cni/net.d` ([`ConfList`]).
+//!
+//! Decoding follows one rule for error codes: input that is not JSON, or whose standard keys
+//! have the wrong JSON type, is a decoding failure (6); JSON that decodes but asks for
+//! something invalid (a missing `name` or `type`, a bad network name, plugin keys the plugin
+//! refuses) is an invalid configuration (7); a `cniVersion` this crate does not speak is an
+//! incompatible version (1). Every message names the key path (`ipam.ranges[0][0].subnet`).
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::{Map, Value};
+
+use crate::error::{Error, Result};
+use crate::spec::{CniResult, Dns, Version};
+
+/// The key under which a GC request lists the attachments that are still valid.
+pub const VALID_ATTACHMENTS_KEY: &str = "cni.dev/valid-attachments";
+/// The key early drafts of spec 1.1.0 used instead of [`VALID_ATTACHMENTS_KEY`].
+pub const LEGACY_ATTACHMENTS_KEY: &str = "cni.dev/attachments";
+
+/// How a configuration without `cniVersion` is reported: libcni takes it as 0.1.0.
+const IMPLIED_VERSION: &str = "none (0.1.0 implied)";
+
+/// The network configuration a plugin receives on stdin.
+///
+/// Every key is kept: the standard ones in typed fields, the plugin's own keys in
+/// [`plugin`](NetConf::plugin) (decode them with [`NetConf::plugin_config`]). Serializing a
+/// `NetConf` gives back an equivalent JSON object.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NetConf {
+    /// `cniVersion` as written, so that an unknown version can be reported as such (code 1)
+    /// instead of as a decoding failure. Empty when absent. See [`NetConf::version`].
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub cni_version: String,
+    /// Network name (absent in the plugin entries of a configuration list).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
+    /// The plugin (binary) name.
+    #[serde(default, rename = "type")]
+    pub plugin_type: String,
+    /// Capabilities the plugin declares in a configuration list (`portMappings: true`…).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub capabilities: BTreeMap<String, bool>,
+    /// IPAM section.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipam: Option<IpamConf>,
+    /// DNS settings the plugin should return.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<Dns>,
+    /// The previous plugin's result, raw: see [`NetConf::prev_result`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prev_result: Option<Value>,
+    /// Capability arguments the runtime injected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime_config: Option<RuntimeConfig>,
+    /// The `args` convention (`args.cni.ips`…), raw.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub args: Option<Value>,
+    /// GC: the attachments that are still valid. `None` when the key is absent; JSON `null`
+    /// reads as an empty list.
+    #[serde(
+        default,
+        rename = "cni.dev/valid-attachments",
+        alias = "cni.dev/attachments",
+        deserialize_with = "null_as_empty",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub valid_attachments: Option<Vec<GcAttachment>>,
+    /// Every other key: the plugin's own configuration.
+    #[serde(flatten)]
+    pub plugin: Map<String, Value>,
+}
+
+/// The `ipam` section: its `type` and every other key as given.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct IpamConf {
+    /// The IPAM plugin (or built-in IPAM) name; empty when absent.
+    #[serde(default, rename = "type")]
+    pub ipam_type: String,
+    /// Every other key.
+    #[serde(flatten)]
+    pub config: Map<String, Value>,
+}
+
+impl IpamConf {
+    /// Decodes the IPAM's own keys (everything but `type`) into `T`.
+    /// Errors: 7, naming the key path under `ipam.`.
+    pub fn config<T: DeserializeOwned>(&self) -> Result<T> {
+        decode_config(&self.config, "ipam.")
+    }
+}
+
+/// One entry of `cni.dev/valid-attachments`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct GcAttachment {
+    /// `CNI_CONTAINERID` of the attachment.
+    #[serde(rename = "containerID")]
+    pub container_id: String,
+    /// `CNI_IFNAME` of the attachment.
+    pub ifname: String,
+}
+
+/// The `runtimeConfig` object: capability arguments injected by the runtime.
+///
+/// `portMappings` is typed; every other capability (`bandwidth`, `ips`, `mac`, `dns`,
+/// `ipRanges`, `aliases`, `cgroupPath`, `deviceID`, …) is kept as JSON in
+/// [`other`](RuntimeConfig::other).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RuntimeConfig {
+    /// `portMappings`.
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub port_mappings: Vec<PortMapping>,
+    /// Every other capability argument.
+    #[serde(flatten)]
+    pub other: Map<String, Value>,
+}
+
+impl RuntimeConfig {
+    /// A capability argument other than `portMappings`.
+    pub fn get(&self, capability: &str) -> Option<&Value> {
+        self.other.get(capability)
+    }
+}
+
+/// A host port forwarded to a container port (`portMappings` capability).
+///
+/// Reads both the camelCase keys of the CNI conventions (`hostPort`) and the capitalised keys
+/// containerd sends (`HostPort`). An empty `hostIP` means "every address".
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PortMapping {
+    /// Port on the host.
+    #[serde(alias = "HostPort")]
+    pub host_port: u16,
+    /// Port in the container.
+    #[serde(alias = "ContainerPort")]
+    pub container_port: u16,
+    /// Transport protocol; `tcp` when absent.
+    #[serde(default, alias = "Protocol")]
+    pub protocol: Protocol,
+    /// Host address to bind, if any.
+    #[serde(
+        default,
+        rename = "hostIP",
+        alias = "HostIP",
+        deserialize_with = "empty_ip_as_none",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub host_ip: Option<IpAddr>,
+}
+
+/// A port mapping's protocol, read case-insensitively.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// TCP.
+    #[default]
+    Tcp,
+    /// UDP.
+    Udp,
+    /// SCTP.
+    Sctp,
+}
+
+impl<'de> Deserialize<'de> for Protocol {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        match s.to_ascii_lowercase().as_str() {
+            "tcp" | "" => Ok(Protocol::Tcp),
+            "udp" => Ok(Protocol::Udp),
+            "sctp" => Ok(Protocol::Sctp),
+            _ => Err(serde::de::Error::custom(format!(
+                "unknown protocol {s:?} (expected tcp, udp or sctp)"
+            ))),
+        }
+    }
+}
+
+fn null_as_empty<'de, D, T>(d: D) -> std::result::Result<Option<Vec<T>>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Ok(Some(Option::<Vec<T>>::deserialize(d)?.unwrap_or_default()))
+}
+
+fn null_as_default<'de, D, T>(d: D) -> std::result::Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de> + Default,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
+fn empty_ip_as_none<'de, D: Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<IpAddr>, D::Error> {
+    match Option::<String>::deserialize(d)?.as_deref() {
+        None | Some("") => Ok(None),
+        Some(s) => s.parse().map(Some).map_err(serde::de::Error::custom),
+    }
+}
+
+/// Reads a JSON document, mapping syntax errors to code 6.
+pub(crate) fn parse_json(bytes: &[u8], what: &'static str) -> Result<Value> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(Error::Decode {
+            what,
+            source: serde::de::Error::custom("input is empty"),
+        });
+    }
+    serde_json::from_slice(bytes).map_err(|source| Error::Decode { what, source })
+}
+
+/// Decodes `value` into `T`, mapping errors to code 6 with the key path in the message.
+pub(crate) fn decode_value<T: DeserializeOwned>(value: Value, what: &'static str) -> Result<T> {
+    serde_path_to_error::deserialize(value).map_err(|e| Error::Decode {
+        what,
+        source: with_path(e, ""),
+    })
+}
+
+/// Decodes a plugin's own keys into `T`, mapping errors to code 7 with the key path.
+fn decode_config<T: DeserializeOwned>(keys: &Map<String, Value>, prefix: &str) -> Result<T> {
+    serde_path_to_error::deserialize(Value::Object(keys.clone())).map_err(|e| {
+        let path = e.path().to_string();
+        let field = if path == "." {
+            prefix.trim_end_matches('.').to_owned()
+        } else {
+            format!("{prefix}{path}")
+        };
+        Error::InvalidConfig {
+            field: if field.is_empty() {
+                "(plugin keys)".into()
+            } else {
+                field
+            },
+            reason: e.into_inner().to_string(),
+        }
+    })
+}
+
+/// Folds the path of a `serde_path_to_error` failure into the error's message.
+fn with_path(e: serde_path_to_error::Error<serde_json::Error>, prefix: &str) -> serde_json::Error {
+    let path = e.path().to_string();
+    let inner = e.into_inner();
+    if path == "." {
+        inner
+    } else {
+        serde::de::Error::custom(format!("{prefix}{path}: {inner}"))
+    }
+}
+
+/// The `cniVersion` of a configuration object, parsed. Absent means `0.1.0` (libcni's rule).
+/// Errors: 6 when it is not a string, 1 when it is not a version this crate speaks.
+pub(crate) fn version_of(value: &Value) -> Result<Version> {
+    match value.get("cniVersion") {
+        None | Some(Value::Null) => Err(Error::IncompatibleVersion {
+            requested: IMPLIED_VERSION.into(),
+        }),
+        Some(Value::String(s)) => s.parse().map_err(|_| Error::IncompatibleVersion {
+            requested: s.clone(),
+        }),
+        Some(other) => Err(Error::Decode {
+            what: "network configuration",
+            source: serde::de::Error::custom(format!(
+                "cniVersion: expected a string, found {other}"
+            )),
+        }),
+    }
+}
+
+/// Checks a network name: `^[a-zA-Z0-9][a-zA-Z0-9_.-]*$`, as the spec requires.
+fn validate_name(field: &str, name: &str) -> Result<()> {
+    let mut chars = name.chars();
+    let ok = match chars.next() {
+        None => return Err(Error::invalid_config(field, "missing network name")),
+        Some(c) => {
+            c.is_ascii_alphanumeric()
+                && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+        }
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid_config(
+            field,
+            format!("network name {name:?} must match ^[a-zA-Z0-9][a-zA-Z0-9_.-]*$"),
+        ))
+    }
+}
+
+/// Checks a plugin name: non-empty, no path separator, not `.` or `..`.
+pub(crate) fn validate_plugin_type(field: &str, name: &str) -> Result<()> {
+    if name.is_empty() {
+        return Err(Error::invalid_config(field, "missing plugin type"));
+    }
+    if name.contains('/') || name == "." || name == ".." || name.contains('\0') {
+        return Err(Error::invalid_config(
+            field,
+            format!("{name:?} is not a plugin name"),
+        ));
+    }
+    Ok(())
+}
+
+impl NetConf {
+    /// Decodes a configuration from stdin bytes. Only the shape is checked here; call
+    /// [`version`](NetConf::version) and [`validate`](NetConf::validate) for the rest.
+    /// Errors: 6.
+    pub fn from_slice(bytes: &[u8]) -> Result<NetConf> {
+        NetConf::from_value(parse_json(bytes, "network configuration")?)
+    }
+
+    /// Decodes a configuration from a JSON value. Errors: 6.
+    pub fn from_value(value: Value) -> Result<NetConf> {
+        if !value.is_object() {
+            return Err(Error::Decode {
+                what: "network configuration",
+                source: serde::de::Error::custom("expected a JSON object"),
+            });
+        }
+        decode_value(value, "network configuration")
+    }
+
+    /// The configuration as a JSON object.
+    pub fn to_value(&self) -> Value {
+        // NetConf serializes only strings, numbers, maps with string keys and values that are
+        // already JSON: serde_json cannot fail on it.
+        serde_json::to_value(self).unwrap_or_else(|_| Value::Object(Map::new()))
+    }
+
+    /// The spec version of the configuration. Absent means `0.1.0`, as libcni decides.
+    /// Errors: 1 when it is not one of [`Version::ALL`].
+    pub fn version(&self) -> Result<Version> {
+        if self.cni_version.is_empty() {
+            return Err(Error::IncompatibleVersion {
+                requested: IMPLIED_VERSION.into(),
+            });
+        }
+        self.cni_version
+            .parse()
+            .map_err(|_| Error::IncompatibleVersion {
+                requested: self.cni_version.clone(),
+            })
+    }
+
+    /// Checks what a plugin needs of every configuration: a valid `name`
+    /// (`^[a-zA-Z0-9][a-zA-Z0-9_.-]*$`) and a `type`; an `ipam` section, when present, needs
+    /// a `type` too. Errors: 7.
+    pub fn validate(&self) -> Result<()> {
+        validate_name("name", &self.name)?;
+        validate_plugin_type("type", &self.plugin_type)?;
+        if let Some(ipam) = &self.ipam {
+            validate_plugin_type("ipam.type", &ipam.ipam_type)?;
+        }
+        Ok(())
+    }
+
+    /// The previous result, read from any spec version. `None` when absent or `null`.
+    /// Errors: 6 when it is not a CNI result.
+    pub fn prev_result(&self) -> Result<Option<CniResult>> {
+        self.prev_result
+            .as_ref()
+            .map(|v| {
+                CniResult::from_json(v).map_err(|e| match e {
+                    Error::Decode { source, .. } => Error::Decode {
+                        what: "prevResult",
+                        source,
+                    },
+                    other => other,
+                })
+            })
+            .transpose()
+    }
+
+    /// Decodes the plugin's own keys (everything that is not a standard key) into `T`.
+    /// Errors: 7, naming the key path.
+    pub fn plugin_config<T: DeserializeOwned>(&self) -> Result<T> {
+        decode_config(&self.plugin, "")
+    }
+
+    /// Whether the plugin declares `capability` (`"capabilities": {"portMappings": true}`).
+    pub fn has_capability(&self, capability: &str) -> bool {
+        self.capabilities.get(capability).copied().unwrap_or(false)
+    }
+}
+
+/// A network configuration list (`.conflist`), as a runtime reads it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConfList {
+    /// `cniVersion` as written (empty when absent).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub cni_version: String,
+    /// `cniVersions` (spec 1.1.0): the runtime picks the newest it supports.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cni_versions: Vec<String>,
+    /// Network name.
+    #[serde(default)]
+    pub name: String,
+    /// Skip CHECK for this network.
+    #[serde(default, deserialize_with = "bool_or_string")]
+    pub disable_check: bool,
+    /// Skip GC for this network (spec 1.1.0).
+    #[serde(default, rename = "disableGC", deserialize_with = "bool_or_string")]
+    pub disable_gc: bool,
+    /// The plugins, run in order on ADD and in reverse on DEL.
+    #[serde(default)]
+    pub plugins: Vec<NetConf>,
+}
+
+/// libcni reads `disableCheck` and `disableGC` as a boolean or a `"true"`/`"false"` string.
+fn bool_or_string<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<bool, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Flag {
+        Bool(bool),
+        Str(String),
+    }
+    match Flag::deserialize(d)? {
+        Flag::Bool(b) => Ok(b),
+        Flag::Str(s) => match s.to_ascii_lowercase().as_str() {
+            "true" => Ok(true),
+            "false" => Ok(false),
+            _ => Err(serde::de::Error::custom(format!(
+                "expected true or false, found {s:?}"
+            ))),
+        },
+    }
+}
+
+impl ConfList {
+    /// Decodes and validates a configuration list.
+    /// Errors: 6 when it does not decode, 7 when it has no valid name, no plugins, or a
+    /// plugin without a valid `type`.
+    pub fn from_slice(bytes: &[u8]) -> Result<ConfList> {
+        let value = parse_json(bytes, "network configuration list")?;
+        if !value.is_object() {
+            return Err(Error::Decode {
+                what: "network configuration list",
+                source: serde::de::Error::custom("expected a JSON object"),
+            });
+        }
+        let list: ConfList = decode_value(value, "network configuration list")?;
+        list.validate()?;
+        Ok(list)
+    }
+
+    /// Wraps a single network configuration (`.conf`) into a list of one, as libcni does.
+    pub fn from_conf(conf: NetConf) -> ConfList {
+        let mut plugin = conf.clone();
+        plugin.cni_version.clear();
+        plugin.name.clear();
+        ConfList {
+            cni_version: conf.cni_version,
+            cni_versions: Vec::new(),
+            name: conf.name,
+            disable_check: false,
+            disable_gc: false,
+            plugins: vec![plugin],
+        }
+    }
+
+    /// Checks the name and every plugin's `type`. Errors: 7.
+    pub fn validate(&self) -> Result<()> {
+        validate_name("name", &self.name)?;
+        if self.plugins.is_empty() {
+            return Err(Error::invalid_config("plugins", "no plugins in the list"));
+        }
+        for (i, p) in self.plugins.iter().enumerate() {
+            validate_plugin_type(&format!("plugins[{i}].type"), &p.plugin_type)?;
+        }
+        Ok(())
+    }
+
+    /// The spec version to run this list with: the newest of `cniVersions` and `cniVersion`
+    /// that this crate speaks (versions it does not know, newer or older, are skipped).
+    /// Errors: 1 when none is left.
+    pub fn negotiate(&self) -> Result<Version> {
+        let offered: Vec<&str> = self
+            .cni_versions
+            .iter()
+            .map(String::as_str)
+            .chain((!self.cni_version.is_empty()).then_some(self.cni_version.as_str()))
+            .collect();
+        Version::negotiate(offered.iter().copied()).ok_or_else(|| Error::IncompatibleVersion {
+            requested: if offered.is_empty() {
+                IMPLIED_VERSION.into()
+            } else {
+                offered.join(", ")
+            },
+        })
+    }
+
+    /// Builds the configuration the runtime sends to plugin `index`, as libcni does: the
+    /// plugin's entry with the list's `name` and the negotiated `cniVersion` injected,
+    /// `prevResult` (written in `version`) when given, and `runtimeConfig` holding those
+    /// entries of `runtime_config` whose capability the plugin declares (replacing any
+    /// `runtimeConfig` of the entry; left as is when none applies).
+    /// Errors: 7 when there is no plugin `index`.
+    pub fn plugin_config(
+        &self,
+        index: usize,
+        version: Version,
+        prev: Option<&CniResult>,
+        runtime_config: &Map<String, Value>,
+    ) -> Result<Value> {
+        let plugin = self.plugins.get(index).ok_or_else(|| {
+            Error::invalid_config(
+                format!("plugins[{index}]"),
+                format!("the list has {} plugins", self.plugins.len()),
+            )
+        })?;
+        let mut conf = match plugin.to_value() {
+            Value::Object(map) => map,
+            _ => Map::new(),
+        };
+        conf.insert("name".into(), Value::String(self.name.clone()));
+        conf.insert("cniVersion".into(), Value::String(version.to_string()));
+        if let Some(prev) = prev {
+            conf.insert("prevResult".into(), prev.to_json(version));
+        }
+        let injected: Map<String, Value> = runtime_config
+            .iter()
+            .filter(|(capability, _)| plugin.has_capability(capability))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        if !injected.is_empty() {
+            conf.insert("runtimeConfig".into(), Value::Object(injected));
+        }
+        Ok(Value::Object(conf))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn keeps_every_key() {
+        let raw = json!({
+            "cniVersion": "1.0.0", "name": "n", "type": "bridge", "bridge": "cni0",
+            "isGateway": true, "ipam": {"type": "host-local", "subnet": "10.1.0.0/16"},
+            "cni.dev/extra": 1
+        });
+        let conf = NetConf::from_value(raw.clone()).unwrap();
+        assert_eq!(conf.plugin["bridge"], "cni0");
+        assert_eq!(conf.ipam.as_ref().unwrap().config["subnet"], "10.1.0.0/16");
+        assert_eq!(conf.to_value(), raw);
+    }
+
+    #[test]
+    fn plugin_config_errors_name_the_key() {
+        #[derive(Debug, Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        #[allow(dead_code)]
+        struct Own {
+            mtu: u32,
+            routes: Vec<Inner>,
+        }
+        #[derive(Debug, Deserialize)]
+        #[allow(dead_code)]
+        struct Inner {
+            dst: ipnet::IpNet,
+        }
+        let conf = NetConf::from_value(json!({
+            "cniVersion": "1.0.0", "name": "n", "type": "x", "mtu": 1500,
+            "routes": [{"dst": "10.0.0.0/8"}, {"dst": "nope"}]
+        }))
+        .unwrap();
+        let e = conf.plugin_config::<Own>().unwrap_err();
+        assert_eq!(e.code().0, 7);
+        match e {
+            Error::InvalidConfig { field, .. } => assert_eq!(field, "routes[1].dst"),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn attachments_under_both_keys() {
+        for key in [VALID_ATTACHMENTS_KEY, LEGACY_ATTACHMENTS_KEY] {
+            let conf = NetConf::from_value(json!({
+                "cniVersion": "1.1.0", "name": "n", "type": "x",
+                key: [{"containerID": "c1", "ifname": "eth0"}]
+            }))
+            .unwrap();
+            assert_eq!(
+                conf.valid_attachments,
+                Some(vec![GcAttachment {
+                    container_id: "c1".into(),
+                    ifname: "eth0".into()
+                }])
+            );
+        }
+        let null = NetConf::from_value(json!({
+            "cniVersion": "1.1.0", "name": "n", "type": "x", VALID_ATTACHMENTS_KEY: null
+        }))
+        .unwrap();
+        assert_eq!(null.valid_attachments, Some(vec![]));
+    }
+
+    #[test]
+    fn negotiation_picks_newest_known() {
+        let list: ConfList = serde_json::from_value(json!({
+            "cniVersion": "0.4.0", "cniVersions": ["1.0.0", "1.1.0", "1.2.0"],
+            "name": "n", "plugins": [{"type": "x"}]
+        }))
+        .unwrap();
+        assert_eq!(list.negotiate().unwrap(), Version::V1_1_0);
+        let old: ConfList = serde_json::from_value(json!({
+            "cniVersion": "0.2.0", "name": "n", "plugins": [{"type": "x"}]
+        }))
+        .unwrap();
+        assert_eq!(old.negotiate().unwrap_err().code().0, 1);
+    }
+}
