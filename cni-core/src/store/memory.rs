@@ -62,7 +62,9 @@ impl MemoryStore {
     }
 
     /// An empty store that yields to the runtime `0..=max_yields` times (drawn from a generator
-    /// seeded with `seed`) before each operation, so that concurrent tasks interleave.
+    /// seeded with `seed`; one time in eight, sixteen times longer) before each operation, so
+    /// that concurrent tasks interleave, now and then with whole operations of one task
+    /// between two steps of another.
     pub fn with_interleaving(seed: u64, max_yields: u32) -> Self {
         MemoryStore {
             interleaving: Some(Interleaving {
@@ -105,7 +107,10 @@ impl MemoryStore {
         };
         let n = {
             let mut rng = i.rng.lock().unwrap_or_else(|p| p.into_inner());
-            rng.u32(0..=i.max_yields)
+            let n = rng.u32(0..=i.max_yields);
+            // Now and then a much longer pause, so that another client can run a whole
+            // multi-step operation between two steps of this one.
+            if rng.u8(..8) == 0 { n * 16 } else { n }
         };
         for _ in 0..n {
             tokio::task::yield_now().await;
