@@ -70,6 +70,7 @@ pub use config::{
 };
 
 use config::Geometry;
+pub(crate) use config::check_segment;
 use keys::{
     AffinityRecord, ClaimRecord, FREE_VALUE, HandleRecord, Keys, OwnerRecord, PoolRecord,
     corrupt_key, decode, encode,

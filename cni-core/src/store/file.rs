@@ -332,8 +332,11 @@ impl Store for FileStore {
             if txn.ops.is_empty() {
                 return Ok(TxnOutcome::Committed(table.revision));
             }
-            let mut next = Table::clone(&table);
-            drop(table);
+            // Take the table out of the cache to change it in place rather than copy it
+            // (a copy only if another task of this process still reads it); if the write
+            // fails, the emptied cache makes the next operation read the file again.
+            l.cache().take();
+            let mut next = Arc::try_unwrap(table).unwrap_or_else(|shared| Table::clone(&shared));
             let revision = next.apply(txn.ops);
             l.store(next, generation)?;
             Ok(TxnOutcome::Committed(revision))

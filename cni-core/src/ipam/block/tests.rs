@@ -862,7 +862,7 @@ async fn many_clients_on_threads_stay_consistent() {
                         "eth0",
                     );
                     let r = match round % 5 {
-                        0 | 1 | 2 => ipam.allocate(&a).await.map(drop),
+                        0..=2 => ipam.allocate(&a).await.map(drop),
                         3 => ipam.release(&a).await,
                         _ if round % 10 == 4 => ipam.release_empty_blocks().await.map(drop),
                         _ => ipam.gc(&[a]).await.map(drop),
