@@ -13,7 +13,7 @@
 //!
 //! | key | value | role |
 //! |---|---|---|
-//! | `<prefix>/pool` | `{"pool":"10.244.0.0/16","blockSize":26}` | written with the first block claim; a configuration that disagrees gets code 7 |
+//! | `<prefix>/pool` | `{"pool":"10.244.0.0/16","blockSize":26}` | written with the first block claim and compared by every claim: a configuration that disagrees gets code 7 (between claims, a node's blocks must be blocks of the configured pool, else code 7 too) |
 //! | `<prefix>/blocks/<block>` | `{"node":"n1"}` | global ownership, created only if absent: two nodes never own one block |
 //! | `<prefix>/nodes/<node>/blocks/<block>` | `{"draining":false}` | the node's affinity; every allocation compares its revision |
 //! | `<prefix>/nodes/<node>/claim` | `{"lastClaimed":"10.244.0.64/26"}` | rewritten by every claim, so that claims racing on one node conflict |

@@ -339,8 +339,13 @@ impl<S: Store + 'static> NodeRegistry for StoreRegistry<S> {
                 }
             }
         });
-        self.keepalives()
+        let replaced = self
+            .keepalives()
             .insert(node.name.clone(), KeepAlive { stop, task });
+        // A concurrent registration of the same name: this one's task refreshes from now on.
+        if let Some(old) = replaced {
+            old.task.abort();
+        }
         Ok(())
     }
 
