@@ -1,5 +1,788 @@
-//! TODO
-/// Block IPAM.
-pub struct BlockIpam;
-/// Block IPAM config.
-pub struct BlockIpamConfig;
+//! [`BlockIpam`]: a pool cut into blocks that nodes claim, over any [`Store`].
+//!
+//! The pool (say `10.244.0.0/16`) is cut into blocks (`/26` by default). A node claims a
+//! block when it needs addresses and hands out the addresses of its blocks to its pods, so
+//! an allocation only touches the node's own keys, and routing needs one route per block,
+//! not per pod. The same engine runs on the local [`FileStore`](crate::store::FileStore),
+//! on etcd and on Kubernetes resources: it only needs multi-key compare-and-swap.
+//!
+//! # Key layout
+//!
+//! Blocks and addresses appear in keys without `/` (`10.244.0.64-26`, `10.244.0.70`,
+//! `fd00::40-122`); values are JSON.
+//!
+//! | key | value | role |
+//! |---|---|---|
+//! | `<prefix>/pool` | `{"pool":"10.244.0.0/16","blockSize":26}` | written with the first block claim and compared by every claim: a configuration that disagrees gets code 7 (between claims, a node's blocks must be blocks of the configured pool, else code 7 too) |
+//! | `<prefix>/blocks/<block>` | `{"node":"n1"}` | global ownership, created only if absent: two nodes never own one block |
+//! | `<prefix>/nodes/<node>/blocks/<block>` | `{"draining":false}` | the node's affinity; every allocation compares its revision |
+//! | `<prefix>/nodes/<node>/claim` | `{"lastClaimed":"10.244.0.64/26"}` | rewritten by every claim, so that claims racing on one node conflict |
+//! | `<prefix>/nodes/<node>/used/<ip>` | the [`Attachment`] | an address in use |
+//! | `<prefix>/nodes/<node>/free/<ip>` | `{}` | a released address; its revision orders reuse |
+//! | `<prefix>/nodes/<node>/handles/<network>/<containerID>/<ifname>` | `{"ip":"10.244.0.70","block":"10.244.0.64/26"}` | what an attachment holds |
+//!
+//! An address of a node's block is never used (no record), used, or released (a `free`
+//! record); the `used` and `handles` records come and go together.
+//!
+//! # Operations
+//!
+//! - **allocate**: one list of `<prefix>/nodes/<node>/` gives everything; an existing handle
+//!   is returned as is. Otherwise the engine picks an address of a block that is not
+//!   draining: never-used addresses first (lowest first), then released ones in release
+//!   order, so that an address just released is reused last. It picks at random among the
+//!   first few candidates so that concurrent allocators rarely collide. One commit compares
+//!   the handle (absent), the `used` record (absent), the `free` record and the affinity
+//!   (unchanged) and writes `used` + handle, deleting `free`. Two round trips in the common
+//!   case. A failed commit returns the current values, which update the view; a second
+//!   failure re-lists. When no address is left, the node claims the first free block of the
+//!   pool (up to `maxBlocksPerNode`, else code 100).
+//! - **release**: deletes handle and `used` and writes `free`, comparing all three.
+//! - **block give-back** ([`BlockIpam::release_empty_blocks`], for the node agent): first
+//!   marks the affinity draining (which makes every allocation that read the old affinity
+//!   fail), then, if the block is still unused, deletes the ownership, the affinity and the
+//!   block's `free` records, comparing the draining affinity. The node keeps at least one
+//!   block.
+//!
+//! Every retry loop is bounded; beyond the bound the datastore is too contended and the
+//! operation fails with [`StoreError::Conflict`] (code 11).
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use ipnet::IpNet;
+
+use crate::error::{Error, Result, StoreError};
+use crate::ipam::{Allocation, Attachment, GcReport, Ipam};
+use crate::spec::IpConfig;
+use crate::store::{Compare, KeyValue, Store, Txn, TxnOutcome};
+
+mod config;
+mod keys;
+mod state;
+#[cfg(test)]
+mod tests;
+
+pub use config::{
+    BlockIpamConfig, DEFAULT_BLOCK_PREFIX_V4, DEFAULT_BLOCK_PREFIX_V6, DEFAULT_KEY_PREFIX, Reserve,
+};
+
+use config::Geometry;
+pub(crate) use config::check_segment;
+use keys::{
+    AffinityRecord, ClaimRecord, FREE_VALUE, HandleRecord, Keys, OwnerRecord, PoolRecord,
+    corrupt_key, decode, encode,
+};
+use state::NodeState;
+
+/// How many transactions one operation tries before giving up with code 11.
+const MAX_ATTEMPTS: u32 = 32;
+/// How many of the best candidate addresses (or blocks) an allocator picks among at random.
+const WINDOW: usize = 8;
+/// How many attachments one GC transaction releases (etcd allows 128 operations per txn).
+const GC_BATCH: usize = 32;
+
+/// The block IPAM engine. See the [module docs](self).
+///
+/// All methods are safe to call concurrently, from many tasks, processes and nodes.
+#[derive(Debug)]
+pub struct BlockIpam<S> {
+    store: S,
+    config: BlockIpamConfig,
+    geometry: Geometry,
+    keys: Keys,
+    rng: Mutex<fastrand::Rng>,
+}
+
+/// What a claim attempt did.
+enum Claim {
+    /// The node now holds `block`; its affinity and claim records were written at `revision`.
+    Claimed { block: IpNet, revision: u64 },
+    /// The node's own keys changed meanwhile (another claim of this node): re-read them.
+    NodeChanged,
+}
+
+impl<S: Store> BlockIpam<S> {
+    /// An engine for `config` over `store`. Validates the configuration (code 7) and does
+    /// no I/O.
+    pub fn new(store: S, config: BlockIpamConfig) -> Result<Self> {
+        config.validate()?;
+        Ok(BlockIpam {
+            geometry: config.geometry(),
+            keys: Keys::new(&config.key_prefix, &config.node),
+            store,
+            config,
+            rng: Mutex::new(fastrand::Rng::new()),
+        })
+    }
+
+    /// Seeds the random choices (candidate addresses, retry jitter), for reproducible tests.
+    pub fn with_seed(self, seed: u64) -> Self {
+        *self.rng() = fastrand::Rng::with_seed(seed);
+        self
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &BlockIpamConfig {
+        &self.config
+    }
+
+    /// The datastore.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// The blocks this node holds (draining ones included), lowest first. One list.
+    pub async fn node_blocks(&self) -> Result<Vec<IpNet>> {
+        let kvs = self.store.list(&self.keys.affinities()).await?;
+        let state = NodeState::from_kvs(&self.keys, &kvs)?;
+        Ok(state.affinities.into_keys().collect())
+    }
+
+    /// Makes sure this node holds a block it can allocate from, claiming one if needed, and
+    /// returns the lowest such block. Code 100 when the pool has no free block.
+    pub async fn ensure_block(&self) -> Result<IpNet> {
+        let mut state = self.load().await?;
+        for _ in 0..MAX_ATTEMPTS {
+            self.check_affinities(&state)?;
+            if let Some(block) = state.open_blocks().next() {
+                return Ok(*block);
+            }
+            match self.claim_block(&state).await? {
+                Claim::Claimed { block, .. } => return Ok(block),
+                Claim::NodeChanged => state = self.load().await?,
+            }
+        }
+        Err(self.conflict("a block"))
+    }
+
+    /// Every attachment of this node (all networks) and its address, sorted by attachment.
+    pub async fn allocations(&self) -> Result<Vec<(Attachment, IpAddr)>> {
+        let state = self.load().await?;
+        Ok(state
+            .handles
+            .into_iter()
+            .map(|(a, (_, h))| (a, h.ip))
+            .collect())
+    }
+
+    /// Checks the consistency of the whole pool (every node) and describes each problem
+    /// found; empty when all is well. One list of `<prefix>/`. For tests and debugging.
+    ///
+    /// Checked: every block is owned by one node, which has the affinity, and no other node
+    /// has; every used address lies in a block of its node, is usable, is not also released,
+    /// is used once in the whole pool, and has the handle naming it, and the other way
+    /// round; release records lie in the node's blocks; the pool record matches.
+    pub async fn audit(&self) -> Result<Vec<String>> {
+        let kvs = self
+            .store
+            .list(&format!("{}/", self.config.key_prefix))
+            .await?;
+        Ok(audit_kvs(&self.config, &kvs))
+    }
+
+    /// Gives back to the pool the blocks of this node that hold no address, and returns
+    /// them. Never the node's last block: if none is used, the lowest one is kept.
+    ///
+    /// Two steps per block, so that it never races an allocation: mark the affinity
+    /// draining (allocations that read it before now fail their commit, later ones skip the
+    /// block), then, if the block is still unused, delete ownership, affinity and release
+    /// records comparing the draining affinity; if an address is in use after all, the block
+    /// is un-drained. A block left draining by an interrupted run is finished or un-drained
+    /// by the next run. Contention skips a block until the next run.
+    pub async fn release_empty_blocks(&self) -> Result<Vec<IpNet>> {
+        let state = self.load().await?;
+        let in_use: BTreeSet<IpNet> = state
+            .affinities
+            .keys()
+            .filter(|b| state.used.keys().any(|ip| b.contains(ip)))
+            .copied()
+            .collect();
+        let mut keep = in_use;
+        if keep.is_empty() {
+            let lowest = state
+                .open_blocks()
+                .next()
+                .or_else(|| state.affinities.keys().next());
+            keep.extend(lowest);
+        }
+        let mut released = Vec::new();
+        for (block, (rev, affinity)) in &state.affinities {
+            let key = self.keys.affinity(block);
+            if keep.contains(block) {
+                if affinity.draining {
+                    self.set_draining(&key, *rev, false).await?;
+                }
+                continue;
+            }
+            let draining_rev = if affinity.draining {
+                *rev
+            } else {
+                match self.set_draining(&key, *rev, true).await? {
+                    Some(r) => r,
+                    None => continue,
+                }
+            };
+            let fresh = self.load().await?;
+            if fresh.affinities.get(block).map(|(r, _)| *r) != Some(draining_rev) {
+                continue;
+            }
+            if fresh.used.keys().any(|ip| block.contains(ip)) {
+                self.set_draining(&key, draining_rev, false).await?;
+                continue;
+            }
+            let owner_key = self.keys.block(block);
+            let owner = self.store.get(&owner_key).await?;
+            let mut txn = Txn::new()
+                .when(Compare::ModRevision(key.clone(), draining_rev))
+                .delete(key);
+            if let Some(kv) = &owner {
+                let record: OwnerRecord = decode(kv)?;
+                if record.node == self.config.node {
+                    txn = txn
+                        .when(Compare::ModRevision(owner_key.clone(), kv.mod_revision))
+                        .delete(owner_key);
+                }
+            }
+            for ip in fresh.free.keys().filter(|ip| block.contains(*ip)) {
+                txn = txn.delete(self.keys.free(ip));
+            }
+            if let TxnOutcome::Committed(_) = self.store.commit(txn).await? {
+                tracing::debug!(%block, node = %self.config.node, "block given back to the pool");
+                released.push(*block);
+            }
+        }
+        Ok(released)
+    }
+
+    /// Sets the draining flag of an affinity last written at `rev`; the new revision, or
+    /// `None` if the affinity changed meanwhile.
+    async fn set_draining(&self, key: &str, rev: u64, draining: bool) -> Result<Option<u64>> {
+        let txn = Txn::new()
+            .when(Compare::ModRevision(key.to_owned(), rev))
+            .put(key, encode(&AffinityRecord { draining }));
+        Ok(match self.store.commit(txn).await? {
+            TxnOutcome::Committed(r) => Some(r),
+            TxnOutcome::Failed(_) => None,
+        })
+    }
+
+    fn rng(&self) -> std::sync::MutexGuard<'_, fastrand::Rng> {
+        // The generator has no invariant a panic could break.
+        self.rng.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn load(&self) -> Result<NodeState, StoreError> {
+        let kvs = self.store.list(self.keys.node()).await?;
+        NodeState::from_kvs(&self.keys, &kvs)
+    }
+
+    fn conflict(&self, what: &str) -> Error {
+        Error::Store(StoreError::Conflict {
+            what: format!(
+                "{what} on node {} in {}",
+                self.config.node,
+                self.store.describe()
+            ),
+            attempts: MAX_ATTEMPTS,
+        })
+    }
+
+    /// Waits a little before retrying after `failures` failed commits: not at all after the
+    /// first (the failure brought fresh values), then a random, growing delay.
+    async fn backoff(&self, failures: u32) {
+        if failures < 2 {
+            return;
+        }
+        let max_micros = 100u64 << failures.min(6);
+        let micros = self.rng().u64(0..=max_micros);
+        tokio::time::sleep(Duration::from_micros(micros)).await;
+    }
+
+    /// The blocks of the node must be blocks of the configured pool: otherwise the datastore
+    /// was set up with another pool or block size.
+    fn check_affinities(&self, state: &NodeState) -> Result<()> {
+        match state.affinities.keys().find(|b| !self.geometry.is_block(b)) {
+            None => Ok(()),
+            Some(b) => Err(Error::invalid_config(
+                "ipam.pool",
+                format!(
+                    "node {} holds block {b}, which is not a /{} block of pool {}: the \
+                     datastore under {} was set up with another pool or block size",
+                    self.config.node,
+                    self.config.block_prefix,
+                    self.config.pool,
+                    self.config.key_prefix
+                ),
+            )),
+        }
+    }
+
+    fn check_pool_record(&self, kv: &KeyValue) -> Result<()> {
+        let record: PoolRecord = decode(kv)?;
+        if record.pool != self.config.pool || record.block_size != self.config.block_prefix {
+            return Err(Error::invalid_config(
+                "ipam.pool",
+                format!(
+                    "the datastore under {} holds pool {} with block size {}, the configuration \
+                     says pool {} with block size {}; use another ipam.keyPrefix for another pool",
+                    self.config.key_prefix,
+                    record.pool,
+                    record.block_size,
+                    self.config.pool,
+                    self.config.block_prefix
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Blocks of the pool some node owns.
+    async fn taken_blocks(&self) -> Result<HashSet<IpNet>> {
+        let prefix = self.keys.blocks();
+        let kvs = self.store.list(&prefix).await?;
+        kvs.iter()
+            .map(|kv| {
+                let name = kv.key.strip_prefix(&prefix).unwrap_or(&kv.key);
+                keys::decode_block(name).ok_or_else(|| corrupt_key(&kv.key, "not a block").into())
+            })
+            .collect()
+    }
+
+    /// A free block of the pool: the first one, or after a lost race, one of the first few
+    /// chosen by node name (so that racing nodes spread while racing claims of one node
+    /// agree).
+    fn choose_free_block(&self, taken: &HashSet<IpNet>, lost_races: u32) -> Option<IpNet> {
+        let mut free = self.geometry.blocks().filter(|b| !taken.contains(b));
+        if lost_races == 0 {
+            return free.next();
+        }
+        let first: Vec<IpNet> = free.take(WINDOW).collect();
+        let i = usize::try_from(fnv1a(self.config.node.as_bytes()) % WINDOW as u64).unwrap_or(0);
+        first.get(i % first.len().max(1)).copied()
+    }
+
+    /// Claims a new block for this node, whose current keys are `state`.
+    async fn claim_block(&self, state: &NodeState) -> Result<Claim> {
+        let held = state.affinities.len();
+        if u32::try_from(held).unwrap_or(u32::MAX) >= self.config.max_blocks_per_node {
+            return Err(Error::NoAddress {
+                pool: self.config.pool.to_string(),
+                reason: format!(
+                    "node {} holds {held} blocks, its maximum (ipam.maxBlocksPerNode), and they \
+                     have no free address",
+                    self.config.node
+                ),
+            });
+        }
+        let pool_key = self.keys.pool();
+        let mut pool_kv = self.store.get(&pool_key).await?;
+        if let Some(kv) = &pool_kv {
+            self.check_pool_record(kv)?;
+        }
+        let mut taken = self.taken_blocks().await?;
+        let mut lost_races = 0;
+        for failures in 0..MAX_ATTEMPTS {
+            let Some(block) = self.choose_free_block(&taken, lost_races) else {
+                return Err(Error::NoAddress {
+                    pool: self.config.pool.to_string(),
+                    reason: format!(
+                        "every /{} block of the pool is taken",
+                        self.config.block_prefix
+                    ),
+                });
+            };
+            let owner_key = self.keys.block(&block);
+            let affinity_key = self.keys.affinity(&block);
+            let mut txn = Txn::new()
+                .when(Compare::unchanged(pool_key.clone(), pool_kv.as_ref()))
+                .when(Compare::Absent(owner_key.clone()))
+                .when(Compare::Absent(affinity_key.clone()))
+                .when(state.claim_compare(&self.keys))
+                .put(
+                    owner_key.clone(),
+                    encode(&OwnerRecord {
+                        node: self.config.node.clone(),
+                    }),
+                )
+                .put(affinity_key.clone(), encode(&AffinityRecord::default()))
+                .put(
+                    self.keys.claim(),
+                    encode(&ClaimRecord {
+                        last_claimed: block,
+                    }),
+                );
+            if pool_kv.is_none() {
+                txn = txn.put(
+                    pool_key.clone(),
+                    encode(&PoolRecord {
+                        pool: self.config.pool,
+                        block_size: self.config.block_prefix,
+                    }),
+                );
+            }
+            let current = match self.store.commit(txn).await? {
+                TxnOutcome::Committed(revision) => {
+                    tracing::debug!(%block, node = %self.config.node, "block claimed");
+                    return Ok(Claim::Claimed { block, revision });
+                }
+                TxnOutcome::Failed(current) => current,
+            };
+            let now = |key: &str| current.iter().find(|kv| kv.key == key);
+            let claim_now = now(&self.keys.claim()).map(|kv| kv.mod_revision);
+            if claim_now != state.claim || now(&affinity_key).is_some() {
+                return Ok(Claim::NodeChanged);
+            }
+            pool_kv = now(&pool_key).cloned();
+            if let Some(kv) = &pool_kv {
+                self.check_pool_record(kv)?;
+            }
+            if let Some(kv) = now(&owner_key) {
+                let owner: OwnerRecord = decode(kv)?;
+                if owner.node == self.config.node {
+                    return Ok(Claim::NodeChanged);
+                }
+                lost_races += 1;
+                taken = self.taken_blocks().await?;
+            }
+            self.backoff(failures + 1).await;
+        }
+        Err(self.conflict("a block"))
+    }
+
+    fn allocation(&self, handle: &HandleRecord) -> Allocation {
+        Allocation {
+            ips: vec![IpConfig {
+                // The stored block prefix is at most the address length: it was written by a
+                // validated configuration, and `IpNet::new` only fails for longer prefixes.
+                address: IpNet::new(handle.ip, handle.block.prefix_len())
+                    .unwrap_or_else(|_| IpNet::from(handle.ip)),
+                gateway: self.geometry.gateway(&handle.block),
+                interface: None,
+            }],
+            ..Allocation::default()
+        }
+    }
+
+    /// The transaction releasing what `attachment` holds in `state`; `None` if nothing.
+    fn release_txn(&self, state: &NodeState, attachment: &Attachment) -> Option<Txn> {
+        let (rev, handle) = state.handles.get(attachment)?;
+        let ip = handle.ip;
+        let mut txn = Txn::new()
+            .when(Compare::ModRevision(self.keys.handle(attachment), *rev))
+            .when(state.used_compare(&self.keys, &ip))
+            .when(state.free_compare(&self.keys, &ip))
+            .delete(self.keys.handle(attachment));
+        match state.used.get(&ip) {
+            Some((_, owner)) if owner == attachment => {
+                txn = txn
+                    .delete(self.keys.used(&ip))
+                    .put(self.keys.free(&ip), FREE_VALUE);
+            }
+            // The address is recorded for another attachment: leave it to that one.
+            Some(_) => {}
+            None if !state.free.contains_key(&ip) => {
+                txn = txn.put(self.keys.free(&ip), FREE_VALUE);
+            }
+            None => {}
+        }
+        Some(txn)
+    }
+
+    async fn allocate_inner(&self, attachment: &Attachment) -> Result<Allocation> {
+        let mut state = self.load().await?;
+        let mut failures = 0;
+        for _ in 0..MAX_ATTEMPTS {
+            if let Some((_, handle)) = state.handles.get(attachment) {
+                return Ok(self.allocation(handle));
+            }
+            self.check_affinities(&state)?;
+            let candidates = state.candidates(&self.geometry, WINDOW);
+            if candidates.pick_among == 0 {
+                match self.claim_block(&state).await? {
+                    Claim::Claimed { block, revision } => {
+                        state
+                            .affinities
+                            .insert(block, (revision, AffinityRecord::default()));
+                        state.claim = Some(revision);
+                    }
+                    Claim::NodeChanged => state = self.load().await?,
+                }
+                continue;
+            }
+            let i = self.rng().usize(..candidates.pick_among);
+            let (block, ip) = candidates.list[i];
+            let handle = HandleRecord { ip, block };
+            let handle_key = self.keys.handle(attachment);
+            let mut txn = Txn::new()
+                .when(Compare::Absent(handle_key.clone()))
+                .when(state.used_compare(&self.keys, &ip))
+                .when(state.free_compare(&self.keys, &ip))
+                .when(state.affinity_compare(&self.keys, &block))
+                .put(self.keys.used(&ip), encode(attachment))
+                .put(handle_key, encode(&handle));
+            if state.free.contains_key(&ip) {
+                txn = txn.delete(self.keys.free(&ip));
+            }
+            let compares = txn.compares.clone();
+            match self.store.commit(txn).await? {
+                TxnOutcome::Committed(_) => return Ok(self.allocation(&handle)),
+                TxnOutcome::Failed(current) => {
+                    failures += 1;
+                    if failures >= 2 {
+                        state = self.load().await?;
+                    } else {
+                        state.merge_failed(&self.keys, &compares, &current)?;
+                    }
+                    // Allocated meanwhile by a concurrent call for the same attachment.
+                    if let Some((_, handle)) = state.handles.get(attachment) {
+                        return Ok(self.allocation(handle));
+                    }
+                    self.backoff(failures).await;
+                }
+            }
+        }
+        Err(self.conflict(&format!("an address for {}", self.keys.handle(attachment))))
+    }
+
+    async fn release_inner(&self, attachment: &Attachment) -> Result<()> {
+        let mut state = self.load().await?;
+        for failures in 1..=MAX_ATTEMPTS {
+            let Some(txn) = self.release_txn(&state, attachment) else {
+                return Ok(());
+            };
+            let compares = txn.compares.clone();
+            match self.store.commit(txn).await? {
+                TxnOutcome::Committed(_) => return Ok(()),
+                TxnOutcome::Failed(current) => {
+                    state.merge_failed(&self.keys, &compares, &current)?;
+                    self.backoff(failures).await;
+                }
+            }
+        }
+        Err(self.conflict(&format!("releasing {}", self.keys.handle(attachment))))
+    }
+
+    async fn gc_inner(&self, valid: &[Attachment]) -> Result<GcReport> {
+        let valid: HashSet<&Attachment> = valid.iter().collect();
+        let mut report = GcReport::default();
+        let mut state = self.load().await?;
+        let mut failures = 0;
+        loop {
+            let stale: Vec<Attachment> = state
+                .handles
+                .keys()
+                .filter(|a| a.network == self.config.network && !valid.contains(a))
+                .take(GC_BATCH)
+                .cloned()
+                .collect();
+            if stale.is_empty() {
+                return Ok(report);
+            }
+            let mut txn = Txn::new();
+            for a in &stale {
+                if let Some(t) = self.release_txn(&state, a) {
+                    txn.compares.extend(t.compares);
+                    txn.ops.extend(t.ops);
+                }
+            }
+            let compares = txn.compares.clone();
+            match self.store.commit(txn).await? {
+                TxnOutcome::Committed(_) => {
+                    failures = 0;
+                    report.released.extend(stale);
+                    state = self.load().await?;
+                }
+                TxnOutcome::Failed(current) => {
+                    failures += 1;
+                    if failures >= MAX_ATTEMPTS {
+                        return Err(self.conflict("garbage collection"));
+                    }
+                    state.merge_failed(&self.keys, &compares, &current)?;
+                    self.backoff(failures).await;
+                }
+            }
+        }
+    }
+}
+
+/// The checks of [`BlockIpam::audit`] on the keys under `<prefix>/`.
+pub(crate) fn audit_kvs(config: &BlockIpamConfig, kvs: &[KeyValue]) -> Vec<String> {
+    let geometry = config.geometry();
+    let prefix = &config.key_prefix;
+    let pool_key = format!("{prefix}/pool");
+    let blocks_prefix = format!("{prefix}/blocks/");
+    let nodes_prefix = format!("{prefix}/nodes/");
+    let mut problems = Vec::new();
+    let mut owners: BTreeMap<IpNet, String> = BTreeMap::new();
+    let mut nodes: BTreeMap<String, NodeState> = BTreeMap::new();
+    for kv in kvs {
+        if kv.key == pool_key {
+            match decode::<PoolRecord>(kv) {
+                Ok(r) if r.pool == config.pool && r.block_size == config.block_prefix => {}
+                Ok(r) => problems.push(format!(
+                    "pool record {r:?} does not match the configuration"
+                )),
+                Err(e) => problems.push(e.to_string()),
+            }
+        } else if let Some(name) = kv.key.strip_prefix(&blocks_prefix) {
+            match (keys::decode_block(name), decode::<OwnerRecord>(kv)) {
+                (Some(block), Ok(owner)) => {
+                    if !geometry.is_block(&block) {
+                        problems.push(format!("{block} is not a block of the pool"));
+                    }
+                    owners.insert(block, owner.node);
+                }
+                _ => problems.push(format!("bad block ownership record {}", kv.key)),
+            }
+        } else if let Some(rest) = kv.key.strip_prefix(&nodes_prefix) {
+            let node = rest.split('/').next().unwrap_or_default();
+            let keys = Keys::new(prefix, node);
+            let state = nodes.entry(node.to_owned()).or_default();
+            match keys.parse_node_key(&kv.key) {
+                Some(k) => {
+                    if let Err(e) = state.set(k, Some(kv)) {
+                        problems.push(e.to_string());
+                    }
+                }
+                None => problems.push(format!("unknown key {}", kv.key)),
+            }
+        }
+    }
+    for (block, owner) in &owners {
+        if !nodes
+            .get(owner)
+            .is_some_and(|s| s.affinities.contains_key(block))
+        {
+            problems.push(format!(
+                "block {block} is owned by {owner}, which has no affinity to it"
+            ));
+        }
+    }
+    let mut seen: BTreeMap<IpAddr, &str> = BTreeMap::new();
+    for (node, state) in &nodes {
+        for block in state.affinities.keys() {
+            if owners.get(block) != Some(node) {
+                problems.push(format!(
+                    "node {node} has an affinity to {block}, owned by {:?}",
+                    owners.get(block)
+                ));
+            }
+        }
+        let block_of = |ip: &IpAddr| state.affinities.keys().find(|b| b.contains(ip)).copied();
+        for (ip, (_, attachment)) in &state.used {
+            match block_of(ip) {
+                Some(b) if geometry.is_usable(&b, *ip) => {}
+                Some(b) => problems.push(format!("{node}: used {ip} is reserved in {b}")),
+                None => problems.push(format!("{node}: used {ip} is in none of its blocks")),
+            }
+            if state.free.contains_key(ip) {
+                problems.push(format!("{node}: {ip} is both used and released"));
+            }
+            if let Some(other) = seen.insert(*ip, node) {
+                problems.push(format!("{ip} is handed out twice: on {other} and {node}"));
+            }
+            if state.handles.get(attachment).map(|(_, h)| h.ip) != Some(*ip) {
+                problems.push(format!(
+                    "{node}: used {ip} names {attachment:?}, whose handle does not hold it"
+                ));
+            }
+        }
+        for ip in state.free.keys() {
+            if block_of(ip).is_none() {
+                problems.push(format!("{node}: released {ip} is in none of its blocks"));
+            }
+        }
+        for (attachment, (_, handle)) in &state.handles {
+            if state.used.get(&handle.ip).map(|(_, a)| a) != Some(attachment) {
+                problems.push(format!(
+                    "{node}: handle {attachment:?} holds {}, which is not used by it",
+                    handle.ip
+                ));
+            }
+            if !handle.block.contains(&handle.ip) || !state.affinities.contains_key(&handle.block) {
+                problems.push(format!("{node}: handle {attachment:?} names block {}, not one of its blocks holding {}", handle.block, handle.ip));
+            }
+        }
+    }
+    problems
+}
+
+/// Rejects attachments whose parts cannot be one key segment each.
+fn check_attachment(a: &Attachment) -> Result<()> {
+    let check = |value: &str, error: Error| {
+        if value.is_empty() || value.contains('/') {
+            Err(error)
+        } else {
+            Ok(())
+        }
+    };
+    check(
+        &a.network,
+        Error::invalid_config(
+            "name",
+            format!("network name {:?} is empty or contains '/'", a.network),
+        ),
+    )?;
+    check(
+        &a.container_id,
+        Error::InvalidEnv {
+            name: "CNI_CONTAINERID",
+            reason: format!("{:?} is empty or contains '/'", a.container_id),
+        },
+    )?;
+    check(
+        &a.ifname,
+        Error::InvalidEnv {
+            name: "CNI_IFNAME",
+            reason: format!("{:?} is empty or contains '/'", a.ifname),
+        },
+    )
+}
+
+/// FNV-1a: a hash that is the same in every process and version.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+#[async_trait]
+impl<S: Store> Ipam for BlockIpam<S> {
+    /// Errors: 11 (datastore unavailable or contended), 100 (no address left for this node),
+    /// 7 (the datastore holds another pool), 4 (container ID or interface name unusable).
+    async fn allocate(&self, attachment: &Attachment) -> Result<Allocation> {
+        check_attachment(attachment)?;
+        self.allocate_inner(attachment).await
+    }
+
+    async fn release(&self, attachment: &Attachment) -> Result<()> {
+        check_attachment(attachment)?;
+        self.release_inner(attachment).await
+    }
+
+    async fn check(&self, attachment: &Attachment) -> Result<Allocation> {
+        check_attachment(attachment)?;
+        let state = self.load().await?;
+        match state.handles.get(attachment) {
+            Some((_, handle))
+                if state
+                    .used
+                    .get(&handle.ip)
+                    .is_some_and(|(_, owner)| owner == attachment) =>
+            {
+                Ok(self.allocation(handle))
+            }
+            _ => Err(Error::UnknownContainer {
+                container_id: attachment.container_id.clone(),
+                ifname: attachment.ifname.clone(),
+            }),
+        }
+    }
+
+    async fn gc(&self, valid: &[Attachment]) -> Result<GcReport> {
+        self.gc_inner(valid).await
+    }
+}

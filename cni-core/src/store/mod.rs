@@ -15,6 +15,7 @@ use crate::error::StoreError;
 
 pub mod file;
 pub mod memory;
+mod table;
 
 pub use file::FileStore;
 pub use memory::MemoryStore;

@@ -1,4 +1,7 @@
 //! The node registry: how nodes publish themselves and find their peers.
+//!
+//! [`NodeRegistry`] is the trait; [`StoreRegistry`] implements it over any
+//! [`Store`](crate::store::Store) (the local file store in particular) by polling.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -11,6 +14,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
 use crate::store::Revision;
+
+pub mod store;
+
+pub use store::StoreRegistry;
 
 /// What a node publishes about itself.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
