@@ -1,4 +1,25 @@
 //! # cnikit
 //!
-//! Build Kubernetes CNI network plugins from swappable parts.
+//! Build Kubernetes CNI network plugins from swappable parts: an IPAM, a pod network (how a
+//! pod is plugged into its node) and a cross-node routing mode. This facade re-exports the
+//! parts behind Cargo features and holds the standard composition, [`plugin`], that the
+//! example binary `cnikit` runs.
+//!
+//! | feature | part |
+//! |---|---|
+//! | `bridge` (default) | pod network: veth on a Linux bridge, gateway on the bridge |
+//! | `routed` (default) | pod network: Calico-style /32 veth, gateway 169.254.1.1 |
+//!
+//! ## Quick start: your own CNI binary
+//! ```no_run
+//! fn main() {
+//!     std::process::exit(cnikit::plugin::main());
+//! }
+//! ```
+//! For a different combination of parts, implement [`core::compose::Parts`] and run
+//! [`core::compose::Composed`] with [`core::runner::run`].
+#![warn(missing_docs)]
+
 pub use cni_core as core;
+
+pub mod plugin;

@@ -45,6 +45,10 @@ pub struct Invocation {
     pub args: Vec<(String, String)>,
     /// `CNI_PATH`: where plugins are looked up, joined with `:`.
     pub cni_path: Vec<PathBuf>,
+    /// The network namespace the plugin process is started in: the node's. `None`: the
+    /// caller's own. A runtime runs plugins in its node namespace; a lab that simulates
+    /// several nodes on one machine starts each node's plugins in that node's namespace.
+    pub runtime_netns: Option<PathBuf>,
 }
 
 impl Invocation {
@@ -63,6 +67,7 @@ impl Invocation {
             ifname: ifname.into(),
             args: Vec::new(),
             cni_path,
+            runtime_netns: None,
         }
     }
 
@@ -81,7 +86,14 @@ impl Invocation {
             ifname: request.ifname.clone(),
             args: request.args.pairs.clone(),
             cni_path: request.cni_path.clone(),
+            runtime_netns: None,
         }
+    }
+
+    /// A copy whose plugin process runs in the network namespace at `netns`.
+    pub fn in_netns(mut self, netns: impl Into<PathBuf>) -> Self {
+        self.runtime_netns = Some(netns.into());
+        self
     }
 
     /// A copy with another command.
@@ -146,7 +158,8 @@ impl Invocation {
             ifname = %self.ifname,
             "exec CNI plugin"
         );
-        let stdout = exec_plugin(&binary, &self.env(), config).await?;
+        let stdout =
+            exec_plugin_in(&binary, &self.env(), config, self.runtime_netns.as_deref()).await?;
         if self.command != Command::Add {
             return Ok(None);
         }
@@ -206,6 +219,25 @@ pub fn find_plugin(plugin_type: &str, cni_path: &[PathBuf]) -> Result<PathBuf> {
 /// logged at debug level. The child is killed if the returned future is dropped, so callers
 /// can put a timeout around it.
 pub async fn exec_plugin(binary: &Path, env: &[(String, String)], stdin: &[u8]) -> Result<Vec<u8>> {
+    exec_plugin_in(binary, env, stdin, None).await
+}
+
+/// [`exec_plugin`], with the plugin process started in the network namespace at `netns`
+/// (`None`: the caller's). Errors as [`exec_plugin`]; a `netns` that cannot be opened gives
+/// [`Error::NotANetns`] (code 4).
+pub async fn exec_plugin_in(
+    binary: &Path,
+    env: &[(String, String)],
+    stdin: &[u8],
+    netns: Option<&Path>,
+) -> Result<Vec<u8>> {
+    let netns_file = match netns {
+        None => None,
+        Some(path) => Some(std::fs::File::open(path).map_err(|e| Error::NotANetns {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?),
+    };
     let plugin = binary
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -217,13 +249,28 @@ pub async fn exec_plugin(binary: &Path, env: &[(String, String)], stdin: &[u8]) 
 
     let mut attempt = 1;
     let mut child = loop {
-        let spawned = tokio::process::Command::new(binary)
+        let mut command = tokio::process::Command::new(binary);
+        command
             .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn();
+            .kill_on_drop(true);
+        if let Some(ns) = &netns_file {
+            let fd = std::os::fd::AsRawFd::as_raw_fd(ns);
+            // SAFETY: runs in the forked child before exec; setns is a plain system call
+            // (async-signal-safe) on an fd inherited from the parent.
+            unsafe {
+                command.pre_exec(move || {
+                    if libc::setns(fd, libc::CLONE_NEWNET) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        }
+        let spawned = command.spawn();
         match spawned {
             Ok(child) => break child,
             Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && attempt < SPAWN_ATTEMPTS => {

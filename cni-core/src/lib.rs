@@ -8,6 +8,7 @@
 //! - [`spec`]: CNI configurations, results and errors in versions 0.3.0 … 1.1.0.
 //! - [`runner`]: the plugin entry point: a [`Plugin`](runner::Plugin) per CNI verb and
 //!   [`run`](runner::run), which validates the invocation and prints the outcome.
+//! - [`compose`]: a [`Plugin`](runner::Plugin) made of an IPAM and a pod network.
 //! - [`exec`]: running CNI plugin executables as a runtime does (delegation, whole lists).
 //! - [`Ipam`](ipam::Ipam), [`PodNetwork`](network::PodNetwork),
 //!   [`CrossNodeRouting`](routing::CrossNodeRouting), [`NodeRegistry`](registry::NodeRegistry):
@@ -17,6 +18,7 @@
 //! - [`linux`]: network namespace handles and the netlink helpers.
 #![warn(missing_docs)]
 
+pub mod compose;
 pub mod error;
 pub mod exec;
 pub mod ipam;
@@ -26,6 +28,7 @@ pub mod registry;
 pub mod routing;
 pub mod runner;
 pub mod spec;
+pub mod state;
 pub mod store;
 
 pub use error::{Error, ErrorCode, Result, StoreError};

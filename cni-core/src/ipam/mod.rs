@@ -98,4 +98,10 @@ pub trait Ipam: Send + Sync {
     /// Releases every attachment of this network (on this node) that is not in `valid`.
     /// Errors: 11 when the datastore is unavailable or contended.
     async fn gc(&self, valid: &[Attachment]) -> Result<GcReport>;
+
+    /// Whether the IPAM can serve requests now (its datastore answers); used by STATUS.
+    /// The default is always ready. Errors: 11 when the datastore is unavailable.
+    async fn ready(&self) -> Result<()> {
+        Ok(())
+    }
 }

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Installs the Debian packages cnikit's tests, lab and benchmarks use, if any is missing.
+# Sourced by scripts/test.sh and scripts/lab.sh; safe to run again.
+set -euo pipefail
+
+CNIKIT_DEBS=(
+  iproute2 iputils-ping iptables iperf3 jq        # namespaces, ping matrix, portmap, throughput
+  etcd-server                                      # real etcd for the etcd store tests
+  containernetworking-plugins                      # reference CNI plugins in /usr/lib/cni
+  podman runc busybox-static                       # a real CNI client and a local image
+  protobuf-compiler libprotobuf-dev                # etcd-client build
+)
+
+missing=()
+for p in "${CNIKIT_DEBS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "cnikit: installing ${missing[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q
+  apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Runs every cnikit test on a fresh machine: installs what is missing, then format, lint,
+# unit, netns, real-service and end-to-end tests. Needs root (network namespaces).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" != 0 ]; then
+  echo "scripts/test.sh: run as root (tests build network namespaces)" >&2
+  exit 1
+fi
+bash scripts/deps.sh
+
+export CARGO_TERM_COLOR=never
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --all-features -- -D warnings
+# Every feature of the facade on its own, and none, must build.
+for f in $(sed -n '/^\[features\]/,/^\[/p' Cargo.toml | grep -oE '^[a-z0-9-]+ =' | cut -d' ' -f1 | grep -v '^default$'); do
+  cargo check -q -p cnikit --no-default-features --features "$f"
+done
+cargo check -q -p cnikit --no-default-features
+cargo test --workspace --all-features

@@ -1,0 +1,164 @@
+//! Configuration of the `cnikit` plugin: the keys of its entry in a network configuration.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use cni_core::{Error, Result};
+
+/// Default parent of the data directories: `<this>/<network name>`.
+pub const DEFAULT_DATA_ROOT: &str = "/var/lib/cni/cnikit";
+
+/// The pod network the plugin plugs pods into (`podNetwork`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PodNetworkKind {
+    /// veth on a Linux bridge, the gateway on the bridge.
+    #[default]
+    Bridge,
+    /// Calico style: /32 pod address, gateway 169.254.1.1, host route per pod.
+    Routed,
+}
+
+/// The `cnikit` plugin's own keys. The pod network reads its keys (`bridge`, `mtu`,
+/// `hairpinMode`, `bridgeNetfilter`) from the same object.
+///
+/// ```json
+/// { "type": "cnikit", "podNetwork": "bridge", "bridge": "cnikit0",
+///   "dataDir": "/var/lib/cni/cnikit/net", "nodeName": "node-1", "routing": "vxlan",
+///   "ipam": { "type": "cnikit-ipam", "pool": "10.244.0.0/16", "blockSize": 26 } }
+/// ```
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Config {
+    /// `podNetwork`: `bridge` (default) or `routed`.
+    #[serde(default)]
+    pub pod_network: PodNetworkKind,
+    /// `dataDir`: where local state lives (the file store, the node state file).
+    /// Default `/var/lib/cni/cnikit/<network name>`.
+    #[serde(default)]
+    pub data_dir: Option<PathBuf>,
+    /// `nodeName`: this node's name in the datastore. Default: the host name.
+    #[serde(default)]
+    pub node_name: Option<String>,
+    /// `routing`: the cross-node routing mode a `cnikit-agent` runs for this network
+    /// (`host-gw`, `vxlan`…). When set, STATUS is "not ready" until the agent has written
+    /// its node state file. Absent: a single-node network, no agent needed.
+    #[serde(default)]
+    pub routing: Option<String>,
+    /// `mtu`: pod MTU. Default: the agent's (underlay minus encapsulation), else 1500.
+    #[serde(default)]
+    pub mtu: Option<u32>,
+    /// `logFile`: append logs here instead of stderr.
+    #[serde(default)]
+    pub log_file: Option<PathBuf>,
+    /// `logLevel`: `error`, `warn` (default), `info`, `debug`, `trace`.
+    #[serde(default)]
+    pub log_level: Option<String>,
+}
+
+impl Config {
+    /// The data directory for network `network`.
+    pub fn data_dir(&self, network: &str) -> PathBuf {
+        self.data_dir
+            .clone()
+            .unwrap_or_else(|| Path::new(DEFAULT_DATA_ROOT).join(network))
+    }
+
+    /// The node name: `nodeName`, else the host name.
+    pub fn node_name(&self) -> Result<String> {
+        if let Some(name) = &self.node_name {
+            return valid_node_name(name).map(|()| name.clone());
+        }
+        let host = nix::unistd::gethostname().map_err(|e| Error::Io {
+            what: "gethostname".into(),
+            source: e.into(),
+        })?;
+        let host = host.to_string_lossy().into_owned();
+        valid_node_name(&host).map_err(|_| {
+            Error::invalid_config(
+                "nodeName",
+                format!("host name {host:?} is not usable; set nodeName"),
+            )
+        })?;
+        Ok(host)
+    }
+
+    /// Checks the keys without side effects. Errors: code 7 naming the key.
+    pub fn validate(&self) -> Result<()> {
+        if let Some(name) = &self.node_name {
+            valid_node_name(name)?;
+        }
+        if let Some(mtu) = self.mtu {
+            if !(68..=65535).contains(&mtu) {
+                return Err(Error::invalid_config(
+                    "mtu",
+                    format!("{mtu} is outside 68..=65535"),
+                ));
+            }
+        }
+        if let Some(dir) = &self.data_dir {
+            if !dir.is_absolute() {
+                return Err(Error::invalid_config(
+                    "dataDir",
+                    format!("{} is not an absolute path", dir.display()),
+                ));
+            }
+        }
+        if let Some(level) = &self.log_level {
+            if !["error", "warn", "info", "debug", "trace"].contains(&level.as_str()) {
+                return Err(Error::invalid_config(
+                    "logLevel",
+                    format!("unknown level {level:?}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn valid_node_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 253
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid_config(
+            "nodeName",
+            format!("{name:?} is not a node name (letters, digits, '-', '.', '_')"),
+        ))
+    }
+}
+
+/// `ipam.store`: which datastore the block IPAM uses.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StoreKind {
+    /// The local file store in `<dataDir>/ipam` (default).
+    File,
+    /// etcd v3; the object's other keys configure it.
+    Etcd(Map<String, Value>),
+}
+
+impl StoreKind {
+    /// Reads `ipam.store` (absent: the file store). Errors: code 7.
+    pub fn from_ipam(ipam: &Map<String, Value>) -> Result<StoreKind> {
+        let Some(store) = ipam.get("store") else {
+            return Ok(StoreKind::File);
+        };
+        let Some(obj) = store.as_object() else {
+            return Err(Error::invalid_config("ipam.store", "must be an object"));
+        };
+        match obj.get("type").and_then(Value::as_str) {
+            None | Some("file") => Ok(StoreKind::File),
+            Some("etcd") => Ok(StoreKind::Etcd(obj.clone())),
+            Some(other) => Err(Error::invalid_config(
+                "ipam.store.type",
+                format!("unknown store {other:?} (file, etcd)"),
+            )),
+        }
+    }
+}

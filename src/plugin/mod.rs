@@ -1,0 +1,343 @@
+//! The standard cnikit plugin: the composition the example binary `cnikit` runs.
+//!
+//! One binary, two roles, chosen by the configuration it receives:
+//! - **main plugin** (`"type": "cnikit"`): plugs the pod in with the pod network named by
+//!   `podNetwork` (bridge or routed) and addresses from the IPAM named by `ipam.type`:
+//!   [`IPAM_TYPE`] for the built-in block IPAM, anything else is exec'd from `CNI_PATH` as
+//!   the spec describes (e.g. the reference `host-local`);
+//! - **IPAM plugin** (another plugin's config whose `ipam.type` is [`IPAM_TYPE`], with this
+//!   binary installed as `cnikit-ipam`): only allocates and releases addresses, so the
+//!   reference `bridge` or `ptp` plugins can use cnikit's block IPAM.
+//!
+//! The block IPAM stores its state in the local file store (`<dataDir>/ipam`) unless
+//! `ipam.store` names another datastore.
+
+mod config;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use cni_core::compose::{Composed, Parts};
+use cni_core::ipam::block::Reserve;
+use cni_core::ipam::{BlockIpam, BlockIpamConfig, DelegatedIpam, Ipam};
+use cni_core::network::PodNetwork;
+use cni_core::runner::{self, Plugin, Request};
+use cni_core::spec::CniResult;
+use cni_core::state::NodeState;
+use cni_core::store::{FileStore, Store};
+use cni_core::{Error, Result};
+
+pub use config::{Config, DEFAULT_DATA_ROOT, PodNetworkKind, StoreKind};
+
+/// The `type` of the main plugin.
+pub const TYPE: &str = "cnikit";
+/// The `ipam.type` of the built-in block IPAM.
+pub const IPAM_TYPE: &str = "cnikit-ipam";
+/// Pod MTU when neither the configuration nor the node agent gives one.
+pub const DEFAULT_MTU: u32 = 1500;
+
+/// The parts factory of the main plugin: reads [`Config`] and builds the IPAM and the pod
+/// network for each request.
+#[derive(Debug, Clone, Default)]
+pub struct CnikitParts;
+
+impl CnikitParts {
+    fn config(request: &Request) -> Result<Config> {
+        let config: Config = request.config.plugin_config()?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn mtu(config: &Config, data_dir: &std::path::Path) -> Result<u32> {
+        if let Some(mtu) = config.mtu {
+            return Ok(mtu);
+        }
+        Ok(NodeState::read(data_dir)?.map_or(DEFAULT_MTU, |s| s.mtu))
+    }
+}
+
+#[async_trait]
+impl Parts for CnikitParts {
+    async fn ipam(&self, request: &Request) -> Result<Box<dyn Ipam>> {
+        let config = Self::config(request)?;
+        let reserve = match config.pod_network {
+            PodNetworkKind::Bridge => Reserve::Gateway,
+            PodNetworkKind::Routed => Reserve::None,
+        };
+        block_ipam(request, &config, Some(reserve)).await
+    }
+
+    async fn network(&self, request: &Request) -> Result<Box<dyn PodNetwork>> {
+        let config = Self::config(request)?;
+        let data_dir = config.data_dir(&request.config.name);
+        let mtu = Self::mtu(&config, &data_dir)?;
+        let host = cni_core::linux::NetNs::current().await?;
+        match config.pod_network {
+            PodNetworkKind::Bridge => bridge(request, mtu, host),
+            PodNetworkKind::Routed => routed(request, mtu, host),
+        }
+    }
+
+    async fn status(&self, request: &Request) -> Result<()> {
+        let config = Self::config(request)?;
+        let data_dir = config.data_dir(&request.config.name);
+        if let Some(mode) = &config.routing {
+            if NodeState::read(&data_dir)?.is_none() {
+                return Err(Error::NotReady {
+                    reason: format!(
+                        "routing mode {mode}: the node agent has not written {} yet",
+                        NodeState::path(&data_dir).display()
+                    ),
+                });
+            }
+        }
+        // The IPAM must be buildable and its datastore reachable.
+        let ipam = self.ipam(request).await?;
+        ipam.ready().await.map_err(|e| Error::NotReady {
+            reason: format!("IPAM datastore: {e}"),
+        })
+    }
+}
+
+#[cfg(feature = "bridge")]
+fn bridge(
+    request: &Request,
+    mtu: u32,
+    host: cni_core::linux::NetNs,
+) -> Result<Box<dyn PodNetwork>> {
+    let mut bridge: cni_core::linux::BridgeConfig = request.config.plugin_config()?;
+    bridge.mtu = mtu;
+    Ok(Box::new(cni_core::linux::BridgeNetwork::new(bridge, host)?))
+}
+
+#[cfg(not(feature = "bridge"))]
+fn bridge(_: &Request, _: u32, _: cni_core::linux::NetNs) -> Result<Box<dyn PodNetwork>> {
+    Err(Error::invalid_config(
+        "podNetwork",
+        "this build has no `bridge` feature",
+    ))
+}
+
+#[cfg(feature = "routed")]
+fn routed(
+    request: &Request,
+    mtu: u32,
+    host: cni_core::linux::NetNs,
+) -> Result<Box<dyn PodNetwork>> {
+    let mut routed: cni_core::linux::RoutedConfig = request.config.plugin_config()?;
+    routed.mtu = mtu;
+    Ok(Box::new(cni_core::linux::RoutedNetwork::new(routed, host)?))
+}
+
+#[cfg(not(feature = "routed"))]
+fn routed(_: &Request, _: u32, _: cni_core::linux::NetNs) -> Result<Box<dyn PodNetwork>> {
+    Err(Error::invalid_config(
+        "podNetwork",
+        "this build has no `routed` feature",
+    ))
+}
+
+/// Builds the IPAM the configuration names: the block IPAM for [`IPAM_TYPE`] (with
+/// `reserve` forced when the pod network needs it), else a delegated plugin.
+async fn block_ipam(
+    request: &Request,
+    config: &Config,
+    reserve: Option<Reserve>,
+) -> Result<Box<dyn Ipam>> {
+    let ipam = request
+        .config
+        .ipam
+        .as_ref()
+        .ok_or_else(|| Error::invalid_config("ipam", "missing"))?;
+    if ipam.ipam_type != IPAM_TYPE {
+        return Ok(Box::new(DelegatedIpam::new(request)?));
+    }
+    let mut block: BlockIpamConfig = ipam.config()?;
+    block.network = request.config.name.clone();
+    if block.node.is_empty() {
+        block.node = config.node_name()?;
+    }
+    if let Some(reserve) = reserve {
+        block.reserve = reserve;
+    }
+    let store = open_store(
+        &StoreKind::from_ipam(&ipam.config)?,
+        &config.data_dir(&request.config.name),
+    )
+    .await?;
+    Ok(Box::new(BlockIpam::new(store, block)?))
+}
+
+/// Opens the datastore `kind`; the file store lives in `<data_dir>/ipam`.
+pub async fn open_store(kind: &StoreKind, data_dir: &std::path::Path) -> Result<Arc<dyn Store>> {
+    match kind {
+        StoreKind::File => Ok(Arc::new(FileStore::new(data_dir.join("ipam")))),
+        StoreKind::Etcd(_) => Err(Error::invalid_config(
+            "ipam.store.type",
+            "this build has no `etcd` feature",
+        )),
+    }
+}
+
+/// The IPAM-only role: answers for another plugin whose `ipam.type` is [`IPAM_TYPE`].
+#[derive(Debug, Clone, Default)]
+pub struct CnikitIpam;
+
+impl CnikitIpam {
+    async fn ipam(request: &Request) -> Result<Box<dyn Ipam>> {
+        // The calling plugin's own keys are not ours; only `ipam` is read, plus `dataDir`
+        // and `nodeName` from inside it.
+        let ipam = request
+            .config
+            .ipam
+            .as_ref()
+            .ok_or_else(|| Error::invalid_config("ipam", "missing"))?;
+        let config: Config = ipam.config()?;
+        config.validate()?;
+        block_ipam(request, &config, None).await
+    }
+}
+
+#[async_trait]
+impl Plugin for CnikitIpam {
+    async fn add(&self, request: &Request) -> Result<CniResult> {
+        let allocation = Self::ipam(request)
+            .await?
+            .allocate(&request.attachment())
+            .await?;
+        Ok(CniResult {
+            interfaces: Vec::new(),
+            ips: allocation.ips,
+            routes: allocation.routes,
+            dns: allocation.dns,
+        })
+    }
+
+    async fn del(&self, request: &Request) -> Result<()> {
+        Self::ipam(request)
+            .await?
+            .release(&request.attachment())
+            .await
+    }
+
+    async fn check(&self, request: &Request) -> Result<()> {
+        Self::ipam(request)
+            .await?
+            .check(&request.attachment())
+            .await
+            .map(drop)
+    }
+
+    async fn gc(&self, request: &Request, valid: &[cni_core::ipam::Attachment]) -> Result<()> {
+        Self::ipam(request).await?.gc(valid).await.map(drop)
+    }
+
+    async fn status(&self, request: &Request) -> Result<()> {
+        Self::ipam(request).await?.ready().await
+    }
+}
+
+/// The `cnikit` binary's plugin: the main plugin or the IPAM-only role, by configuration.
+#[derive(Debug, Default)]
+pub struct Cnikit {
+    main: Composed<CnikitParts>,
+    ipam: CnikitIpam,
+}
+
+impl Cnikit {
+    fn role(&self, request: &Request) -> &dyn Plugin {
+        let is_ipam_call = request.config.plugin_type != TYPE
+            && request
+                .config
+                .ipam
+                .as_ref()
+                .is_some_and(|i| i.ipam_type == IPAM_TYPE);
+        if is_ipam_call { &self.ipam } else { &self.main }
+    }
+}
+
+#[async_trait]
+impl Plugin for Cnikit {
+    async fn add(&self, request: &Request) -> Result<CniResult> {
+        self.role(request).add(request).await
+    }
+    async fn del(&self, request: &Request) -> Result<()> {
+        self.role(request).del(request).await
+    }
+    async fn check(&self, request: &Request) -> Result<()> {
+        self.role(request).check(request).await
+    }
+    async fn gc(&self, request: &Request, valid: &[cni_core::ipam::Attachment]) -> Result<()> {
+        self.role(request).gc(request, valid).await
+    }
+    async fn status(&self, request: &Request) -> Result<()> {
+        self.role(request).status(request).await
+    }
+}
+
+/// Runs the `cnikit` plugin as a process: reads the environment and stdin, logs to the
+/// configured `logFile` (or stderr), prints the result or error on stdout, and returns the
+/// exit code for `std::process::exit`.
+pub fn main() -> i32 {
+    let mut stdin = Vec::new();
+    // An unreadable stdin is reported by the runner as an empty (undecodable) one.
+    let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut stdin);
+    init_logging(&stdin);
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cnikit: cannot start the async runtime: {e}");
+            return 1;
+        }
+    };
+    let plugin = Cnikit::default();
+    runtime.block_on(runner::run(
+        &plugin,
+        std::env::vars(),
+        &stdin,
+        &mut std::io::stdout(),
+    ))
+}
+
+/// Logs go to `logFile` from the configuration (the main plugin's or its `ipam` object's),
+/// else to stderr; never to stdout, which belongs to the CNI result.
+fn init_logging(stdin: &[u8]) {
+    #[derive(serde::Deserialize, Default)]
+    #[serde(rename_all = "camelCase")]
+    struct Logging {
+        log_file: Option<PathBuf>,
+        log_level: Option<String>,
+        ipam: Option<Box<Logging>>,
+    }
+    let cfg: Logging = serde_json::from_slice(stdin).unwrap_or_default();
+    let (file, level) = match (&cfg.log_file, &cfg.ipam) {
+        (None, Some(ipam)) if ipam.log_file.is_some() => {
+            (ipam.log_file.clone(), ipam.log_level.clone())
+        }
+        _ => (cfg.log_file.clone(), cfg.log_level.clone()),
+    };
+    let filter = std::env::var("CNIKIT_LOG")
+        .ok()
+        .or(level)
+        .unwrap_or_else(|| "warn".into());
+    let filter = tracing_subscriber::EnvFilter::try_new(&filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false);
+    let opened = file.and_then(|path| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .ok()
+    });
+    let _ = match opened {
+        Some(f) => builder.with_writer(std::sync::Mutex::new(f)).try_init(),
+        None => builder.with_writer(std::io::stderr).try_init(),
+    };
+}
