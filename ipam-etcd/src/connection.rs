@@ -80,14 +80,14 @@ impl Connection {
                     millis: duration_millis(config.timeout()),
                 });
             }
-            // Certificates and keys are parsed before any I/O; their failures say "parsing TLS".
-            Ok(Err(e @ etcd_client::Error::TransportError(_)))
-                if root_cause(&e).contains("parsing TLS") =>
-            {
+            // Transport errors come only from building the endpoints, before any I/O: tonic
+            // refused the certificates or key (unparsable, or a key not matching the
+            // certificate). Failures of the network surface as gRPC statuses.
+            Ok(Err(e @ etcd_client::Error::TransportError(_))) => {
                 return Err(Error::config(
-                    "ipam.store",
+                    "ipam.store.certFile",
                     format!(
-                        "caFile, certFile or keyFile refused: {} (are certFile and keyFile a pair?)",
+                        "the TLS files are refused: {} (do certFile and keyFile belong together?)",
                         root_cause(&e)
                     ),
                 ));

@@ -171,6 +171,14 @@ fn classify(e: &etcd_client::Error) -> Class {
         // Only the status code is stable; etcd's messages are for people.
         E::GRpcStatus(status) => match status.code() {
             Code::Unauthenticated | Code::PermissionDenied => Class::Denied,
+            // etcd answers a wrong password, or none where one is needed, with InvalidArgument.
+            Code::InvalidArgument
+                if ["authentication failed", "user name is empty"]
+                    .iter()
+                    .any(|m| status.message().contains(m)) =>
+            {
+                Class::Denied
+            }
             // Transport failures surface as Unknown or Unavailable.
             Code::Unknown | Code::Cancelled | Code::DeadlineExceeded | Code::Unavailable => {
                 Class::Unavailable
@@ -186,20 +194,31 @@ fn classify(e: &etcd_client::Error) -> Class {
     }
 }
 
-/// The chain of causes of an error, in words, without repeats: what a person needs to see.
-pub(crate) fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+/// The chain of causes of a client error, in words, without repeats: what a person needs to
+/// see (like `tcp connect error: Connection refused (os error 111)`).
+pub(crate) fn root_cause(e: &etcd_client::Error) -> String {
+    use etcd_client::Error as E;
+    use std::error::Error as _;
+    // The client's error has no `source()`: open its variants by hand.
+    let (first, mut next): (String, Option<&(dyn std::error::Error + 'static)>) = match e {
+        E::GRpcStatus(s) => (s.message().to_owned(), s.source()),
+        E::TransportError(t) => (String::new(), t.source()),
+        E::IoError(io) => (io.to_string(), io.source()),
+        other => (other.to_string(), None),
+    };
     let mut parts: Vec<String> = Vec::new();
-    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = next {
-        let text = match err.downcast_ref::<etcd_client::Error>() {
-            // The client's own wrapping adds only a prefix ("grpc request error: status: …").
-            Some(etcd_client::Error::GRpcStatus(s)) => s.message().to_owned(),
-            Some(etcd_client::Error::TransportError(_)) => String::new(),
-            _ => err.to_string(),
-        };
+    let mut push = |text: String| {
         let text = text.trim().to_owned();
         if !text.is_empty() && !parts.iter().any(|p| p.contains(&text)) {
             parts.push(text);
+        }
+    };
+    push(first);
+    while let Some(err) = next {
+        let text = err.to_string();
+        // tonic's wrapper says only "transport error"; the interesting part is below it.
+        if text != "transport error" {
+            push(text);
         }
         next = err.source();
     }
