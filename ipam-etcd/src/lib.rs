@@ -8,8 +8,8 @@
 //! ## Modules
 //! - [`config`]: the `ipam.store` object of `type` [`TYPE`] (`"etcd"`).
 //! - [`connection`]: the shared client: TLS, credentials, deadlines, round-trip counter.
-//! - [`store`]: [`EtcdStore`].
-//! - [`registry`]: [`EtcdRegistry`].
+//! - [`store`]: the [`EtcdStore`].
+//! - [`registry`]: the [`EtcdRegistry`].
 //! - [`error`]: [`Error`] and its CNI codes.
 //!
 //! ## Configuration

@@ -70,6 +70,10 @@ struct Lease {
     id: AtomicI64,
     /// The record's JSON, written again with every new lease.
     value: StdMutex<Vec<u8>>,
+    /// Held while the record is written or the lease replaced, so `register` and the
+    /// keep-alive task never replace the lease at once (which could leave the record on a
+    /// lease nobody keeps alive).
+    write: tokio::sync::Mutex<()>,
 }
 
 impl Lease {
@@ -136,6 +140,35 @@ impl EtcdRegistry {
     }
 }
 
+impl EtcdRegistry {
+    /// Records a registration whose record is written on lease `id`, and keeps it alive.
+    #[allow(clippy::too_many_arguments)]
+    fn spawn_keep_alive(
+        &self,
+        registrations: &mut HashMap<String, Registration>,
+        node: &NodeRecord,
+        key: String,
+        value: Vec<u8>,
+        id: i64,
+        ttl: i64,
+        granted: i64,
+    ) {
+        let lease = Arc::new(Lease {
+            id: AtomicI64::new(id),
+            value: StdMutex::new(value),
+            write: tokio::sync::Mutex::new(()),
+        });
+        let task = tokio::spawn(keep_alive(
+            self.conn.clone(),
+            key,
+            lease.clone(),
+            granted.max(ttl),
+            self.shutdown.subscribe(),
+        ));
+        registrations.insert(node.name.clone(), Registration { lease, ttl, task });
+    }
+}
+
 fn check_name(name: &str) -> Result<()> {
     if name.is_empty() || name.contains('/') || name.len() > 253 {
         return Err(Error::config(
@@ -199,25 +232,14 @@ async fn keep_alive(
     let interval = Duration::from_millis(u64::try_from(ttl).unwrap_or(1) * 1000 / 3);
     let retry_cap = interval.min(MAX_BACKOFF);
     let mut backoff = MIN_BACKOFF;
-    let mut lost = false;
+    // The lease etcd said is gone, if it did.
+    let mut lost: Option<i64> = None;
     loop {
-        if lost {
-            match grant(&conn, ttl).await {
-                Ok((id, _)) => match put(&conn, &key, lease.value(), id).await {
-                    Ok(()) => {
-                        tracing::info!(key, lease = id, "node record written again on a new lease");
-                        lease.id.store(id, Ordering::Relaxed);
-                        lost = false;
-                        backoff = MIN_BACKOFF;
-                    }
-                    Err(e) => {
-                        let _ = revoke(&conn, id).await;
-                        tracing::warn!(key, error = %e, "cannot write the node record again");
-                    }
-                },
-                Err(e) => tracing::warn!(key, error = %e, "cannot grant a new lease"),
-            }
-            if lost {
+        if let Some(gone) = lost {
+            if replace_lease(&conn, &key, &lease, gone, ttl).await {
+                lost = None;
+                backoff = MIN_BACKOFF;
+            } else {
                 if !pause(&mut shutdown, backoff).await {
                     return;
                 }
@@ -227,28 +249,32 @@ async fn keep_alive(
         }
         let id = lease.id.load(Ordering::Relaxed);
         let mut client = conn.client().lease_client();
-        let opened = conn.call("lease keep-alive", client.keep_alive(id)).await;
-        let (mut keeper, mut stream) = match opened {
-            Ok(pair) => pair,
-            Err(e) => {
-                if lease_gone(&e) {
+        let (mut keeper, mut stream) =
+            match conn.call("lease keep-alive", client.keep_alive(id)).await {
+                Ok(pair) => pair,
+                Err(e) if lease_gone(&e) => {
                     tracing::warn!(key, lease = id, "lease lost; granting a new one");
-                    lost = true;
+                    lost = Some(id);
                     continue;
                 }
-                tracing::debug!(key, error = %e, "keep-alive stream failed; retrying");
-                if !pause(&mut shutdown, backoff).await {
-                    return;
+                Err(e) => {
+                    tracing::debug!(key, error = %e, "keep-alive stream failed; retrying");
+                    if !pause(&mut shutdown, backoff).await {
+                        return;
+                    }
+                    backoff = next_backoff(backoff).min(retry_cap);
+                    continue;
                 }
-                backoff = next_backoff(backoff).min(retry_cap);
-                continue;
-            }
-        };
+            };
         backoff = MIN_BACKOFF;
         // The opening answered the first keep-alive; now one every interval.
         loop {
             if !pause(&mut shutdown, interval).await {
                 return;
+            }
+            if lease.id.load(Ordering::Relaxed) != id {
+                // `register` replaced the lease: keep the new one alive.
+                break;
             }
             conn.count();
             if keeper.keep_alive().await.is_err() {
@@ -258,7 +284,7 @@ async fn keep_alive(
                 Ok(Ok(Some(resp))) if resp.ttl() > 0 => {}
                 Ok(Ok(Some(_))) => {
                     tracing::warn!(key, lease = id, "lease expired; granting a new one");
-                    lost = true;
+                    lost = Some(id);
                     break;
                 }
                 Ok(Ok(None)) | Ok(Err(_)) | Err(_) => {
@@ -266,6 +292,34 @@ async fn keep_alive(
                     break;
                 }
             }
+        }
+    }
+}
+
+/// Grants a new lease and writes the record on it, unless someone already replaced the lost
+/// one. `false` when etcd could not be reached (try again later).
+async fn replace_lease(conn: &Connection, key: &str, lease: &Lease, gone: i64, ttl: i64) -> bool {
+    let _writing = lease.write.lock().await;
+    if lease.id.load(Ordering::Relaxed) != gone {
+        return true;
+    }
+    let id = match grant(conn, ttl).await {
+        Ok((id, _)) => id,
+        Err(e) => {
+            tracing::warn!(key, error = %e, "cannot grant a new lease");
+            return false;
+        }
+    };
+    match put(conn, key, lease.value(), id).await {
+        Ok(()) => {
+            tracing::info!(key, lease = id, "node record written again on a new lease");
+            lease.id.store(id, Ordering::Relaxed);
+            true
+        }
+        Err(e) => {
+            let _ = revoke(conn, id).await;
+            tracing::warn!(key, error = %e, "cannot write the node record again");
+            false
         }
     }
 }
@@ -292,47 +346,54 @@ impl NodeRegistry for EtcdRegistry {
             && !existing.task.is_finished()
         {
             // Same lease: write the new record on it; the keep-alive task carries on.
-            existing.lease.set_value(value.clone());
-            let id = existing.lease.id.load(Ordering::Relaxed);
+            let lease = existing.lease.clone();
+            let _writing = lease.write.lock().await;
+            lease.set_value(value.clone());
+            let id = lease.id.load(Ordering::Relaxed);
             match put(&self.conn, &key, value.clone(), id).await {
                 Ok(()) => return Ok(()),
                 Err(e) if e.is_lease_not_found() => {
                     let (id, _) = self.grant_and_put(&key, value, ttl).await?;
-                    existing.lease.id.store(id, Ordering::Relaxed);
+                    lease.id.store(id, Ordering::Relaxed);
                     return Ok(());
                 }
                 Err(e) => return Err(e.into()),
             }
         }
-        if let Some(old) = registrations.remove(&node.name) {
-            old.task.abort();
-            let _ = revoke(&self.conn, old.lease.id.load(Ordering::Relaxed)).await;
+        // Another TTL: move the record to a new lease, then revoke the old one (which no
+        // longer holds it, so watchers see no Delete). If that fails, the old registration
+        // carries on.
+        if let Some(old) = registrations.get(&node.name) {
+            let old_lease = old.lease.clone();
+            let _writing = old_lease.write.lock().await;
+            let (id, granted) = self.grant_and_put(&key, value.clone(), ttl).await?;
+            if let Some(old) = registrations.remove(&node.name) {
+                old.task.abort();
+            }
+            let _ = revoke(&self.conn, old_lease.id.load(Ordering::Relaxed)).await;
+            self.spawn_keep_alive(&mut registrations, node, key, value, id, ttl, granted);
+            return Ok(());
         }
         let (id, granted) = self.grant_and_put(&key, value.clone(), ttl).await?;
-        let lease = Arc::new(Lease {
-            id: AtomicI64::new(id),
-            value: StdMutex::new(value),
-        });
-        let task = tokio::spawn(keep_alive(
-            self.conn.clone(),
-            key,
-            lease.clone(),
-            granted.max(ttl),
-            self.shutdown.subscribe(),
-        ));
-        registrations.insert(node.name.clone(), Registration { lease, ttl, task });
+        self.spawn_keep_alive(&mut registrations, node, key, value, id, ttl, granted);
         Ok(())
     }
 
     async fn deregister(&self, name: &str) -> cni_core::Result<()> {
         check_name(name)?;
-        let lease = {
-            let mut registrations = self.registrations.lock().await;
-            registrations.remove(name).map(|r| {
-                r.task.abort();
-                r.lease.id.load(Ordering::Relaxed)
-            })
+        let mut registrations = self.registrations.lock().await;
+        let registration = registrations.remove(name);
+        // Stop the keep-alive between two writes, so it cannot write the record back.
+        let _writing = match &registration {
+            Some(r) => Some(r.lease.write.lock().await),
+            None => None,
         };
+        if let Some(r) = &registration {
+            r.task.abort();
+        }
+        let lease = registration
+            .as_ref()
+            .map(|r| r.lease.id.load(Ordering::Relaxed));
         // The key may have been written by an earlier run of this node: delete it by name.
         let mut kv = self.conn.client().kv_client();
         self.conn

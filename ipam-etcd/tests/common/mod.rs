@@ -66,7 +66,8 @@ pub fn etcd_available(test: &str) -> bool {
     found
 }
 
-fn free_port() -> anyhow::Result<u16> {
+/// A port nothing listens on right now.
+pub fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
@@ -271,6 +272,19 @@ impl Etcd {
     pub async fn restart(&mut self) -> anyhow::Result<()> {
         self.stop().await;
         self.spawn().await
+    }
+
+    /// Restarts the server on the same data dir with another client port: clients of the old
+    /// endpoint cannot reach it until it moves back.
+    pub async fn move_to(&mut self, client_port: u16) -> anyhow::Result<()> {
+        self.stop().await;
+        self.client_port = client_port;
+        self.spawn().await
+    }
+
+    /// The client port.
+    pub fn client_port(&self) -> u16 {
+        self.client_port
     }
 
     /// Starts the stopped server again.
