@@ -39,6 +39,14 @@ const WATCH_BUFFER: usize = 256;
 /// [`watch`](NodeRegistry::watch) follows the records from a revision on, reconnects after a
 /// disconnect or an etcd restart from the last revision it delivered (so no event is lost),
 /// and yields [`NodeEvent::Reset`] with a fresh list when that revision was compacted away.
+/// A record that does not decode is an `Err` item (code 5) and the watch goes on;
+/// [`list`](NodeRegistry::list) leaves such a record out (with a warning) rather than fail
+/// for every node.
+///
+/// [`deregister`](NodeRegistry::deregister) deletes the record by name (also one written by
+/// an earlier run) and revokes the lease it keeps alive. Errors: 7 for a node name that is
+/// empty, longer than 253 characters or holds `/`; 11 when etcd is unreachable (a watch is
+/// opened before `watch` returns, so that is reported at once).
 pub struct EtcdRegistry {
     conn: Connection,
     /// `<prefix>/registry/nodes/`.

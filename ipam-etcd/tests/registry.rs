@@ -237,6 +237,7 @@ async fn expired_lease_removes_the_node() {
         NodeEvent::Put(..)
     ));
     // Kept alive past its TTL while the agent lives.
+    let trips = watcher.connection().round_trips();
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert_eq!(names(&watcher.list().await.unwrap()), ["node-x"]);
 
@@ -251,7 +252,43 @@ async fn expired_lease_removes_the_node() {
         matches!(&event, NodeEvent::Delete(name, _) if name == "node-x"),
         "{event:?}"
     );
+    // The watch stream outlived the 3 s request deadline without being reopened: the only
+    // request since is the list.
+    assert_eq!(watcher.connection().round_trips(), trips + 1);
     assert!(watcher.list().await.unwrap().nodes.is_empty());
+}
+
+/// A record that does not decode is an error item in the watch (code 5), which goes on; the
+/// list leaves it out instead of failing for every node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_records_are_reported_not_fatal() {
+    let Some(etcd) = Etcd::start("registry-corrupt").await else {
+        return;
+    };
+    let registry = EtcdRegistry::connect(&etcd.config()).await.unwrap();
+    let start = registry.list().await.unwrap();
+    let mut events = registry.watch(start.revision).await.unwrap();
+    let mut raw = etcd.raw_client().await.unwrap();
+    raw.put(registry.key_of("garbage"), "{not json", None)
+        .await
+        .unwrap();
+    match tokio::time::timeout(EVENT_DEADLINE, events.next()).await {
+        Ok(Some(Err(e))) => {
+            assert_eq!(e.code().0, 5, "{e}");
+            assert!(e.to_string().contains("garbage"), "{e}");
+        }
+        other => panic!("expected an error item, got {other:?}"),
+    }
+    registry
+        .register(&node("good", 1), Duration::from_secs(10))
+        .await
+        .unwrap();
+    let event = next_event(&mut events, "put after the corrupt record").await;
+    assert!(
+        matches!(&event, NodeEvent::Put(r, _) if r.name == "good"),
+        "{event:?}"
+    );
+    assert_eq!(names(&registry.list().await.unwrap()), ["good"]);
 }
 
 /// The lease is lost under a live registration (revoked behind its back, as when etcd lost its

@@ -1,12 +1,15 @@
 //! Test harness: a private etcd per test, on 127.0.0.1 with free ports and a temp data dir.
 //!
 //! [`Etcd::start`] returns `None` (after a loud `SKIPPED:` line on stderr) when the `etcd`
-//! binary is not on `PATH`; install it with `apt-get install -y etcd-server`. The server can be
+//! binary is not on `PATH`; install it with `apt-get install -y etcd-server` (or run
+//! `scripts/ensure-etcd.sh`). With `CNIKIT_REQUIRE_ETCD=1` a missing binary fails the test
+//! instead, for CI. The server can be
 //! stopped with SIGTERM and restarted on the same data dir and ports; it is killed (by PID)
 //! when the handle drops, also when the test fails.
 #![allow(dead_code)]
 
 use std::fs::File;
+use std::io::Write;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -58,8 +61,13 @@ pub fn etcd_available(test: &str) -> bool {
     let found = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).any(|d| d.join("etcd").is_file()))
         .unwrap_or(false);
+    if !found && std::env::var("CNIKIT_REQUIRE_ETCD").is_ok_and(|v| !v.is_empty() && v != "0") {
+        panic!("{test}: CNIKIT_REQUIRE_ETCD is set but the etcd binary is not on PATH");
+    }
     if !found {
-        eprintln!(
+        // Straight to the stderr handle: libtest captures `eprintln!` of passing tests.
+        let _ = writeln!(
+            std::io::stderr(),
             "SKIPPED: {test}: the etcd binary is not on PATH (install it: apt-get install -y etcd-server)"
         );
     }
