@@ -548,6 +548,12 @@ async fn follow(
             Ended::Stop => return,
             Ended::Broken(why) => {
                 tracing::warn!(nodes, next, why, "node watch interrupted; resuming");
+                // A stream that keeps breaking at once must not spin; one that lived long
+                // had its backoff reset by `deliver`.
+                if !pause(&mut shutdown, backoff).await {
+                    return;
+                }
+                backoff = next_backoff(backoff);
             }
             Ended::Compacted(compacted) => {
                 tracing::warn!(

@@ -11,6 +11,7 @@
 use std::fs::File;
 use std::io::Write;
 use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -220,6 +221,13 @@ impl Etcd {
                 .arg("--trusted-ca-file")
                 .arg(&t.ca)
                 .arg("--client-cert-auth");
+        }
+        // If the test process dies without running destructors (SIGKILL), take etcd along.
+        // SAFETY: between fork and exec only the async-signal-safe prctl(2) runs.
+        unsafe {
+            cmd.pre_exec(|| {
+                nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
+            });
         }
         cmd.stdin(Stdio::null())
             .stdout(log.try_clone()?)
