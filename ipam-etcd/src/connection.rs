@@ -84,13 +84,25 @@ impl Connection {
             // refused the certificates or key (unparsable, or a key not matching the
             // certificate). Failures of the network surface as gRPC statuses.
             Ok(Err(e @ etcd_client::Error::TransportError(_))) => {
-                return Err(Error::config(
-                    "ipam.store.certFile",
-                    format!(
-                        "the TLS files are refused: {} (do certFile and keyFile belong together?)",
-                        root_cause(&e)
-                    ),
-                ));
+                let cause = root_cause(&e);
+                return Err(if cause.contains("native certs") {
+                    Error::config(
+                        "ipam.store.caFile",
+                        format!("is not set and the system has no root certificates ({cause})"),
+                    )
+                } else if config.cert_file.is_some() {
+                    Error::config(
+                        "ipam.store.certFile",
+                        format!(
+                            "the TLS files are refused: {cause} (do certFile and keyFile belong together?)"
+                        ),
+                    )
+                } else {
+                    Error::config(
+                        "ipam.store.caFile",
+                        format!("the CA certificate is refused: {cause}"),
+                    )
+                });
             }
             Ok(Err(e)) => return Err(Error::from_etcd(&endpoints, "authenticate", e)),
             Ok(Ok(client)) => client,

@@ -200,6 +200,33 @@ async fn bad_key_files_are_config_errors() {
         assert_eq!(store_error.code().0, 7);
     }
 
+    // A CA file that looks like PEM but is not a certificate.
+    let bogus = etcd.dir().join("bogus-ca.pem");
+    std::fs::write(
+        &bogus,
+        "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let mut config = etcd.config();
+    config.ca_file = Some(bogus);
+    config.cert_file = None;
+    config.key_file = None;
+    // rustls skips root certificates it cannot parse, so this may only show at the handshake:
+    // either way it is refused, quickly, and says why.
+    match Connection::connect(&config).await {
+        Err(e) => {
+            eprintln!("bogus CA at connect: {}", everything(&e));
+            assert_eq!(e.code().0, 7, "{e}");
+            assert!(e.to_string().contains("ipam.store.caFile"), "{e}");
+        }
+        Ok(conn) => {
+            let e = conn.ping().await.expect_err("no trusted root");
+            let text = everything(&e);
+            eprintln!("bogus CA at the handshake: {text}");
+            assert!(text.contains("UnknownIssuer"), "{text}");
+        }
+    }
+
     // A key that does not belong to the certificate: refused by the handshake at the latest.
     let mut mismatched = etcd.config();
     mismatched.key_file = Some(tls.stranger_key.clone());
