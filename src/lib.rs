@@ -9,6 +9,7 @@
 //! |---|---|
 //! | `bridge` (default) | pod network: veth on a Linux bridge, gateway on the bridge |
 //! | `routed` (default) | pod network: Calico-style /32 veth, gateway 169.254.1.1 |
+//! | `etcd` | datastore and node registry on etcd v3 ([`etcd`]) |
 //!
 //! ## Quick start: your own CNI binary
 //! ```no_run
@@ -23,3 +24,7 @@
 pub use cni_core as core;
 
 pub mod plugin;
+
+/// The etcd v3 datastore and node registry (feature `etcd`).
+#[cfg(feature = "etcd")]
+pub use ipam_etcd as etcd;

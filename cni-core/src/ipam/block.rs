@@ -785,4 +785,10 @@ impl<S: Store> Ipam for BlockIpam<S> {
     async fn gc(&self, valid: &[Attachment]) -> Result<GcReport> {
         self.gc_inner(valid).await
     }
+
+    /// Reads the pool record: one round trip that proves the datastore answers.
+    async fn ready(&self) -> Result<()> {
+        self.store.get(&self.keys.pool()).await?;
+        Ok(())
+    }
 }
