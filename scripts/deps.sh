@@ -4,7 +4,7 @@
 set -euo pipefail
 
 CNIKIT_DEBS=(
-  iproute2 iputils-ping iptables iperf3 jq        # namespaces, ping matrix, portmap, throughput
+  iproute2 iputils-ping iptables iperf3 jq curl   # namespaces, ping matrix, portmap, throughput
   etcd-server                                      # real etcd for the etcd store tests
   containernetworking-plugins                      # reference CNI plugins in /usr/lib/cni
   podman runc busybox-static                       # a real CNI client and a local image
