@@ -134,11 +134,15 @@ fn valid_node_name(name: &str) -> Result<()> {
     }
 }
 
-/// `ipam.store`: which datastore the block IPAM uses.
+/// `ipam.store`: which datastore the block IPAM (and the node agent's registry) uses.
 #[derive(Debug, Clone, PartialEq)]
 pub enum StoreKind {
-    /// The local file store in `<dataDir>/ipam` (default).
-    File,
+    /// The local file store (default), in `path` or else `<dataDir>/ipam`. Nodes that share a
+    /// filesystem (the lab's namespaces) share one pool by pointing `path` at one directory.
+    File {
+        /// `ipam.store.path`: the store's directory.
+        path: Option<PathBuf>,
+    },
     /// etcd v3; the object's other keys configure it.
     Etcd(Map<String, Value>),
 }
@@ -147,13 +151,25 @@ impl StoreKind {
     /// Reads `ipam.store` (absent: the file store). Errors: code 7.
     pub fn from_ipam(ipam: &Map<String, Value>) -> Result<StoreKind> {
         let Some(store) = ipam.get("store") else {
-            return Ok(StoreKind::File);
+            return Ok(StoreKind::File { path: None });
         };
         let Some(obj) = store.as_object() else {
             return Err(Error::invalid_config("ipam.store", "must be an object"));
         };
         match obj.get("type").and_then(Value::as_str) {
-            None | Some("file") => Ok(StoreKind::File),
+            None | Some("file") => {
+                let path = match obj.get("path") {
+                    None => None,
+                    Some(Value::String(p)) if Path::new(p).is_absolute() => Some(PathBuf::from(p)),
+                    Some(other) => {
+                        return Err(Error::invalid_config(
+                            "ipam.store.path",
+                            format!("{other} is not an absolute path"),
+                        ));
+                    }
+                };
+                Ok(StoreKind::File { path })
+            }
             Some("etcd") => Ok(StoreKind::Etcd(obj.clone())),
             Some(other) => Err(Error::invalid_config(
                 "ipam.store.type",

@@ -169,10 +169,12 @@ async fn block_ipam(
     Ok(Box::new(BlockIpam::new(store, block)?))
 }
 
-/// Opens the datastore `kind`; the file store lives in `<data_dir>/ipam`.
+/// Opens the datastore `kind`; the file store lives in its `path`, else `<data_dir>/ipam`.
 pub async fn open_store(kind: &StoreKind, data_dir: &std::path::Path) -> Result<Arc<dyn Store>> {
     match kind {
-        StoreKind::File => Ok(Arc::new(FileStore::new(data_dir.join("ipam")))),
+        StoreKind::File { path } => Ok(Arc::new(FileStore::new(
+            path.clone().unwrap_or_else(|| data_dir.join("ipam")),
+        ))),
         StoreKind::Etcd(_) => Err(Error::invalid_config(
             "ipam.store.type",
             "this build has no `etcd` feature",
