@@ -123,13 +123,10 @@ impl<K: Kernel> HostGw<K> {
     }
 
     async fn teardown_inner(&mut self) -> Result<()> {
-        let mut errors = Vec::new();
-        for route in self.kernel.owned_routes().await? {
-            if let Err(e) = self.kernel.delete_route(&route).await {
-                errors.push(e);
-            }
-        }
-        cni_core::Error::collect(errors)?;
+        // Wanting nothing deletes every route with our protocol, and nothing else.
+        Desired::new()
+            .apply(&self.kernel, &Ownership::default())
+            .await?;
         self.node = None;
         self.last_unroutable.clear();
         Ok(())

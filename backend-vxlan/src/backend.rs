@@ -293,16 +293,13 @@ impl<K: Kernel> Vxlan<K> {
             Ok(_) => {}
             Err(e) => errors.push(e),
         }
-        // The DirectRouting routes through the underlay device.
-        match self.kernel.owned_routes().await {
-            Ok(routes) => {
-                for route in routes {
-                    if let Err(e) = self.kernel.delete_route(&route).await {
-                        errors.push(e);
-                    }
-                }
-            }
-            Err(e) => errors.push(e),
+        // The DirectRouting routes through the underlay device (and any route of ours a
+        // failed deletion left behind): wanting nothing deletes them all.
+        if let Err(e) = Desired::new()
+            .apply(&self.kernel, &Ownership::default())
+            .await
+        {
+            errors.push(e);
         }
         cni_core::Error::collect(errors)?;
         self.node = None;

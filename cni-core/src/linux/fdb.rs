@@ -35,6 +35,23 @@ fn address(ip: IpAddr) -> NeighbourAddress {
     }
 }
 
+/// The IP address of an `NDA_DST`. Bridge-family messages carry it as raw bytes: the
+/// decoder only knows the address family of the message, not of the attribute.
+fn ip_of(a: &NeighbourAddress) -> Option<IpAddr> {
+    match a {
+        NeighbourAddress::Inet(v4) => Some(IpAddr::V4(*v4)),
+        NeighbourAddress::Inet6(v6) => Some(IpAddr::V6(*v6)),
+        NeighbourAddress::Other(bytes) => match bytes.len() {
+            4 => <[u8; 4]>::try_from(bytes.as_slice()).ok().map(IpAddr::from),
+            16 => <[u8; 16]>::try_from(bytes.as_slice())
+                .ok()
+                .map(IpAddr::from),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
 /// Adds or replaces an entry on the device with index `ifindex`, like
 /// `bridge fdb replace MAC dev #IFINDEX dst IP self permanent`. Idempotent; an entry for
 /// the same MAC with another destination is changed to this one.
@@ -104,12 +121,7 @@ pub async fn list(ns: &NetNs, ifindex: u32) -> Result<Vec<FdbEntry>> {
                     NeighbourAttribute::LinkLayerAddress(a) => {
                         mac = <[u8; 6]>::try_from(a.as_slice()).ok();
                     }
-                    NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => {
-                        dst = Some(IpAddr::V4(*v4));
-                    }
-                    NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => {
-                        dst = Some(IpAddr::V6(*v6));
-                    }
+                    NeighbourAttribute::Destination(a) => dst = ip_of(a),
                     _ => {}
                 }
             }
