@@ -17,7 +17,8 @@ use crate::routing::ReconcileReport;
 const IN_FLIGHT: usize = 32;
 
 /// What a backend owns besides its routes (which it owns by protocol): the permanent
-/// neighbour and FDB entries of these devices.
+/// neighbour and FDB entries of these devices. Stale entries are deleted only there;
+/// wanted entries on other devices are written, and never anything else there deleted.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Ownership {
     /// Devices whose permanent neighbour entries are the backend's.
@@ -30,8 +31,9 @@ pub struct Ownership {
 /// peers it cannot route. [`Desired::apply`] makes the kernel match.
 ///
 /// Each key (route destination, neighbour address on a device, FDB MAC on a device) can be
-/// wanted for one peer only; the adders return `false`, and add nothing, when the key is
-/// another peer's.
+/// wanted for one peer only; the adders return `false`, add nothing and do not count the
+/// peer when the key is taken (the caller marks the peer [`unroutable`](Desired::unroutable)
+/// with its reason).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Desired {
     peers: BTreeSet<String>,
@@ -87,7 +89,6 @@ impl Desired {
 
     /// Wants `route` for `peer`. `false` if its destination is wanted already.
     pub fn route(&mut self, peer: &str, route: GatewayRoute) -> bool {
-        self.peer(peer);
         let route = GatewayRoute {
             dst: route.dst.trunc(),
             ..route
@@ -95,6 +96,7 @@ impl Desired {
         if self.routes.contains_key(&route.dst) {
             return false;
         }
+        self.peer(peer);
         self.routes.insert(route.dst, (route, peer.to_owned()));
         true
     }
@@ -102,10 +104,10 @@ impl Desired {
     /// Wants a permanent neighbour entry on `ifindex` for `peer`. `false` if its address
     /// is wanted already on that device.
     pub fn neighbour(&mut self, peer: &str, ifindex: u32, entry: Neighbour) -> bool {
-        self.peer(peer);
         if self.neighbours.contains_key(&(ifindex, entry.ip)) {
             return false;
         }
+        self.peer(peer);
         self.neighbours
             .insert((ifindex, entry.ip), (entry, peer.to_owned()));
         true
@@ -114,10 +116,10 @@ impl Desired {
     /// Wants an FDB entry on `ifindex` for `peer`. `false` if its MAC is wanted already on
     /// that device.
     pub fn fdb(&mut self, peer: &str, ifindex: u32, entry: FdbEntry) -> bool {
-        self.peer(peer);
         if self.fdb.contains_key(&(ifindex, entry.mac)) {
             return false;
         }
+        self.peer(peer);
         self.fdb
             .insert((ifindex, entry.mac), (entry, peer.to_owned()));
         true
@@ -296,34 +298,46 @@ impl Desired {
         }
         plan.route_deletes.extend(actual.into_values().flatten());
 
-        for &ifindex in &owned.neighbour_devices {
+        // Devices with wanted entries are read too, so that an entry there is written only
+        // when missing or different; stale entries are deleted on owned devices only.
+        let devices = |owned: &[u32], wanted: Vec<u32>| -> BTreeSet<u32> {
+            owned.iter().copied().chain(wanted).collect()
+        };
+
+        let wanted = self.neighbours.keys().map(|(i, _)| *i).collect();
+        for ifindex in devices(&owned.neighbour_devices, wanted) {
             let mut actual: BTreeMap<IpAddr, [u8; 6]> = kernel
                 .permanent_neighbours(ifindex)
                 .await?
                 .into_iter()
                 .map(|n| (n.ip, n.mac))
                 .collect();
-            for ((i, ip), (want, peer)) in self.neighbours.range((ifindex, ip_min())..) {
-                if *i != ifindex {
-                    break;
-                }
+            for ((_, ip), (want, peer)) in self
+                .neighbours
+                .range((ifindex, ip_min())..)
+                .take_while(|((i, _), _)| *i == ifindex)
+            {
                 if actual.remove(ip) != Some(want.mac) {
                     plan.neighbour_upserts.push((ifindex, *want, peer.clone()));
                 }
             }
-            plan.neighbour_deletes
-                .extend(actual.into_keys().map(|ip| (ifindex, ip)));
+            if owned.neighbour_devices.contains(&ifindex) {
+                plan.neighbour_deletes
+                    .extend(actual.into_keys().map(|ip| (ifindex, ip)));
+            }
         }
 
-        for &ifindex in &owned.fdb_devices {
+        let wanted = self.fdb.keys().map(|(i, _)| *i).collect();
+        for ifindex in devices(&owned.fdb_devices, wanted) {
             let mut actual: BTreeMap<[u8; 6], Vec<IpAddr>> = BTreeMap::new();
             for e in kernel.fdb_entries(ifindex).await? {
                 actual.entry(e.mac).or_default().push(e.dst);
             }
-            for ((i, mac), (want, peer)) in self.fdb.range((ifindex, [0u8; 6])..) {
-                if *i != ifindex {
-                    break;
-                }
+            for ((_, mac), (want, peer)) in self
+                .fdb
+                .range((ifindex, [0u8; 6])..)
+                .take_while(|((i, _), _)| *i == ifindex)
+            {
                 let have = actual.remove(mac).unwrap_or_default();
                 let mut stale = have.iter().filter(|d| **d != want.dst);
                 if !have.contains(&want.dst) {
@@ -334,11 +348,13 @@ impl Desired {
                 plan.fdb_deletes
                     .extend(stale.map(|&dst| (ifindex, FdbEntry { mac: *mac, dst })));
             }
-            plan.fdb_deletes
-                .extend(actual.into_iter().flat_map(|(mac, dsts)| {
-                    dsts.into_iter()
-                        .map(move |dst| (ifindex, FdbEntry { mac, dst }))
-                }));
+            if owned.fdb_devices.contains(&ifindex) {
+                plan.fdb_deletes
+                    .extend(actual.into_iter().flat_map(|(mac, dsts)| {
+                        dsts.into_iter()
+                            .map(move |dst| (ifindex, FdbEntry { mac, dst }))
+                    }));
+            }
         }
 
         Ok(plan)
@@ -382,4 +398,96 @@ where
         .filter_map(|(tag, result)| async move { result.err().map(|e| (tag, e)) })
         .collect()
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::linux::kernel::{Neighbours, Recording};
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    #[tokio::test]
+    async fn entries_on_devices_not_owned_are_written_but_nothing_there_is_deleted() {
+        let k = Recording::new();
+        let eth0 = k.add_link("eth0", 1500, &[net("192.0.2.1/24")]);
+        let theirs = Neighbour {
+            ip: ip("192.0.2.9"),
+            mac: [2, 0, 0, 0, 0, 9],
+        };
+        k.replace_neighbour(eth0, &theirs).await.unwrap();
+        k.take_writes();
+
+        let ours = Neighbour {
+            ip: ip("192.0.2.5"),
+            mac: [2, 0, 0, 0, 0, 5],
+        };
+        let mut d = Desired::new();
+        assert!(d.neighbour("p", eth0, ours));
+        assert!(!d.neighbour("q", eth0, ours), "one owner per key");
+        let report = d.clone().apply(&k, &Ownership::default()).await.unwrap();
+        assert_eq!(report.writes, 1);
+        assert_eq!(report.routed, 1);
+        assert_eq!(k.neighbours(eth0), vec![ours, theirs]);
+        assert_eq!(d.apply(&k, &Ownership::default()).await.unwrap().writes, 0);
+        // Owning the device makes its other permanent entries stale.
+        let owned = Ownership {
+            neighbour_devices: vec![eth0],
+            fdb_devices: vec![],
+        };
+        let mut d = Desired::new();
+        d.neighbour("p", eth0, ours);
+        assert_eq!(d.apply(&k, &owned).await.unwrap().writes, 1);
+        assert_eq!(k.neighbours(eth0), vec![ours]);
+    }
+
+    #[test]
+    fn blocks_skip_what_cannot_be_routed() {
+        let peer = |name: &str, blocks: &[&str]| NodeRecord {
+            name: name.into(),
+            address: ip("192.0.2.2"),
+            prefix_len: 24,
+            blocks: blocks.iter().map(|b| net(b)).collect(),
+            backend: BTreeMap::new(),
+        };
+        let local = [net("10.0.0.0/24")];
+        let mut d = Desired::new();
+        let n = d.blocks(
+            &peer("a", &["10.1.0.7/24", "10.1.0.0/24", "fd00::/64"]),
+            &local,
+            ip("192.0.2.2"),
+            2,
+            false,
+        );
+        assert_eq!(
+            n, 1,
+            "host bits dropped, duplicate and other family skipped"
+        );
+        assert_eq!(
+            d.routes().map(|r| r.dst).collect::<Vec<_>>(),
+            vec![net("10.1.0.0/24")]
+        );
+        assert!(d.is_unroutable("a"));
+        let n = d.blocks(
+            &peer(
+                "b",
+                &["10.1.0.0/24", "10.0.0.128/25", "10.0.0.0/16", "10.2.0.0/24"],
+            ),
+            &local,
+            ip("192.0.2.3"),
+            2,
+            false,
+        );
+        assert_eq!(n, 1);
+        assert_eq!(d.route_owner(&net("10.2.0.0/24")), Some("b"));
+        assert_eq!(d.route_owner(&net("10.1.0.0/24")), Some("a"));
+    }
 }
