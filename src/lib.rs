@@ -10,6 +10,8 @@
 //! | `bridge` (default) | pod network: veth on a Linux bridge, gateway on the bridge |
 //! | `routed` (default) | pod network: Calico-style /32 veth, gateway 169.254.1.1 |
 //! | `etcd` | datastore and node registry on etcd v3 ([`etcd`]) |
+//! | `host-gw` | cross-node routing: static routes to on-link peers' blocks ([`hostgw`]) |
+//! | `vxlan` | cross-node routing: a VXLAN overlay ([`vxlan`]) |
 //!
 //! ## Quick start: your own CNI binary
 //! ```no_run
@@ -28,3 +30,10 @@ pub mod plugin;
 /// The etcd v3 datastore and node registry (feature `etcd`).
 #[cfg(feature = "etcd")]
 pub use ipam_etcd as etcd;
+
+/// Cross-node routing by static routes to on-link peers (feature `host-gw`).
+#[cfg(feature = "host-gw")]
+pub use backend_hostgw as hostgw;
+/// Cross-node routing over a VXLAN overlay (feature `vxlan`).
+#[cfg(feature = "vxlan")]
+pub use backend_vxlan as vxlan;

@@ -70,3 +70,59 @@ pub async fn list(ns: &NetNs, link: &Link) -> Result<Vec<IpNet>> {
         })
         .collect())
 }
+
+/// Deletes an address from the link with index `ifindex`, like
+/// `ip addr del ADDR/PLEN dev #IFINDEX`. Returns whether it was there.
+pub async fn delete(ns: &NetNs, ifindex: u32, addr: IpNet) -> Result<bool> {
+    let what = || format!("ip addr del {addr} dev #{ifindex}");
+    let messages: Vec<_> = ns
+        .handle()
+        .address()
+        .get()
+        .set_link_index_filter(ifindex)
+        .set_address_filter(addr.addr())
+        .set_prefix_length_filter(addr.prefix_len())
+        .execute()
+        .try_collect()
+        .await
+        .map_err(|e| kernel(what(), e))?;
+    let Some(message) = messages.into_iter().next() else {
+        return Ok(false);
+    };
+    match ns.handle().address().del(message).execute().await {
+        Ok(()) => Ok(true),
+        Err(e) if matches!(super::errno(&e), Some(libc::EADDRNOTAVAIL | libc::ENOENT)) => Ok(false),
+        Err(e) => Err(kernel(what(), e)),
+    }
+}
+
+/// Lists the addresses of the link with index `ifindex`, like `ip addr show dev #IFINDEX`.
+pub async fn list_on(ns: &NetNs, ifindex: u32) -> Result<Vec<IpNet>> {
+    let link = Link {
+        index: ifindex,
+        name: format!("#{ifindex}"),
+        mac: None,
+        mtu: None,
+        up: false,
+        controller: None,
+        peer_index: None,
+        kind: None,
+    };
+    list(ns, &link).await
+}
+
+/// Adds an address to the link with index `ifindex`, like
+/// `ip addr replace ADDR/PLEN dev #IFINDEX`. Idempotent.
+pub async fn replace_on(ns: &NetNs, ifindex: u32, addr: IpNet) -> Result<()> {
+    let link = Link {
+        index: ifindex,
+        name: format!("#{ifindex}"),
+        mac: None,
+        mtu: None,
+        up: false,
+        controller: None,
+        peer_index: None,
+        kind: None,
+    };
+    replace(ns, &link, addr).await
+}

@@ -152,6 +152,26 @@ pub async fn set_hairpin(ns: &NetNs, port: &Link, on: bool) -> Result<()> {
         })
 }
 
+/// Sets the MTU of a link, like `ip link set dev #INDEX mtu MTU`.
+pub async fn set_mtu_by_index(ns: &NetNs, index: u32, mtu: u32) -> Result<()> {
+    ns.handle()
+        .link()
+        .set(LinkUnspec::new_with_index(index).mtu(mtu).build())
+        .execute()
+        .await
+        .map_err(|e| kernel(format!("ip link set dev #{index} mtu {mtu}"), e))
+}
+
+/// Sets a link up by index, like `ip link set dev #INDEX up`.
+pub async fn set_up_by_index(ns: &NetNs, index: u32) -> Result<()> {
+    ns.handle()
+        .link()
+        .set(LinkUnspec::new_with_index(index).up().build())
+        .execute()
+        .await
+        .map_err(|e| kernel(format!("ip link set dev #{index} up"), e))
+}
+
 /// How a bridge is created when it does not exist yet.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BridgeSpec<'a> {

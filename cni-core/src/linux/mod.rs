@@ -5,7 +5,10 @@
 //! [`Error::Kernel`] (CNI code 101) with the command as `what`.
 //!
 //! - [`netns`]: namespace handles.
-//! - [`link`], [`veth`], [`addr`], [`route`], [`neigh`], [`sysctl`]: one kernel object each.
+//! - [`link`], [`veth`], [`vxlan`], [`addr`], [`route`], [`neigh`], [`fdb`], [`sysctl`]: one
+//!   kernel object each.
+//! - [`kernel`]: the kernel traits of the cross-node routing backends, their netlink
+//!   implementation, a recording fake for unit tests, and the diff that reconciles.
 //! - [`bridge`] (feature `bridge`) and [`routed`] (feature `routed`): the built-in
 //!   [`PodNetwork`](crate::network::PodNetwork)s.
 
@@ -16,6 +19,8 @@ use crate::error::Error;
 pub mod addr;
 #[cfg(feature = "bridge")]
 pub mod bridge;
+pub mod fdb;
+pub mod kernel;
 pub mod link;
 pub mod neigh;
 pub mod netns;
@@ -26,6 +31,7 @@ pub mod route;
 pub mod routed;
 pub mod sysctl;
 pub mod veth;
+pub mod vxlan;
 
 #[cfg(feature = "bridge")]
 pub use bridge::{BridgeConfig, BridgeNetwork};

@@ -2,9 +2,16 @@
 
 use std::net::IpAddr;
 
+use futures::TryStreamExt;
+use rtnetlink::packet_route::AddressFamily;
+use rtnetlink::packet_route::neighbour::{
+    NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState,
+};
+
 use super::link::Link;
-use super::{NetNs, kernel};
+use super::{NetNs, errno, kernel};
 use crate::error::Result;
+use crate::spec::HwAddr;
 
 /// Sets a permanent neighbour entry, like
 /// `ip neigh replace IP lladdr MAC dev DEV nud permanent`. Idempotent.
@@ -21,10 +28,111 @@ pub async fn replace_permanent(ns: &NetNs, link: &Link, ip: IpAddr, mac: [u8; 6]
             kernel(
                 format!(
                     "ip neigh replace {ip} lladdr {} dev {} nud permanent",
-                    crate::spec::HwAddr::from(mac),
+                    HwAddr::from(mac),
                     link.name
                 ),
                 e,
             )
         })
+}
+
+/// A neighbour entry: an IP address and the hardware address it resolves to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Neighbour {
+    /// Protocol address.
+    pub ip: IpAddr,
+    /// Hardware address.
+    pub mac: [u8; 6],
+}
+
+/// Sets a permanent neighbour entry on the link with index `ifindex`, like
+/// `ip neigh replace IP lladdr MAC dev #IFINDEX nud permanent`. Idempotent.
+pub async fn replace_permanent_on(ns: &NetNs, ifindex: u32, entry: &Neighbour) -> Result<()> {
+    ns.handle()
+        .neighbours()
+        .add(ifindex, entry.ip)
+        .link_layer_address(&entry.mac)
+        .replace()
+        .execute()
+        .await
+        .map_err(|e| {
+            kernel(
+                format!(
+                    "ip neigh replace {} lladdr {} dev #{ifindex} nud permanent",
+                    entry.ip,
+                    HwAddr::from(entry.mac)
+                ),
+                e,
+            )
+        })
+}
+
+/// Deletes the neighbour entry of `ip` on the link with index `ifindex`, like
+/// `ip neigh del IP dev #IFINDEX`. Returns whether it existed.
+pub async fn delete(ns: &NetNs, ifindex: u32, ip: IpAddr) -> Result<bool> {
+    let mut message = NeighbourMessage::default();
+    message.header.family = family_of(ip);
+    message.header.ifindex = ifindex;
+    message
+        .attributes
+        .push(NeighbourAttribute::Destination(match ip {
+            IpAddr::V4(v4) => NeighbourAddress::Inet(v4),
+            IpAddr::V6(v6) => NeighbourAddress::Inet6(v6),
+        }));
+    match ns.handle().neighbours().del(message).execute().await {
+        Ok(()) => Ok(true),
+        Err(e) if matches!(errno(&e), Some(libc::ENOENT | libc::ESRCH)) => Ok(false),
+        Err(e) => Err(kernel(format!("ip neigh del {ip} dev #{ifindex}"), e)),
+    }
+}
+
+/// Lists the permanent IPv4 and IPv6 neighbour entries with a 6-byte hardware address on
+/// the link with index `ifindex`, like `ip neigh show dev #IFINDEX nud permanent`.
+pub async fn list_permanent(ns: &NetNs, ifindex: u32) -> Result<Vec<Neighbour>> {
+    let mut entries = Vec::new();
+    for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+        let messages: Vec<NeighbourMessage> = ns
+            .handle()
+            .neighbours()
+            .get()
+            .set_address_family(family)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| kernel(format!("ip neigh show dev #{ifindex} nud permanent"), e))?;
+        entries.extend(
+            messages
+                .iter()
+                .filter(|m| {
+                    m.header.ifindex == ifindex && m.header.state == NeighbourState::Permanent
+                })
+                .filter_map(|m| {
+                    let mut ip = None;
+                    let mut mac = None;
+                    for attr in &m.attributes {
+                        match attr {
+                            NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => {
+                                ip = Some(IpAddr::V4(*v4));
+                            }
+                            NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => {
+                                ip = Some(IpAddr::V6(*v6));
+                            }
+                            NeighbourAttribute::LinkLayerAddress(a) => {
+                                mac = <[u8; 6]>::try_from(a.as_slice()).ok();
+                            }
+                            _ => {}
+                        }
+                    }
+                    Some(Neighbour { ip: ip?, mac: mac? })
+                }),
+        );
+    }
+    Ok(entries)
+}
+
+fn family_of(ip: IpAddr) -> AddressFamily {
+    match ip {
+        IpAddr::V4(_) => AddressFamily::Inet,
+        IpAddr::V6(_) => AddressFamily::Inet6,
+    }
 }

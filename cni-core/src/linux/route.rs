@@ -11,7 +11,8 @@ use ipnet::IpNet;
 use rtnetlink::RouteMessageBuilder;
 use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::packet_route::route::{
-    RouteAddress, RouteAttribute, RouteMessage, RouteMetric, RouteScope,
+    RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteMetric,
+    RouteProtocol, RouteScope,
 };
 
 use super::link::Link;
@@ -203,6 +204,147 @@ pub async fn lookup(ns: &NetNs, dst: IpAddr) -> Result<Option<u32>> {
         }
         Err(e) => Err(kernel(what(), e)),
     }
+}
+
+/// A unicast route through a gateway in the main table, as the cross-node routing
+/// backends write them: `DST via GW dev DEV [onlink]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct GatewayRoute {
+    /// Destination.
+    pub dst: IpNet,
+    /// Next hop.
+    pub via: IpAddr,
+    /// Output interface index.
+    pub oif: u32,
+    /// Whether the next hop is taken as on-link without a connected route to it.
+    pub onlink: bool,
+}
+
+impl std::fmt::Display for GatewayRoute {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} via {} dev #{}", self.dst, self.via, self.oif)?;
+        if self.onlink {
+            f.write_str(" onlink")?;
+        }
+        Ok(())
+    }
+}
+
+impl GatewayRoute {
+    fn message(
+        &self,
+        protocol: u8,
+    ) -> std::result::Result<RouteMessage, Box<dyn std::error::Error + Send + Sync>> {
+        let mut b = RouteMessageBuilder::<IpAddr>::new()
+            .destination_prefix(self.dst.addr(), self.dst.prefix_len())?
+            .gateway(self.via)?
+            .output_interface(self.oif)
+            .protocol(RouteProtocol::from(protocol));
+        if self.onlink {
+            b = b.onlink();
+        }
+        Ok(b.build())
+    }
+}
+
+/// Adds a gateway route marked with `protocol`, like
+/// `ip route add DST via GW dev DEV [onlink] proto PROTOCOL` (or `ip route replace …` when
+/// `replace`). Without `replace` it fails with `EEXIST` (code 101) when the main table has
+/// a route to DST at metric 0 already, whoever made it.
+pub async fn add_gateway(
+    ns: &NetNs,
+    route: &GatewayRoute,
+    protocol: u8,
+    replace: bool,
+) -> Result<()> {
+    let verb = if replace { "replace" } else { "add" };
+    let what = || format!("ip route {verb} {route} proto {protocol}");
+    let message = route
+        .message(protocol)
+        .map_err(|e| Error::kernel(what(), e))?;
+    let req = ns.handle().route().add(message);
+    let req = if replace { req.replace() } else { req };
+    req.execute().await.map_err(|e| kernel(what(), e))
+}
+
+/// Deletes a gateway route marked with `protocol`, like
+/// `ip route del DST via GW dev DEV proto PROTOCOL`: a route made by anyone else is never
+/// matched. Returns whether it existed.
+pub async fn delete_gateway(ns: &NetNs, route: &GatewayRoute, protocol: u8) -> Result<bool> {
+    let what = || format!("ip route del {route} proto {protocol}");
+    let message = route
+        .message(protocol)
+        .map_err(|e| Error::kernel(what(), e))?;
+    match ns.handle().route().del(message).execute().await {
+        Ok(()) => Ok(true),
+        Err(e) if matches!(errno(&e), Some(libc::ESRCH | libc::ENOENT)) => Ok(false),
+        Err(e) => Err(kernel(what(), e)),
+    }
+}
+
+/// Lists the single-next-hop gateway routes of the main table marked with `protocol`, IPv4
+/// and IPv6, like `ip route show table main proto PROTOCOL; ip -6 route show table main
+/// proto PROTOCOL`.
+pub async fn list_gateway(ns: &NetNs, protocol: u8) -> Result<Vec<GatewayRoute>> {
+    let mut routes = Vec::new();
+    for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+        let mut query = RouteMessage::default();
+        query.header.address_family = family;
+        let flag = if family == AddressFamily::Inet6 {
+            "-6"
+        } else {
+            "-4"
+        };
+        let messages: Vec<RouteMessage> = ns
+            .handle()
+            .route()
+            .get(query)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| {
+                kernel(
+                    format!("ip {flag} route show table main proto {protocol}"),
+                    e,
+                )
+            })?;
+        routes.extend(
+            messages
+                .iter()
+                .filter(|m| u8::from(m.header.protocol) == protocol && table_of(m) == MAIN_TABLE)
+                .filter_map(parse_gateway),
+        );
+    }
+    Ok(routes)
+}
+
+/// The main routing table's id.
+const MAIN_TABLE: u32 = RouteHeader::RT_TABLE_MAIN as u32;
+
+fn parse_gateway(m: &RouteMessage) -> Option<GatewayRoute> {
+    let mut dst = None;
+    let mut via = None;
+    let mut oif = None;
+    for attr in &m.attributes {
+        match attr {
+            RouteAttribute::Destination(a) => dst = ip_of(a),
+            RouteAttribute::Gateway(a) => via = ip_of(a),
+            RouteAttribute::Oif(i) => oif = Some(*i),
+            _ => {}
+        }
+    }
+    let dst = match (dst, m.header.address_family) {
+        (Some(d), _) => d,
+        (None, AddressFamily::Inet) => IpAddr::from([0u8; 4]),
+        (None, AddressFamily::Inet6) => IpAddr::from([0u16; 8]),
+        _ => return None,
+    };
+    Some(GatewayRoute {
+        dst: IpNet::new(dst, m.header.destination_prefix_length).ok()?,
+        via: via?,
+        oif: oif?,
+        onlink: m.header.flags.contains(RouteFlags::Onlink),
+    })
 }
 
 #[cfg(test)]

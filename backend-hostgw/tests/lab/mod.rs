@@ -1,0 +1,344 @@
+//! A virtual underlay made of network namespaces, for the routing backends' tests (needs
+//! root). Shared by backend-hostgw and backend-vxlan (included with `#[path]`).
+//!
+//! Everything lives in namespaces named `cnkt-<tag>-<pid>-<suffix>`: "switches" (a
+//! namespace holding a bridge `br0`), "nodes" joined to a switch by a veth (`eth0` in the
+//! node), routers with a leg on several switches, and pods plugged into a node by cni-core's
+//! bridge pod network. The namespaces are deleted when the [`Lab`] is dropped, also when a
+//! test panics. Nothing is created in the root namespace: every `ip` command runs with
+//! `-n NS`, and every veth is created inside a lab namespace.
+#![allow(dead_code)]
+
+use std::net::IpAddr;
+use std::path::Path;
+use std::process::Command;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use cni_core::ipam::{Allocation, Attachment};
+use cni_core::linux::{BridgeConfig, BridgeNetwork, NetNs, netns};
+use cni_core::network::{Pod, PodNetwork};
+use cni_core::registry::NodeRecord;
+use cni_core::routing::LocalNode;
+use cni_core::spec::IpConfig;
+use serde_json::Value;
+
+/// Whether the test can run; says loudly why not.
+pub fn root(what: &str) -> bool {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIPPED: {what} needs root (CAP_SYS_ADMIN, CAP_NET_ADMIN)");
+        return false;
+    }
+    for tool in ["ip", "bridge", "ping"] {
+        let found = std::env::var_os("PATH")
+            .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()));
+        if !found {
+            eprintln!("SKIPPED: {what} needs the {tool} command");
+            return false;
+        }
+    }
+    true
+}
+
+/// The namespaces of one test, deleted on drop.
+pub struct Lab {
+    prefix: String,
+    names: Mutex<Vec<String>>,
+    ports: AtomicU32,
+}
+
+impl Lab {
+    /// A lab whose namespaces are named `cnkt-TAG-PID-…`.
+    pub fn new(tag: &str) -> Self {
+        Lab {
+            prefix: format!("cnkt-{tag}-{}", std::process::id()),
+            names: Mutex::new(Vec::new()),
+            ports: AtomicU32::new(0),
+        }
+    }
+
+    /// The full name of the namespace `suffix`.
+    pub fn name(&self, suffix: &str) -> String {
+        format!("{}-{suffix}", self.prefix)
+    }
+
+    /// Creates the namespace `suffix` with `lo` up and returns its full name.
+    pub fn netns(&self, suffix: &str) -> String {
+        let name = self.name(suffix);
+        netns::create_named(&name).expect("create netns");
+        self.names.lock().unwrap().push(name.clone());
+        ip(&name, &["link", "set", "lo", "up"]);
+        name
+    }
+
+    /// A switch: a namespace with a bridge `br0`, up.
+    pub fn switch(&self, suffix: &str) -> String {
+        let ns = self.netns(suffix);
+        ip(&ns, &["link", "add", "br0", "type", "bridge"]);
+        ip(&ns, &["link", "set", "br0", "up"]);
+        ns
+    }
+
+    /// Plugs `ns` into `switch` with a veth: `ifname` in `ns`, with `cidr` on it, up.
+    pub fn attach(&self, switch: &str, ns: &str, ifname: &str, cidr: &str) {
+        let port = format!("p{}", self.ports.fetch_add(1, Ordering::Relaxed));
+        ip(
+            switch,
+            &[
+                "link", "add", &port, "type", "veth", "peer", "name", ifname, "netns", ns,
+            ],
+        );
+        ip(switch, &["link", "set", &port, "master", "br0", "up"]);
+        ip(ns, &["addr", "add", cidr, "dev", ifname]);
+        ip(ns, &["link", "set", ifname, "up"]);
+    }
+
+    /// A node on `switch`: `eth0` with `cidr`, forwarding on, a default route via
+    /// `gateway` if given.
+    pub fn node(&self, suffix: &str, switch: &str, cidr: &str, gateway: Option<&str>) -> String {
+        let ns = self.netns(suffix);
+        self.attach(switch, &ns, "eth0", cidr);
+        sysctl(&ns, "net.ipv4.ip_forward=1");
+        if let Some(gw) = gateway {
+            ip(&ns, &["route", "add", "default", "via", gw]);
+        }
+        ns
+    }
+
+    /// A router with one leg (`ethN`, address `cidr`) on each `(switch, cidr)`.
+    pub fn router(&self, suffix: &str, legs: &[(&str, &str)]) -> String {
+        let ns = self.netns(suffix);
+        for (i, (switch, cidr)) in legs.iter().enumerate() {
+            self.attach(switch, &ns, &format!("eth{i}"), cidr);
+        }
+        sysctl(&ns, "net.ipv4.ip_forward=1");
+        ns
+    }
+
+    /// A pod on `node`, plugged in by cni-core's bridge pod network with `address` (its
+    /// block's `.1` is the gateway on the node's bridge) and `mtu`. Returns the pod's
+    /// namespace.
+    pub async fn pod(
+        &self,
+        node: &str,
+        suffix: &str,
+        address: &str,
+        gateway: &str,
+        mtu: u32,
+    ) -> String {
+        let pod_ns = self.netns(suffix);
+        let host = NetNs::named(node).await.expect("open node netns");
+        let network = BridgeNetwork::new(
+            BridgeConfig {
+                mtu,
+                ..BridgeConfig::default()
+            },
+            host,
+        )
+        .expect("bridge network");
+        let allocation = Allocation {
+            ips: vec![IpConfig {
+                address: address.parse().expect("pod address"),
+                gateway: Some(gateway.parse().expect("gateway")),
+                interface: None,
+            }],
+            ..Allocation::default()
+        };
+        network
+            .add(
+                &Pod {
+                    attachment: Attachment::new("cnkt-net", &pod_ns, "eth0"),
+                    netns: Some(Path::new(netns::NETNS_RUN_DIR).join(&pod_ns)),
+                },
+                &allocation,
+            )
+            .await
+            .expect("plug the pod in");
+        pod_ns
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for name in self
+            .names
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+            .rev()
+        {
+            if let Err(e) = netns::delete_named(&name) {
+                eprintln!("cannot delete netns {name}: {e}");
+            }
+        }
+    }
+}
+
+/// One node of a test cluster: its namespace and what the agent would know of it.
+pub struct NodeSpec {
+    /// Namespace name.
+    pub ns: String,
+    /// What `init` gets.
+    pub local: LocalNode,
+}
+
+impl NodeSpec {
+    /// The node's record for its peers, with the backend's data.
+    pub fn record(&self, data: std::collections::BTreeMap<String, String>) -> NodeRecord {
+        NodeRecord {
+            name: self.local.name.clone(),
+            address: self.local.address,
+            prefix_len: self.local.prefix_len,
+            blocks: self.local.blocks.clone(),
+            backend: data,
+        }
+    }
+}
+
+/// The `LocalNode` of a lab node: underlay `eth0` with `cidr`, MTU 1500, one block.
+pub fn local(name: &str, cidr: &str, block: &str) -> LocalNode {
+    let net: ipnet::IpNet = cidr.parse().expect("cidr");
+    LocalNode {
+        name: name.into(),
+        address: net.addr(),
+        prefix_len: net.prefix_len(),
+        interface: "eth0".into(),
+        underlay_mtu: 1500,
+        blocks: vec![block.parse().expect("block")],
+    }
+}
+
+/// Runs `ip -n NS ARGS…` and panics with its output on failure.
+pub fn ip(ns: &str, args: &[&str]) -> String {
+    run("ip", ns, args)
+}
+
+/// Runs `bridge -n NS ARGS…` and panics with its output on failure.
+pub fn bridge(ns: &str, args: &[&str]) -> String {
+    run("bridge", ns, args)
+}
+
+fn run(tool: &str, ns: &str, args: &[&str]) -> String {
+    let out = Command::new(tool)
+        .arg("-n")
+        .arg(ns)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("run {tool}: {e}"));
+    assert!(
+        out.status.success(),
+        "{tool} -n {ns} {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `ip -j -n NS ARGS…`, parsed.
+pub fn ip_json(ns: &str, args: &[&str]) -> Vec<Value> {
+    json(&ip(ns, &[&["-j"], args].concat()))
+}
+
+/// `bridge -j -n NS ARGS…`, parsed.
+pub fn bridge_json(ns: &str, args: &[&str]) -> Vec<Value> {
+    json(&bridge(ns, &[&["-j"], args].concat()))
+}
+
+fn json(out: &str) -> Vec<Value> {
+    if out.trim().is_empty() {
+        return Vec::new();
+    }
+    match serde_json::from_str(out).expect("JSON output") {
+        Value::Array(items) => items,
+        other => panic!("expected a JSON array, got {other}"),
+    }
+}
+
+/// `sysctl -w KEY=VALUE` inside `ns`.
+pub fn sysctl(ns: &str, setting: &str) {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "sysctl", "-qw", setting])
+        .output()
+        .expect("run sysctl");
+    assert!(
+        out.status.success(),
+        "sysctl {setting} in {ns}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Whether `ns` gets an answer from `dst`, trying up to three times (the first packet
+/// may wait for neighbour resolution).
+pub fn ping(ns: &str, dst: IpAddr) -> bool {
+    (0..3).any(|_| ping_once(ns, dst, &[]))
+}
+
+/// One ping with extra arguments (`-s SIZE -M do`), one second to answer.
+pub fn ping_once(ns: &str, dst: IpAddr, extra: &[&str]) -> bool {
+    Command::new("ip")
+        .args(["netns", "exec", ns, "ping", "-c1", "-W1", "-q"])
+        .args(extra)
+        .arg(dst.to_string())
+        .output()
+        .expect("run ping")
+        .status
+        .success()
+}
+
+/// The routes with cnikit's protocol in `ns`'s main table, as `(dst, gateway, dev)`.
+pub fn cnikit_routes(ns: &str) -> Vec<(String, String, String)> {
+    let proto = cni_core::linux::kernel::ROUTE_PROTOCOL.to_string();
+    let mut routes: Vec<_> = ip_json(ns, &["route", "show", "table", "main", "proto", &proto])
+        .iter()
+        .map(|r| {
+            (
+                r["dst"].as_str().unwrap_or_default().to_owned(),
+                r["gateway"].as_str().unwrap_or_default().to_owned(),
+                r["dev"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    routes.sort();
+    routes
+}
+
+/// The node of the scale tests: `eth0` with 172.16.0.1/16 (its other end in a second
+/// namespace, so that it has a carrier), block 10.0.0.0/26. Returns the node's namespace
+/// and its `LocalNode`.
+pub fn scale_node(lab: &Lab) -> (String, LocalNode) {
+    let node = lab.netns("node");
+    let far = lab.netns("far");
+    ip(
+        &far,
+        &[
+            "link", "add", "up0", "type", "veth", "peer", "name", "eth0", "netns", &node,
+        ],
+    );
+    ip(&far, &["link", "set", "up0", "up"]);
+    ip(&node, &["addr", "add", "172.16.0.1/16", "dev", "eth0"]);
+    ip(&node, &["link", "set", "eth0", "up"]);
+    (node, local("node", "172.16.0.1/16", "10.0.0.0/26"))
+}
+
+/// Simulated peer `i` (0-based) of the scale tests: underlay address in 172.16.0.0/16,
+/// block `10.0.0.0 + (i+1)·64` /26 (a /8 pool), VTEP = the block's network address with
+/// MAC `0a:00:00:00:HI:LO` of i+1.
+pub fn scale_peer(i: u32) -> NodeRecord {
+    let n = i + 1;
+    let block = std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(10, 0, 0, 0)) + n * 64);
+    NodeRecord {
+        name: format!("peer-{i:04}"),
+        address: format!("172.16.{}.{}", 1 + i / 200, 10 + i % 200)
+            .parse()
+            .expect("address"),
+        prefix_len: 16,
+        blocks: vec![ipnet::IpNet::new(IpAddr::V4(block), 26).expect("block")],
+        backend: std::collections::BTreeMap::from([
+            (
+                "vtepMac".to_owned(),
+                format!("0a:00:00:00:{:02x}:{:02x}", n >> 8, n & 0xff),
+            ),
+            ("vtepAddr".to_owned(), block.to_string()),
+        ]),
+    }
+}

@@ -1,0 +1,67 @@
+//! The crate's error type.
+
+use cni_core::ErrorCode;
+
+/// Result with [`Error`] as the default error.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What can go wrong in the VXLAN backend.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A configuration value is not valid.
+    #[error("invalid vxlan configuration: {field}: {reason}")]
+    InvalidConfig {
+        /// The key (`vni`, `port`, `device`, `mtu`).
+        field: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The node has no IPv4 pod block, so no address for its VTEP.
+    #[error("node {node} has no IPv4 pod block to take its VTEP address from")]
+    NoVtepAddress {
+        /// The node.
+        node: String,
+    },
+    /// A device with the configured name exists and is not a VXLAN device.
+    #[error("device {name} exists and is {found}, not a VXLAN device: choose another name")]
+    DeviceConflict {
+        /// The device name.
+        name: String,
+        /// What it is.
+        found: String,
+    },
+    /// `reconcile` was called before `init` succeeded.
+    #[error("vxlan is not initialized: init must succeed before reconcile")]
+    NotInitialized,
+    /// The node description is wrong or the kernel failed.
+    #[error(transparent)]
+    Core(#[from] cni_core::Error),
+}
+
+impl Error {
+    /// The CNI error code: 7 for configuration problems, 50 (not available) before init,
+    /// else the code of the cause (101 for kernel failures).
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Error::InvalidConfig { .. }
+            | Error::NoVtepAddress { .. }
+            | Error::DeviceConflict { .. } => ErrorCode::INVALID_CONFIG,
+            Error::NotInitialized => ErrorCode::NOT_AVAILABLE,
+            Error::Core(e) => e.code(),
+        }
+    }
+}
+
+impl From<Error> for cni_core::Error {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Core(e) => e,
+            other => cni_core::Error::External {
+                what: crate::TYPE,
+                code: other.code(),
+                source: Box::new(other),
+            },
+        }
+    }
+}

@@ -1,0 +1,314 @@
+//! The netlink implementation of the routing backends' kernel traits against the real
+//! kernel, in private namespaces (needs root; skips loudly without it).
+
+use std::net::IpAddr;
+use std::process::Command;
+
+use cni_core::linux::kernel::{
+    Fdb, FdbEntry, GatewayRoute, Links, Neighbour, Neighbours, Netlink, ROUTE_PROTOCOL, Routes,
+    VxlanParams, VxlanSpec,
+};
+use cni_core::linux::{NetNs, netns};
+
+fn root() -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    eprintln!("SKIPPED: kernel trait tests need root (CAP_SYS_ADMIN, CAP_NET_ADMIN)");
+    false
+}
+
+/// Namespaces `cnkt-TAG-PID-…`, deleted on drop.
+struct Lab(&'static str, Vec<String>);
+
+impl Lab {
+    fn netns(&mut self, suffix: &str) -> String {
+        let name = format!("cnkt-{}-{}-{suffix}", self.0, std::process::id());
+        netns::create_named(&name).expect("create netns");
+        self.1.push(name.clone());
+        name
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for name in self.1.drain(..) {
+            if let Err(e) = netns::delete_named(&name) {
+                eprintln!("cannot delete netns {name}: {e}");
+            }
+        }
+    }
+}
+
+fn ip(ns: &str, args: &[&str]) -> String {
+    let out = Command::new("ip")
+        .arg("-n")
+        .arg(ns)
+        .args(args)
+        .output()
+        .expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip -n {ns} {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn a(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+/// A node namespace with `eth0` (192.0.2.1/24, fd00:2::1/64) whose peer is in a second
+/// namespace; returns the node's name and eth0's index.
+fn node(lab: &mut Lab) -> (String, u32) {
+    let node = lab.netns("node");
+    let far = lab.netns("far");
+    ip(
+        &far,
+        &[
+            "link", "add", "up0", "type", "veth", "peer", "name", "eth0", "netns", &node,
+        ],
+    );
+    ip(&far, &["link", "set", "up0", "up"]);
+    ip(&node, &["addr", "add", "192.0.2.1/24", "dev", "eth0"]);
+    ip(
+        &node,
+        &["addr", "add", "fd00:2::1/64", "dev", "eth0", "nodad"],
+    );
+    ip(&node, &["link", "set", "eth0", "up"]);
+    let out = ip(&node, &["-j", "link", "show", "dev", "eth0"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    (node, v[0]["ifindex"].as_u64().unwrap() as u32)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_are_owned_by_protocol() {
+    if !root() {
+        return;
+    }
+    let mut lab = Lab("krt", Vec::new());
+    let (node, eth0) = node(&mut lab);
+    let k = Netlink::new(NetNs::named(&node).await.unwrap());
+    assert_eq!(k.protocol(), ROUTE_PROTOCOL);
+    // Someone else's routes: a static one to a destination we will want too, another.
+    ip(
+        &node,
+        &["route", "add", "10.1.0.0/24", "via", "192.0.2.254"],
+    );
+    ip(
+        &node,
+        &["route", "add", "10.9.0.0/16", "via", "192.0.2.253"],
+    );
+
+    let v4 = GatewayRoute {
+        dst: "10.2.0.0/24".parse().unwrap(),
+        via: a("192.0.2.2"),
+        oif: eth0,
+        onlink: false,
+    };
+    let v6 = GatewayRoute {
+        dst: "fd00:20::/64".parse().unwrap(),
+        via: a("fd00:2::2"),
+        oif: eth0,
+        onlink: false,
+    };
+    let onlink = GatewayRoute {
+        dst: "10.3.0.0/24".parse().unwrap(),
+        via: a("10.3.0.0"),
+        oif: eth0,
+        onlink: true,
+    };
+    for r in [&v4, &v6, &onlink] {
+        k.add_route(r)
+            .await
+            .unwrap_or_else(|e| panic!("add {r}: {e}"));
+    }
+    let mut owned = k.owned_routes().await.unwrap();
+    owned.sort();
+    let mut want = vec![v4, v6, onlink];
+    want.sort();
+    assert_eq!(owned, want, "only ours, read back as written");
+    let shown = ip(
+        &node,
+        &["route", "show", "proto", &ROUTE_PROTOCOL.to_string()],
+    );
+    assert_eq!(shown.lines().count(), 2, "{shown}");
+
+    // Adding where a foreign route is fails and leaves it.
+    let clash = GatewayRoute {
+        dst: "10.1.0.0/24".parse().unwrap(),
+        ..v4
+    };
+    let e = k.add_route(&clash).await.unwrap_err();
+    assert_eq!(e.code().0, 101);
+    assert!(e.to_string().contains("File exists"), "{e}");
+    assert!(ip(&node, &["route", "show", "10.1.0.0/24"]).contains("192.0.2.254"));
+    // Deleting by protocol never matches it.
+    let foreign = GatewayRoute {
+        via: a("192.0.2.254"),
+        ..clash
+    };
+    assert!(!k.delete_route(&foreign).await.unwrap());
+    assert!(ip(&node, &["route", "show", "10.1.0.0/24"]).contains("192.0.2.254"));
+
+    // Replace changes our routes in place, both families.
+    let v4b = GatewayRoute {
+        via: a("192.0.2.3"),
+        ..v4
+    };
+    let v6b = GatewayRoute {
+        via: a("fd00:2::3"),
+        ..v6
+    };
+    k.replace_route(&v4b).await.unwrap();
+    k.replace_route(&v6b).await.unwrap();
+    let mut owned = k.owned_routes().await.unwrap();
+    owned.sort();
+    let mut want = vec![v4b, v6b, onlink];
+    want.sort();
+    assert_eq!(owned, want);
+
+    for r in &want {
+        assert!(k.delete_route(r).await.unwrap(), "delete {r}");
+        assert!(!k.delete_route(r).await.unwrap(), "delete {r} again");
+    }
+    assert!(k.owned_routes().await.unwrap().is_empty());
+    let left = ip(&node, &["route", "show"]);
+    assert!(
+        left.contains("10.1.0.0/24") && left.contains("10.9.0.0/16"),
+        "{left}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vxlan_device_neighbours_and_fdb() {
+    if !root() {
+        return;
+    }
+    let mut lab = Lab("kvx", Vec::new());
+    let (node, eth0) = node(&mut lab);
+    let k = Netlink::new(NetNs::named(&node).await.unwrap());
+    let spec = VxlanSpec {
+        name: "cnkt.vx".into(),
+        params: VxlanParams {
+            vni: 77,
+            port: 4789,
+            local: Some(a("192.0.2.1")),
+            underlay: Some(eth0),
+            learning: false,
+        },
+        mtu: 1450,
+        mac: Some([0x02, 0, 0, 0, 0x77, 1]),
+    };
+    assert!(k.device("cnkt.vx").await.unwrap().is_none());
+    k.add_vxlan(&spec).await.unwrap();
+    let dev = k.device("cnkt.vx").await.unwrap().expect("made");
+    assert_eq!(dev.vxlan, Some(spec.params), "parameters read back as made");
+    assert_eq!(dev.link.mtu, Some(1450));
+    assert_eq!(dev.link.kind.as_deref(), Some("vxlan"));
+    assert_eq!(dev.link.mac.unwrap().as_bytes(), &[0x02, 0, 0, 0, 0x77, 1]);
+    assert!(!dev.link.up);
+    assert_eq!(k.add_vxlan(&spec).await.unwrap_err().code().0, 101);
+    assert!(k.device("eth0").await.unwrap().unwrap().vxlan.is_none());
+
+    let vx = dev.link.index;
+    k.set_mtu(vx, 1400).await.unwrap();
+    k.set_up(vx).await.unwrap();
+    k.add_address(vx, "10.5.0.0/32".parse().unwrap())
+        .await
+        .unwrap();
+    k.add_address(vx, "10.5.0.0/32".parse().unwrap())
+        .await
+        .unwrap();
+    let dev = k.device("cnkt.vx").await.unwrap().unwrap();
+    assert!(dev.link.up);
+    assert_eq!(dev.link.mtu, Some(1400));
+    assert!(
+        k.addresses(vx)
+            .await
+            .unwrap()
+            .contains(&"10.5.0.0/32".parse().unwrap())
+    );
+
+    let n1 = Neighbour {
+        ip: a("10.6.0.0"),
+        mac: [0x0a, 0, 0, 0, 0, 1],
+    };
+    let n2 = Neighbour {
+        ip: a("10.7.0.0"),
+        mac: [0x0a, 0, 0, 0, 0, 2],
+    };
+    k.replace_neighbour(vx, &n1).await.unwrap();
+    k.replace_neighbour(vx, &n2).await.unwrap();
+    k.replace_neighbour(vx, &n2).await.unwrap();
+    // Not permanent: not listed.
+    ip(
+        &node,
+        &[
+            "neigh",
+            "add",
+            "10.8.0.0",
+            "lladdr",
+            "0a:00:00:00:00:03",
+            "dev",
+            "cnkt.vx",
+            "nud",
+            "reachable",
+        ],
+    );
+    let mut listed = k.permanent_neighbours(vx).await.unwrap();
+    listed.sort();
+    assert_eq!(listed, vec![n1, n2]);
+    assert!(k.permanent_neighbours(eth0).await.unwrap().is_empty());
+
+    let f1 = FdbEntry {
+        mac: n1.mac,
+        dst: a("192.0.2.11"),
+    };
+    let f2 = FdbEntry {
+        mac: n2.mac,
+        dst: a("192.0.2.12"),
+    };
+    k.replace_fdb(vx, &f1).await.unwrap();
+    k.replace_fdb(vx, &f2).await.unwrap();
+    let moved = FdbEntry {
+        dst: a("192.0.2.99"),
+        ..f2
+    };
+    k.replace_fdb(vx, &moved).await.unwrap();
+    let mut listed = k.fdb_entries(vx).await.unwrap();
+    listed.sort();
+    assert_eq!(listed, vec![f1, moved], "replace changes the destination");
+    let shown = Command::new("bridge")
+        .args(["-n", &node, "fdb", "show", "dev", "cnkt.vx"])
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(
+        shown.contains("0a:00:00:00:00:02 dst 192.0.2.99 self permanent"),
+        "{shown}"
+    );
+
+    assert!(k.delete_fdb(vx, &f1).await.unwrap());
+    assert!(!k.delete_fdb(vx, &f1).await.unwrap());
+    assert!(k.delete_neighbour(vx, n1.ip).await.unwrap());
+    assert!(!k.delete_neighbour(vx, n1.ip).await.unwrap());
+    assert_eq!(k.fdb_entries(vx).await.unwrap(), vec![moved]);
+    assert_eq!(k.permanent_neighbours(vx).await.unwrap(), vec![n2]);
+
+    assert!(
+        k.delete_address(vx, "10.5.0.0/32".parse().unwrap())
+            .await
+            .unwrap()
+    );
+    assert!(
+        !k.delete_address(vx, "10.5.0.0/32".parse().unwrap())
+            .await
+            .unwrap()
+    );
+    assert!(k.delete_link("cnkt.vx").await.unwrap());
+    assert!(!k.delete_link("cnkt.vx").await.unwrap());
+    assert!(k.device("cnkt.vx").await.unwrap().is_none());
+}
