@@ -212,6 +212,7 @@ mod tests {
             interface: "eth0".into(),
             underlay_mtu: 1500,
             blocks: vec![net("10.244.0.0/24")],
+            tunnel_address: None,
         }
     }
 

@@ -29,6 +29,7 @@
 //!         interface: "eth0".into(),
 //!         underlay_mtu: 1500,
 //!         blocks: vec!["10.244.1.0/26".parse().unwrap()],
+//!         tunnel_address: None,
 //!     })
 //!     .await?;
 //! let report = hostgw.reconcile(&peers).await?;

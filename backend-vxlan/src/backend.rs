@@ -118,12 +118,16 @@ impl<K: Kernel> Vxlan<K> {
                 ),
             });
         }
-        let vtep_addr = local
-            .blocks
-            .iter()
-            .find_map(|b| match b {
-                ipnet::IpNet::V4(v4) => Some(v4.network()),
-                ipnet::IpNet::V6(_) => None,
+        let tunnel = match local.tunnel_address {
+            Some(std::net::IpAddr::V4(a)) => Some(a),
+            _ => None,
+        };
+        let vtep_addr = tunnel
+            .or_else(|| {
+                local.blocks.iter().find_map(|b| match b {
+                    ipnet::IpNet::V4(v4) => Some(v4.network()),
+                    ipnet::IpNet::V6(_) => None,
+                })
             })
             .ok_or_else(|| Error::NoVtepAddress {
                 node: local.name.clone(),
@@ -365,6 +369,11 @@ impl<K: Kernel> CrossNodeRouting for Vxlan<K> {
             .map_or(OVERHEAD_IPV4, |n| Self::overhead_for(n.underlay.address))
     }
 
+    /// The VTEP needs an address of the node's block that no pod gets.
+    fn needs_tunnel_address(&self) -> bool {
+        true
+    }
+
     /// Per peer: the route to each block via its VTEP (on-link), a permanent neighbour
     /// entry for its VTEP and an FDB entry sending its VTEP MAC to its underlay address;
     /// with DirectRouting, same-subnet peers get only host-gw routes. Peers without VTEP
@@ -415,6 +424,7 @@ mod tests {
             interface: "eth0".into(),
             underlay_mtu: 1500,
             blocks: vec![net("fd00:a::/64"), net("10.244.0.0/24")],
+            tunnel_address: None,
         }
     }
 
@@ -551,6 +561,7 @@ mod tests {
         .unwrap();
         v.init(&LocalNode {
             blocks: vec![net("10.244.7.0/26")],
+            tunnel_address: None,
             ..local()
         })
         .await
@@ -598,6 +609,7 @@ mod tests {
                 Config::default(),
                 LocalNode {
                     blocks: vec![net("fd00:a::/64")],
+                    tunnel_address: None,
                     ..local()
                 },
             ),

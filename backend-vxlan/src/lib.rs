@@ -46,6 +46,7 @@
 //!         interface: "eth0".into(),
 //!         underlay_mtu: 1500,
 //!         blocks: vec!["10.244.1.0/26".parse().unwrap()],
+//!         tunnel_address: None,
 //!     })
 //!     .await?;
 //! let publish = vxlan.node_data(); // vtepMac, vtepAddr: into this node's record

@@ -8,6 +8,8 @@
 //! - [`spec`]: CNI configurations, results and errors in versions 0.3.0 … 1.1.0.
 //! - [`runner`]: the plugin entry point: a [`Plugin`](runner::Plugin) per CNI verb and
 //!   [`run`](runner::run), which validates the invocation and prints the outcome.
+//! - [`agent`]: the node agent: registers the node, claims its block, keeps the routes to
+//!   the peers' blocks in line.
 //! - [`compose`]: a [`Plugin`](runner::Plugin) made of an IPAM and a pod network.
 //! - [`exec`]: running CNI plugin executables as a runtime does (delegation, whole lists).
 //! - [`Ipam`](ipam::Ipam), [`PodNetwork`](network::PodNetwork),
@@ -18,6 +20,7 @@
 //! - [`linux`]: network namespace handles and the netlink helpers.
 #![warn(missing_docs)]
 
+pub mod agent;
 pub mod compose;
 pub mod error;
 pub mod exec;

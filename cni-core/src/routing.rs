@@ -24,6 +24,11 @@ pub struct LocalNode {
     pub underlay_mtu: u32,
     /// Pod blocks this node owns.
     pub blocks: Vec<IpNet>,
+    /// An address of the node's own blocks reserved for a tunnel device (the VXLAN VTEP),
+    /// allocated through the IPAM so no pod ever gets it. `None`: a mode that needs one
+    /// falls back to the network address of the first block, which only a block IPAM that
+    /// reserves network addresses (the bridge pod network) leaves free.
+    pub tunnel_address: Option<IpAddr>,
 }
 
 /// What one reconcile pass found and did.
@@ -55,6 +60,13 @@ pub trait CrossNodeRouting: Send + Sync {
 
     /// Bytes of encapsulation this mode adds (pod MTU = underlay MTU − overhead).
     fn mtu_overhead(&self) -> u32;
+
+    /// Whether the mode needs an address of the node's blocks for a tunnel device (the
+    /// VXLAN VTEP). The node agent then allocates one through the IPAM, so no pod gets it,
+    /// and passes it in [`LocalNode::tunnel_address`]. Default: no.
+    fn needs_tunnel_address(&self) -> bool {
+        false
+    }
 
     /// Makes the kernel match the full desired set of peers: level-triggered, safe to call
     /// again, changes only what differs, removes what belongs to peers no longer listed.

@@ -5,6 +5,7 @@
 //! use a routing mode, STATUS reports "not ready" (code 50) until the file exists. Writes are
 //! atomic (temporary file + rename), so a reader never sees half a file.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use ipnet::IpNet;
@@ -24,6 +25,12 @@ pub struct NodeState {
     pub mtu: u32,
     /// Pod address blocks the node owns.
     pub blocks: Vec<IpNet>,
+    /// Peers the agent knows, by name.
+    #[serde(default)]
+    pub peers: Vec<String>,
+    /// Peers the mode cannot route (a host-gw peer that is not on-link), with the reason.
+    #[serde(default)]
+    pub unroutable: BTreeMap<String, String>,
 }
 
 impl NodeState {
@@ -97,6 +104,8 @@ mod tests {
             mode: "vxlan".into(),
             mtu: 1450,
             blocks: vec!["10.244.1.0/26".parse().unwrap()],
+            peers: vec!["n2".into()],
+            unroutable: BTreeMap::new(),
         };
         state.write(dir.path()).unwrap();
         assert_eq!(NodeState::read(dir.path()).unwrap(), Some(state));

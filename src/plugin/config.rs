@@ -21,6 +21,17 @@ pub enum PodNetworkKind {
     Routed,
 }
 
+impl PodNetworkKind {
+    /// Which block addresses the pod network needs kept back: a bridge's block is a subnet
+    /// (network, gateway and broadcast addresses); a routed pod's is a /32.
+    pub fn reserve(self) -> cni_core::ipam::block::Reserve {
+        match self {
+            PodNetworkKind::Bridge => cni_core::ipam::block::Reserve::Gateway,
+            PodNetworkKind::Routed => cni_core::ipam::block::Reserve::None,
+        }
+    }
+}
+
 /// The `cnikit` plugin's own keys. The pod network reads its keys (`bridge`, `mtu`,
 /// `hairpinMode`, `bridgeNetfilter`) from the same object.
 ///

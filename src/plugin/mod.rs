@@ -23,7 +23,7 @@ use cni_core::ipam::block::Reserve;
 use cni_core::ipam::{BlockIpam, BlockIpamConfig, DelegatedIpam, Ipam};
 use cni_core::network::PodNetwork;
 use cni_core::runner::{self, Plugin, Request};
-use cni_core::spec::CniResult;
+use cni_core::spec::{CniResult, NetConf};
 use cni_core::state::NodeState;
 use cni_core::store::{FileStore, Store};
 use cni_core::{Error, Result};
@@ -61,11 +61,7 @@ impl CnikitParts {
 impl Parts for CnikitParts {
     async fn ipam(&self, request: &Request) -> Result<Box<dyn Ipam>> {
         let config = Self::config(request)?;
-        let reserve = match config.pod_network {
-            PodNetworkKind::Bridge => Reserve::Gateway,
-            PodNetworkKind::Routed => Reserve::None,
-        };
-        block_ipam(request, &config, Some(reserve)).await
+        block_ipam(request, &config, Some(config.pod_network.reserve())).await
     }
 
     async fn network(&self, request: &Request) -> Result<Box<dyn PodNetwork>> {
@@ -153,20 +149,42 @@ async fn block_ipam(
     if ipam.ipam_type != IPAM_TYPE {
         return Ok(Box::new(DelegatedIpam::new(request)?));
     }
+    Ok(Box::new(
+        open_block_ipam(&request.config, config, reserve).await?,
+    ))
+}
+
+/// The block IPAM of a network configuration whose `ipam.type` is [`IPAM_TYPE`], on the
+/// datastore `ipam.store` names. `reserve` overrides `ipam.reserve` (the pod network decides).
+///
+/// Errors: 7 for a bad `ipam` section, 11 when the datastore cannot be reached.
+pub async fn open_block_ipam(
+    conf: &NetConf,
+    config: &Config,
+    reserve: Option<Reserve>,
+) -> Result<BlockIpam<Arc<dyn Store>>> {
+    let ipam = conf
+        .ipam
+        .as_ref()
+        .ok_or_else(|| Error::invalid_config("ipam", "missing"))?;
     let mut block: BlockIpamConfig = ipam.config()?;
-    block.network = request.config.name.clone();
+    block.network = conf.name.clone();
     if block.node.is_empty() {
         block.node = config.node_name()?;
     }
     if let Some(reserve) = reserve {
         block.reserve = reserve;
     }
-    let store = open_store(
-        &StoreKind::from_ipam(&ipam.config)?,
-        &config.data_dir(&request.config.name),
-    )
-    .await?;
-    Ok(Box::new(BlockIpam::new(store, block)?))
+    let kind = StoreKind::from_ipam(&ipam.config)?;
+    if let (StoreKind::Etcd(store), false) = (&kind, ipam.config.contains_key("keyPrefix")) {
+        // The etcd store's `prefix` is where the pool's keys live.
+        if let Some(prefix) = store.get("prefix").and_then(serde_json::Value::as_str) {
+            block.key_prefix = prefix.to_owned();
+        }
+    }
+    block.validate()?;
+    let store = open_store(&kind, &config.data_dir(&conf.name)).await?;
+    BlockIpam::new(store, block)
 }
 
 /// Opens the datastore `kind`; the file store lives in its `path`, else `<data_dir>/ipam`.

@@ -205,6 +205,7 @@ pub fn local(name: &str, cidr: &str, block: &str) -> LocalNode {
         interface: "eth0".into(),
         underlay_mtu: 1500,
         blocks: vec![block.parse().expect("block")],
+        tunnel_address: None,
     }
 }
 

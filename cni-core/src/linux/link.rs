@@ -110,6 +110,19 @@ pub async fn get(ns: &NetNs, name: &str) -> Result<Option<Link>> {
     }
 }
 
+/// Lists every link of the namespace, like `ip link show`.
+pub async fn list(ns: &NetNs) -> Result<Vec<Link>> {
+    let messages: Vec<LinkMessage> = ns
+        .handle()
+        .link()
+        .get()
+        .execute()
+        .try_collect()
+        .await
+        .map_err(|e| kernel("ip link show", e))?;
+    Ok(messages.into_iter().map(Link::from_message).collect())
+}
+
 /// Sets a link up, like `ip link set dev NAME up`.
 pub async fn set_up(ns: &NetNs, name: &str) -> Result<()> {
     ns.handle()
