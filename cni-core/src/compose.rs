@@ -4,7 +4,8 @@
 //! (and validates) both parts from the request before either acts. The ADD sequence is the
 //! one every main CNI plugin follows:
 //!
-//! 1. build and validate both parts (nothing touched yet);
+//! 1. build and validate both parts, and check that `CNI_NETNS` is a network namespace
+//!    (nothing touched yet);
 //! 2. allocate addresses (idempotent per attachment);
 //! 3. plug the pod in; if that fails, release the addresses again and return the error;
 //! 4. return the result with the configuration's `dns` when the IPAM gave none.
@@ -105,6 +106,11 @@ impl<P: Parts> Plugin for Composed<P> {
         let ipam = self.parts.ipam(request).await?;
         let network = self.parts.network(request).await?;
         let pod = pod_of(request);
+        // A bad CNI_NETNS would only show in the pod network, after the IPAM has claimed a
+        // block or written its records: refuse it before anything is allocated.
+        if let Some(path) = &pod.netns {
+            crate::linux::netns::verify(path)?;
+        }
         let allocation = ipam.allocate(&pod.attachment).await?;
         let mut result = match network.add(&pod, &allocation).await {
             Ok(result) => result,
@@ -181,5 +187,97 @@ impl<P: Parts> Plugin for Composed<P> {
 
     fn extra_args(&self) -> &'static [&'static str] {
         self.parts.extra_args()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::ipam::{Allocation, GcReport};
+    use crate::network::PodNetwork;
+
+    /// Counts the IPAM calls that would write to a datastore.
+    #[derive(Default)]
+    struct Counting {
+        allocations: AtomicUsize,
+    }
+
+    #[async_trait]
+    impl Ipam for Arc<Counting> {
+        async fn allocate(&self, _: &Attachment) -> Result<Allocation> {
+            self.allocations.fetch_add(1, Ordering::SeqCst);
+            Ok(Allocation::default())
+        }
+        async fn release(&self, _: &Attachment) -> Result<()> {
+            Ok(())
+        }
+        async fn check(&self, _: &Attachment) -> Result<Allocation> {
+            Ok(Allocation::default())
+        }
+        async fn gc(&self, _: &[Attachment]) -> Result<GcReport> {
+            Ok(GcReport::default())
+        }
+    }
+
+    struct Unplugged;
+
+    #[async_trait]
+    impl PodNetwork for Unplugged {
+        fn kind(&self) -> &'static str {
+            "none"
+        }
+        async fn add(&self, _: &Pod, _: &Allocation) -> Result<CniResult> {
+            Ok(CniResult::default())
+        }
+        async fn del(&self, _: &Pod, _: Option<&CniResult>) -> Result<()> {
+            Ok(())
+        }
+        async fn check(&self, _: &Pod, _: &CniResult) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    struct TestParts(Arc<Counting>);
+
+    #[async_trait]
+    impl Parts for TestParts {
+        async fn ipam(&self, _: &Request) -> Result<Box<dyn Ipam>> {
+            Ok(Box::new(Arc::clone(&self.0)))
+        }
+        async fn network(&self, _: &Request) -> Result<Box<dyn PodNetwork>> {
+            Ok(Box::new(Unplugged))
+        }
+    }
+
+    fn add_request(netns: &str) -> Request {
+        let env = [
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", "ctr"),
+            ("CNI_NETNS", netns),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_PATH", "/opt/cni/bin"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned()));
+        let conf = br#"{"cniVersion":"1.0.0","name":"n","type":"x","ipam":{"type":"y"}}"#;
+        Request::from_env(env, conf, &[]).unwrap()
+    }
+
+    #[tokio::test]
+    async fn add_refuses_a_bad_netns_before_allocating() {
+        let counting = Arc::new(Counting::default());
+        let plugin = Composed::new(TestParts(Arc::clone(&counting)));
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("gone");
+        for netns in ["/etc/hostname", "/proc/self/ns/mnt", missing.to_str().unwrap()] {
+            let err = plugin.add(&add_request(netns)).await.unwrap_err();
+            assert_eq!(err.code().0, 4, "{netns}: {err}");
+        }
+        assert_eq!(counting.allocations.load(Ordering::SeqCst), 0);
+        // The namespace of this process is one: the ADD goes through.
+        plugin.add(&add_request("/proc/self/ns/net")).await.unwrap();
+        assert_eq!(counting.allocations.load(Ordering::SeqCst), 1);
     }
 }
