@@ -49,7 +49,10 @@ impl Env {
             return None;
         }
         match plugin_binary() {
-            Some(plugin) => Some(Env { plugin }),
+            Some(plugin) => {
+                assert_fresh(&plugin);
+                Some(Env { plugin })
+            }
             None => {
                 eprintln!(
                     "SKIPPED: {test}: the cnikit example binary is not built \
@@ -103,6 +106,37 @@ fn plugin_binary() -> Option<PathBuf> {
     let profile_dir = exe.parent()?.parent()?;
     let binary = profile_dir.join("examples").join("cnikit");
     binary.is_file().then_some(binary)
+}
+
+/// Panics when the binary is older than the newest build of the `cnikit` library: `cargo
+/// test --test NAME` builds only that test, not the examples, and a stale binary would
+/// test old code.
+fn assert_fresh(plugin: &Path) {
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let Some(binary) = modified(plugin) else {
+        return;
+    };
+    let deps = plugin.parent().and_then(Path::parent).map(|d| d.join("deps"));
+    let newest_lib = deps
+        .and_then(|d| std::fs::read_dir(d).ok())
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            name.starts_with("libcnikit-") && name.ends_with(".rlib")
+        })
+        .filter_map(|e| modified(&e.path()))
+        .max();
+    if let Some(lib) = newest_lib {
+        assert!(
+            lib <= binary,
+            "{} is older than the cnikit library: build it first with \
+             `cargo build -p cnikit --examples` (or run `cargo test -p cnikit` without --test)",
+            plugin.display()
+        );
+    }
 }
 
 /// A network namespace of a test.
