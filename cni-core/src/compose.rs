@@ -7,7 +7,8 @@
 //! 1. build and validate both parts, and check that `CNI_NETNS` is a network namespace
 //!    (nothing touched yet);
 //! 2. allocate addresses (idempotent per attachment);
-//! 3. plug the pod in; if that fails, release the addresses again and return the error;
+//! 3. plug the pod in; if that fails, release the addresses again (unless the attachment
+//!    held them before this ADD) and return the error;
 //! 4. return the result with the configuration's `dns` when the IPAM gave none.
 //!
 //! DEL unplugs and releases, running both steps even if one fails, and succeeds when the
@@ -111,10 +112,22 @@ impl<P: Parts> Plugin for Composed<P> {
         if let Some(path) = &pod.netns {
             crate::linux::netns::verify(path)?;
         }
+        // An attachment that holds addresses already (a repeated ADD of a running pod, or a
+        // retry after an interrupted one) keeps them if plugging in fails: they may be in
+        // use, and the runtime's DEL releases them.
+        let held_before = ipam.check(&pod.attachment).await.is_ok();
         let allocation = ipam.allocate(&pod.attachment).await?;
         let mut result = match network.add(&pod, &allocation).await {
             Ok(result) => result,
             Err(err) => {
+                if held_before {
+                    tracing::warn!(
+                        attachment = ?pod.attachment,
+                        error = %err,
+                        "ADD failed; the addresses the attachment held before are kept"
+                    );
+                    return Err(err);
+                }
                 if let Err(release) = ipam.release(&pod.attachment).await {
                     tracing::error!(
                         attachment = ?pod.attachment,
@@ -199,30 +212,44 @@ mod tests {
     use crate::ipam::{Allocation, GcReport};
     use crate::network::PodNetwork;
 
-    /// Counts the IPAM calls that would write to a datastore.
+    /// Counts the IPAM calls that write to a datastore; holds at most one attachment.
     #[derive(Default)]
     struct Counting {
         allocations: AtomicUsize,
+        releases: AtomicUsize,
+        held: std::sync::Mutex<Option<Attachment>>,
     }
 
     #[async_trait]
     impl Ipam for Arc<Counting> {
-        async fn allocate(&self, _: &Attachment) -> Result<Allocation> {
+        async fn allocate(&self, a: &Attachment) -> Result<Allocation> {
             self.allocations.fetch_add(1, Ordering::SeqCst);
+            *self.held.lock().unwrap() = Some(a.clone());
             Ok(Allocation::default())
         }
         async fn release(&self, _: &Attachment) -> Result<()> {
+            self.releases.fetch_add(1, Ordering::SeqCst);
+            *self.held.lock().unwrap() = None;
             Ok(())
         }
-        async fn check(&self, _: &Attachment) -> Result<Allocation> {
-            Ok(Allocation::default())
+        async fn check(&self, a: &Attachment) -> Result<Allocation> {
+            match &*self.held.lock().unwrap() {
+                Some(held) if held == a => Ok(Allocation::default()),
+                _ => Err(Error::UnknownContainer {
+                    container_id: a.container_id.clone(),
+                    ifname: a.ifname.clone(),
+                }),
+            }
         }
         async fn gc(&self, _: &[Attachment]) -> Result<GcReport> {
             Ok(GcReport::default())
         }
     }
 
-    struct Unplugged;
+    /// A pod network that touches nothing; its ADD fails when `fail` is set.
+    struct Unplugged {
+        fail: bool,
+    }
 
     #[async_trait]
     impl PodNetwork for Unplugged {
@@ -230,6 +257,9 @@ mod tests {
             "none"
         }
         async fn add(&self, _: &Pod, _: &Allocation) -> Result<CniResult> {
+            if self.fail {
+                return Err(Error::kernel("ip link add", std::io::Error::other("exists")));
+            }
             Ok(CniResult::default())
         }
         async fn del(&self, _: &Pod, _: Option<&CniResult>) -> Result<()> {
@@ -240,7 +270,13 @@ mod tests {
         }
     }
 
-    struct TestParts(Arc<Counting>);
+    struct TestParts(Arc<Counting>, Arc<std::sync::atomic::AtomicBool>);
+
+    impl TestParts {
+        fn new(ipam: &Arc<Counting>) -> Self {
+            TestParts(Arc::clone(ipam), Arc::default())
+        }
+    }
 
     #[async_trait]
     impl Parts for TestParts {
@@ -248,7 +284,9 @@ mod tests {
             Ok(Box::new(Arc::clone(&self.0)))
         }
         async fn network(&self, _: &Request) -> Result<Box<dyn PodNetwork>> {
-            Ok(Box::new(Unplugged))
+            Ok(Box::new(Unplugged {
+                fail: self.1.load(Ordering::SeqCst),
+            }))
         }
     }
 
@@ -268,7 +306,7 @@ mod tests {
     #[tokio::test]
     async fn add_refuses_a_bad_netns_before_allocating() {
         let counting = Arc::new(Counting::default());
-        let plugin = Composed::new(TestParts(Arc::clone(&counting)));
+        let plugin = Composed::new(TestParts::new(&counting));
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("gone");
         for netns in ["/etc/hostname", "/proc/self/ns/mnt", missing.to_str().unwrap()] {
@@ -279,5 +317,27 @@ mod tests {
         // The namespace of this process is one: the ADD goes through.
         plugin.add(&add_request("/proc/self/ns/net")).await.unwrap();
         assert_eq!(counting.allocations.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_failed_add_releases_only_what_it_allocated() {
+        let counting = Arc::new(Counting::default());
+        let parts = TestParts::new(&counting);
+        let fail = Arc::clone(&parts.1);
+        let plugin = Composed::new(parts);
+        let request = add_request("/proc/self/ns/net");
+
+        fail.store(true, Ordering::SeqCst);
+        plugin.add(&request).await.unwrap_err();
+        assert_eq!(counting.releases.load(Ordering::SeqCst), 1, "rolled back");
+        assert!(counting.held.lock().unwrap().is_none());
+
+        fail.store(false, Ordering::SeqCst);
+        plugin.add(&request).await.unwrap();
+        // The same attachment again, failing this time: its addresses stay.
+        fail.store(true, Ordering::SeqCst);
+        plugin.add(&request).await.unwrap_err();
+        assert_eq!(counting.releases.load(Ordering::SeqCst), 1, "kept");
+        assert_eq!(*counting.held.lock().unwrap(), Some(request.attachment()));
     }
 }
