@@ -252,7 +252,7 @@ fn malformed_input_fails_with_its_code_and_creates_nothing() {
                 c.code,
                 node_now != node_before,
                 pod_now != pod_before,
-                out.stdout.trim()
+                out.brief()
             ));
         }
     }

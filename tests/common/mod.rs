@@ -434,6 +434,13 @@ impl Outcome {
         serde_json::from_str(&self.stdout).ok()
     }
 
+    /// stdout on one line, for printing.
+    pub fn brief(&self) -> String {
+        self.json()
+            .map(|v| v.to_string())
+            .unwrap_or_else(|| self.stdout.trim().to_owned())
+    }
+
     /// Panics (with everything printed) unless the plugin exited 0.
     pub fn ok(self, what: &str) -> Self {
         assert_eq!(
