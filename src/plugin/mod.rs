@@ -112,15 +112,15 @@ impl Parts for CnikitParts {
     async fn status(&self, request: &Request) -> Result<()> {
         let config = Self::config(request)?;
         let data_dir = config.data_dir(&request.config.name);
-        if let Some(mode) = &config.routing {
-            if NodeState::read(&data_dir)?.is_none() {
-                return Err(Error::NotReady {
-                    reason: format!(
-                        "routing mode {mode}: the node agent has not written {} yet",
-                        NodeState::path(&data_dir).display()
-                    ),
-                });
-            }
+        if let Some(mode) = &config.routing
+            && NodeState::read(&data_dir)?.is_none()
+        {
+            return Err(Error::NotReady {
+                reason: format!(
+                    "routing mode {mode}: the node agent has not written {} yet",
+                    NodeState::path(&data_dir).display()
+                ),
+            });
         }
         // The IPAM must be buildable and its datastore reachable.
         let ipam = self.ipam(request).await?;
