@@ -6,6 +6,7 @@
 //! allocation.
 //!
 //! Needs root and the reference plugins; each test builds its own namespaces.
+#![cfg(all(feature = "bridge", feature = "routed"))]
 
 mod common;
 
@@ -81,7 +82,11 @@ async fn chain(kind: &str, tag: &str, pool: &str, host_port: u16) {
     println!(
         "{kind}: ADD of cnikit+portmap+tuning+bandwidth took {:?}; interfaces {:?}",
         start.elapsed(),
-        result.interfaces.iter().map(|i| &i.name).collect::<Vec<_>>()
+        result
+            .interfaces
+            .iter()
+            .map(|i| &i.name)
+            .collect::<Vec<_>>()
     );
     let pod_ip = result.ips[0].address.addr();
     let veths = host_veths(&node.name);
@@ -103,7 +108,10 @@ async fn chain(kind: &str, tag: &str, pool: &str, host_port: u16) {
     let on_ifb = qdisc_kinds(&node.name, ifb);
     println!("{kind}: qdiscs on {host_veth}: {on_veth:?}; on {ifb}: {on_ifb:?}");
     assert!(on_veth.iter().any(|k| k == "tbf"), "no tbf on {host_veth}");
-    assert!(on_veth.iter().any(|k| k == "ingress"), "no ingress on {host_veth}");
+    assert!(
+        on_veth.iter().any(|k| k == "ingress"),
+        "no ingress on {host_veth}"
+    );
     assert!(on_ifb.iter().any(|k| k == "tbf"), "no tbf on {ifb}");
     // portmap
     let nat = nat_rules(&node.name);
@@ -124,7 +132,10 @@ async fn chain(kind: &str, tag: &str, pool: &str, host_port: u16) {
         .await
         .unwrap_or_else(|e| panic!("DEL of the chain: {e}"));
     assert!(host_veths(&node.name).is_empty(), "a veth is left");
-    assert!(links_of_kind(&node.name, "ifb").is_empty(), "an ifb is left");
+    assert!(
+        links_of_kind(&node.name, "ifb").is_empty(),
+        "an ifb is left"
+    );
     let left_qdiscs: Vec<Value> = qdiscs(&node.name)
         .as_array()
         .into_iter()
@@ -135,8 +146,14 @@ async fn chain(kind: &str, tag: &str, pool: &str, host_port: u16) {
     assert!(left_qdiscs.is_empty(), "qdiscs left: {left_qdiscs:?}");
     let nat = nat_rules(&node.name);
     assert!(!nat.contains("CNI-DN-"), "a portmap chain is left:\n{nat}");
-    assert!(!nat.contains(&pod_ip.to_string()), "a rule names {pod_ip}:\n{nat}");
-    assert!(!nat.contains(&host_port.to_string()), "a rule names the host port:\n{nat}");
+    assert!(
+        !nat.contains(&pod_ip.to_string()),
+        "a rule names {pod_ip}:\n{nat}"
+    );
+    assert!(
+        !nat.contains(&host_port.to_string()),
+        "a rule names the host port:\n{nat}"
+    );
     let store = StoreView::read(&data);
     assert!(store.holds_nothing(), "allocations left: {store:?}");
 }

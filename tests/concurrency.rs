@@ -4,6 +4,7 @@
 //! node has no veth left.
 //!
 //! Needs root; each test builds its own node and 50 pod namespaces.
+#![cfg(all(feature = "bridge", feature = "routed"))]
 
 mod common;
 
@@ -114,9 +115,19 @@ fn parallel(kind: &str, tag: &str, pool: &str) {
     assert_eq!(host_veths(&node.name).len(), PODS);
 
     let start = Instant::now();
-    let unreachable: Vec<IpAddr> = ips.iter().copied().filter(|ip| !ping(&node.name, *ip)).collect();
-    println!("{kind}: pinged {PODS} pods from the node in {:?}", start.elapsed());
-    assert!(unreachable.is_empty(), "pods not answering: {unreachable:?}");
+    let unreachable: Vec<IpAddr> = ips
+        .iter()
+        .copied()
+        .filter(|ip| !ping(&node.name, *ip))
+        .collect();
+    println!(
+        "{kind}: pinged {PODS} pods from the node in {:?}",
+        start.elapsed()
+    );
+    assert!(
+        unreachable.is_empty(),
+        "pods not answering: {unreachable:?}"
+    );
 
     let outputs = run_all("DEL");
     for (i, out) in outputs.iter().enumerate() {
@@ -129,7 +140,11 @@ fn parallel(kind: &str, tag: &str, pool: &str) {
     }
     let store = StoreView::read(&data);
     assert!(store.used.is_empty(), "used records left: {:?}", store.used);
-    assert!(store.handles.is_empty(), "handles left: {:?}", store.handles);
+    assert!(
+        store.handles.is_empty(),
+        "handles left: {:?}",
+        store.handles
+    );
     assert_eq!(store.free.iter().copied().collect::<BTreeSet<_>>(), ips);
     assert!(host_veths(&node.name).is_empty(), "veths left");
     let problems = audit(&data, pool, block, &network, reserve);

@@ -3,6 +3,7 @@
 //! chained with the reference `portmap` and `tuning`, as a runtime runs them.
 //!
 //! Needs root; each test builds its own node and pod namespaces.
+#![cfg(all(feature = "bridge", feature = "routed"))]
 
 mod common;
 
@@ -48,7 +49,11 @@ async fn run_sample(file: &str, tag: &str, pod_network: &str) {
 
     let bytes = std::fs::read(conflist_path(file)).expect("read the sample");
     let mut list = ConfList::from_slice(&bytes).expect("the sample is a valid list");
-    let types: Vec<&str> = list.plugins.iter().map(|p| p.plugin_type.as_str()).collect();
+    let types: Vec<&str> = list
+        .plugins
+        .iter()
+        .map(|p| p.plugin_type.as_str())
+        .collect();
     assert_eq!(types, ["cnikit", "portmap", "tuning"], "{file}");
     assert_eq!(list.cni_version, "1.0.0", "{file}");
     assert_eq!(list.cni_versions, ["1.0.0", "1.1.0"], "{file}");
@@ -99,7 +104,10 @@ async fn run_sample(file: &str, tag: &str, pod_network: &str) {
     assert!(pool.contains(&pod_ip), "{pod_ip} outside {pool}");
     assert_eq!(ipv4_of(&pod.name, "eth0"), vec![pod_ip]);
     assert_eq!(host_veths(&node.name).len(), 1);
-    assert!(ping(&node.name, pod_ip), "node cannot ping the pod {pod_ip}");
+    assert!(
+        ping(&node.name, pod_ip),
+        "node cannot ping the pod {pod_ip}"
+    );
     assert!(
         ping(&pod.name, NODE_IP.parse().unwrap()),
         "the pod cannot ping the node"
@@ -112,11 +120,22 @@ async fn run_sample(file: &str, tag: &str, pod_network: &str) {
         nat.contains(&format!("--to-destination {pod_ip}:8080")),
         "no DNAT to the pod:\n{nat}"
     );
-    let server = serve_once(&pod.path, 8080, "hello from the pod", Duration::from_secs(5));
+    let server = serve_once(
+        &pod.path,
+        8080,
+        "hello from the pod",
+        Duration::from_secs(5),
+    );
     let addr: SocketAddr = format!("{NODE_IP}:18080").parse().unwrap();
     let reply = fetch(&node.path, addr);
-    assert!(server.join().unwrap(), "the server in the pod got no connection");
-    assert_eq!(reply.expect("connect to the host port"), "hello from the pod");
+    assert!(
+        server.join().unwrap(),
+        "the server in the pod got no connection"
+    );
+    assert_eq!(
+        reply.expect("connect to the host port"),
+        "hello from the pod"
+    );
 
     check_chain(&list, &invocation, &runtime_config, &result).await;
 
@@ -124,7 +143,10 @@ async fn run_sample(file: &str, tag: &str, pod_network: &str) {
         .await
         .unwrap_or_else(|e| panic!("DEL of {file}: {e}"));
     assert!(host_veths(&node.name).is_empty(), "a veth is left");
-    assert!(!links(&pod.name).contains("eth0"), "eth0 is left in the pod");
+    assert!(
+        !links(&pod.name).contains("eth0"),
+        "eth0 is left in the pod"
+    );
     let store = StoreView::read(&data);
     assert!(store.holds_nothing(), "allocations left: {store:?}");
     assert!(store.free.contains(&pod_ip), "{pod_ip} not released");

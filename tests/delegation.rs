@@ -3,6 +3,7 @@
 //! and an ADD that fails halfway both release it in host-local's `dataDir`.
 //!
 //! Needs root and /usr/lib/cni/host-local; each test builds its own namespaces.
+#![cfg(all(feature = "bridge", feature = "routed"))]
 
 mod common;
 
@@ -53,7 +54,10 @@ fn delegate(kind: &str, tag: &str) {
     );
     assert_eq!(ipv4_of(&pod.name, "eth0"), vec![pod_ip]);
     assert!(ping(&node.name, pod_ip), "node cannot ping {pod_ip}");
-    assert!(ping(&pod.name, NODE_IP.parse().unwrap()), "pod cannot ping the node");
+    assert!(
+        ping(&pod.name, NODE_IP.parse().unwrap()),
+        "pod cannot ping the node"
+    );
     // The block IPAM's store is not used.
     assert!(!data.join("ipam").exists());
 
@@ -72,7 +76,9 @@ fn delegate(kind: &str, tag: &str) {
     let busy = lab.pod("busy");
     ip(
         &busy.name,
-        &["link", "add", "eth0", "type", "veth", "peer", "name", "blocker"],
+        &[
+            "link", "add", "eth0", "type", "veth", "peer", "name", "blocker",
+        ],
     );
     let out = rt.call("ADD", "ctr-busy", Some(&busy.path), "eth0", &conf);
     assert_eq!(out.error_code("ADD with eth0 taken"), 101);

@@ -29,6 +29,7 @@
 //! | DEL and STATUS with a pool with host bits | 7 |
 //! | IPv6 pool with `mtu` 1000 (below the IPv6 minimum) | 7 |
 //! | `ipam.type` a plugin missing from `CNI_PATH` | 102 |
+#![cfg(all(feature = "bridge", feature = "routed"))]
 
 mod common;
 
@@ -74,6 +75,7 @@ const fn case(
 
 fn keep(_: &mut Value) {}
 
+#[rustfmt::skip]
 const CASES: &[Case] = &[
     // The environment (code 4).
     case("CNI_COMMAND missing", "ADD", &[("CNI_COMMAND", None)], Stdin::Conf(keep), 4),

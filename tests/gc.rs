@@ -6,6 +6,7 @@
 //! pods get exactly the freed addresses.
 //!
 //! Needs root; the test builds its own namespaces.
+#![cfg(all(feature = "bridge", feature = "routed"))]
 
 mod common;
 
@@ -60,7 +61,11 @@ fn gc_releases_the_stale_and_keeps_the_valid() {
     let links_before = links(&node.name);
     let out = rt.call("ADD", "gc-extra", Some(&extra.path), "eth0", &net);
     assert_eq!(out.error_code("ADD into a full pool"), 100);
-    assert_eq!(links(&node.name), links_before, "the failed ADD left a link");
+    assert_eq!(
+        links(&node.name),
+        links_before,
+        "the failed ADD left a link"
+    );
     assert!(!links(&extra.name).contains("eth0"));
 
     // Pods 1..6 vanish without DEL; pod 0 stays.
@@ -81,7 +86,12 @@ fn gc_releases_the_stale_and_keeps_the_valid() {
     );
     assert_eq!(store.handles.len(), 2, "{:?}", store.handles);
     assert!(store.handles.iter().any(|h| h.contains("/gc-net/gc-0/")));
-    assert!(store.handles.iter().any(|h| h.contains("/gc-other/gc-other-0/")));
+    assert!(
+        store
+            .handles
+            .iter()
+            .any(|h| h.contains("/gc-other/gc-other-0/"))
+    );
     assert_eq!(
         store.free.iter().copied().collect::<BTreeSet<_>>(),
         freed,

@@ -5,6 +5,7 @@
 //! running attachment does not take its address away.
 //!
 //! Needs root; each test builds its own node and pod namespaces.
+#![cfg(all(feature = "bridge", feature = "routed"))]
 
 mod common;
 
@@ -75,10 +76,22 @@ fn two_pods(kind: &str, tag: &str, pool: &str) {
         assert!(links_of_kind(&node.name, "bridge").contains("cnikit0"));
     }
 
-    rt.call("CHECK", &ca, Some(&pod_a.path), "eth0", &with_prev(&conf, &ra))
-        .ok("CHECK a");
-    rt.call("CHECK", &cb, Some(&pod_b.path), "eth0", &with_prev(&conf, &rb))
-        .ok("CHECK b");
+    rt.call(
+        "CHECK",
+        &ca,
+        Some(&pod_a.path),
+        "eth0",
+        &with_prev(&conf, &ra),
+    )
+    .ok("CHECK a");
+    rt.call(
+        "CHECK",
+        &cb,
+        Some(&pod_b.path),
+        "eth0",
+        &with_prev(&conf, &rb),
+    )
+    .ok("CHECK b");
 
     // A repeated ADD of a running attachment (a runtime bug, or a retry) may fail, but must
     // not take the address away from the pod that holds it.
@@ -96,8 +109,14 @@ fn two_pods(kind: &str, tag: &str, pool: &str) {
         "the repeated ADD released {ip_a} of the running pod"
     );
     assert_eq!(ipv4_of(&pod_a.name, "eth0"), vec![ip_a]);
-    rt.call("CHECK", &ca, Some(&pod_a.path), "eth0", &with_prev(&conf, &ra))
-        .ok("CHECK a after the repeated ADD");
+    rt.call(
+        "CHECK",
+        &ca,
+        Some(&pod_a.path),
+        "eth0",
+        &with_prev(&conf, &ra),
+    )
+    .ok("CHECK a after the repeated ADD");
 
     // DEL twice.
     rt.del(&ca, Some(&pod_a.path), &with_prev(&conf, &ra));
@@ -105,7 +124,13 @@ fn two_pods(kind: &str, tag: &str, pool: &str) {
     assert!(!links(&pod_a.name).contains("eth0"));
     assert_eq!(host_veths(&node.name).len(), 1);
     let code = rt
-        .call("CHECK", &ca, Some(&pod_a.path), "eth0", &with_prev(&conf, &ra))
+        .call(
+            "CHECK",
+            &ca,
+            Some(&pod_a.path),
+            "eth0",
+            &with_prev(&conf, &ra),
+        )
         .error_code("CHECK after DEL");
     assert!(code == 3 || code == 101, "CHECK after DEL: code {code}");
 
@@ -149,7 +174,9 @@ fn halfway_failure(kind: &str, tag: &str, pool: &str, block: u8) {
     let busy = lab.pod("busy");
     ip(
         &busy.name,
-        &["link", "add", "eth0", "type", "veth", "peer", "name", "blocker"],
+        &[
+            "link", "add", "eth0", "type", "veth", "peer", "name", "blocker",
+        ],
     );
     let data = lab.dir("data");
     let conf = conf(kind, &data, pool, block);
@@ -158,7 +185,10 @@ fn halfway_failure(kind: &str, tag: &str, pool: &str, block: u8) {
 
     let out = rt.call("ADD", "ctr-busy", Some(&busy.path), "eth0", &conf);
     let code = out.error_code("ADD into a pod whose eth0 exists");
-    println!("{kind}: ADD with eth0 taken -> code {code}: {}", out.brief());
+    println!(
+        "{kind}: ADD with eth0 taken -> code {code}: {}",
+        out.brief()
+    );
     assert_eq!(code, 101);
     assert!(host_veths(&node.name).is_empty(), "a veth is left");
     assert_eq!(links(&busy.name), busy_links);

@@ -4,6 +4,7 @@
 //! either.
 //!
 //! Needs root (the plugin runs in a node namespace of the test).
+#![cfg(all(feature = "bridge", feature = "routed"))]
 
 mod common;
 
@@ -39,7 +40,11 @@ fn single_node_network_is_ready() {
     let rt = Runtime::new(&env, &lab, &node);
     let data = lab.path("data");
     let out = rt.global("STATUS", &conf(&data, None)).ok("STATUS");
-    assert!(out.stdout.trim().is_empty(), "STATUS prints nothing: {}", out.stdout);
+    assert!(
+        out.stdout.trim().is_empty(),
+        "STATUS prints nothing: {}",
+        out.stdout
+    );
     println!("STATUS took {:?}", out.elapsed);
 }
 
@@ -58,7 +63,10 @@ fn routing_mode_waits_for_the_node_agent() {
     let out = rt.global("STATUS", &conf);
     assert_eq!(out.error_code("STATUS without a node state file"), 50);
     let msg = out.json().unwrap()["msg"].as_str().unwrap().to_owned();
-    assert!(msg.contains(NodeState::FILE), "the message names the file: {msg}");
+    assert!(
+        msg.contains(NodeState::FILE),
+        "the message names the file: {msg}"
+    );
     println!("not ready: {msg}");
 
     NodeState {
@@ -69,7 +77,8 @@ fn routing_mode_waits_for_the_node_agent() {
     }
     .write(&data)
     .unwrap();
-    rt.global("STATUS", &conf).ok("STATUS with the node state file");
+    rt.global("STATUS", &conf)
+        .ok("STATUS with the node state file");
 
     // ADD takes the agent's MTU when the configuration names none.
     let result = rt.add("st-ctr", &pod, &conf);

@@ -139,10 +139,10 @@ impl<P: Parts> Plugin for Composed<P> {
                 return Err(err);
             }
         };
-        if result.dns.is_empty() {
-            if let Some(dns) = &request.config.dns {
-                result.dns = dns.clone();
-            }
+        if result.dns.is_empty()
+            && let Some(dns) = &request.config.dns
+        {
+            result.dns = dns.clone();
         }
         Ok(result)
     }
@@ -258,7 +258,10 @@ mod tests {
         }
         async fn add(&self, _: &Pod, _: &Allocation) -> Result<CniResult> {
             if self.fail {
-                return Err(Error::kernel("ip link add", std::io::Error::other("exists")));
+                return Err(Error::kernel(
+                    "ip link add",
+                    std::io::Error::other("exists"),
+                ));
             }
             Ok(CniResult::default())
         }
@@ -309,7 +312,11 @@ mod tests {
         let plugin = Composed::new(TestParts::new(&counting));
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("gone");
-        for netns in ["/etc/hostname", "/proc/self/ns/mnt", missing.to_str().unwrap()] {
+        for netns in [
+            "/etc/hostname",
+            "/proc/self/ns/mnt",
+            missing.to_str().unwrap(),
+        ] {
             let err = plugin.add(&add_request(netns)).await.unwrap_err();
             assert_eq!(err.code().0, 4, "{netns}: {err}");
         }

@@ -116,7 +116,10 @@ fn assert_fresh(plugin: &Path) {
     let Some(binary) = modified(plugin) else {
         return;
     };
-    let deps = plugin.parent().and_then(Path::parent).map(|d| d.join("deps"));
+    let deps = plugin
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("deps"));
     let newest_lib = deps
         .and_then(|d| std::fs::read_dir(d).ok())
         .into_iter()
@@ -173,8 +176,8 @@ impl Lab {
     /// A fresh namespace `<prefix>-<suffix>` with `lo` up.
     pub fn netns(&self, suffix: &str) -> Ns {
         let name = format!("{}-{suffix}", self.prefix);
-        let path = netns::create_named(&name)
-            .unwrap_or_else(|e| panic!("ip netns add {name}: {e}"));
+        let path =
+            netns::create_named(&name).unwrap_or_else(|e| panic!("ip netns add {name}: {e}"));
         self.names.lock().unwrap().push(name.clone());
         ip(&name, &["link", "set", "lo", "up"]);
         Ns { name, path }
@@ -344,7 +347,9 @@ pub fn ping(from: &str, to: IpAddr) -> bool {
     let family = if to.is_ipv6() { "-6" } else { "-4" };
     for _ in 0..3 {
         let ok = Command::new("ip")
-            .args(["netns", "exec", from, "ping", family, "-c", "1", "-W", "1", "-q"])
+            .args([
+                "netns", "exec", from, "ping", family, "-c", "1", "-W", "1", "-q",
+            ])
             .arg(to.to_string())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -595,10 +600,7 @@ impl<'a> Runtime<'a> {
         conf: &Value,
     ) -> Outcome {
         let vars = self.vars(command, container, netns, ifname);
-        let env: Vec<(&str, &str)> = vars
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
+        let env: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         run_raw(
             &self.env.plugin,
             &self.node.path,
