@@ -14,10 +14,9 @@
 //! | `vxlan` | cross-node routing: a VXLAN overlay ([`vxlan`]) |
 //!
 //! ## Quick start: your own CNI binary
+//! The whole `main` of a plugin binary:
 //! ```no_run
-//! fn main() {
-//!     std::process::exit(cnikit::plugin::main());
-//! }
+//! std::process::exit(cnikit::plugin::main());
 //! ```
 //! For a different combination of parts, implement [`core::compose::Parts`] and run
 //! [`core::compose::Composed`] with [`core::runner::run`].

@@ -4,9 +4,11 @@
 //! (and validates) both parts from the request before either acts. The ADD sequence is the
 //! one every main CNI plugin follows:
 //!
-//! 1. build and validate both parts (nothing touched yet);
+//! 1. build and validate both parts, and check that `CNI_NETNS` is a network namespace
+//!    (nothing touched yet);
 //! 2. allocate addresses (idempotent per attachment);
-//! 3. plug the pod in; if that fails, release the addresses again and return the error;
+//! 3. plug the pod in; if that fails, release the addresses again (unless the attachment
+//!    held them before this ADD) and return the error;
 //! 4. return the result with the configuration's `dns` when the IPAM gave none.
 //!
 //! DEL unplugs and releases, running both steps even if one fails, and succeeds when the
@@ -105,10 +107,27 @@ impl<P: Parts> Plugin for Composed<P> {
         let ipam = self.parts.ipam(request).await?;
         let network = self.parts.network(request).await?;
         let pod = pod_of(request);
+        // A bad CNI_NETNS would only show in the pod network, after the IPAM has claimed a
+        // block or written its records: refuse it before anything is allocated.
+        if let Some(path) = &pod.netns {
+            crate::linux::netns::verify(path)?;
+        }
+        // An attachment that holds addresses already (a repeated ADD of a running pod, or a
+        // retry after an interrupted one) keeps them if plugging in fails: they may be in
+        // use, and the runtime's DEL releases them.
+        let held_before = ipam.check(&pod.attachment).await.is_ok();
         let allocation = ipam.allocate(&pod.attachment).await?;
         let mut result = match network.add(&pod, &allocation).await {
             Ok(result) => result,
             Err(err) => {
+                if held_before {
+                    tracing::warn!(
+                        attachment = ?pod.attachment,
+                        error = %err,
+                        "ADD failed; the addresses the attachment held before are kept"
+                    );
+                    return Err(err);
+                }
                 if let Err(release) = ipam.release(&pod.attachment).await {
                     tracing::error!(
                         attachment = ?pod.attachment,
@@ -120,10 +139,10 @@ impl<P: Parts> Plugin for Composed<P> {
                 return Err(err);
             }
         };
-        if result.dns.is_empty() {
-            if let Some(dns) = &request.config.dns {
-                result.dns = dns.clone();
-            }
+        if result.dns.is_empty()
+            && let Some(dns) = &request.config.dns
+        {
+            result.dns = dns.clone();
         }
         Ok(result)
     }
@@ -181,5 +200,151 @@ impl<P: Parts> Plugin for Composed<P> {
 
     fn extra_args(&self) -> &'static [&'static str] {
         self.parts.extra_args()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::ipam::{Allocation, GcReport};
+    use crate::network::PodNetwork;
+
+    /// Counts the IPAM calls that write to a datastore; holds at most one attachment.
+    #[derive(Default)]
+    struct Counting {
+        allocations: AtomicUsize,
+        releases: AtomicUsize,
+        held: std::sync::Mutex<Option<Attachment>>,
+    }
+
+    #[async_trait]
+    impl Ipam for Arc<Counting> {
+        async fn allocate(&self, a: &Attachment) -> Result<Allocation> {
+            self.allocations.fetch_add(1, Ordering::SeqCst);
+            *self.held.lock().unwrap() = Some(a.clone());
+            Ok(Allocation::default())
+        }
+        async fn release(&self, _: &Attachment) -> Result<()> {
+            self.releases.fetch_add(1, Ordering::SeqCst);
+            *self.held.lock().unwrap() = None;
+            Ok(())
+        }
+        async fn check(&self, a: &Attachment) -> Result<Allocation> {
+            match &*self.held.lock().unwrap() {
+                Some(held) if held == a => Ok(Allocation::default()),
+                _ => Err(Error::UnknownContainer {
+                    container_id: a.container_id.clone(),
+                    ifname: a.ifname.clone(),
+                }),
+            }
+        }
+        async fn gc(&self, _: &[Attachment]) -> Result<GcReport> {
+            Ok(GcReport::default())
+        }
+    }
+
+    /// A pod network that touches nothing; its ADD fails when `fail` is set.
+    struct Unplugged {
+        fail: bool,
+    }
+
+    #[async_trait]
+    impl PodNetwork for Unplugged {
+        fn kind(&self) -> &'static str {
+            "none"
+        }
+        async fn add(&self, _: &Pod, _: &Allocation) -> Result<CniResult> {
+            if self.fail {
+                return Err(Error::kernel(
+                    "ip link add",
+                    std::io::Error::other("exists"),
+                ));
+            }
+            Ok(CniResult::default())
+        }
+        async fn del(&self, _: &Pod, _: Option<&CniResult>) -> Result<()> {
+            Ok(())
+        }
+        async fn check(&self, _: &Pod, _: &CniResult) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    struct TestParts(Arc<Counting>, Arc<std::sync::atomic::AtomicBool>);
+
+    impl TestParts {
+        fn new(ipam: &Arc<Counting>) -> Self {
+            TestParts(Arc::clone(ipam), Arc::default())
+        }
+    }
+
+    #[async_trait]
+    impl Parts for TestParts {
+        async fn ipam(&self, _: &Request) -> Result<Box<dyn Ipam>> {
+            Ok(Box::new(Arc::clone(&self.0)))
+        }
+        async fn network(&self, _: &Request) -> Result<Box<dyn PodNetwork>> {
+            Ok(Box::new(Unplugged {
+                fail: self.1.load(Ordering::SeqCst),
+            }))
+        }
+    }
+
+    fn add_request(netns: &str) -> Request {
+        let env = [
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", "ctr"),
+            ("CNI_NETNS", netns),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_PATH", "/opt/cni/bin"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned()));
+        let conf = br#"{"cniVersion":"1.0.0","name":"n","type":"x","ipam":{"type":"y"}}"#;
+        Request::from_env(env, conf, &[]).unwrap()
+    }
+
+    #[tokio::test]
+    async fn add_refuses_a_bad_netns_before_allocating() {
+        let counting = Arc::new(Counting::default());
+        let plugin = Composed::new(TestParts::new(&counting));
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("gone");
+        for netns in [
+            "/etc/hostname",
+            "/proc/self/ns/mnt",
+            missing.to_str().unwrap(),
+        ] {
+            let err = plugin.add(&add_request(netns)).await.unwrap_err();
+            assert_eq!(err.code().0, 4, "{netns}: {err}");
+        }
+        assert_eq!(counting.allocations.load(Ordering::SeqCst), 0);
+        // The namespace of this process is one: the ADD goes through.
+        plugin.add(&add_request("/proc/self/ns/net")).await.unwrap();
+        assert_eq!(counting.allocations.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_failed_add_releases_only_what_it_allocated() {
+        let counting = Arc::new(Counting::default());
+        let parts = TestParts::new(&counting);
+        let fail = Arc::clone(&parts.1);
+        let plugin = Composed::new(parts);
+        let request = add_request("/proc/self/ns/net");
+
+        fail.store(true, Ordering::SeqCst);
+        plugin.add(&request).await.unwrap_err();
+        assert_eq!(counting.releases.load(Ordering::SeqCst), 1, "rolled back");
+        assert!(counting.held.lock().unwrap().is_none());
+
+        fail.store(false, Ordering::SeqCst);
+        plugin.add(&request).await.unwrap();
+        // The same attachment again, failing this time: its addresses stay.
+        fail.store(true, Ordering::SeqCst);
+        plugin.add(&request).await.unwrap_err();
+        assert_eq!(counting.releases.load(Ordering::SeqCst), 1, "kept");
+        assert_eq!(*counting.held.lock().unwrap(), Some(request.attachment()));
     }
 }

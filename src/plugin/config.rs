@@ -101,29 +101,29 @@ impl Config {
         if let Some(name) = &self.node_name {
             valid_node_name(name)?;
         }
-        if let Some(mtu) = self.mtu {
-            if !(68..=65535).contains(&mtu) {
-                return Err(Error::invalid_config(
-                    "mtu",
-                    format!("{mtu} is outside 68..=65535"),
-                ));
-            }
+        if let Some(mtu) = self.mtu
+            && !(68..=65535).contains(&mtu)
+        {
+            return Err(Error::invalid_config(
+                "mtu",
+                format!("{mtu} is outside 68..=65535"),
+            ));
         }
-        if let Some(dir) = &self.data_dir {
-            if !dir.is_absolute() {
-                return Err(Error::invalid_config(
-                    "dataDir",
-                    format!("{} is not an absolute path", dir.display()),
-                ));
-            }
+        if let Some(dir) = &self.data_dir
+            && !dir.is_absolute()
+        {
+            return Err(Error::invalid_config(
+                "dataDir",
+                format!("{} is not an absolute path", dir.display()),
+            ));
         }
-        if let Some(level) = &self.log_level {
-            if !["error", "warn", "info", "debug", "trace"].contains(&level.as_str()) {
-                return Err(Error::invalid_config(
-                    "logLevel",
-                    format!("unknown level {level:?}"),
-                ));
-            }
+        if let Some(level) = &self.log_level
+            && !["error", "warn", "info", "debug", "trace"].contains(&level.as_str())
+        {
+            return Err(Error::invalid_config(
+                "logLevel",
+                format!("unknown level {level:?}"),
+            ));
         }
         Ok(())
     }

@@ -36,6 +36,8 @@ pub const TYPE: &str = "cnikit";
 pub const IPAM_TYPE: &str = "cnikit-ipam";
 /// Pod MTU when neither the configuration nor the node agent gives one.
 pub const DEFAULT_MTU: u32 = 1500;
+/// The smallest MTU an IPv6 link may have.
+const IPV6_MIN_MTU: u32 = 1280;
 
 /// The parts factory of the main plugin: reads [`Config`] and builds the IPAM and the pod
 /// network for each request.
@@ -55,6 +57,33 @@ impl CnikitParts {
         }
         Ok(NodeState::read(data_dir)?.map_or(DEFAULT_MTU, |s| s.mtu))
     }
+
+    /// Refuses an MTU below the IPv6 minimum for a block IPAM pool of IPv6 addresses. The
+    /// pod network would refuse it too, but only after the IPAM allocated; checked here, a
+    /// bad MTU leaves the datastore untouched. (A delegated IPAM's family is known only
+    /// from its result; its allocation is released when the pod network refuses.)
+    fn check_mtu_for_pool(request: &Request, mtu: u32) -> Result<()> {
+        let Some(ipam) = request.config.ipam.as_ref() else {
+            return Ok(());
+        };
+        if mtu >= IPV6_MIN_MTU || ipam.ipam_type != IPAM_TYPE {
+            return Ok(());
+        }
+        // A configuration that does not decode is reported by the IPAM.
+        let Ok(block) = ipam.config::<BlockIpamConfig>() else {
+            return Ok(());
+        };
+        if block.pool.addr().is_ipv6() {
+            return Err(Error::invalid_config(
+                "mtu",
+                format!(
+                    "{mtu} is below {IPV6_MIN_MTU}, the IPv6 minimum, and pool {} is IPv6",
+                    block.pool
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[async_trait]
@@ -68,6 +97,7 @@ impl Parts for CnikitParts {
         let config = Self::config(request)?;
         let data_dir = config.data_dir(&request.config.name);
         let mtu = Self::mtu(&config, &data_dir)?;
+        Self::check_mtu_for_pool(request, mtu)?;
         let host = cni_core::linux::NetNs::current().await?;
         match config.pod_network {
             PodNetworkKind::Bridge => bridge(request, mtu, host),
@@ -78,15 +108,15 @@ impl Parts for CnikitParts {
     async fn status(&self, request: &Request) -> Result<()> {
         let config = Self::config(request)?;
         let data_dir = config.data_dir(&request.config.name);
-        if let Some(mode) = &config.routing {
-            if NodeState::read(&data_dir)?.is_none() {
-                return Err(Error::NotReady {
-                    reason: format!(
-                        "routing mode {mode}: the node agent has not written {} yet",
-                        NodeState::path(&data_dir).display()
-                    ),
-                });
-            }
+        if let Some(mode) = &config.routing
+            && NodeState::read(&data_dir)?.is_none()
+        {
+            return Err(Error::NotReady {
+                reason: format!(
+                    "routing mode {mode}: the node agent has not written {} yet",
+                    NodeState::path(&data_dir).display()
+                ),
+            });
         }
         // The IPAM must be buildable and its datastore reachable.
         let ipam = self.ipam(request).await?;

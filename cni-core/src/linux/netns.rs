@@ -151,6 +151,13 @@ pub fn sysctl_path(key: &str) -> PathBuf {
     }
 }
 
+/// Checks that `path` is a network namespace (`/proc/PID/ns/net`, `/run/netns/NAME`, a
+/// bind mount…) without keeping it open or entering it. Errors: [`Error::NotANetns`]
+/// (code 4).
+pub fn verify(path: &Path) -> Result<()> {
+    open_netns_file(path).map(drop)
+}
+
 /// Opens `path` and checks that it is a network namespace file.
 fn open_netns_file(path: &Path) -> Result<File> {
     let not_netns = |reason: String| Error::NotANetns {

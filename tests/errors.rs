@@ -1,0 +1,277 @@
+//! Malformed invocations against the real `cnikit` binary: each one must fail with the
+//! right CNI error code on stdout and a non-zero exit, and create nothing: no link, address
+//! or forwarding change in the node or the pod namespace, and no file in the data
+//! directory (so no block claimed and no address held).
+//!
+//! Every case starts from a valid ADD (bridge pod network, block IPAM in a fresh data
+//! directory) and breaks one thing:
+//!
+//! | input | code |
+//! |---|---|
+//! | `CNI_COMMAND` missing, unknown (`FROB`), lowercase (`add`) | 4 |
+//! | `CNI_CONTAINERID` missing, with `/`, starting with `-` | 4 |
+//! | `CNI_NETNS` missing on ADD, a regular file, a missing path, a mount namespace | 4 |
+//! | `CNI_IFNAME` missing, 16 bytes long, with `/` | 4 |
+//! | `CNI_ARGS` malformed, or an unknown key without `IgnoreUnknown` | 4 |
+//! | `CNI_PATH` missing | 4 |
+//! | stdin empty, blank, truncated JSON, a JSON array | 6 |
+//! | `cniVersion` a number; `ipam` a string; `runtimeConfig.portMappings` a string | 6 |
+//! | CHECK with a `prevResult` that is not a result | 6 |
+//! | `cniVersion` `1.2.0`, absent, `0.2.0` | 1 |
+//! | CHECK on 0.3.1, STATUS on 1.0.0, GC on 1.0.0 | 1 |
+//! | `name` missing or invalid, `type` missing, `ipam` missing or without `type`, `ipam.type` a path | 7 |
+//! | CHECK without `prevResult`; GC (1.1.0) without `cni.dev/valid-attachments` | 7 |
+//! | `podNetwork` unknown; `mtu` 10, 70000, a string; `bridge` too long, `cnk…`, with `/` | 7 |
+//! | `dataDir` relative; `nodeName` with `/`; `logLevel` unknown | 7 |
+//! | `ipam.pool` missing, `/33`, `300.1.1.0/24`, host bits set | 7 |
+//! | `ipam.blockSize` larger than the pool, longer than an address, no room for a gateway | 7 |
+//! | `ipam.maxBlocksPerNode` 0; `ipam.keyPrefix` without `/`; `ipam.store` unknown or not an object | 7 |
+//! | DEL and STATUS with a pool with host bits | 7 |
+//! | IPv6 pool with `mtu` 1000 (below the IPv6 minimum) | 7 |
+//! | `ipam.type` a plugin missing from `CNI_PATH` | 102 |
+#![cfg(all(feature = "bridge", feature = "routed"))]
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+use serde_json::{Value, json};
+
+/// What the plugin gets on stdin.
+enum Stdin {
+    /// Exactly these bytes.
+    Raw(&'static str),
+    /// The valid base configuration, edited.
+    Conf(fn(&mut Value)),
+}
+
+struct Case {
+    what: &'static str,
+    /// `CNI_COMMAND` (before `env` edits).
+    command: &'static str,
+    /// Changes to the valid environment: `None` unsets. `{missing}` stands for a netns
+    /// path that does not exist.
+    env: &'static [(&'static str, Option<&'static str>)],
+    stdin: Stdin,
+    code: u64,
+}
+
+const fn case(
+    what: &'static str,
+    command: &'static str,
+    env: &'static [(&'static str, Option<&'static str>)],
+    stdin: Stdin,
+    code: u64,
+) -> Case {
+    Case {
+        what,
+        command,
+        env,
+        stdin,
+        code,
+    }
+}
+
+fn keep(_: &mut Value) {}
+
+#[rustfmt::skip]
+const CASES: &[Case] = &[
+    // The environment (code 4).
+    case("CNI_COMMAND missing", "ADD", &[("CNI_COMMAND", None)], Stdin::Conf(keep), 4),
+    case("unknown command", "FROB", &[], Stdin::Conf(keep), 4),
+    case("lowercase command", "add", &[], Stdin::Conf(keep), 4),
+    case("CNI_CONTAINERID missing", "ADD", &[("CNI_CONTAINERID", None)], Stdin::Conf(keep), 4),
+    case("container ID with '/'", "ADD", &[("CNI_CONTAINERID", Some("ctr/1"))], Stdin::Conf(keep), 4),
+    case("container ID starting with '-'", "ADD", &[("CNI_CONTAINERID", Some("-ctr"))], Stdin::Conf(keep), 4),
+    case("CNI_NETNS missing on ADD", "ADD", &[("CNI_NETNS", None)], Stdin::Conf(keep), 4),
+    case("netns a regular file", "ADD", &[("CNI_NETNS", Some("/etc/hostname"))], Stdin::Conf(keep), 4),
+    case("netns missing", "ADD", &[("CNI_NETNS", Some("{missing}"))], Stdin::Conf(keep), 4),
+    case("netns a mount namespace", "ADD", &[("CNI_NETNS", Some("/proc/self/ns/mnt"))], Stdin::Conf(keep), 4),
+    case("CNI_IFNAME missing", "ADD", &[("CNI_IFNAME", None)], Stdin::Conf(keep), 4),
+    case("ifname of 16 bytes", "ADD", &[("CNI_IFNAME", Some("eth0123456789abc"))], Stdin::Conf(keep), 4),
+    case("ifname with '/'", "ADD", &[("CNI_IFNAME", Some("eth/0"))], Stdin::Conf(keep), 4),
+    case("CNI_ARGS malformed", "ADD", &[("CNI_ARGS", Some("novalue"))], Stdin::Conf(keep), 4),
+    case("CNI_ARGS unknown key", "ADD", &[("CNI_ARGS", Some("FOO=bar"))], Stdin::Conf(keep), 4),
+    case("CNI_PATH missing", "ADD", &[("CNI_PATH", None)], Stdin::Conf(keep), 4),
+    // Decoding (code 6).
+    case("empty stdin", "ADD", &[], Stdin::Raw(""), 6),
+    case("blank stdin", "ADD", &[], Stdin::Raw(" \n\t"), 6),
+    case("truncated JSON", "ADD", &[], Stdin::Raw(r#"{"cniVersion": "1.0.0", "name": "errs", "type": "cnik"#), 6),
+    case("JSON array", "ADD", &[], Stdin::Raw(r#"[{"cniVersion": "1.0.0"}]"#), 6),
+    case("cniVersion a number", "ADD", &[], Stdin::Conf(|c| c["cniVersion"] = json!(1.0)), 6),
+    case("ipam a string", "ADD", &[], Stdin::Conf(|c| c["ipam"] = json!("cnikit-ipam")), 6),
+    case("portMappings a string", "ADD", &[], Stdin::Conf(|c| c["runtimeConfig"] = json!({"portMappings": "80:80"})), 6),
+    case("CHECK with a prevResult that is no result", "CHECK", &[], Stdin::Conf(|c| c["prevResult"] = json!("nonsense")), 6),
+    // Versions (code 1).
+    case("cniVersion 1.2.0", "ADD", &[], Stdin::Conf(|c| c["cniVersion"] = json!("1.2.0")), 1),
+    case("cniVersion absent", "ADD", &[], Stdin::Conf(|c| drop(c.as_object_mut().unwrap().remove("cniVersion"))), 1),
+    case("cniVersion 0.2.0", "ADD", &[], Stdin::Conf(|c| c["cniVersion"] = json!("0.2.0")), 1),
+    case("CHECK on 0.3.1", "CHECK", &[], Stdin::Conf(|c| c["cniVersion"] = json!("0.3.1")), 1),
+    case("STATUS on 1.0.0", "STATUS", &[], Stdin::Conf(keep), 1),
+    case("GC on 1.0.0", "GC", &[], Stdin::Conf(|c| c["cni.dev/valid-attachments"] = json!([])), 1),
+    // The configuration (code 7).
+    case("name missing", "ADD", &[], Stdin::Conf(|c| drop(c.as_object_mut().unwrap().remove("name"))), 7),
+    case("name with a space", "ADD", &[], Stdin::Conf(|c| c["name"] = json!("bad name")), 7),
+    case("type missing", "ADD", &[], Stdin::Conf(|c| drop(c.as_object_mut().unwrap().remove("type"))), 7),
+    case("ipam missing", "ADD", &[], Stdin::Conf(|c| drop(c.as_object_mut().unwrap().remove("ipam"))), 7),
+    case("ipam without type", "ADD", &[], Stdin::Conf(|c| drop(c["ipam"].as_object_mut().unwrap().remove("type"))), 7),
+    case("ipam.type a path", "ADD", &[], Stdin::Conf(|c| c["ipam"]["type"] = json!("../cnikit")), 7),
+    case("CHECK without prevResult", "CHECK", &[], Stdin::Conf(keep), 7),
+    case("GC without valid-attachments", "GC", &[], Stdin::Conf(|c| c["cniVersion"] = json!("1.1.0")), 7),
+    case("podNetwork unknown", "ADD", &[], Stdin::Conf(|c| c["podNetwork"] = json!("ovs")), 7),
+    case("mtu 10", "ADD", &[], Stdin::Conf(|c| c["mtu"] = json!(10)), 7),
+    case("mtu 70000", "ADD", &[], Stdin::Conf(|c| c["mtu"] = json!(70000)), 7),
+    case("mtu a string", "ADD", &[], Stdin::Conf(|c| c["mtu"] = json!("1500")), 7),
+    case("bridge name too long", "ADD", &[], Stdin::Conf(|c| c["bridge"] = json!("a-bridge-too-long")), 7),
+    case("bridge named like a host veth", "ADD", &[], Stdin::Conf(|c| c["bridge"] = json!("cnkbr")), 7),
+    case("bridge name with '/'", "ADD", &[], Stdin::Conf(|c| c["bridge"] = json!("br/0")), 7),
+    case("dataDir relative", "ADD", &[], Stdin::Conf(|c| c["dataDir"] = json!("state/cnikit")), 7),
+    case("nodeName with '/'", "ADD", &[], Stdin::Conf(|c| c["nodeName"] = json!("node/1")), 7),
+    case("logLevel unknown", "ADD", &[], Stdin::Conf(|c| c["logLevel"] = json!("loud")), 7),
+    case("pool missing", "ADD", &[], Stdin::Conf(|c| drop(c["ipam"].as_object_mut().unwrap().remove("pool"))), 7),
+    case("pool /33", "ADD", &[], Stdin::Conf(|c| c["ipam"]["pool"] = json!("10.0.0.0/33")), 7),
+    case("pool 300.1.1.0/24", "ADD", &[], Stdin::Conf(|c| c["ipam"]["pool"] = json!("300.1.1.0/24")), 7),
+    case("pool with host bits", "ADD", &[], Stdin::Conf(|c| c["ipam"]["pool"] = json!("10.250.0.1/24")), 7),
+    case("block larger than the pool", "ADD", &[], Stdin::Conf(|c| c["ipam"]["blockSize"] = json!(16)), 7),
+    case("blockSize longer than an address", "ADD", &[], Stdin::Conf(|c| c["ipam"]["blockSize"] = json!(33)), 7),
+    case("block with no room for a gateway", "ADD", &[], Stdin::Conf(|c| c["ipam"]["blockSize"] = json!(31)), 7),
+    case("maxBlocksPerNode 0", "ADD", &[], Stdin::Conf(|c| c["ipam"]["maxBlocksPerNode"] = json!(0)), 7),
+    case("keyPrefix without '/'", "ADD", &[], Stdin::Conf(|c| c["ipam"]["keyPrefix"] = json!("cnikit")), 7),
+    case("unknown store type", "ADD", &[], Stdin::Conf(|c| c["ipam"]["store"] = json!({"type": "redis"})), 7),
+    case("store not an object", "ADD", &[], Stdin::Conf(|c| c["ipam"]["store"] = json!("file")), 7),
+    case("DEL with a pool with host bits", "DEL", &[], Stdin::Conf(|c| c["ipam"]["pool"] = json!("10.250.0.1/24")), 7),
+    case("STATUS with a pool with host bits", "STATUS", &[], Stdin::Conf(|c| {
+        c["cniVersion"] = json!("1.1.0");
+        c["ipam"]["pool"] = json!("10.250.0.1/24");
+    }), 7),
+    case("IPv6 pool with mtu 1000", "ADD", &[], Stdin::Conf(|c| {
+        c["mtu"] = json!(1000);
+        c["ipam"]["pool"] = json!("fd00:250::/120");
+        c["ipam"]["blockSize"] = json!(124);
+    }), 7),
+    // Delegation (code 102).
+    case("delegated IPAM not in CNI_PATH", "ADD", &[], Stdin::Conf(|c| c["ipam"] = json!({"type": "no-such-ipam"})), 102),
+];
+
+/// The valid configuration every case starts from.
+fn base(data_dir: &Path) -> Value {
+    json!({
+        "cniVersion": "1.0.0",
+        "name": "errs",
+        "type": "cnikit",
+        "podNetwork": "bridge",
+        "bridge": "cnikit0",
+        "dataDir": data_dir,
+        "nodeName": "node-e",
+        "ipam": {"type": "cnikit-ipam", "pool": "10.250.0.0/24", "blockSize": 28}
+    })
+}
+
+/// What must not change in a namespace.
+#[derive(Debug, PartialEq, Eq)]
+struct Snapshot {
+    links: std::collections::BTreeSet<String>,
+    addresses: std::collections::BTreeSet<String>,
+    forwarding: String,
+}
+
+fn snapshot(ns: &Ns) -> Snapshot {
+    Snapshot {
+        links: links(&ns.name),
+        addresses: addresses(&ns.name),
+        forwarding: sysctl(&ns.path, "net.ipv4.ip_forward"),
+    }
+}
+
+#[test]
+fn malformed_input_fails_with_its_code_and_creates_nothing() {
+    let Some(env) = Env::get("malformed_input_fails_with_its_code_and_creates_nothing") else {
+        return;
+    };
+    assert!(CASES.len() >= 30);
+    let lab = Lab::new("err");
+    let node = lab.node();
+    let pod = lab.pod("pod");
+    let cwd = lab.dir("cwd");
+    let missing = lab.path("no-such-netns");
+    let cni_path = env.cni_path_var();
+    let node_before = snapshot(&node);
+    let pod_before = snapshot(&pod);
+
+    let mut failures = Vec::new();
+    for (i, c) in CASES.iter().enumerate() {
+        let data = lab.path(&format!("data-{i}"));
+        let stdin = match &c.stdin {
+            Stdin::Raw(text) => text.to_string(),
+            Stdin::Conf(edit) => {
+                let mut conf = base(&data);
+                if c.command == "CHECK" && !c.what.contains("prevResult") {
+                    conf["prevResult"] = json!({"cniVersion": "1.0.0", "ips": []});
+                }
+                edit(&mut conf);
+                conf.to_string()
+            }
+        };
+        let pod_path = pod.path.display().to_string();
+        let mut vars: Vec<(&str, String)> = vec![
+            ("CNI_COMMAND", c.command.to_owned()),
+            ("CNI_CONTAINERID", "ctr-err".to_owned()),
+            ("CNI_NETNS", pod_path),
+            ("CNI_IFNAME", "eth0".to_owned()),
+            ("CNI_PATH", cni_path.clone()),
+        ];
+        for (key, value) in c.env {
+            vars.retain(|(k, _)| k != key);
+            if let Some(v) = value {
+                let v = v.replace("{missing}", &missing.display().to_string());
+                vars.push((key, v));
+            }
+        }
+        let env_refs: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let out = run_raw(&env.plugin, &node.path, &env_refs, stdin.as_bytes(), &cwd);
+        let code = out.error_code(c.what);
+        let left = files_under(&data);
+        let cwd_left = files_under(&cwd);
+        let (node_now, pod_now) = (snapshot(&node), snapshot(&pod));
+        let ok = code == c.code
+            && left.is_empty()
+            && cwd_left.is_empty()
+            && node_now == node_before
+            && pod_now == pod_before;
+        println!(
+            "{:<45} -> {code:>3} (want {:>3}) {:?}{}",
+            c.what,
+            c.code,
+            out.elapsed,
+            if ok { "" } else { "  <-- WRONG" }
+        );
+        if !ok {
+            failures.push(format!(
+                "{}: code {code} (want {}); data dir: {left:?}; cwd: {cwd_left:?}; node \
+                 changed: {}; pod changed: {}; stdout: {}",
+                c.what,
+                c.code,
+                node_now != node_before,
+                pod_now != pod_before,
+                out.brief()
+            ));
+        }
+    }
+
+    // The control: the unbroken input works (so the failures above are the edits').
+    let data = lab.path("data-control");
+    let runtime = Runtime::new(&env, &lab, &node);
+    let result = runtime.add("ctr-err", &pod, &base(&data));
+    assert!(ipv4_of(&pod.name, "eth0").contains(&result_ip(&result)));
+    runtime.del("ctr-err", Some(&pod.path), &base(&data));
+    assert!(StoreView::read(&data).holds_nothing());
+
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases wrong:\n{}",
+        failures.len(),
+        CASES.len(),
+        failures.join("\n")
+    );
+}
