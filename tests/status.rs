@@ -74,6 +74,8 @@ fn routing_mode_waits_for_the_node_agent() {
         mode: "vxlan".into(),
         mtu: 1450,
         blocks: vec!["10.244.128.0/26".parse().unwrap()],
+        peers: Vec::new(),
+        unroutable: Default::default(),
     }
     .write(&data)
     .unwrap();
