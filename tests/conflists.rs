@@ -173,14 +173,9 @@ async fn run_sample(file: &str, tag: &str, pod_network: &str) {
     if let Some(mode) = routing {
         let out = runtime.global("STATUS", &status_conf);
         assert_eq!(out.error_code("STATUS before the agent"), 50);
-        NodeState {
-            node: "node-a".into(),
-            mode: mode.into(),
-            mtu: 1500,
-            blocks: Vec::new(),
-        }
-        .write(&data)
-        .unwrap();
+        NodeState::new("node-a", mode, 1500, Vec::new())
+            .write(&data)
+            .unwrap();
     }
     runtime
         .global("STATUS", &status_conf)

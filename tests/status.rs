@@ -69,14 +69,12 @@ fn routing_mode_waits_for_the_node_agent() {
     );
     println!("not ready: {msg}");
 
-    NodeState {
-        node: "node-s".into(),
-        mode: "vxlan".into(),
-        mtu: 1450,
-        blocks: vec!["10.244.128.0/26".parse().unwrap()],
-        peers: Vec::new(),
-        unroutable: Default::default(),
-    }
+    NodeState::new(
+        "node-s",
+        "vxlan",
+        1450,
+        vec!["10.244.128.0/26".parse().unwrap()],
+    )
     .write(&data)
     .unwrap();
     rt.global("STATUS", &conf)

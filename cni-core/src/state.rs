@@ -34,6 +34,23 @@ pub struct NodeState {
 }
 
 impl NodeState {
+    /// A state with no peers known yet.
+    pub fn new(
+        node: impl Into<String>,
+        mode: impl Into<String>,
+        mtu: u32,
+        blocks: Vec<IpNet>,
+    ) -> Self {
+        NodeState {
+            node: node.into(),
+            mode: mode.into(),
+            mtu,
+            blocks,
+            peers: Vec::new(),
+            unroutable: BTreeMap::new(),
+        }
+    }
+
     /// File name inside the data directory.
     pub const FILE: &'static str = "node-state.json";
 
