@@ -24,6 +24,7 @@
 
 pub use cni_core as core;
 
+pub mod agent;
 pub mod plugin;
 
 /// The etcd v3 datastore and node registry (feature `etcd`).

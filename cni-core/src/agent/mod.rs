@@ -443,10 +443,10 @@ impl Agent {
         if let Err(e) = blackhole::sync(&self.ns, &[]).await {
             errors.push(e);
         }
-        if let Some(tunnel) = self.tunnel.take() {
-            if let Err(e) = self.ipam.release(&tunnel).await {
-                errors.push(e);
-            }
+        if let Some(tunnel) = self.tunnel.take()
+            && let Err(e) = self.ipam.release(&tunnel).await
+        {
+            errors.push(e);
         }
         Error::collect(errors)
     }

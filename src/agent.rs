@@ -1,0 +1,177 @@
+//! The standard node agent: the composition the example binary `cnikit-agent` runs.
+//!
+//! The agent reads the same configuration list the runtime gives the plugin, so the two can
+//! never disagree: the `cnikit` entry's `name`, `nodeName`, `dataDir`, `routing`, `podNetwork`
+//! and `ipam` (pool, block size, store), plus agent-only keys:
+//!
+//! ```json
+//! { "type": "cnikit", "routing": "vxlan",
+//!   "agent": { "interface": "eth0", "ttlSeconds": 20, "resyncSeconds": 10 },
+//!   "vxlan": { "vni": 1, "port": 4789, "directRouting": false } }
+//! ```
+//!
+//! The node registry lives in the same datastore as the IPAM: the file store (shared by
+//! nodes that share a filesystem, such as the lab's namespaces) or etcd.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use cni_core::agent::{Agent, AgentConfig};
+use cni_core::linux::NetNs;
+use cni_core::registry::NodeRegistry;
+use cni_core::routing::CrossNodeRouting;
+use cni_core::spec::{ConfList, NetConf};
+use cni_core::{Error, Result};
+
+use crate::plugin::{self, Config, StoreKind};
+
+/// The agent-only keys of the `cnikit` entry (`agent`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AgentKeys {
+    /// `agent.interface`: the underlay interface. Default: found (see
+    /// [`AgentConfig::interface`]).
+    #[serde(default)]
+    pub interface: Option<String>,
+    /// `agent.address`: the underlay address. Default: the interface's first.
+    #[serde(default)]
+    pub address: Option<std::net::IpAddr>,
+    /// `agent.ttlSeconds`: lifetime of the node record without refresh (default 20).
+    #[serde(default)]
+    pub ttl_seconds: Option<u64>,
+    /// `agent.resyncSeconds`: full resync interval (default 10).
+    #[serde(default)]
+    pub resync_seconds: Option<u64>,
+    /// `agent.keepOnExit`: leave routes and devices in place on exit (default false).
+    #[serde(default)]
+    pub keep_on_exit: bool,
+}
+
+/// The `cnikit` entry of a configuration list, with the list's `name` and `cniVersion` as
+/// a runtime would pass them to the plugin.
+pub fn cnikit_entry(list: &ConfList) -> Result<NetConf> {
+    let mut entry = list
+        .plugins
+        .iter()
+        .find(|p| p.plugin_type == plugin::TYPE)
+        .cloned()
+        .ok_or_else(|| {
+            Error::invalid_config("plugins", "no plugin of type \"cnikit\" in the list")
+        })?;
+    entry.name = list.name.clone();
+    entry.cni_version = list.cni_version.clone();
+    Ok(entry)
+}
+
+/// Reads a configuration list file.
+pub fn read_conflist(path: &Path) -> Result<ConfList> {
+    let bytes = std::fs::read(path).map_err(|e| Error::Io {
+        what: format!("read {}", path.display()),
+        source: e,
+    })?;
+    let list = ConfList::from_slice(&bytes)?;
+    list.validate()?;
+    Ok(list)
+}
+
+/// Builds the agent for the `cnikit` entry `conf` of a configuration list, acting in the
+/// network namespace at `netns` (`/proc/self/ns/net`: the agent process's own). Validates
+/// everything before touching anything.
+///
+/// Errors: 7 for a bad or incomplete configuration (no `routing`, a mode this build lacks),
+/// 11 when the datastore cannot be reached.
+pub async fn build(conf: &NetConf, netns: &Path) -> Result<Agent> {
+    let config: Config = conf.plugin_config()?;
+    config.validate()?;
+    let keys: AgentKeys = match conf.plugin.get("agent") {
+        None => AgentKeys::default(),
+        Some(v) => serde_json::from_value(v.clone())
+            .map_err(|e| Error::invalid_config("agent", e.to_string()))?,
+    };
+    let mode = config
+        .routing
+        .clone()
+        .ok_or_else(|| Error::invalid_config("routing", "the node agent needs a routing mode"))?;
+    let node = config.node_name()?;
+    let data_dir = config.data_dir(&conf.name);
+
+    let routing = routing(&mode, conf, netns).await?;
+    let ipam = plugin::open_block_ipam(conf, &config, Some(config.pod_network.reserve())).await?;
+    let registry = registry(conf, &config, ipam.config().key_prefix.as_str()).await?;
+
+    let mut agent_config = AgentConfig::new(node, data_dir);
+    agent_config.interface = keys.interface;
+    agent_config.address = keys.address;
+    agent_config.mtu = config.mtu;
+    if let Some(ttl) = keys.ttl_seconds {
+        agent_config.ttl = Duration::from_secs(ttl.max(1));
+    }
+    if let Some(resync) = keys.resync_seconds {
+        agent_config.resync = Duration::from_secs(resync.max(1));
+    }
+    agent_config.keep_on_exit = keys.keep_on_exit;
+    let ns = NetNs::open(netns).await?;
+    Ok(Agent::new(agent_config, ns, ipam, registry, routing))
+}
+
+/// The routing mode `mode`, configured from the entry's key of the same name.
+async fn routing(mode: &str, conf: &NetConf, netns: &Path) -> Result<Box<dyn CrossNodeRouting>> {
+    let _ = (conf, netns);
+    match mode {
+        #[cfg(feature = "host-gw")]
+        backend_hostgw::TYPE => Ok(Box::new(backend_hostgw::HostGw::new(
+            NetNs::open(netns).await?,
+        ))),
+        #[cfg(feature = "vxlan")]
+        backend_vxlan::TYPE => {
+            let config: backend_vxlan::Config = match conf.plugin.get("vxlan") {
+                None => backend_vxlan::Config::default(),
+                Some(v) => serde_json::from_value(v.clone())
+                    .map_err(|e| Error::invalid_config("vxlan", e.to_string()))?,
+            };
+            Ok(Box::new(backend_vxlan::Vxlan::new(
+                config,
+                NetNs::open(netns).await?,
+            )?))
+        }
+        other => Err(Error::invalid_config(
+            "routing",
+            format!("unknown routing mode {other:?} (or not in this build)"),
+        )),
+    }
+}
+
+/// The node registry on the datastore the IPAM uses.
+async fn registry(
+    conf: &NetConf,
+    config: &Config,
+    key_prefix: &str,
+) -> Result<Arc<dyn NodeRegistry>> {
+    let ipam = conf
+        .ipam
+        .as_ref()
+        .ok_or_else(|| Error::invalid_config("ipam", "missing"))?;
+    match StoreKind::from_ipam(&ipam.config)? {
+        StoreKind::File { path } => {
+            let dir = path.unwrap_or_else(|| config.data_dir(&conf.name).join("ipam"));
+            let store = cni_core::store::FileStore::new(dir);
+            Ok(Arc::new(cni_core::registry::StoreRegistry::with_prefix(
+                store, key_prefix,
+            )))
+        }
+        #[cfg(feature = "etcd")]
+        StoreKind::Etcd(object) => {
+            let etcd = ipam_etcd::Config::from_value(&serde_json::Value::Object(object))?;
+            etcd.validate()?;
+            Ok(Arc::new(ipam_etcd::EtcdRegistry::connect(&etcd).await?))
+        }
+        #[cfg(not(feature = "etcd"))]
+        StoreKind::Etcd(_) => Err(Error::invalid_config(
+            "ipam.store.type",
+            "this build has no `etcd` feature",
+        )),
+    }
+}
