@@ -150,21 +150,33 @@ impl Agent {
     }
 
     /// Runs until `shutdown` resolves: brings the node up, then keeps the routes in line
-    /// with the peers. On shutdown removes what it made (see [`AgentConfig::keep_on_exit`]).
+    /// with the peers. On shutdown removes what it made (see [`AgentConfig::keep_on_exit`]),
+    /// also when `shutdown` resolves while the node is still coming up.
     ///
     /// Errors: what stops the node from coming up (no underlay, no block, the mode's devices,
     /// the registry unreachable at start). Once up, failures are logged and retried at the
     /// next event or resync.
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<()> {
         let started = Instant::now();
-        let revision = match self.start().await {
-            Ok(revision) => revision,
-            Err(e) => {
+        let shutdown = shutdown.fuse();
+        futures::pin_mut!(shutdown);
+        let start = tokio::select! {
+            result = self.start() => Some(result),
+            () = &mut shutdown => None,
+        };
+        let revision = match start {
+            Some(Ok(revision)) => revision,
+            Some(Err(e)) => {
                 tracing::error!(error = %e, "node agent failed to start; removing what it made");
                 if let Err(cleanup) = self.stop().await {
                     tracing::warn!(error = %cleanup, "cleanup after a failed start");
                 }
                 return Err(e);
+            }
+            None => {
+                // Stopped halfway: whatever start made is removed, as on a failed start.
+                tracing::info!("shutdown while starting; removing what was made");
+                return self.stop().await;
             }
         };
         tracing::info!(
@@ -194,8 +206,10 @@ impl Agent {
         let blocks = self.ipam.node_blocks().await?;
         let tunnel_address = if self.routing.needs_tunnel_address() {
             let attachment = Attachment::new(TUNNEL_NETWORK, &self.config.node, "tunnel");
+            // Recorded before allocating: a start stopped during the allocation must still
+            // release it (release is Ok when nothing was allocated).
+            self.tunnel = Some(attachment.clone());
             let allocation = self.ipam.allocate(&attachment).await?;
-            self.tunnel = Some(attachment);
             allocation.ips.first().map(|ip| ip.address.addr())
         } else {
             None
