@@ -145,6 +145,9 @@ pub async fn run(lab: &Lab) -> Result<Report> {
 
 /// `ip netns exec NS ping -c1 -W1 IP`: whether a reply came.
 async fn ping(ns: &str, ip: &str) -> bool {
+    if crate::net::guard(ns).is_err() {
+        return false;
+    }
     let run = Command::new("ip")
         .args(["netns", "exec", ns, "ping", "-n", "-q", "-c1", "-W1", ip])
         .stdin(std::process::Stdio::null())

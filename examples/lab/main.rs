@@ -238,7 +238,12 @@ async fn up(name: &str, args: &UpArgs) -> Result<()> {
     };
     lab.save()?;
     let started = Instant::now();
-    match build(&mut lab, &bins, args).await {
+    // An interrupted `up` (Ctrl-C, SIGTERM) is a failed one: it cleans up too.
+    let built = tokio::select! {
+        result = build(&mut lab, &bins, args) => result,
+        signal = interrupted() => Err(anyhow::anyhow!("interrupted by {signal}")),
+    };
+    match built {
         Ok(()) => {
             println!(
                 "lab {name} is up in {:.1} s: {} nodes, {} pods, mode {}, {} pod network, {} \
@@ -275,6 +280,22 @@ async fn up(name: &str, args: &UpArgs) -> Result<()> {
             }
             Err(e.context("up failed"))
         }
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM, with the signal's name.
+async fn interrupted() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        (Ok(mut int), Ok(mut term)) => tokio::select! {
+            _ = int.recv() => "SIGINT",
+            _ = term.recv() => "SIGTERM",
+        },
+        // Without handlers the default action (exit) applies; `down` cleans up then.
+        _ => std::future::pending().await,
     }
 }
 

@@ -17,7 +17,7 @@ pub const NODE_NIC: &str = "eth0";
 
 /// Refuses a namespace name that is not one of a lab's: the guard that keeps every `ip`
 /// command of the lab out of the root namespace and out of other labs.
-fn guard(ns: &str) -> Result<()> {
+pub fn guard(ns: &str) -> Result<()> {
     ensure!(
         ns.starts_with(&format!("{}-", state::NS_PREFIX)) && !ns.contains('/'),
         "refusing to touch namespace {ns:?}: not a lab namespace"
