@@ -101,10 +101,10 @@ struct UpArgs {
     #[arg(long)]
     mode: String,
     /// Number of nodes.
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=60))]
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=200))]
     nodes: u32,
     /// Pods per node.
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(0..=60))]
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(0..=250))]
     pods: u32,
     /// Pod network.
     #[arg(long, value_enum, default_value_t = PodNetwork::Bridge)]
@@ -397,7 +397,57 @@ async fn build(lab: &mut Lab, bins: &Binaries, args: &UpArgs) -> Result<()> {
         lab.pods().count(),
         phase.elapsed().as_millis()
     );
-    Ok(())
+    wait_blocks_announced(lab, &names).await
+}
+
+/// Waits until the agents of `nodes` announce every block their pods got addresses from.
+/// A node whose pods outgrew its first block holds another one, which its agent picks up at
+/// its next resync; until then the other nodes have no route to it.
+async fn wait_blocks_announced(lab: &Lab, nodes: &[String]) -> Result<()> {
+    let started = Instant::now();
+    let within = Duration::from_secs(lab.resync_seconds + 10);
+    let mut told = false;
+    loop {
+        let mut missing = Vec::new();
+        for name in nodes {
+            let node = lab.node(name)?;
+            let state = cnikit::core::state::NodeState::read(&node.data_dir())?;
+            let blocks = state.map(|s| s.blocks).unwrap_or_default();
+            for pod in &node.pods {
+                let Some(ip) = pod.ip().and_then(|ip| ip.parse::<std::net::IpAddr>().ok()) else {
+                    continue;
+                };
+                if !blocks.iter().any(|b| b.contains(&ip)) {
+                    missing.push(format!("{} ({ip})", pod.name));
+                }
+            }
+        }
+        if missing.is_empty() {
+            if told {
+                println!(
+                    "the agents announced the new blocks after {} ms",
+                    started.elapsed().as_millis()
+                );
+            }
+            return Ok(());
+        }
+        if started.elapsed() > within {
+            bail!(
+                "the agents did not announce the blocks of {} within {within:?}",
+                missing.join(", ")
+            );
+        }
+        if !told {
+            println!(
+                "{} pods are in blocks their node claimed after its agent started: waiting for \
+                 the agents' resync (every {} s) to announce them",
+                missing.len(),
+                lab.resync_seconds
+            );
+            told = true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 async fn start_etcd(lab: &mut Lab) -> Result<()> {
@@ -609,6 +659,7 @@ async fn node_add(name: &str, pods: Option<u32>) -> Result<()> {
         wait_ready_all(&lab, vec![(node.clone(), child)]).await?;
         let count = pods.unwrap_or(lab.pods_per_node);
         add_pods(&mut lab, &node, count).await?;
+        wait_blocks_announced(&lab, std::slice::from_ref(&node)).await?;
         Ok::<_, anyhow::Error>(node)
     }
     .await;
