@@ -684,7 +684,7 @@ async fn node_add(name: &str, pods: Option<u32>) -> Result<()> {
             eprintln!("lab: node-add failed; removing the new node");
             let node = format!("node{index}");
             if lab.node(&node).is_ok()
-                && let Err(d) = remove_node(&mut lab, &node).await
+                && let Err(d) = remove_node(&mut lab, &node, None).await
             {
                 eprintln!("lab: removing {node}: {d:#}");
             }
@@ -699,43 +699,31 @@ async fn node_del(name: &str, node: &str) -> Result<()> {
     // What the other nodes hold about it, to watch it disappear.
     let peers = show::Cluster::gather(&lab).await;
     let started = Instant::now();
-    let report = remove_node(&mut lab, node).await?;
+    let removal = remove_node(&mut lab, node, Some(&peers)).await?;
     println!(
         "{node} removed in {} ms (pods deleted: {}, agent: {})",
         started.elapsed().as_millis(),
         gone.pods.len(),
-        report
+        removal.agent
     );
-    let watch_from = Instant::now();
-    for other in &lab.nodes {
-        let mut waited = None;
-        while watch_from.elapsed() < Duration::from_secs(5) {
-            if show::traces_of(&peers, other, &gone.name).await?.is_empty() {
-                waited = Some(watch_from.elapsed());
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        match waited {
-            Some(_) => println!(
-                "  {}: no route, neighbour or FDB entry towards {node} left",
-                other.name
-            ),
-            None => println!(
-                "  {}: STILL holds entries towards {node}:\n    {}",
-                other.name,
-                show::traces_of(&peers, other, &gone.name)
-                    .await?
-                    .join("\n    ")
-            ),
-        }
+    for line in &removal.forgotten {
+        println!("  {line}");
     }
     Ok(())
 }
 
-/// DELs a node's pods, stops its agent, deletes its namespaces and forgets it.
-/// Returns how the agent stopped.
-async fn remove_node(lab: &mut Lab, node: &str) -> Result<String> {
+/// What removing a node did.
+struct Removal {
+    /// How the agent stopped.
+    agent: String,
+    /// Per other node: when it no longer held entries towards the removed one.
+    forgotten: Vec<String>,
+}
+
+/// DELs a node's pods, stops its agent, deletes its namespaces and forgets it. With
+/// `watch`, also measures how soon after the agent's SIGTERM the other nodes no longer hold
+/// any route, neighbour or FDB entry towards the node.
+async fn remove_node(lab: &mut Lab, node: &str, watch: Option<&show::Cluster>) -> Result<Removal> {
     let gone = lab.node(node)?.clone();
     let mut errors = Vec::new();
     let dels = gone.pods.iter().map(|pod| cni::del(lab, &gone, pod));
@@ -744,6 +732,7 @@ async fn remove_node(lab: &mut Lab, node: &str) -> Result<String> {
             errors.push(format!("{e:#}"));
         }
     }
+    let signalled = Instant::now();
     let agent = match &gone.agent {
         Some(proc) => {
             let signalled = unix_ms();
@@ -762,6 +751,33 @@ async fn remove_node(lab: &mut Lab, node: &str) -> Result<String> {
         }
         None => "none was running".to_owned(),
     };
+    let mut forgotten = Vec::new();
+    for other in lab.nodes.iter().filter(|n| n.name != node) {
+        let Some(cluster) = watch else {
+            break;
+        };
+        loop {
+            let traces = show::traces_of(cluster, other, node).await?;
+            if traces.is_empty() {
+                forgotten.push(format!(
+                    "{}: no route, neighbour or FDB entry towards {node} left {} ms after \
+                     the SIGTERM",
+                    other.name,
+                    signalled.elapsed().as_millis()
+                ));
+                break;
+            }
+            if signalled.elapsed() > Duration::from_secs(5) {
+                forgotten.push(format!(
+                    "{}: STILL holds entries towards {node} 5 s after the SIGTERM:\n    {}",
+                    other.name,
+                    traces.join("\n    ")
+                ));
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
     for pod in &gone.pods {
         if let Err(e) = net::delete_ns(&pod.ns) {
             errors.push(format!("{e:#}"));
@@ -794,7 +810,7 @@ async fn remove_node(lab: &mut Lab, node: &str) -> Result<String> {
     if !errors.is_empty() {
         bail!("removing {node}: {}", errors.join("; "));
     }
-    Ok(agent)
+    Ok(Removal { agent, forgotten })
 }
 
 // ---------------------------------------------------------------------------------------
