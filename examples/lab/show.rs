@@ -60,6 +60,8 @@ pub struct Cluster {
     pub nodes: Vec<NodeView>,
     /// Router addresses, one per segment.
     pub routers: Vec<IpAddr>,
+    /// Whether the pod network is the routed one.
+    pub routed: bool,
 }
 
 impl Cluster {
@@ -92,6 +94,7 @@ impl Cluster {
         }
         Cluster {
             mode: lab.mode.clone(),
+            routed: lab.pod_network == state::PodNetwork::Routed,
             routers: if lab.router.is_some() {
                 lab.underlays
                     .iter()
@@ -233,9 +236,17 @@ fn explain_route(c: &Cluster, me: &NodeView, r: &Value) -> String {
     let dev = s(r, "dev");
     let proto = s(r, "protocol");
     if s(r, "type") == "blackhole" {
+        let why = if c.routed {
+            "each pod's /32 wins over it, so traffic to an address of the block that no pod \
+             holds ends here instead of leaving the node again"
+        } else {
+            "the bridge's connected route for the same block (metric 0) wins while the bridge \
+             holds the block's gateway; without it, traffic to the block ends here instead of \
+             leaving the node again"
+        };
         return format!(
-            "blackhole for this node's own block {dst} (proto 108: the agent's): an address of \
-             the block that no pod holds is dropped here, not sent back to the underlay"
+            "blackhole for this node's own block {dst} (proto 108, metric 1024: the agent's): \
+             {why}"
         );
     }
     if proto == "107" {
@@ -421,13 +432,13 @@ fn explain_link(c: &Cluster, me: &NodeView, l: &Value) -> String {
     if name == NODE_NIC {
         return format!(
             "underlay NIC: veth to the bridge of segment {} (its peer, `{}`, is a port there); \
-             node-to-node traffic{} leave here",
+             {} here",
             me.subnet,
             me.name,
             if c.mode == "vxlan" {
-                " and VXLAN's UDP packets"
+                "node-to-node traffic and VXLAN's UDP packets leave"
             } else {
-                ""
+                "node-to-node traffic leaves"
             }
         );
     }
@@ -580,7 +591,11 @@ async fn show_node(c: &Cluster, node: &Node, me: &NodeView) -> Result<()> {
         item(&route_line(&r), &explain_route(c, me, &r));
     }
     println!("neighbours:");
-    for n in ip_json(ns, &["neigh", "show"]).await? {
+    let neighbours = ip_json(ns, &["neigh", "show"]).await?;
+    if neighbours.is_empty() {
+        println!("  (none)");
+    }
+    for n in neighbours {
         let states = n["state"]
             .as_array()
             .map(|a| {
