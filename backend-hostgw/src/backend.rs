@@ -37,10 +37,7 @@ impl HostGw<Netlink> {
 impl<K: Kernel> HostGw<K> {
     /// host-gw programming `kernel`. Touches nothing.
     pub fn with_kernel(kernel: K) -> Self {
-        HostGw {
-            kernel,
-            node: None,
-        }
+        HostGw { kernel, node: None }
     }
 
     /// The kernel it programs.

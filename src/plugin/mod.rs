@@ -206,11 +206,20 @@ pub async fn open_block_ipam(
         block.reserve = reserve;
     }
     let kind = StoreKind::from_ipam(&ipam.config)?;
-    if let (StoreKind::Etcd(store), false) = (&kind, ipam.config.contains_key("keyPrefix")) {
-        // The etcd store's `prefix` is where the pool's keys live.
-        if let Some(prefix) = store.get("prefix").and_then(serde_json::Value::as_str) {
-            block.key_prefix = prefix.to_owned();
+    if let StoreKind::Etcd(object) = &kind {
+        // etcd is shared by many pools: its `prefix` is where this pool's keys live.
+        let prefix = etcd_prefix(object)?;
+        if ipam.config.contains_key("keyPrefix") && block.key_prefix != prefix {
+            return Err(Error::invalid_config(
+                "ipam.keyPrefix",
+                format!(
+                    "{:?} differs from ipam.store.prefix {prefix:?}; with etcd, set only \
+                     ipam.store.prefix",
+                    block.key_prefix
+                ),
+            ));
         }
+        block.key_prefix = prefix;
     }
     block.validate()?;
     let store = open_store(&kind, &config.data_dir(&conf.name)).await?;
@@ -218,16 +227,47 @@ pub async fn open_block_ipam(
 }
 
 /// Opens the datastore `kind`; the file store lives in its `path`, else `<data_dir>/ipam`.
+/// Opening etcd does no I/O (the first request connects, within its deadline).
+///
+/// Errors: 7 for a bad store configuration or a store this build lacks.
 pub async fn open_store(kind: &StoreKind, data_dir: &std::path::Path) -> Result<Arc<dyn Store>> {
     match kind {
         StoreKind::File { path } => Ok(Arc::new(FileStore::new(
             path.clone().unwrap_or_else(|| data_dir.join("ipam")),
         ))),
-        StoreKind::Etcd(_) => Err(Error::invalid_config(
-            "ipam.store.type",
-            "this build has no `etcd` feature",
+        #[cfg(feature = "etcd")]
+        StoreKind::Etcd(object) => Ok(Arc::new(
+            ipam_etcd::EtcdStore::connect(&etcd_config(object)?).await?,
         )),
+        #[cfg(not(feature = "etcd"))]
+        StoreKind::Etcd(_) => Err(no_etcd()),
     }
+}
+
+/// The key prefix an `ipam.store` object of type `etcd` names. Errors: code 7.
+fn etcd_prefix(object: &serde_json::Map<String, serde_json::Value>) -> Result<String> {
+    #[cfg(feature = "etcd")]
+    return Ok(etcd_config(object)?.prefix);
+    #[cfg(not(feature = "etcd"))]
+    {
+        let _ = object;
+        Err(no_etcd())
+    }
+}
+
+/// The `ipam.store` object of type `etcd`, validated. Errors: code 7.
+#[cfg(feature = "etcd")]
+pub(crate) fn etcd_config(
+    object: &serde_json::Map<String, serde_json::Value>,
+) -> Result<ipam_etcd::Config> {
+    let config = ipam_etcd::Config::from_value(&serde_json::Value::Object(object.clone()))?;
+    config.validate()?;
+    Ok(config)
+}
+
+#[cfg(not(feature = "etcd"))]
+fn no_etcd() -> Error {
+    Error::invalid_config("ipam.store.type", "this build has no `etcd` feature")
 }
 
 /// The IPAM-only role: answers for another plugin whose `ipam.type` is [`IPAM_TYPE`].
