@@ -119,10 +119,7 @@ impl Parts for CnikitParts {
             });
         }
         // The IPAM must be buildable and its datastore reachable.
-        let ipam = self.ipam(request).await?;
-        ipam.ready().await.map_err(|e| Error::NotReady {
-            reason: format!("IPAM datastore: {e}"),
-        })
+        ipam_ready(self.ipam(request).await?.as_ref()).await
     }
 }
 
@@ -270,6 +267,13 @@ fn no_etcd() -> Error {
     Error::invalid_config("ipam.store.type", "this build has no `etcd` feature")
 }
 
+/// STATUS of an IPAM: its datastore must answer; anything else is "not ready" (code 50).
+async fn ipam_ready(ipam: &dyn Ipam) -> Result<()> {
+    ipam.ready().await.map_err(|e| Error::NotReady {
+        reason: format!("IPAM datastore: {e}"),
+    })
+}
+
 /// The IPAM-only role: answers for another plugin whose `ipam.type` is [`IPAM_TYPE`].
 #[derive(Debug, Clone, Default)]
 pub struct CnikitIpam;
@@ -324,7 +328,7 @@ impl Plugin for CnikitIpam {
     }
 
     async fn status(&self, request: &Request) -> Result<()> {
-        Self::ipam(request).await?.ready().await
+        ipam_ready(Self::ipam(request).await?.as_ref()).await
     }
 }
 
