@@ -478,6 +478,14 @@ impl<S: Store> BlockIpam<S> {
         Err(self.conflict("a block"))
     }
 
+    /// The allocation of a handle that was there before this call.
+    fn existing(&self, handle: &HandleRecord) -> Allocation {
+        Allocation {
+            existing: true,
+            ..self.allocation(handle)
+        }
+    }
+
     fn allocation(&self, handle: &HandleRecord) -> Allocation {
         Allocation {
             ips: vec![IpConfig {
@@ -522,7 +530,7 @@ impl<S: Store> BlockIpam<S> {
         let mut failures = 0;
         for _ in 0..MAX_ATTEMPTS {
             if let Some((_, handle)) = state.handles.get(attachment) {
-                return Ok(self.allocation(handle));
+                return Ok(self.existing(handle));
             }
             self.check_affinities(&state)?;
             let candidates = state.candidates(&self.geometry, window(failures));
@@ -564,7 +572,7 @@ impl<S: Store> BlockIpam<S> {
                     }
                     // Allocated meanwhile by a concurrent call for the same attachment.
                     if let Some((_, handle)) = state.handles.get(attachment) {
-                        return Ok(self.allocation(handle));
+                        return Ok(self.existing(handle));
                     }
                     self.backoff(failures).await;
                 }

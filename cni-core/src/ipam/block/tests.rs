@@ -60,8 +60,14 @@ async fn allocate_is_idempotent_in_two_round_trips() {
     assert!(net("10.244.0.0/26").contains(&address.addr()), "{address}");
     assert_eq!(first.ips[0].gateway, None, "Reserve::None has no gateway");
 
+    assert!(!first.existing, "a first allocation is new");
     let before = store.stats();
-    assert_eq!(ipam.allocate(&att("c1")).await.unwrap(), first);
+    let repeated = ipam.allocate(&att("c1")).await.unwrap();
+    assert!(
+        repeated.existing,
+        "a repeated allocation says it was there before"
+    );
+    assert_eq!(repeated.ips, first.ips);
     let again = store.stats();
     assert_eq!(
         (again.lists - before.lists, again.commits - before.commits),
