@@ -8,6 +8,7 @@ use anyhow::Result;
 use crate::state::{self, Lab, StoreKind};
 use crate::{STOP_GRACE, cni, net, procs, store};
 
+/// `down`: removes everything lab `name` made; exit 1 when something was left over.
 pub async fn down(name: &str) -> Result<ExitCode> {
     let dir = state::state_dir(name);
     let lab = match Lab::load(name) {

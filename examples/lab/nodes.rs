@@ -8,6 +8,8 @@ use crate::cni::{self, Binaries};
 use crate::state::Lab;
 use crate::{STOP_GRACE, net, procs, show, unix_ms, up};
 
+/// `node-add`: a new node (never a reused name, address or index), its agent and pods. On
+/// failure the new node is removed again.
 pub async fn node_add(name: &str, pods: Option<u32>) -> Result<()> {
     let bins = Binaries::find()?;
     let mut lab = Lab::require(name)?;
@@ -55,6 +57,7 @@ pub async fn node_add(name: &str, pods: Option<u32>) -> Result<()> {
     }
 }
 
+/// `node-del`: removes `node` and reports how soon the others forgot it.
 pub async fn node_del(name: &str, node: &str) -> Result<()> {
     let mut lab = Lab::require(name)?;
     let gone = lab.node(node)?.clone();
@@ -98,14 +101,20 @@ async fn remove_node(lab: &mut Lab, node: &str, watch: Option<&show::Cluster>) -
     let agent = match &gone.agent {
         Some(proc) => {
             let signalled = unix_ms();
-            match procs::stop(proc, STOP_GRACE).await? {
-                procs::Stopped::AlreadyGone => format!("pid {} had already exited", proc.pid),
-                procs::Stopped::Terminated(after) => format!(
+            match procs::stop(proc, STOP_GRACE).await {
+                Err(e) => {
+                    errors.push(format!("stopping the agent: {e:#}"));
+                    format!("pid {} could not be stopped", proc.pid)
+                }
+                Ok(procs::Stopped::AlreadyGone) => {
+                    format!("pid {} had already exited", proc.pid)
+                }
+                Ok(procs::Stopped::Terminated(after)) => format!(
                     "pid {} got SIGTERM at unix_ms {signalled}, exited after {} ms",
                     proc.pid,
                     after.as_millis()
                 ),
-                procs::Stopped::Killed => {
+                Ok(procs::Stopped::Killed) => {
                     errors.push(format!("agent pid {} ignored SIGTERM: killed", proc.pid));
                     format!("pid {} killed", proc.pid)
                 }
@@ -130,10 +139,10 @@ async fn remove_node(lab: &mut Lab, node: &str, watch: Option<&show::Cluster>) -
                 break;
             }
             if signalled.elapsed() > Duration::from_secs(5) {
-                forgotten.push(format!(
-                    "{}: STILL holds entries towards {node} 5 s after the SIGTERM:\n    {}",
+                errors.push(format!(
+                    "{} still holds entries towards {node} 5 s after the SIGTERM: {}",
                     other.name,
-                    traces.join("\n    ")
+                    traces.join("; ")
                 ));
                 break;
             }

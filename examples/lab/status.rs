@@ -6,6 +6,7 @@ use serde_json::json;
 use crate::state::Lab;
 use crate::{cni, net, procs};
 
+/// `status`: the nodes, their agents and readiness, the pods, etcd.
 pub async fn status(name: &str, as_json: bool) -> Result<()> {
     let lab = Lab::require(name)?;
     let mut nodes = Vec::new();

@@ -11,6 +11,7 @@ use crate::{UpArgs, down, modes, net, procs, store};
 /// How long a node may take to become ready (agent up, STATUS ok).
 const READY_WITHIN: Duration = Duration::from_secs(60);
 
+/// `up`: builds the lab; on failure (or SIGINT/SIGTERM) removes what it built.
 pub async fn up(name: &str, args: &UpArgs) -> Result<()> {
     let bins = Binaries::find()?;
     if Lab::load(name)?.is_some()
