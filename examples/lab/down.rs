@@ -14,7 +14,10 @@ pub async fn down(name: &str) -> Result<ExitCode> {
     let lab = match Lab::load(name) {
         Ok(lab) => lab,
         Err(e) => {
-            eprintln!("lab: the state file is unreadable ({e:#}); sweeping namespaces only");
+            eprintln!(
+                "lab: the state file is unreadable ({e:#}); sweeping namespaces only (the \
+                 agents and etcd it recorded are not stopped: their PIDs are unknown)"
+            );
             None
         }
     };
