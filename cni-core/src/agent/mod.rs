@@ -61,13 +61,18 @@ pub struct AgentConfig {
     pub ttl: Duration,
     /// Interval of the full resync (peers and own blocks).
     pub resync: Duration,
+    /// How often the node's own blocks are re-read between resyncs: the plugin claims a
+    /// new block when the node's pods fill the last one, and peers learn of it only once
+    /// the agent publishes it. One cheap datastore read per interval.
+    pub block_poll: Duration,
     /// On shutdown, leave devices, routes and the record to expire (an agent restart or
     /// upgrade); default: remove everything.
     pub keep_on_exit: bool,
 }
 
 impl AgentConfig {
-    /// A configuration with defaults: TTL 20 s, resync 10 s, remove everything on exit.
+    /// A configuration with defaults: TTL 20 s, resync 10 s, own blocks re-read every
+    /// second, remove everything on exit.
     pub fn new(node: impl Into<String>, data_dir: impl Into<PathBuf>) -> Self {
         AgentConfig {
             node: node.into(),
@@ -77,6 +82,7 @@ impl AgentConfig {
             mtu: None,
             ttl: Duration::from_secs(20),
             resync: Duration::from_secs(10),
+            block_poll: Duration::from_secs(1),
             keep_on_exit: false,
         }
     }
@@ -260,6 +266,9 @@ impl Agent {
         let mut resync = tokio::time::interval(self.config.resync);
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         resync.tick().await;
+        let mut block_poll = tokio::time::interval(self.config.block_poll);
+        block_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        block_poll.tick().await;
         let mut events = self.registry.watch(revision).await?;
         loop {
             tokio::select! {
@@ -304,6 +313,11 @@ impl Agent {
                         tracing::warn!(error = %e, "re-reading the node's blocks failed");
                     }
                     self.reconcile_logged().await;
+                }
+                _ = block_poll.tick() => {
+                    if let Err(e) = self.refresh_blocks().await {
+                        tracing::debug!(error = %e, "re-reading the node's blocks failed");
+                    }
                 }
             }
         }
