@@ -309,6 +309,14 @@ impl Agent {
                 }
                 _ = resync.tick() => {
                     self.relist(&mut revision).await;
+                    // Blocks the pods no longer need go back to the pool (never the last).
+                    match self.ipam.release_empty_blocks().await {
+                        Ok(blocks) if !blocks.is_empty() => {
+                            tracing::info!(?blocks, "empty blocks given back");
+                        }
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(error = %e, "giving back empty blocks failed"),
+                    }
                     if let Err(e) = self.refresh_blocks().await {
                         tracing::warn!(error = %e, "re-reading the node's blocks failed");
                     }
@@ -475,6 +483,12 @@ impl Agent {
             && let Err(e) = self.ipam.release(&tunnel).await
         {
             errors.push(e);
+        }
+        // The node leaves: its empty blocks go back to the pool.
+        match self.ipam.leave().await {
+            Ok(blocks) if !blocks.is_empty() => tracing::info!(?blocks, "blocks given back"),
+            Ok(_) => {}
+            Err(e) => errors.push(e),
         }
         Error::collect(errors)
     }

@@ -196,6 +196,17 @@ impl<S: Store> BlockIpam<S> {
     /// is un-drained. A block left draining by an interrupted run is finished or un-drained
     /// by the next run. Contention skips a block until the next run.
     pub async fn release_empty_blocks(&self) -> Result<Vec<IpNet>> {
+        self.give_back_empty_blocks(true).await
+    }
+
+    /// Gives back every block of this node that holds no address, the last one too: for a
+    /// node that leaves (its agent shuts down for good). Blocks with addresses stay. Same
+    /// two-step safety as [`release_empty_blocks`](Self::release_empty_blocks).
+    pub async fn leave(&self) -> Result<Vec<IpNet>> {
+        self.give_back_empty_blocks(false).await
+    }
+
+    async fn give_back_empty_blocks(&self, keep_one: bool) -> Result<Vec<IpNet>> {
         let state = self.load().await?;
         let in_use: BTreeSet<IpNet> = state
             .affinities
@@ -204,7 +215,7 @@ impl<S: Store> BlockIpam<S> {
             .copied()
             .collect();
         let mut keep = in_use;
-        if keep.is_empty() {
+        if keep.is_empty() && keep_one {
             let lowest = state
                 .open_blocks()
                 .next()

@@ -989,3 +989,44 @@ async fn many_clients_on_threads_stay_consistent() {
     let auditor = engine(&store, config("10.30.0.0/25", 28, "node0"));
     assert_consistent(&auditor).await;
 }
+
+#[tokio::test]
+async fn leave_gives_back_the_last_empty_block_but_never_a_used_one() {
+    let store = Mem::default();
+    let ipam = engine(&store, config("10.244.0.0/24", 26, "n1"));
+    let first = addr(&ipam, "c1").await;
+    assert_eq!(
+        ipam.release_empty_blocks().await.unwrap(),
+        Vec::<IpNet>::new()
+    );
+    assert_eq!(
+        ipam.leave().await.unwrap(),
+        Vec::<IpNet>::new(),
+        "c1 holds an address"
+    );
+    assert!(ipam.node_blocks().await.unwrap()[0].contains(&first));
+
+    ipam.release(&att("c1")).await.unwrap();
+    assert_eq!(
+        ipam.release_empty_blocks().await.unwrap(),
+        Vec::<IpNet>::new(),
+        "a running node keeps its last block"
+    );
+    let block = ipam.node_blocks().await.unwrap()[0];
+    assert_eq!(ipam.leave().await.unwrap(), vec![block]);
+    assert_eq!(ipam.node_blocks().await.unwrap(), Vec::<IpNet>::new());
+    assert_consistent(&ipam).await;
+
+    // Another node can claim it now.
+    let other = engine(&store, config("10.244.0.0/24", 26, "n2"));
+    let mut blocks = Vec::new();
+    for i in 0..4 {
+        let ip = addr(&other, &format!("o{i}")).await;
+        blocks.push(other.node_blocks().await.unwrap());
+        assert!(net("10.244.0.0/24").contains(&ip));
+    }
+    assert!(
+        blocks.last().unwrap().contains(&block),
+        "the freed block is claimable"
+    );
+}
