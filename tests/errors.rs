@@ -28,6 +28,8 @@
 //! | `ipam.maxBlocksPerNode` 0; `ipam.keyPrefix` without `/`; `ipam.store` unknown or not an object | 7 |
 //! | DEL and STATUS with a pool with host bits | 7 |
 //! | IPv6 pool with `mtu` 1000 (below the IPv6 minimum) | 7 |
+//! | `ipam.store` etcd with an unknown key, or no endpoints | 7 |
+//! | `ipam.store` etcd where no etcd listens | 11 |
 //! | `ipam.type` a plugin missing from `CNI_PATH` | 102 |
 #![cfg(all(feature = "bridge", feature = "routed"))]
 
@@ -150,6 +152,19 @@ const CASES: &[Case] = &[
         c["ipam"]["pool"] = json!("fd00:250::/120");
         c["ipam"]["blockSize"] = json!(124);
     }), 7),
+    case("etcd store with an unknown key", "ADD", &[], Stdin::Conf(|c| {
+        c["ipam"]["store"] = json!({"type": "etcd", "endpoints": ["http://127.0.0.1:9"], "cafile": "/x"})
+    }), 7),
+    case("etcd store without endpoints", "ADD", &[], Stdin::Conf(|c| {
+        c["ipam"]["store"] = json!({"type": "etcd", "endpoints": []})
+    }), 7),
+    // The datastore is unreachable: try again later (code 11), not a configuration error
+    // (a build without the `etcd` feature refuses the store type: 7).
+    case("etcd store where no etcd listens", "ADD", &[], Stdin::Conf(|c| {
+        c["ipam"]["store"] = json!({
+            "type": "etcd", "endpoints": ["http://127.0.0.1:9"], "dialTimeoutMs": 500, "timeoutMs": 500
+        })
+    }), if cfg!(feature = "etcd") { 11 } else { 7 }),
     // Delegation (code 102).
     case("delegated IPAM not in CNI_PATH", "ADD", &[], Stdin::Conf(|c| c["ipam"] = json!({"type": "no-such-ipam"})), 102),
 ];

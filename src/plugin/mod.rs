@@ -218,11 +218,21 @@ pub async fn open_block_ipam(
 }
 
 /// Opens the datastore `kind`; the file store lives in its `path`, else `<data_dir>/ipam`.
+///
+/// Errors: 7 for a bad `ipam.store` (or `etcd` in a build without the `etcd` feature), 11
+/// when etcd cannot be reached.
 pub async fn open_store(kind: &StoreKind, data_dir: &std::path::Path) -> Result<Arc<dyn Store>> {
     match kind {
         StoreKind::File { path } => Ok(Arc::new(FileStore::new(
             path.clone().unwrap_or_else(|| data_dir.join("ipam")),
         ))),
+        #[cfg(feature = "etcd")]
+        StoreKind::Etcd(object) => {
+            let etcd = ipam_etcd::Config::from_value(&serde_json::Value::Object(object.clone()))?;
+            etcd.validate()?;
+            Ok(Arc::new(ipam_etcd::EtcdStore::connect(&etcd).await?))
+        }
+        #[cfg(not(feature = "etcd"))]
         StoreKind::Etcd(_) => Err(Error::invalid_config(
             "ipam.store.type",
             "this build has no `etcd` feature",
