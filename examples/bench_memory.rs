@@ -147,7 +147,13 @@ async fn measure(args: &Args, agent: &Path, mode: &str) -> Result<Vec<Run>> {
     let underlay = lab.underlay("", 1)?;
     let node = &underlay.nodes[0];
     let store = lab.store_dir();
-    let conf = support::conflist(node, mode, "routed", &store, json!({ "resyncSeconds": 1 }));
+    let conf = support::conflist(
+        node,
+        mode,
+        "routed",
+        support::file_store(&store),
+        json!({ "resyncSeconds": 1 }),
+    );
     let ns = NetNs::named(&node.ns).await?;
     let settle = Duration::from_secs(args.settle_seconds);
     let registry = StoreRegistry::new(FileStore::new(&store));

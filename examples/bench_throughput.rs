@@ -198,7 +198,7 @@ async fn measure(args: &Args, agent: &Path, plugin: &Path, mode: &str) -> Result
     };
     for cycle in 0..args.repeats {
         for (i, p) in paths.iter().enumerate() {
-            let gbits = iperf(&lab, p, args.seconds, 1)?;
+            let gbits = iperf_retried(&lab, p, args.seconds)?;
             if args.verbose {
                 eprintln!("{mode} cycle {cycle}: {:<10} {gbits:.2} Gbit/s", p.name);
             }
@@ -211,6 +211,24 @@ async fn measure(args: &Args, agent: &Path, plugin: &Path, mode: &str) -> Result
     }
     drop(lab);
     Ok(figures)
+}
+
+/// [`iperf`] with one second of warm-up, tried again (up to 5 times) when it fails: when
+/// the machine's neighbour table is full (see the underlay's static ARP), a pod's or a node's
+/// dynamic entry may be evicted between runs and not come back at once.
+fn iperf_retried(lab: &Lab, path: &PathUnderTest, seconds: u32) -> Result<f64> {
+    let mut attempt = 1;
+    loop {
+        match iperf(lab, path, seconds, 1) {
+            Ok(gbits) => return Ok(gbits),
+            Err(e) if attempt >= 5 => return Err(e),
+            Err(e) => {
+                eprintln!("{}: run failed ({e:#}); again", path.name);
+                attempt += 1;
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+    }
 }
 
 /// One iperf3 run from the client to the server of `path`; Gbit/s received.
@@ -267,7 +285,13 @@ async fn cnikit_path(
     let store = lab.store_dir();
     let mut lists = Vec::new();
     for node in &underlay.nodes {
-        let conf = support::conflist(node, mode, &args.pod_network, &store, json!({}));
+        let conf = support::conflist(
+            node,
+            mode,
+            &args.pod_network,
+            support::file_store(&store),
+            json!({}),
+        );
         lab.start_agent(agent, node, &conf, "info").await?;
         lists.push(conf);
     }

@@ -26,6 +26,8 @@ use serde_json::{Value, json};
 /// The underlay subnet: node `i` is `10.200.0.<i+1>/16`; a /16 leaves room for a thousand
 /// synthetic peers.
 pub const UNDERLAY_PREFIX_LEN: u8 = 16;
+/// The underlay bridge's own address, where services of the underlay listen (etcd).
+pub const SERVICE_ADDRESS: &str = "10.200.255.254";
 /// The pod address pool of the benchmark networks.
 pub const POOL: &str = "10.244.0.0/16";
 /// Route protocol of the routes the routing backends write.
@@ -119,6 +121,36 @@ pub fn sysctl_in(ns: &str, key: &str, value: &str) -> Result<()> {
     .map(drop)
 }
 
+/// The MAC address of `dev` in namespace `ns`.
+pub fn mac_of(ns: &str, dev: &str) -> Result<String> {
+    let out = ip_in(ns, &["-j", "link", "show", "dev", dev])?;
+    let links: Value = serde_json::from_str(&out)?;
+    links
+        .pointer("/0/address")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .with_context(|| format!("no MAC address of {dev} in {ns}"))
+}
+
+/// `ip -n NS neigh replace ADDRESS lladdr MAC dev DEV nud permanent`.
+pub fn static_neighbour(ns: &str, dev: &str, address: &str, mac: &str) -> Result<()> {
+    ip_in(
+        ns,
+        &[
+            "neigh",
+            "replace",
+            address,
+            "lladdr",
+            mac,
+            "dev",
+            dev,
+            "nud",
+            "permanent",
+        ],
+    )
+    .map(drop)
+}
+
 /// `/run/netns/<name>`.
 pub fn ns_path(name: &str) -> PathBuf {
     Path::new(netns::NETNS_RUN_DIR).join(name)
@@ -131,7 +163,8 @@ struct Proc {
 }
 
 /// The namespaces, processes and temporary directory of one benchmark; all removed on drop:
-/// processes first (SIGTERM, then SIGKILL after 3 s), then namespaces.
+/// processes first, the last started first (SIGTERM, then SIGKILL after 3 s), then
+/// namespaces.
 pub struct Lab {
     prefix: String,
     namespaces: Vec<String>,
@@ -211,8 +244,9 @@ impl Lab {
     }
 
     /// An underlay: namespace `<prefix>-<tag>u` with bridge `br0` (netfilter calls off, as
-    /// on a switch) and `nodes` node namespaces `<prefix>-<tag>n<i>`, each with `eth0` on the
-    /// bridge at [`node_address`]`(i)`/16. Node `i` is named `<tag>node<i>`.
+    /// on a switch; address [`SERVICE_ADDRESS`]) and `nodes` node namespaces
+    /// `<prefix>-<tag>n<i>`, each with `eth0` on the bridge at [`node_address`]`(i)`/16.
+    /// Node `i` is named `<tag>node<i>`. Underlay addresses are resolved statically.
     pub fn underlay(&mut self, tag: &str, nodes: usize) -> Result<Underlay> {
         let ns = self.netns(&format!("{tag}u"))?;
         ip_in(&ns, &["link", "add", "br0", "type", "bridge"])?;
@@ -263,6 +297,34 @@ impl Lab {
                 ns: node_ns,
                 address,
             });
+        }
+        ip_in(
+            &ns,
+            &[
+                "addr",
+                "add",
+                &format!("{SERVICE_ADDRESS}/{UNDERLAY_PREFIX_LEN}"),
+                "dev",
+                "br0",
+            ],
+        )?;
+        // Static ARP on the underlay. The kernel's table of dynamic neighbour entries is one
+        // for all namespaces of the machine (net.ipv4.neigh.default.gc_thresh3, 1024 by
+        // default); when other namespaces fill it, new entries fail ("neighbor table
+        // overflow", ENOBUFS) and the underlay would drop packets at random. Permanent entries
+        // do not count against it. Every path the benchmarks compare gets the same underlay.
+        let mut stations = vec![(ns.clone(), "br0", SERVICE_ADDRESS.parse()?)];
+        stations.extend(list.iter().map(|n| (n.ns.clone(), "eth0", n.address)));
+        let macs = stations
+            .iter()
+            .map(|(ns, dev, _)| mac_of(ns, dev))
+            .collect::<Result<Vec<_>>>()?;
+        for (i, (ns, dev, _)) in stations.iter().enumerate() {
+            for (j, (_, _, address)) in stations.iter().enumerate() {
+                if i != j {
+                    static_neighbour(ns, dev, &address.to_string(), &macs[j])?;
+                }
+            }
         }
         Ok(Underlay { ns, nodes: list })
     }
@@ -322,10 +384,8 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        for p in &mut self.children {
-            let _ = kill(Pid::from_raw(p.child.id() as i32), Signal::SIGTERM);
-        }
-        for p in &mut self.children {
+        // Last started, first stopped: agents deregister while the datastore still runs.
+        for p in self.children.iter_mut().rev() {
             let status = terminate(&mut p.child, Duration::from_secs(3));
             if !status.success() && std::env::var_os("CNIKIT_BENCH_VERBOSE").is_some() {
                 eprintln!("{} ended: {status}", p.what);
@@ -402,10 +462,16 @@ pub struct Node {
     pub data_dir: PathBuf,
 }
 
+/// The `ipam.store` object of the file store in `dir`.
+pub fn file_store(dir: &Path) -> Value {
+    json!({ "type": "file", "path": dir })
+}
+
 /// The configuration list of the benchmark network for `node`: the `cnikit` plugin with
-/// pod network `pod_network`, routing `mode`, the block IPAM on the file store in
-/// `store`, and the agent on `eth0`. `agent` adds agent keys (`resyncSeconds`…).
-pub fn conflist(node: &Node, mode: &str, pod_network: &str, store: &Path, agent: Value) -> Value {
+/// pod network `pod_network`, routing `mode`, the block IPAM on the datastore `store` (an
+/// `ipam.store` object, see [`file_store`]), and the agent on `eth0`. `agent` adds agent
+/// keys (`resyncSeconds`…).
+pub fn conflist(node: &Node, mode: &str, pod_network: &str, store: Value, agent: Value) -> Value {
     let mut agent_keys = json!({ "interface": "eth0" });
     if let (Some(keys), Value::Object(more)) = (agent_keys.as_object_mut(), agent) {
         keys.extend(more);
@@ -424,7 +490,7 @@ pub fn conflist(node: &Node, mode: &str, pod_network: &str, store: &Path, agent:
                 "type": "cnikit-ipam",
                 "pool": POOL,
                 "blockSize": 26,
-                "store": { "type": "file", "path": store }
+                "store": store
             },
             "agent": agent_keys
         }]
