@@ -121,7 +121,7 @@ async fn run(args: &Args, agent: &Path) -> Result<()> {
     println!(
         "Convergence: {} node namespaces on one bridge, one real cnikit-agent process per node; \
          {} synthetic peers join and leave one at a time; route tables polled every {} us \
-         (file registry: watch poll {} ms)",
+         (file registry: inotify wake-ups, and a poll every {} ms for what inotify misses)",
         args.nodes,
         args.joins,
         args.poll_us,

@@ -57,6 +57,10 @@ struct Memory {
     rss: u64,
     /// Threads now.
     threads: u64,
+    /// Resident anonymous memory now (heap, stacks), KiB.
+    anon: u64,
+    /// Resident file-backed memory now (the binary's pages, mostly), KiB.
+    file: u64,
 }
 
 fn memory_of(pid: u32) -> Result<Memory> {
@@ -72,6 +76,8 @@ fn memory_of(pid: u32) -> Result<Memory> {
             "VmHWM:" => m.hwm = value,
             "VmRSS:" => m.rss = value,
             "Threads:" => m.threads = value,
+            "RssAnon:" => m.anon = value,
+            "RssFile:" => m.file = value,
             _ => {}
         }
     }
@@ -108,24 +114,29 @@ async fn run(args: &Args, agent: &Path) -> Result<()> {
         args.peers
     );
     println!(
-        "{:<8} {:<16} {:>10} {:>10} {:>8} {:>14} {:>12}",
-        "mode", "run", "VmHWM MiB", "VmRSS MiB", "threads", "time to route", "vs baseline"
+        "{:<8} {:<15} {:>9} {:>12} {:>9} {:>9} {:>7} {:>10}",
+        "mode", "run", "VmHWM MiB", "vs baseline", "anon MiB", "file MiB", "threads", "routed in"
     );
     for (mode, runs) in &rows {
         let base = runs[0].1.hwm;
         for (run, m, took) in runs {
             println!(
-                "{:<8} {:<16} {:>10.2} {:>10.2} {:>8} {:>12.0}ms {:>+10.2}MiB",
+                "{:<8} {:<15} {:>9.2} {:>+12.2} {:>9.2} {:>9.2} {:>7} {:>8.0}ms",
                 mode,
                 run,
                 mib(m.hwm),
-                mib(m.rss),
+                mib(m.hwm) - mib(base),
+                mib(m.anon),
+                mib(m.file),
                 m.threads,
                 took.as_secs_f64() * 1000.0,
-                mib(m.hwm) - mib(base),
             );
         }
     }
+    println!(
+        "(anon and file: resident now, heap and binary pages; routed in: from the agent's start, \
+         or from the first of the writes when the peers join)"
+    );
     for (mode, runs) in &rows {
         let peak = runs.iter().map(|(_, m, _)| m.hwm).max().unwrap_or(0);
         println!(

@@ -12,9 +12,11 @@
 //!   static neighbour, FDB entry and `onlink` route per peer, and pod MTU 1450;
 //! - **plain veth**: one veth pair between two namespaces, the machine's limit.
 //!
-//! The runs alternate (cnikit, hand-built, plain, cnikit, …), several seconds each, and the
-//! cycle repeats; printed are the medians and the ratios cnikit / hand-built (the goal is
-//! ≥ 0.95: the configuration costs nothing) and each / plain veth.
+//! The runs alternate (cnikit, hand-built, plain, cnikit, …; each cycle starts one path
+//! later), several seconds each, and the cycle repeats; printed are the medians and the
+//! ratios cnikit / hand-built (the goal is ≥ 0.95: the configuration costs nothing) and
+//! each / plain veth. `CNIKIT_BENCH_PAUSE=SECONDS` holds the namespaces that long before the
+//! measurements, to inspect them (`ip netns list | grep cnkb-tput`).
 //!
 //! Needs root and iperf3. Everything happens in namespaces the benchmark creates and removes,
 //! also on failure or ctrl-c.
@@ -139,14 +141,16 @@ async fn run(args: &Args, agent: &Path, plugin: &Path) -> Result<()> {
     println!("(the number after each figure is the pod MTU of that path)");
     for (mode, r) in &rows {
         let ratio = Stats::of(&r.ours).median / Stats::of(&r.hand).median;
+        let paired: Vec<f64> = r.ours.iter().zip(&r.hand).map(|(o, h)| o / h).collect();
         let spread = |v: &[f64]| {
             let s = Stats::of(v);
             format!("{:.2}..{:.2}", s.min, s.max)
         };
         println!(
-            "{mode}: cnikit/hand-built {ratio:.3} (goal >= 0.95: {}); ranges cnikit {}, hand {}, \
-             plain {}",
+            "{mode}: cnikit/hand-built {ratio:.3} (goal >= 0.95: {}; median of the per-cycle \
+             ratios {:.3}); ranges cnikit {}, hand {}, plain {}",
             if ratio >= 0.95 { "met" } else { "MISSED" },
+            Stats::of(&paired).median,
             spread(&r.ours),
             spread(&r.hand),
             spread(&r.plain)
@@ -178,8 +182,9 @@ async fn measure(args: &Args, agent: &Path, plugin: &Path, mode: &str) -> Result
         lab.spawn(&format!("iperf3 server ({})", p.name), &p.server, server)?;
     }
     // The servers take a moment to listen; a short run of each also warms the paths up.
+    // Patient: on a machine whose neighbour table is full a path may take a while.
     for p in &paths {
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             match iperf(&lab, p, 1, 0) {
                 Ok(_) => break,
@@ -190,6 +195,10 @@ async fn measure(args: &Args, agent: &Path, plugin: &Path, mode: &str) -> Result
             }
         }
     }
+    if let Ok(secs) = std::env::var("CNIKIT_BENCH_PAUSE") {
+        eprintln!("paused {secs} s: namespaces of {}", paths[0].client);
+        std::thread::sleep(Duration::from_secs(secs.parse().unwrap_or(60)));
+    }
     let mut figures = Figures {
         ours: Vec::new(),
         hand: Vec::new(),
@@ -197,7 +206,9 @@ async fn measure(args: &Args, agent: &Path, plugin: &Path, mode: &str) -> Result
         mtus: (paths[0].mtu, paths[1].mtu, paths[2].mtu),
     };
     for cycle in 0..args.repeats {
-        for (i, p) in paths.iter().enumerate() {
+        // Each cycle starts one path later, so that no path always runs first.
+        for i in (0..paths.len()).map(|k| (cycle + k) % paths.len()) {
+            let p = &paths[i];
             let gbits = iperf_retried(&lab, p, args.seconds)?;
             if args.verbose {
                 eprintln!("{mode} cycle {cycle}: {:<10} {gbits:.2} Gbit/s", p.name);
