@@ -27,8 +27,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
-use futures::StreamExt;
 use futures::stream::BoxStream;
+use futures::{FutureExt, StreamExt};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -316,10 +316,13 @@ impl<S: Store> Watcher<S> {
             }
             let hints = &mut self.hints;
             let hint = async {
-                match hints.as_mut() {
-                    Some(hints) => hints.next().await,
-                    None => std::future::pending().await,
-                }
+                let Some(hints) = hints.as_mut() else {
+                    return std::future::pending().await;
+                };
+                let hint = hints.next().await;
+                // One look for a burst of commits (parallel ADDs) that are all in already.
+                while let Some(Some(())) = hints.next().now_or_never() {}
+                hint
             };
             let wake = tokio::select! {
                 () = tokio::time::sleep(self.poll) => Wake::Look,
