@@ -184,7 +184,7 @@ async fn measure(
 ) -> Result<(Figures, Figures)> {
     let mut lab = Lab::new("conv")?;
     let underlay = lab.underlay("", args.nodes)?;
-    let (store, side) = match registry {
+    let (store, mut side) = match registry {
         "etcd" => {
             let endpoint = start_etcd(&mut lab, &underlay.ns)?;
             let mut config = cnikit::etcd::Config::new([endpoint]);
@@ -202,7 +202,6 @@ async fn measure(
             (support::file_store(&dir), side)
         }
     };
-    let mut side = side;
     for node in &underlay.nodes {
         let conf = support::conflist(node, mode, "routed", store.clone(), json!({}));
         lab.start_agent(agent, node, &conf, &args.log).await?;

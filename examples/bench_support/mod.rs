@@ -6,6 +6,10 @@
 //! Safety: nothing here touches the root network namespace. Every link, address, route and
 //! sysctl is made inside a namespace named `cnkb-<tag>-<pid>-…` that the benchmark creates;
 //! processes are started inside those namespaces and ended by PID.
+//!
+//! Environment: `CNIKIT_BENCH_KEEP=1` keeps the scratch directory (configuration lists,
+//! agent logs, stores) and prints where; `CNIKIT_BENCH_VERBOSE=1` reports processes that
+//! did not end cleanly.
 #![allow(dead_code)] // Each benchmark uses a part of the harness.
 
 use std::fs::File;
