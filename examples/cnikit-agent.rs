@@ -45,28 +45,28 @@ fn main() -> Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async {
+        // Handlers first: a SIGTERM that comes while the node is still coming up must stop
+        // the agent cleanly too, not kill it with half its entries in place.
+        let shutdown = shutdown()?;
         let list = cnikit::agent::read_conflist(&args.conflist)?;
         let entry = cnikit::agent::cnikit_entry(&list)?;
         let agent = cnikit::agent::build(&entry, std::path::Path::new("/proc/self/ns/net"))
             .await
             .context("configuring the node agent")?;
-        agent.run(shutdown()).await.context("node agent")?;
+        agent.run(shutdown).await.context("node agent")?;
         Ok(())
     })
 }
 
-/// Resolves on SIGTERM or SIGINT.
-async fn shutdown() {
+/// Installs the SIGTERM and SIGINT handlers now; the future resolves on either.
+fn shutdown() -> Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers; stopping");
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: stopping"),
-        _ = int.recv() => tracing::info!("SIGINT: stopping"),
-    }
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+            _ = int.recv() => tracing::info!("SIGINT: stopping"),
+        }
+    })
 }

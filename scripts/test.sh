@@ -18,4 +18,6 @@ for f in $(sed -n '/^\[features\]/,/^\[/p' Cargo.toml | grep -oE '^[a-z0-9-]+ ='
   cargo check -q -p cnikit --no-default-features --features "$f"
 done
 cargo check -q -p cnikit --no-default-features
+# The ipam-etcd tests run the plugin binary (the facade's example) with the etcd store.
+cargo build -q --example cnikit --all-features
 cargo test --workspace --all-features

@@ -164,8 +164,7 @@ async fn registry(
         }
         #[cfg(feature = "etcd")]
         StoreKind::Etcd(object) => {
-            let etcd = ipam_etcd::Config::from_value(&serde_json::Value::Object(object))?;
-            etcd.validate()?;
+            let etcd = plugin::etcd_config(&object)?;
             Ok(Arc::new(ipam_etcd::EtcdRegistry::connect(&etcd).await?))
         }
         #[cfg(not(feature = "etcd"))]

@@ -18,8 +18,6 @@ use crate::error::{Error, Result};
 pub struct HostGw<K = Netlink> {
     kernel: K,
     node: Option<Node>,
-    /// What the last pass reported, to log changes once rather than on every resync.
-    last_unroutable: BTreeMap<String, String>,
 }
 
 #[derive(Debug)]
@@ -39,11 +37,7 @@ impl HostGw<Netlink> {
 impl<K: Kernel> HostGw<K> {
     /// host-gw programming `kernel`. Touches nothing.
     pub fn with_kernel(kernel: K) -> Self {
-        HostGw {
-            kernel,
-            node: None,
-            last_unroutable: BTreeMap::new(),
-        }
+        HostGw { kernel, node: None }
     }
 
     /// The kernel it programs.
@@ -93,32 +87,17 @@ impl<K: Kernel> HostGw<K> {
         desired
     }
 
-    fn log(&mut self, report: &ReconcileReport) {
-        for (peer, reason) in &report.unroutable {
-            if self.last_unroutable.get(peer) != Some(reason) {
-                tracing::warn!(peer = %peer, reason = %reason, "host-gw: peer not routed");
-            }
-        }
-        for peer in self.last_unroutable.keys() {
-            if !report.unroutable.contains_key(peer) {
-                tracing::info!(peer = %peer, "host-gw: peer routable again");
-            }
-        }
-        self.last_unroutable = report.unroutable.clone();
+    async fn reconcile_inner(&mut self, peers: &[NodeRecord]) -> Result<ReconcileReport> {
+        let node = self.node.as_ref().ok_or(Error::NotInitialized)?;
+        let report = Self::desired(node, peers)
+            .apply(&self.kernel, &Ownership::default())
+            .await?;
         tracing::debug!(
             writes = report.writes,
             routed = report.routed,
             unroutable = report.unroutable.len(),
             "host-gw: reconciled"
         );
-    }
-
-    async fn reconcile_inner(&mut self, peers: &[NodeRecord]) -> Result<ReconcileReport> {
-        let node = self.node.as_ref().ok_or(Error::NotInitialized)?;
-        let report = Self::desired(node, peers)
-            .apply(&self.kernel, &Ownership::default())
-            .await?;
-        self.log(&report);
         Ok(report)
     }
 
@@ -128,7 +107,6 @@ impl<K: Kernel> HostGw<K> {
             .apply(&self.kernel, &Ownership::default())
             .await?;
         self.node = None;
-        self.last_unroutable.clear();
         Ok(())
     }
 }

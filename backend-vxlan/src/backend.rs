@@ -37,8 +37,6 @@ pub struct Vxlan<K = Netlink> {
     config: Config,
     kernel: K,
     node: Option<Node>,
-    /// What the last pass reported, to log changes once rather than on every resync.
-    last_unroutable: BTreeMap<String, String>,
 }
 
 #[derive(Debug)]
@@ -66,7 +64,6 @@ impl<K: Kernel> Vxlan<K> {
             config,
             kernel,
             node: None,
-            last_unroutable: BTreeMap::new(),
         })
     }
 
@@ -249,26 +246,6 @@ impl<K: Kernel> Vxlan<K> {
         desired
     }
 
-    fn log(&mut self, report: &ReconcileReport) {
-        for (peer, reason) in &report.unroutable {
-            if self.last_unroutable.get(peer) != Some(reason) {
-                tracing::warn!(peer = %peer, reason = %reason, "vxlan: peer not routed");
-            }
-        }
-        for peer in self.last_unroutable.keys() {
-            if !report.unroutable.contains_key(peer) {
-                tracing::info!(peer = %peer, "vxlan: peer routable again");
-            }
-        }
-        self.last_unroutable = report.unroutable.clone();
-        tracing::debug!(
-            writes = report.writes,
-            routed = report.routed,
-            unroutable = report.unroutable.len(),
-            "vxlan: reconciled"
-        );
-    }
-
     async fn reconcile_inner(&mut self, peers: &[NodeRecord]) -> Result<ReconcileReport> {
         let node = self.node.as_ref().ok_or(Error::NotInitialized)?;
         let owned = Ownership {
@@ -279,7 +256,12 @@ impl<K: Kernel> Vxlan<K> {
             .desired(node, peers)
             .apply(&self.kernel, &owned)
             .await?;
-        self.log(&report);
+        tracing::debug!(
+            writes = report.writes,
+            routed = report.routed,
+            unroutable = report.unroutable.len(),
+            "vxlan: reconciled"
+        );
         Ok(report)
     }
 
@@ -307,7 +289,6 @@ impl<K: Kernel> Vxlan<K> {
         }
         cni_core::Error::collect(errors)?;
         self.node = None;
-        self.last_unroutable.clear();
         Ok(())
     }
 }

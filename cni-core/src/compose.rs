@@ -112,15 +112,13 @@ impl<P: Parts> Plugin for Composed<P> {
         if let Some(path) = &pod.netns {
             crate::linux::netns::verify(path)?;
         }
-        // An attachment that holds addresses already (a repeated ADD of a running pod, or a
-        // retry after an interrupted one) keeps them if plugging in fails: they may be in
-        // use, and the runtime's DEL releases them.
-        let held_before = ipam.check(&pod.attachment).await.is_ok();
         let allocation = ipam.allocate(&pod.attachment).await?;
         let mut result = match network.add(&pod, &allocation).await {
             Ok(result) => result,
             Err(err) => {
-                if held_before {
+                // Addresses the attachment held before this ADD (a repeated ADD of a running
+                // pod) may be in use: they stay, and the runtime's DEL releases them.
+                if allocation.existing {
                     tracing::warn!(
                         attachment = ?pod.attachment,
                         error = %err,
@@ -224,8 +222,11 @@ mod tests {
     impl Ipam for Arc<Counting> {
         async fn allocate(&self, a: &Attachment) -> Result<Allocation> {
             self.allocations.fetch_add(1, Ordering::SeqCst);
-            *self.held.lock().unwrap() = Some(a.clone());
-            Ok(Allocation::default())
+            let existing = self.held.lock().unwrap().replace(a.clone()).as_ref() == Some(a);
+            Ok(Allocation {
+                existing,
+                ..Allocation::default()
+            })
         }
         async fn release(&self, _: &Attachment) -> Result<()> {
             self.releases.fetch_add(1, Ordering::SeqCst);

@@ -2,8 +2,9 @@
 //!
 //! Used by [`DelegatedIpam`](crate::ipam::DelegatedIpam) to run an IPAM plugin, and by tools
 //! and tests that play the runtime: [`Invocation`] holds the `CNI_*` parameters and execs one
-//! plugin; [`add_list`], [`check_list`], [`del_list`], [`gc_list`] and [`status_list`] run a
-//! whole configuration list the way libcni does.
+//! plugin; [`add_list`], [`check_list`], [`del_list`], [`gc_list`] and [`status_list`] (or
+//! [`status_list_with`], to pick the node namespace) run a whole configuration list the way
+//! libcni does.
 //!
 //! Errors: a plugin that is not in `CNI_PATH`, cannot be started, or prints something that is
 //! neither a result nor an error object gives [`Error::DelegateExec`] (code 102); a plugin
@@ -498,12 +499,27 @@ pub async fn gc_list(list: &ConfList, cni_path: &[PathBuf], valid: &[GcAttachmen
 /// STATUS for a whole list, in order; the first plugin that is not ready ends it with its
 /// error (50/51 from a plugin that follows the spec). Does nothing before 1.1.0.
 pub async fn status_list(list: &ConfList, cni_path: &[PathBuf]) -> Result<()> {
+    status_list_with(
+        list,
+        &Invocation::global(Command::Status, cni_path.to_vec()),
+    )
+    .await
+}
+
+/// [`status_list`] with the plugin processes run as `invocation` says: its `CNI_PATH` and
+/// [`runtime_netns`](Invocation::runtime_netns) (the node whose readiness is asked, when one
+/// machine plays several nodes). Its command, container, netns, interface and `CNI_ARGS` are
+/// ignored: STATUS is about no attachment. Errors as [`status_list`].
+pub async fn status_list_with(list: &ConfList, invocation: &Invocation) -> Result<()> {
     list.validate()?;
     let version = list.negotiate()?;
     if !version.supports_gc_status() {
         return Ok(());
     }
-    let invocation = Invocation::global(Command::Status, cni_path.to_vec());
+    let invocation = Invocation {
+        runtime_netns: invocation.runtime_netns.clone(),
+        ..Invocation::global(Command::Status, invocation.cni_path.clone())
+    };
     for (i, plugin) in list.plugins.iter().enumerate() {
         let config = list.plugin_config(i, version, None, &Map::new())?;
         invocation

@@ -11,7 +11,7 @@ use std::time::Duration;
 use etcd_client::{Certificate, Client, ConnectOptions, GetOptions, Identity, TlsOptions};
 
 use crate::config::{Config, Scheme};
-use crate::error::{Error, Result, root_cause};
+use crate::error::{Error, Result, is_deadline, root_cause};
 
 /// HTTP/2 ping interval on the connection, so a dead member is noticed by long-lived watch
 /// and keep-alive streams. etcd refuses pings more often than every 5 s by default.
@@ -169,8 +169,9 @@ impl Connection {
         self.count();
         match tokio::time::timeout(self.inner.timeout, request).await {
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(Error::from_etcd(&self.inner.endpoints, op, e)),
-            Err(_) => Err(Error::Timeout {
+            Ok(Err(e)) if !is_deadline(&e) => Err(Error::from_etcd(&self.inner.endpoints, op, e)),
+            // The client's own deadline, equal to ours, may fire first.
+            Ok(Err(_)) | Err(_) => Err(Error::Timeout {
                 endpoints: self.inner.endpoints.clone(),
                 op,
                 millis: duration_millis(self.inner.timeout),

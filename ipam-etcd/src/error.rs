@@ -194,6 +194,28 @@ fn classify(e: &etcd_client::Error) -> Class {
     }
 }
 
+/// Whether the client gave up on a request because its deadline passed: the client's own
+/// deadline (configured equal to `timeoutMs`) fires as a cancelled status, etcd's as
+/// `DeadlineExceeded`. Such failures are reported as [`Error::Timeout`].
+pub(crate) fn is_deadline(e: &etcd_client::Error) -> bool {
+    let etcd_client::Error::GRpcStatus(status) = e else {
+        return false;
+    };
+    match status.code() {
+        tonic::Code::DeadlineExceeded => return true,
+        tonic::Code::Cancelled if status.message() == "Timeout expired" => return true,
+        _ => {}
+    }
+    let mut next = std::error::Error::source(status);
+    while let Some(err) = next {
+        if err.downcast_ref::<tonic::TimeoutExpired>().is_some() {
+            return true;
+        }
+        next = err.source();
+    }
+    false
+}
+
 /// The chain of causes of a client error, in words, without repeats: what a person needs to
 /// see (like `tcp connect error: Connection refused (os error 111)`).
 pub(crate) fn root_cause(e: &etcd_client::Error) -> String {
@@ -336,6 +358,26 @@ mod tests {
         }
         .into();
         assert_eq!(c.code(), ErrorCode(7));
+    }
+
+    #[test]
+    fn client_deadlines_are_timeouts() {
+        let expired = etcd_client::Error::GRpcStatus(tonic::Status::from_error(Box::new(
+            tonic::TimeoutExpired(()),
+        )));
+        assert!(is_deadline(&expired), "{expired:?}");
+        assert!(is_deadline(&status(
+            tonic::Code::DeadlineExceeded,
+            "context deadline exceeded"
+        )));
+        assert!(!is_deadline(&status(
+            tonic::Code::Cancelled,
+            "the client went away"
+        )));
+        assert!(!is_deadline(&status(
+            tonic::Code::Unavailable,
+            "connection refused"
+        )));
     }
 
     fn status(code: tonic::Code, msg: &str) -> etcd_client::Error {

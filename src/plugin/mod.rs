@@ -119,10 +119,7 @@ impl Parts for CnikitParts {
             });
         }
         // The IPAM must be buildable and its datastore reachable.
-        let ipam = self.ipam(request).await?;
-        ipam.ready().await.map_err(|e| Error::NotReady {
-            reason: format!("IPAM datastore: {e}"),
-        })
+        ipam_ready(self.ipam(request).await?.as_ref()).await
     }
 }
 
@@ -206,11 +203,20 @@ pub async fn open_block_ipam(
         block.reserve = reserve;
     }
     let kind = StoreKind::from_ipam(&ipam.config)?;
-    if let (StoreKind::Etcd(store), false) = (&kind, ipam.config.contains_key("keyPrefix")) {
-        // The etcd store's `prefix` is where the pool's keys live.
-        if let Some(prefix) = store.get("prefix").and_then(serde_json::Value::as_str) {
-            block.key_prefix = prefix.to_owned();
+    if let StoreKind::Etcd(object) = &kind {
+        // etcd is shared by many pools: its `prefix` is where this pool's keys live.
+        let prefix = etcd_prefix(object)?;
+        if ipam.config.contains_key("keyPrefix") && block.key_prefix != prefix {
+            return Err(Error::invalid_config(
+                "ipam.keyPrefix",
+                format!(
+                    "{:?} differs from ipam.store.prefix {prefix:?}; with etcd, set only \
+                     ipam.store.prefix",
+                    block.key_prefix
+                ),
+            ));
         }
+        block.key_prefix = prefix;
     }
     block.validate()?;
     let store = open_store(&kind, &config.data_dir(&conf.name)).await?;
@@ -218,26 +224,54 @@ pub async fn open_block_ipam(
 }
 
 /// Opens the datastore `kind`; the file store lives in its `path`, else `<data_dir>/ipam`.
+/// Opening etcd does no I/O (the first request connects, within its deadline).
 ///
-/// Errors: 7 for a bad `ipam.store` (or `etcd` in a build without the `etcd` feature), 11
-/// when etcd cannot be reached.
+/// Errors: 7 for a bad store configuration or a store this build lacks.
 pub async fn open_store(kind: &StoreKind, data_dir: &std::path::Path) -> Result<Arc<dyn Store>> {
     match kind {
         StoreKind::File { path } => Ok(Arc::new(FileStore::new(
             path.clone().unwrap_or_else(|| data_dir.join("ipam")),
         ))),
         #[cfg(feature = "etcd")]
-        StoreKind::Etcd(object) => {
-            let etcd = ipam_etcd::Config::from_value(&serde_json::Value::Object(object.clone()))?;
-            etcd.validate()?;
-            Ok(Arc::new(ipam_etcd::EtcdStore::connect(&etcd).await?))
-        }
-        #[cfg(not(feature = "etcd"))]
-        StoreKind::Etcd(_) => Err(Error::invalid_config(
-            "ipam.store.type",
-            "this build has no `etcd` feature",
+        StoreKind::Etcd(object) => Ok(Arc::new(
+            ipam_etcd::EtcdStore::connect(&etcd_config(object)?).await?,
         )),
+        #[cfg(not(feature = "etcd"))]
+        StoreKind::Etcd(_) => Err(no_etcd()),
     }
+}
+
+/// The key prefix an `ipam.store` object of type `etcd` names. Errors: code 7.
+fn etcd_prefix(object: &serde_json::Map<String, serde_json::Value>) -> Result<String> {
+    #[cfg(feature = "etcd")]
+    return Ok(etcd_config(object)?.prefix);
+    #[cfg(not(feature = "etcd"))]
+    {
+        let _ = object;
+        Err(no_etcd())
+    }
+}
+
+/// The `ipam.store` object of type `etcd`, validated. Errors: code 7.
+#[cfg(feature = "etcd")]
+pub(crate) fn etcd_config(
+    object: &serde_json::Map<String, serde_json::Value>,
+) -> Result<ipam_etcd::Config> {
+    let config = ipam_etcd::Config::from_value(&serde_json::Value::Object(object.clone()))?;
+    config.validate()?;
+    Ok(config)
+}
+
+#[cfg(not(feature = "etcd"))]
+fn no_etcd() -> Error {
+    Error::invalid_config("ipam.store.type", "this build has no `etcd` feature")
+}
+
+/// STATUS of an IPAM: its datastore must answer; anything else is "not ready" (code 50).
+async fn ipam_ready(ipam: &dyn Ipam) -> Result<()> {
+    ipam.ready().await.map_err(|e| Error::NotReady {
+        reason: format!("IPAM datastore: {e}"),
+    })
 }
 
 /// The IPAM-only role: answers for another plugin whose `ipam.type` is [`IPAM_TYPE`].
@@ -294,7 +328,7 @@ impl Plugin for CnikitIpam {
     }
 
     async fn status(&self, request: &Request) -> Result<()> {
-        Self::ipam(request).await?.ready().await
+        ipam_ready(Self::ipam(request).await?.as_ref()).await
     }
 }
 

@@ -61,13 +61,18 @@ pub struct AgentConfig {
     pub ttl: Duration,
     /// Interval of the full resync (peers and own blocks).
     pub resync: Duration,
+    /// How often the node's own blocks are re-read between resyncs: the plugin claims a
+    /// new block when the node's pods fill the last one, and peers learn of it only once
+    /// the agent publishes it. One cheap datastore read per interval.
+    pub block_poll: Duration,
     /// On shutdown, leave devices, routes and the record to expire (an agent restart or
     /// upgrade); default: remove everything.
     pub keep_on_exit: bool,
 }
 
 impl AgentConfig {
-    /// A configuration with defaults: TTL 20 s, resync 10 s, remove everything on exit.
+    /// A configuration with defaults: TTL 20 s, resync 10 s, own blocks re-read every
+    /// second, remove everything on exit.
     pub fn new(node: impl Into<String>, data_dir: impl Into<PathBuf>) -> Self {
         AgentConfig {
             node: node.into(),
@@ -77,6 +82,7 @@ impl AgentConfig {
             mtu: None,
             ttl: Duration::from_secs(20),
             resync: Duration::from_secs(10),
+            block_poll: Duration::from_secs(1),
             keep_on_exit: false,
         }
     }
@@ -150,21 +156,33 @@ impl Agent {
     }
 
     /// Runs until `shutdown` resolves: brings the node up, then keeps the routes in line
-    /// with the peers. On shutdown removes what it made (see [`AgentConfig::keep_on_exit`]).
+    /// with the peers. On shutdown removes what it made (see [`AgentConfig::keep_on_exit`]),
+    /// also when `shutdown` resolves while the node is still coming up.
     ///
     /// Errors: what stops the node from coming up (no underlay, no block, the mode's devices,
     /// the registry unreachable at start). Once up, failures are logged and retried at the
     /// next event or resync.
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<()> {
         let started = Instant::now();
-        let revision = match self.start().await {
-            Ok(revision) => revision,
-            Err(e) => {
+        let shutdown = shutdown.fuse();
+        futures::pin_mut!(shutdown);
+        let start = tokio::select! {
+            result = self.start() => Some(result),
+            () = &mut shutdown => None,
+        };
+        let revision = match start {
+            Some(Ok(revision)) => revision,
+            Some(Err(e)) => {
                 tracing::error!(error = %e, "node agent failed to start; removing what it made");
                 if let Err(cleanup) = self.stop().await {
                     tracing::warn!(error = %cleanup, "cleanup after a failed start");
                 }
                 return Err(e);
+            }
+            None => {
+                // Stopped halfway: whatever start made is removed, as on a failed start.
+                tracing::info!("shutdown while starting; removing what was made");
+                return self.stop().await;
             }
         };
         tracing::info!(
@@ -194,8 +212,10 @@ impl Agent {
         let blocks = self.ipam.node_blocks().await?;
         let tunnel_address = if self.routing.needs_tunnel_address() {
             let attachment = Attachment::new(TUNNEL_NETWORK, &self.config.node, "tunnel");
+            // Recorded before allocating: a start stopped during the allocation must still
+            // release it (release is Ok when nothing was allocated).
+            self.tunnel = Some(attachment.clone());
             let allocation = self.ipam.allocate(&attachment).await?;
-            self.tunnel = Some(attachment);
             allocation.ips.first().map(|ip| ip.address.addr())
         } else {
             None
@@ -246,6 +266,9 @@ impl Agent {
         let mut resync = tokio::time::interval(self.config.resync);
         resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         resync.tick().await;
+        let mut block_poll = tokio::time::interval(self.config.block_poll);
+        block_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        block_poll.tick().await;
         let mut events = self.registry.watch(revision).await?;
         loop {
             tokio::select! {
@@ -290,6 +313,11 @@ impl Agent {
                         tracing::warn!(error = %e, "re-reading the node's blocks failed");
                     }
                     self.reconcile_logged().await;
+                }
+                _ = block_poll.tick() => {
+                    if let Err(e) = self.refresh_blocks().await {
+                        tracing::debug!(error = %e, "re-reading the node's blocks failed");
+                    }
                 }
             }
         }

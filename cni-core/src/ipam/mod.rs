@@ -56,6 +56,11 @@ pub struct Allocation {
     /// DNS settings the IPAM knows of.
     #[serde(default)]
     pub dns: Dns,
+    /// The attachment held these addresses before this call (a repeated ADD, or a
+    /// concurrent one that won): they may be in use, so a caller rolling back a failed ADD
+    /// must not release them. Not part of any JSON.
+    #[serde(skip)]
+    pub existing: bool,
 }
 
 impl From<CniResult> for Allocation {
@@ -64,6 +69,7 @@ impl From<CniResult> for Allocation {
             ips: r.ips,
             routes: r.routes,
             dns: r.dns,
+            existing: false,
         }
     }
 }

@@ -60,8 +60,14 @@ async fn allocate_is_idempotent_in_two_round_trips() {
     assert!(net("10.244.0.0/26").contains(&address.addr()), "{address}");
     assert_eq!(first.ips[0].gateway, None, "Reserve::None has no gateway");
 
+    assert!(!first.existing, "a first allocation is new");
     let before = store.stats();
-    assert_eq!(ipam.allocate(&att("c1")).await.unwrap(), first);
+    let repeated = ipam.allocate(&att("c1")).await.unwrap();
+    assert!(
+        repeated.existing,
+        "a repeated allocation says it was there before"
+    );
+    assert_eq!(repeated.ips, first.ips);
     let again = store.stats();
     assert_eq!(
         (again.lists - before.lists, again.commits - before.commits),
@@ -618,6 +624,104 @@ async fn an_allocation_racing_a_block_give_back_fails_over_cleanly() {
     );
     assert_eq!(agent.node_blocks().await.unwrap(), blocks);
     assert_consistent(&agent).await;
+}
+
+/// A store that runs a hook once, just before the first list of exactly `prefix`.
+struct BeforeList<H> {
+    inner: Mem,
+    hook: tokio::sync::Mutex<Option<H>>,
+    prefix: &'static str,
+}
+
+#[async_trait]
+impl<H, F> Store for BeforeList<H>
+where
+    H: FnOnce() -> F + Send + Sync,
+    F: std::future::Future<Output = ()> + Send,
+{
+    async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
+        self.inner.get(key).await
+    }
+    async fn list(&self, prefix: &str) -> Result<Vec<KeyValue>, StoreError> {
+        if prefix == self.prefix {
+            let hook = self.hook.lock().await.take();
+            if let Some(h) = hook {
+                h().await;
+            }
+        }
+        self.inner.list(prefix).await
+    }
+    async fn commit(&self, txn: Txn) -> Result<TxnOutcome, StoreError> {
+        self.inner.commit(txn).await
+    }
+    fn describe(&self) -> String {
+        "hooked".into()
+    }
+}
+
+/// Two processes of one node start on an empty node; the other one claims the last free
+/// block of the pool while this one looks for a block: this one must allocate in that block,
+/// not report the pool as full.
+#[tokio::test]
+async fn a_block_claimed_by_the_same_node_meanwhile_is_used_not_code_100() {
+    let store = Mem::default();
+    let cfg = config("10.16.0.0/26", 26, "n1");
+    let other = Arc::new(engine(&store, cfg.clone()));
+    let other_got = Arc::new(Mutex::new(None));
+    let (hook_other, hook_got) = (Arc::clone(&other), Arc::clone(&other_got));
+    let hooked = BeforeList {
+        inner: Arc::clone(&store),
+        hook: tokio::sync::Mutex::new(Some(move || async move {
+            let a = addr(&hook_other, "other").await;
+            *hook_got.lock().unwrap() = Some(a);
+        })),
+        // The pool-wide ownership list, read when looking for a free block.
+        prefix: "/cnikit/blocks/",
+    };
+    let this = BlockIpam::new(hooked, cfg).unwrap();
+    let got = this
+        .allocate(&att("this"))
+        .await
+        .expect("allocates in the block the other process claimed")
+        .ips[0]
+        .address
+        .addr();
+    let other_got = other_got.lock().unwrap().expect("the hook ran");
+    assert_ne!(got, other_got);
+    assert_eq!(
+        other.node_blocks().await.unwrap(),
+        vec![net("10.16.0.0/26")]
+    );
+    assert_consistent(&other).await;
+}
+
+/// A node whose blocks are full and that can claim no other block reports code 100, unless
+/// an address of it was released after it read its keys.
+#[tokio::test]
+async fn an_address_released_while_the_pool_looks_full_is_used_not_code_100() {
+    let store = Mem::default();
+    let cfg = config("10.17.0.0/30", 30, "n1");
+    let other = Arc::new(engine(&store, cfg.clone()));
+    let mut held = Vec::new();
+    for i in 0..4 {
+        held.push(addr(&other, &format!("c{i}")).await);
+    }
+    let e = other.allocate(&att("c4")).await.unwrap_err();
+    assert_eq!(code(&e), 100, "{e}");
+    let hook_other = Arc::clone(&other);
+    let hooked = BeforeList {
+        inner: Arc::clone(&store),
+        hook: tokio::sync::Mutex::new(Some(move || async move {
+            hook_other.release(&att("c2")).await.unwrap();
+        })),
+        prefix: "/cnikit/blocks/",
+    };
+    let this = BlockIpam::new(hooked, cfg).unwrap();
+    let got = this.allocate(&att("this")).await.expect("allocates").ips[0]
+        .address
+        .addr();
+    assert_eq!(got, held[2], "the address c2 released");
+    assert_consistent(&other).await;
 }
 
 #[tokio::test]

@@ -1,0 +1,240 @@
+//! The node agent's life against the real kernel, in a private namespace (needs root; skips
+//! loudly without it), with an in-memory datastore and a stand-in routing mode that records
+//! what the agent asks of it.
+//!
+//! - Stopped once up: the node record, the tunnel address, the blackhole routes and the node
+//!   state file are all gone, and the mode was torn down.
+//! - Stopped while still coming up (the mode's `init` never finishes): the agent returns
+//!   instead of hanging, and removes what it had made so far (the tunnel address).
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use cni_core::Result;
+use cni_core::agent::{Agent, AgentConfig, AgentIpam, blackhole};
+use cni_core::ipam::{BlockIpam, BlockIpamConfig};
+use cni_core::linux::{NetNs, netns};
+use cni_core::registry::{NodeRecord, NodeRegistry, StoreRegistry};
+use cni_core::routing::{CrossNodeRouting, LocalNode, ReconcileReport};
+use cni_core::state::NodeState;
+use cni_core::store::{MemoryStore, Store};
+use tokio::sync::Notify;
+
+fn root(test: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    eprintln!("SKIPPED: {test}: needs root (network namespaces)");
+    false
+}
+
+/// A namespace with an "underlay": a veth pair whose `eth0` has 10.99.0.1/24; deleted on
+/// drop.
+struct Node {
+    name: String,
+}
+
+impl Node {
+    fn new(tag: &str) -> Node {
+        let name = format!("cnkt-agent-{tag}-{}", std::process::id());
+        netns::create_named(&name).expect("create netns");
+        let node = Node { name };
+        for args in [
+            &["link", "set", "lo", "up"][..],
+            &[
+                "link", "add", "eth0", "type", "veth", "peer", "name", "eth1",
+            ],
+            &["addr", "add", "10.99.0.1/24", "dev", "eth0"],
+            &["link", "set", "eth0", "up"],
+            &["link", "set", "eth1", "up"],
+        ] {
+            let out = Command::new("ip")
+                .args(["-n", &node.name])
+                .args(args)
+                .output()
+                .expect("run ip");
+            assert!(
+                out.status.success(),
+                "ip {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        node
+    }
+
+    fn path(&self) -> std::path::PathBuf {
+        std::path::Path::new(netns::NETNS_RUN_DIR).join(&self.name)
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Err(e) = netns::delete_named(&self.name) {
+            eprintln!("cleanup: ip netns del {}: {e}", self.name);
+        }
+    }
+}
+
+/// A routing mode that needs a tunnel address and records init and teardown; its init can
+/// be made to never finish.
+struct StandIn {
+    init_hangs: bool,
+    init_started: Arc<Notify>,
+    torn_down: Arc<AtomicBool>,
+}
+
+#[async_trait]
+impl CrossNodeRouting for StandIn {
+    fn mode(&self) -> &'static str {
+        "stand-in"
+    }
+    async fn init(&mut self, _local: &LocalNode) -> Result<()> {
+        self.init_started.notify_one();
+        if self.init_hangs {
+            std::future::pending::<()>().await;
+        }
+        Ok(())
+    }
+    fn node_data(&self) -> BTreeMap<String, String> {
+        BTreeMap::new()
+    }
+    fn mtu_overhead(&self) -> u32 {
+        0
+    }
+    fn needs_tunnel_address(&self) -> bool {
+        true
+    }
+    async fn reconcile(&mut self, _peers: &[NodeRecord]) -> Result<ReconcileReport> {
+        Ok(ReconcileReport::default())
+    }
+    async fn teardown(&mut self) -> Result<()> {
+        self.torn_down.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+struct Setup {
+    agent: Agent,
+    store: Arc<dyn Store>,
+    registry: Arc<StoreRegistry<Arc<dyn Store>>>,
+    init_started: Arc<Notify>,
+    torn_down: Arc<AtomicBool>,
+    data: tempfile::TempDir,
+}
+
+async fn setup(node: &Node, init_hangs: bool) -> Setup {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let mut config = BlockIpamConfig::new("10.98.0.0/24".parse().unwrap(), "n1", "agent-test");
+    config.block_prefix = 28;
+    let ipam: AgentIpam = BlockIpam::new(store.clone(), config).expect("ipam");
+    let registry = Arc::new(StoreRegistry::new(store.clone()));
+    let init_started = Arc::new(Notify::new());
+    let torn_down = Arc::new(AtomicBool::new(false));
+    let routing = StandIn {
+        init_hangs,
+        init_started: init_started.clone(),
+        torn_down: torn_down.clone(),
+    };
+    let data = tempfile::tempdir().expect("temp dir");
+    let mut agent_config = AgentConfig::new("n1", data.path());
+    agent_config.interface = Some("eth0".into());
+    let ns = NetNs::open(node.path()).await.expect("open netns");
+    let agent = Agent::new(agent_config, ns, ipam, registry.clone(), Box::new(routing));
+    Setup {
+        agent,
+        store,
+        registry,
+        init_started,
+        torn_down,
+        data,
+    }
+}
+
+/// Keys that must not outlive the agent: addresses in use, handles, node records.
+async fn leftovers(store: &Arc<dyn Store>) -> Vec<String> {
+    store
+        .list("/")
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|kv| kv.key)
+        .filter(|k| {
+            k.contains("/used/") || k.contains("/handles/") || k.contains("/registry/nodes/")
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopped_once_up_removes_everything() {
+    if !root("stopped_once_up_removes_everything") {
+        return;
+    }
+    let node = Node::new("up");
+    let s = setup(&node, false).await;
+    let state_dir = s.data.path().to_path_buf();
+    let registry = s.registry.clone();
+    let store = s.store.clone();
+    let stop = Arc::new(Notify::new());
+    let stop_rx = stop.clone();
+    let run = tokio::spawn(s.agent.run(async move { stop_rx.notified().await }));
+
+    // Up: the state file is written last.
+    let up = tokio::time::timeout(Duration::from_secs(10), async {
+        while NodeState::read(&state_dir).unwrap().is_none() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(up.is_ok(), "the agent wrote no node state within 10 s");
+    let nodes = registry.list().await.unwrap().nodes;
+    assert_eq!(nodes.len(), 1, "registered: {nodes:?}");
+    assert_eq!(nodes[0].address, "10.99.0.1".parse::<IpAddr>().unwrap());
+    let ns = NetNs::open(node.path()).await.unwrap();
+    assert_eq!(blackhole::list(&ns).await.unwrap(), nodes[0].blocks);
+    assert!(
+        leftovers(&store)
+            .await
+            .iter()
+            .any(|k| k.contains("/handles/cnikit-tunnel/")),
+        "the tunnel address is allocated"
+    );
+
+    stop.notify_one();
+    let result = tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("the agent stops within 10 s")
+        .expect("agent task");
+    result.expect("a clean stop");
+    assert!(s.torn_down.load(Ordering::SeqCst), "the mode was torn down");
+    assert_eq!(leftovers(&store).await, Vec::<String>::new());
+    assert!(blackhole::list(&ns).await.unwrap().is_empty());
+    assert!(NodeState::read(&state_dir).unwrap().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopped_while_coming_up_returns_and_cleans_up() {
+    if !root("stopped_while_coming_up_returns_and_cleans_up") {
+        return;
+    }
+    let node = Node::new("start");
+    let s = setup(&node, true).await;
+    let store = s.store.clone();
+    let init_started = s.init_started.clone();
+    // Shutdown comes while the mode's init hangs: the tunnel address is allocated by then.
+    let shutdown = async move { init_started.notified().await };
+    let result = tokio::time::timeout(Duration::from_secs(10), s.agent.run(shutdown)).await;
+    let result = result.expect("the agent returns when stopped while starting, not hang");
+    result.expect("a clean stop");
+    assert!(s.torn_down.load(Ordering::SeqCst), "the mode was torn down");
+    assert_eq!(
+        leftovers(&store).await,
+        Vec::<String>::new(),
+        "the tunnel address is released"
+    );
+    assert!(NodeState::read(s.data.path()).unwrap().is_none());
+}

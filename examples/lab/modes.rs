@@ -1,0 +1,70 @@
+//! The routing modes the lab knows: what each adds to the conflist and how `show` explains
+//! it. A mode is a string passed through to the conflist's `routing`; a new mode (ipip,
+//! bgp, ebpf) is one more row in [`MODES`], plus explanations for its own devices in
+//! `show.rs` if it makes any.
+
+use serde_json::{Map, Value, json};
+
+use crate::state::Lab;
+
+/// The VXLAN device name the lab configures (the backend's default).
+pub const VXLAN_DEVICE: &str = "cnikit.vxlan";
+/// The VXLAN network identifier of the lab.
+pub const VXLAN_VNI: u32 = 1;
+/// The VXLAN UDP port of the lab.
+pub const VXLAN_PORT: u16 = 4789;
+
+/// One routing mode.
+pub struct Mode {
+    /// The conflist's `routing` value.
+    pub name: &'static str,
+    /// How it works, for `show`.
+    pub about: &'static str,
+    /// Mode-specific keys of the `cnikit` conflist entry.
+    pub keys: fn(&Lab) -> Map<String, Value>,
+}
+
+/// The modes with lab defaults.
+pub const MODES: &[Mode] = &[
+    Mode {
+        name: "host-gw",
+        about: "host-gw: no encapsulation. Each node routes every peer's pod block to that \
+                peer's underlay address (`BLOCK via PEER dev eth0`), so it only works when \
+                the peers share the L2 segment; a peer behind a router is reported \
+                unroutable (node-state.json `unroutable`) and gets no route.",
+        keys: |_| Map::new(),
+    },
+    Mode {
+        name: "vxlan",
+        about: "vxlan: pod packets to another node are wrapped in UDP (port 4789, VNI 1) by \
+                the device cnikit.vxlan, whose address (the VTEP) comes from the node's own \
+                block. Per peer the agent writes three entries: a route `BLOCK via \
+                PEER_VTEP dev cnikit.vxlan onlink`, a permanent neighbour PEER_VTEP -> \
+                PEER_VTEP_MAC (no ARP goes into the tunnel) and an FDB entry PEER_VTEP_MAC -> \
+                PEER_UNDERLAY_IP (where the UDP packet goes). Learning is off: nothing is \
+                guessed from traffic. Works across routers.",
+        keys: |lab| {
+            let mut keys = Map::new();
+            keys.insert(
+                "vxlan".into(),
+                json!({
+                    "vni": VXLAN_VNI,
+                    "port": VXLAN_PORT,
+                    "device": VXLAN_DEVICE,
+                    "directRouting": lab.direct_routing,
+                }),
+            );
+            keys
+        },
+    },
+];
+
+/// The row of `mode`, if the lab knows it.
+pub fn find(mode: &str) -> Option<&'static Mode> {
+    MODES.iter().find(|m| m.name == mode)
+}
+
+/// The names of the known modes, for messages.
+pub fn names() -> String {
+    MODES.iter().map(|m| m.name).collect::<Vec<_>>().join(", ")
+}

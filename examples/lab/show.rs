@@ -1,0 +1,713 @@
+//! `show`: each node's devices, addresses, routes, neighbours and FDB entries, read with
+//! `ip -j` and `bridge -j` inside the node's namespace, each with what it is for.
+//!
+//! The explanations come from matching every entry against what the lab knows about the
+//! cluster: each node's underlay address, blocks (its node state file), VTEP (the address
+//! and MAC of its VXLAN device) and pods (their addresses, MACs and host-side veths).
+
+use std::net::IpAddr;
+
+use anyhow::Result;
+use cnikit::core::linux::veth;
+use cnikit::core::state::NodeState;
+use ipnet::IpNet;
+use serde_json::Value;
+
+use crate::modes;
+use crate::net::{self, NODE_NIC, bridge_json, ip_json};
+use crate::state::{self, Lab, Node};
+
+/// A pod as `show` needs it.
+#[derive(Debug, Clone)]
+pub struct PodView {
+    /// `node1/pod1`.
+    pub name: String,
+    /// Namespace.
+    pub ns: String,
+    /// Address.
+    pub ip: Option<IpAddr>,
+    /// MAC of its `eth0`.
+    pub mac: Option<String>,
+    /// Name of the host end of its veth.
+    pub host_veth: String,
+}
+
+/// A node as `show` needs it.
+#[derive(Debug, Clone)]
+pub struct NodeView {
+    /// Node name.
+    pub name: String,
+    /// Underlay address.
+    pub address: IpAddr,
+    /// Its underlay segment.
+    pub subnet: String,
+    /// Its blocks (from its node state file).
+    pub blocks: Vec<IpNet>,
+    /// Its node state file, if written.
+    pub state: Option<NodeState>,
+    /// VTEP address and MAC, when it has a VXLAN device.
+    pub vtep: Option<(IpAddr, String)>,
+    /// Its pods.
+    pub pods: Vec<PodView>,
+}
+
+/// Everything the explanations refer to.
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    /// Routing mode.
+    pub mode: String,
+    /// Every node.
+    pub nodes: Vec<NodeView>,
+    /// Router addresses, one per segment.
+    pub routers: Vec<IpAddr>,
+    /// Whether the pod network is the routed one.
+    pub routed: bool,
+}
+
+impl Cluster {
+    /// Reads what the lab knows and each node's VTEP from its kernel.
+    pub async fn gather(lab: &Lab) -> Cluster {
+        let mut nodes = Vec::new();
+        for node in &lab.nodes {
+            let state = NodeState::read(&node.data_dir()).ok().flatten();
+            let vtep = vtep_of(&node.ns).await;
+            let pods = node
+                .pods
+                .iter()
+                .map(|p| PodView {
+                    name: p.name.clone(),
+                    ns: p.ns.clone(),
+                    ip: p.ip().and_then(|ip| ip.parse().ok()),
+                    mac: pod_mac(p.result.as_ref()),
+                    host_veth: veth::host_name(&p.container_id, state::POD_IFNAME),
+                })
+                .collect();
+            nodes.push(NodeView {
+                name: node.name.clone(),
+                address: IpAddr::V4(node.address),
+                subnet: lab.underlays[node.underlay].subnet(),
+                blocks: state.as_ref().map(|s| s.blocks.clone()).unwrap_or_default(),
+                state,
+                vtep,
+                pods,
+            });
+        }
+        Cluster {
+            mode: lab.mode.clone(),
+            routed: lab.pod_network == state::PodNetwork::Routed,
+            routers: if lab.router.is_some() {
+                lab.underlays
+                    .iter()
+                    .map(|u| IpAddr::V4(u.router()))
+                    .collect()
+            } else {
+                Vec::new()
+            },
+            nodes,
+        }
+    }
+
+    fn node_of_block(&self, dst: &str) -> Option<&NodeView> {
+        let net: IpNet = dst.parse().ok()?;
+        self.nodes.iter().find(|n| n.blocks.contains(&net))
+    }
+
+    fn node_by_address(&self, ip: &str) -> Option<&NodeView> {
+        let ip: IpAddr = ip.parse().ok()?;
+        self.nodes.iter().find(|n| n.address == ip)
+    }
+
+    fn node_by_vtep(&self, ip: &str) -> Option<&NodeView> {
+        let ip: IpAddr = ip.parse().ok()?;
+        self.nodes
+            .iter()
+            .find(|n| n.vtep.as_ref().is_some_and(|(a, _)| *a == ip))
+    }
+
+    fn node_by_vtep_mac(&self, mac: &str) -> Option<&NodeView> {
+        self.nodes.iter().find(|n| {
+            n.vtep
+                .as_ref()
+                .is_some_and(|(_, m)| m.eq_ignore_ascii_case(mac))
+        })
+    }
+
+    fn pod_by_ip(&self, ip: &str) -> Option<&PodView> {
+        let ip: IpAddr = ip.split('/').next()?.parse().ok()?;
+        self.nodes
+            .iter()
+            .flat_map(|n| &n.pods)
+            .find(|p| p.ip == Some(ip))
+    }
+
+    fn pod_by_mac(&self, mac: &str) -> Option<&PodView> {
+        self.nodes.iter().flat_map(|n| &n.pods).find(|p| {
+            p.mac
+                .as_deref()
+                .is_some_and(|m| m.eq_ignore_ascii_case(mac))
+        })
+    }
+
+    fn pod_by_veth(&self, dev: &str) -> Option<&PodView> {
+        self.nodes
+            .iter()
+            .flat_map(|n| &n.pods)
+            .find(|p| p.host_veth == dev)
+    }
+
+    fn view(&self, name: &str) -> Option<&NodeView> {
+        self.nodes.iter().find(|n| n.name == name)
+    }
+}
+
+/// The VTEP (address, MAC) of the VXLAN device in `ns`, if there is one.
+async fn vtep_of(ns: &str) -> Option<(IpAddr, String)> {
+    let links = ip_json(ns, &["addr", "show", "dev", modes::VXLAN_DEVICE])
+        .await
+        .ok()?;
+    let link = links.first()?;
+    let mac = link["address"].as_str()?.to_owned();
+    let addr = link["addr_info"]
+        .as_array()?
+        .iter()
+        .find(|a| a["family"] == "inet")?["local"]
+        .as_str()?
+        .parse()
+        .ok()?;
+    Some((addr, mac))
+}
+
+/// The MAC of the pod's interface in an ADD result.
+fn pod_mac(result: Option<&Value>) -> Option<String> {
+    result?["interfaces"]
+        .as_array()?
+        .iter()
+        .find(|i| i.get("sandbox").is_some())?["mac"]
+        .as_str()
+        .map(str::to_owned)
+}
+
+fn s<'a>(v: &'a Value, key: &str) -> &'a str {
+    v[key].as_str().unwrap_or("")
+}
+
+fn has_flag(v: &Value, key: &str, flag: &str) -> bool {
+    v[key]
+        .as_array()
+        .is_some_and(|f| f.iter().any(|x| x.as_str() == Some(flag)))
+}
+
+fn is_multicast_mac(mac: &str) -> bool {
+    mac.starts_with("33:33:") || mac.starts_with("01:00:5e:")
+}
+
+/// A route as `ip route` prints it.
+fn route_line(r: &Value) -> String {
+    let mut out = Vec::new();
+    if s(r, "type") != "unicast" && !s(r, "type").is_empty() {
+        out.push(s(r, "type").to_owned());
+    }
+    out.push(s(r, "dst").to_owned());
+    if !s(r, "gateway").is_empty() {
+        out.push(format!("via {}", s(r, "gateway")));
+    }
+    if !s(r, "dev").is_empty() {
+        out.push(format!("dev {}", s(r, "dev")));
+    }
+    if !s(r, "protocol").is_empty() {
+        out.push(format!("proto {}", s(r, "protocol")));
+    }
+    if s(r, "scope") == "link" {
+        out.push("scope link".into());
+    }
+    if let Some(m) = r["metric"].as_u64() {
+        out.push(format!("metric {m}"));
+    }
+    if has_flag(r, "flags", "onlink") {
+        out.push("onlink".into());
+    }
+    out.join(" ")
+}
+
+/// What a route is for.
+fn explain_route(c: &Cluster, me: &NodeView, r: &Value) -> String {
+    let dst = s(r, "dst");
+    let gw = s(r, "gateway");
+    let dev = s(r, "dev");
+    let proto = s(r, "protocol");
+    if s(r, "type") == "blackhole" {
+        let why = if c.routed {
+            "each pod's /32 wins over it, so traffic to an address of the block that no pod \
+             holds ends here instead of leaving the node again"
+        } else {
+            "the bridge's connected route for the same block (metric 0) wins while the bridge \
+             holds the block's gateway; without it, traffic to the block ends here instead of \
+             leaving the node again"
+        };
+        return format!(
+            "blackhole for this node's own block {dst} (proto 108, metric 1024: the agent's): \
+             {why}"
+        );
+    }
+    if proto == "107" {
+        let owner = c.node_of_block(dst).map(|n| n.name.as_str()).unwrap_or("?");
+        if dev == modes::VXLAN_DEVICE {
+            return format!(
+                "VXLAN route to {owner}'s block via {owner}'s VTEP {gw}; onlink because the \
+                 VTEP is in no connected subnet: the permanent neighbour entry below gives its \
+                 MAC, the FDB entry where to send the UDP packet (proto 107: the agent's)"
+            );
+        }
+        if c.mode == "vxlan" {
+            return format!(
+                "DirectRouting: {owner} shares this segment, so its block goes straight to its \
+                 underlay address {gw}, without the tunnel (proto 107: the agent's)"
+            );
+        }
+        return format!(
+            "host-gw route to {owner}'s block via {owner}'s underlay address {gw}: same L2 \
+             segment, so the packet is sent to {owner}'s MAC as it is, no encapsulation \
+             (proto 107: the agent's)"
+        );
+    }
+    if dev == "cnikit0" && me.blocks.iter().any(|b| b.to_string() == dst) {
+        return format!(
+            "this node's block {dst} on the pod bridge (connected, from the gateway address): \
+             pods of this node are reached directly"
+        );
+    }
+    if let Some(pod) = c.pod_by_veth(dev) {
+        return format!(
+            "routed pod network: host route to {}'s /32 through its veth {dev} (added by the \
+             plugin at ADD)",
+            pod.name
+        );
+    }
+    if dev == NODE_NIC && proto == "kernel" {
+        return format!("this node's underlay segment {dst} (connected): peers on it are on-link");
+    }
+    if !gw.is_empty() && c.routers.iter().any(|r| r.to_string() == gw) {
+        return format!(
+            "the other underlay segment {dst} via the router {gw}: peers there are off-link{}",
+            match c.mode.as_str() {
+                "host-gw" => " (host-gw cannot route their blocks: reported unroutable)",
+                "vxlan" => " (VXLAN's UDP packets to them take this route)",
+                _ => "",
+            }
+        );
+    }
+    "a route not made by cnikit or the lab".into()
+}
+
+/// What a route inside a pod is for.
+fn explain_pod_route(r: &Value) -> String {
+    let dst = s(r, "dst");
+    let gw = s(r, "gateway");
+    match (dst, gw) {
+        ("default", "169.254.1.1") => "the pod's default route via 169.254.1.1: an address no \
+             one has; the host end of the veth answers its ARP (proxy ARP), so every packet \
+             goes to the node, which routes it"
+            .into(),
+        ("default", gw) => format!(
+            "the pod's default route via {gw}, the node's pod bridge: everything off the \
+             block goes to the node, which routes it"
+        ),
+        ("169.254.1.1", _) => "makes the gateway 169.254.1.1 on-link on eth0".into(),
+        (dst, "") => format!(
+            "the block {dst} is on-link: pods of the same node are reached over the bridge \
+             directly"
+        ),
+        _ => "a route of the pod".into(),
+    }
+}
+
+/// What a neighbour entry is for.
+fn explain_neigh(c: &Cluster, n: &Value) -> String {
+    let dst = s(n, "dst");
+    let dev = s(n, "dev");
+    let permanent = has_flag(n, "state", "PERMANENT");
+    if dev == modes::VXLAN_DEVICE {
+        if let Some(peer) = c.node_by_vtep(dst) {
+            return format!(
+                "{}'s VTEP {dst} -> its VTEP MAC{}: written by the agent, so the kernel never \
+                 sends an ARP request into the tunnel",
+                peer.name,
+                if permanent { ", permanent" } else { "" }
+            );
+        }
+        return "a neighbour on the VXLAN device that matches no current peer".into();
+    }
+    if let Some(peer) = c.node_by_address(dst) {
+        return format!(
+            "ARP entry for {}'s underlay address, learned by the kernel: the next hop of {} to \
+             {}",
+            peer.name,
+            if c.mode == "vxlan" {
+                "VXLAN's UDP packets"
+            } else {
+                "host-gw routes"
+            },
+            peer.name
+        );
+    }
+    if c.routers.iter().any(|r| r.to_string() == dst) {
+        return "ARP entry for the router to the other segment, learned by the kernel".into();
+    }
+    if let Some(pod) = c.pod_by_ip(dst) {
+        return format!(
+            "ARP entry for pod {} on {dev}, learned by the kernel",
+            pod.name
+        );
+    }
+    "a neighbour entry".into()
+}
+
+/// What an FDB entry is for; `None` for the multicast entries counted in one line.
+fn explain_fdb(c: &Cluster, f: &Value) -> Option<String> {
+    let mac = s(f, "mac");
+    let dev = s(f, "ifname");
+    let dst = s(f, "dst");
+    let master = s(f, "master");
+    if dev == modes::VXLAN_DEVICE {
+        let who = c
+            .node_by_vtep_mac(mac)
+            .map(|n| n.name.as_str())
+            .unwrap_or("?");
+        let to = c
+            .node_by_address(dst)
+            .map(|n| n.name.as_str())
+            .unwrap_or("?");
+        return Some(format!(
+            "{who}'s VTEP MAC -> {to}'s underlay address {dst}: a frame for that MAC leaves in \
+             a UDP packet to {dst} (written by the agent; learning is off)"
+        ));
+    }
+    if !master.is_empty() {
+        if s(f, "state") == "permanent" {
+            return Some(if dev == master {
+                format!("the bridge {master}'s own MAC")
+            } else {
+                format!("the MAC of port {dev} itself (local to the bridge)")
+            });
+        }
+        let pod = c
+            .pod_by_mac(mac)
+            .map(|p| p.name.as_str())
+            .unwrap_or("a pod");
+        return Some(format!(
+            "learned by the bridge {master}: {pod}'s MAC is behind port {dev}"
+        ));
+    }
+    if is_multicast_mac(mac) {
+        return None;
+    }
+    Some("a local entry of the device".into())
+}
+
+fn fdb_line(f: &Value) -> String {
+    let mut out = vec![s(f, "mac").to_owned(), format!("dev {}", s(f, "ifname"))];
+    if !s(f, "dst").is_empty() {
+        out.push(format!("dst {}", s(f, "dst")));
+    }
+    if !s(f, "master").is_empty() {
+        out.push(format!("master {}", s(f, "master")));
+    }
+    for flag in f["flags"].as_array().into_iter().flatten() {
+        out.push(flag.as_str().unwrap_or("").to_owned());
+    }
+    if !s(f, "state").is_empty() {
+        out.push(s(f, "state").to_owned());
+    }
+    out.join(" ")
+}
+
+/// What a device is for.
+fn explain_link(c: &Cluster, me: &NodeView, l: &Value) -> String {
+    let name = s(l, "ifname");
+    let kind = l["linkinfo"]["info_kind"].as_str().unwrap_or("");
+    let master = s(l, "master");
+    if name == "lo" {
+        return "loopback".into();
+    }
+    if name == NODE_NIC {
+        return format!(
+            "underlay NIC: veth to the bridge of segment {} (its peer, `{}`, is a port there); \
+             {} here",
+            me.subnet,
+            me.name,
+            if c.mode == "vxlan" {
+                "node-to-node traffic and VXLAN's UDP packets leave"
+            } else {
+                "node-to-node traffic leaves"
+            }
+        );
+    }
+    match kind {
+        "bridge" => format!(
+            "pod bridge: each pod's host-side veth is a port; its address is the pods' default \
+             gateway and makes the node's block a connected subnet; MTU {}",
+            l["mtu"]
+        ),
+        "vxlan" => {
+            let d = &l["linkinfo"]["info_data"];
+            format!(
+                "VXLAN device: VNI {}, UDP port {}, local {} (this node's underlay address), \
+                 dev {}, learning {}; its /32 address is this node's VTEP, taken from the \
+                 node's own block so no pod gets it; MTU {} = underlay MTU - 50 bytes of \
+                 outer Ethernet/IP/UDP/VXLAN headers",
+                d["id"],
+                d["port"],
+                d["local"].as_str().unwrap_or("?"),
+                d["link"].as_str().unwrap_or("?"),
+                if d["learning"] == true { "ON" } else { "off" },
+                l["mtu"]
+            )
+        }
+        "veth" => match c.pod_by_veth(name) {
+            Some(pod) => {
+                let ip = pod.ip.map(|i| i.to_string()).unwrap_or_default();
+                if master.is_empty() {
+                    format!(
+                        "host end of pod {}'s veth (its `eth0` {ip}); routed: no bridge, proxy \
+                         ARP answers the pod's ARP for its gateway 169.254.1.1, a /32 route \
+                         points here",
+                        pod.name
+                    )
+                } else {
+                    format!(
+                        "host end of pod {}'s veth (its `eth0` {ip}), a port of {master}",
+                        pod.name
+                    )
+                }
+            }
+            None => "a veth that belongs to no pod of the lab".into(),
+        },
+        "" => "a device".into(),
+        other => format!("a {other} device"),
+    }
+}
+
+fn link_line(l: &Value) -> String {
+    let addrs: Vec<String> = l["addr_info"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|a| a["scope"] != "link" && a["scope"] != "host")
+        .map(|a| format!("{}/{}", s(a, "local"), a["prefixlen"]))
+        .collect();
+    let kind = l["linkinfo"]["info_kind"].as_str().unwrap_or("");
+    let mut out = format!("{} ", s(l, "ifname"));
+    if !kind.is_empty() {
+        out.push_str(&format!("({kind}) "));
+    }
+    if !s(l, "master").is_empty() {
+        out.push_str(&format!("master {} ", s(l, "master")));
+    }
+    out.push_str(&format!("mac {} mtu {}", s(l, "address"), l["mtu"]));
+    if !addrs.is_empty() {
+        out.push_str(&format!(" addr {}", addrs.join(" ")));
+    }
+    out
+}
+
+fn item(line: &str, why: &str) {
+    println!("  {line}\n      -> {why}");
+}
+
+/// Prints every node (or one).
+pub async fn show(lab: &Lab, only: Option<&str>) -> Result<()> {
+    if let Some(name) = only {
+        lab.node(name)?;
+    }
+    let c = Cluster::gather(lab).await;
+    println!(
+        "lab {}: mode {}, {} pod network, pool {} in /{} blocks",
+        lab.name,
+        lab.mode,
+        lab.pod_network.as_str(),
+        state::POOL,
+        state::BLOCK_SIZE
+    );
+    match modes::find(&lab.mode) {
+        Some(mode) => println!("{}", wrap(mode.about, 92)),
+        None => println!("(no description of mode {})", lab.mode),
+    }
+    if lab.pod_network == state::PodNetwork::Routed {
+        println!(
+            "{}",
+            wrap(
+                "routed pod network: no bridge. Each pod has a /32 address and the default \
+                 route via 169.254.1.1, which the host end of its veth answers by proxy ARP; \
+                 the node has a /32 route per pod pointing at its veth.",
+                92
+            )
+        );
+    }
+    for node in &lab.nodes {
+        if only.is_some_and(|o| o != node.name) {
+            continue;
+        }
+        let Some(me) = c.view(&node.name) else {
+            continue;
+        };
+        show_node(&c, node, me).await?;
+    }
+    Ok(())
+}
+
+async fn show_node(c: &Cluster, node: &Node, me: &NodeView) -> Result<()> {
+    let ns = &node.ns;
+    println!(
+        "\n=== {} (netns {ns}) underlay {} on {}, agent pid {} ===",
+        node.name,
+        node.address,
+        me.subnet,
+        node.agent
+            .as_ref()
+            .map(|a| a.pid.to_string())
+            .unwrap_or_else(|| "-".into())
+    );
+    for pod in &me.pods {
+        println!(
+            "pod {} (netns {}): eth0 {} mac {}, host end {}",
+            pod.name,
+            pod.ns,
+            pod.ip.map(|i| i.to_string()).unwrap_or_default(),
+            pod.mac.as_deref().unwrap_or("?"),
+            pod.host_veth
+        );
+        if net::ns_exists(&pod.ns) {
+            for r in ip_json(&pod.ns, &["route", "show"]).await? {
+                item(&route_line(&r), &explain_pod_route(&r));
+            }
+        }
+    }
+    println!("devices:");
+    for l in ip_json(ns, &["-d", "addr", "show"]).await? {
+        item(&link_line(&l), &explain_link(c, me, &l));
+    }
+    println!("routes (main table):");
+    for r in ip_json(ns, &["-d", "route", "show"]).await? {
+        item(&route_line(&r), &explain_route(c, me, &r));
+    }
+    println!("neighbours:");
+    let neighbours = ip_json(ns, &["neigh", "show"]).await?;
+    if neighbours.is_empty() {
+        println!("  (none)");
+    }
+    for n in neighbours {
+        let states = n["state"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_str())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
+            .unwrap_or_default();
+        let line = format!(
+            "{} dev {} lladdr {} {states}",
+            s(&n, "dst"),
+            s(&n, "dev"),
+            s(&n, "lladdr")
+        );
+        item(&line, &explain_neigh(c, &n));
+    }
+    println!("bridge FDB:");
+    let mut multicast = 0;
+    for f in bridge_json(ns, &["fdb", "show"]).await? {
+        match explain_fdb(c, &f) {
+            Some(why) => item(&fdb_line(&f), &why),
+            None => multicast += 1,
+        }
+    }
+    if multicast > 0 {
+        println!(
+            "  ({multicast} multicast entries 33:33:… / 01:00:5e:… not shown: the IPv4/IPv6 \
+             multicast groups each device joined, not cnikit's)"
+        );
+    }
+    match &me.state {
+        Some(st) => {
+            println!(
+                "agent's node state ({}): mode {}, pod MTU {}, blocks {}, peers [{}]",
+                NodeState::path(&node.data_dir()).display(),
+                st.mode,
+                st.mtu,
+                st.blocks
+                    .iter()
+                    .map(|b| b.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                st.peers.join(", ")
+            );
+            if st.unroutable.is_empty() {
+                println!("  every peer is routed");
+            }
+            for (peer, why) in &st.unroutable {
+                println!("  UNROUTABLE peer {peer}: {why}");
+            }
+        }
+        None => println!("agent's node state: none (the agent is not up)"),
+    }
+    Ok(())
+}
+
+/// Every route, neighbour and FDB entry on `on` that refers to node `of` (its blocks, its
+/// underlay address as a gateway or FDB destination, its VTEP address or MAC). The
+/// kernel's own ARP cache entry for its underlay address is not counted: the agent did not
+/// write it and the kernel ages it out.
+pub async fn traces_of(c: &Cluster, on: &Node, of: &str) -> Result<Vec<String>> {
+    let Some(gone) = c.view(of) else {
+        return Ok(Vec::new());
+    };
+    let addr = gone.address.to_string();
+    let vtep_ip = gone.vtep.as_ref().map(|(ip, _)| ip.to_string());
+    let vtep_mac = gone.vtep.as_ref().map(|(_, mac)| mac.to_lowercase());
+    let blocks: Vec<String> = gone.blocks.iter().map(|b| b.to_string()).collect();
+    let mut found = Vec::new();
+    for r in ip_json(&on.ns, &["route", "show"]).await? {
+        if blocks.iter().any(|b| b == s(&r, "dst"))
+            || (s(&r, "protocol") == "107"
+                && (s(&r, "gateway") == addr || vtep_ip.as_deref() == Some(s(&r, "gateway"))))
+        {
+            found.push(format!("route {}", route_line(&r)));
+        }
+    }
+    for n in ip_json(&on.ns, &["neigh", "show"]).await? {
+        if vtep_ip.as_deref() == Some(s(&n, "dst"))
+            || vtep_mac.as_deref() == Some(s(&n, "lladdr").to_lowercase().as_str())
+        {
+            found.push(format!("neigh {} lladdr {}", s(&n, "dst"), s(&n, "lladdr")));
+        }
+    }
+    if net::ns_exists(&on.ns) {
+        for f in bridge_json(&on.ns, &["fdb", "show"]).await? {
+            if s(&f, "dst") == addr
+                || vtep_mac.as_deref() == Some(s(&f, "mac").to_lowercase().as_str())
+            {
+                found.push(format!("fdb {}", fdb_line(&f)));
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// Wraps text at `width` columns.
+fn wrap(text: &str, width: usize) -> String {
+    let mut out = String::new();
+    let mut line = String::new();
+    for word in text.split_whitespace() {
+        if !line.is_empty() && line.len() + 1 + word.len() > width {
+            out.push_str(&line);
+            out.push('\n');
+            line.clear();
+        }
+        if !line.is_empty() {
+            line.push(' ');
+        }
+        line.push_str(word);
+    }
+    out.push_str(&line);
+    out
+}

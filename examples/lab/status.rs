@@ -1,0 +1,115 @@
+//! `status`: what is running.
+
+use anyhow::Result;
+use serde_json::json;
+
+use crate::state::Lab;
+use crate::{cni, net, procs};
+
+/// `status`: the nodes, their agents and readiness, the pods, etcd.
+pub async fn status(name: &str, as_json: bool) -> Result<()> {
+    let lab = Lab::require(name)?;
+    let mut nodes = Vec::new();
+    for node in &lab.nodes {
+        let alive = node
+            .agent
+            .as_ref()
+            .is_some_and(|p| procs::liveness(p) == procs::Liveness::Alive);
+        let ready = cni::status(&lab, node).await;
+        let node_state = cnikit::core::state::NodeState::read(&node.data_dir())
+            .ok()
+            .flatten();
+        nodes.push(json!({
+            "name": node.name,
+            "ns": node.ns,
+            "address": node.address,
+            "subnet": lab.underlays[node.underlay].subnet(),
+            "agentPid": node.agent.as_ref().map(|p| p.pid),
+            "agentAlive": alive,
+            "ready": ready.is_ok(),
+            "notReady": ready.err().map(|e| format!("{e:#}")),
+            "nodeState": node_state,
+            "dataDir": node.data_dir(),
+            "pods": node.pods.iter().map(|p| json!({
+                "name": p.name, "ns": p.ns, "containerId": p.container_id, "ips": p.ips,
+            })).collect::<Vec<_>>(),
+        }));
+    }
+    let etcd = lab.etcd.as_ref().map(|e| {
+        json!({
+            "endpoint": e.endpoint,
+            "pid": e.proc.as_ref().map(|p| p.pid),
+            "alive": e.proc.as_ref().is_some_and(|p| procs::liveness(p) == procs::Liveness::Alive),
+        })
+    });
+    let report = json!({
+        "name": lab.name,
+        "mode": lab.mode,
+        "podNetwork": lab.pod_network,
+        "store": lab.store,
+        "topology": lab.topology,
+        "stateDir": lab.dir(),
+        "namespaces": net::lab_namespaces(&lab.name),
+        "etcd": etcd,
+        "nodes": nodes,
+    });
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!(
+        "lab {}: mode {}, {} pod network, {} store, {} topology, state in {}",
+        lab.name,
+        lab.mode,
+        lab.pod_network.as_str(),
+        report["store"].as_str().unwrap_or("?"),
+        report["topology"].as_str().unwrap_or("?"),
+        lab.dir().display()
+    );
+    if let Some(etcd) = &report["etcd"].as_object() {
+        println!(
+            "etcd {} pid {} {}",
+            etcd["endpoint"].as_str().unwrap_or("?"),
+            etcd["pid"],
+            if etcd["alive"] == true {
+                "running"
+            } else {
+                "NOT RUNNING"
+            }
+        );
+    }
+    for n in report["nodes"].as_array().into_iter().flatten() {
+        println!(
+            "{} {} ({}): agent pid {} {}, {}",
+            n["name"].as_str().unwrap_or("?"),
+            n["address"].as_str().unwrap_or("?"),
+            n["ns"].as_str().unwrap_or("?"),
+            n["agentPid"],
+            if n["agentAlive"] == true {
+                "running"
+            } else {
+                "NOT RUNNING"
+            },
+            if n["ready"] == true {
+                "STATUS ready".to_owned()
+            } else {
+                format!("NOT READY: {}", n["notReady"].as_str().unwrap_or("?"))
+            }
+        );
+        for p in n["pods"].as_array().into_iter().flatten() {
+            println!(
+                "  {} {}",
+                p["name"].as_str().unwrap_or("?"),
+                p["ips"]
+                    .as_array()
+                    .map(|a| a
+                        .iter()
+                        .filter_map(|v| v.as_str())
+                        .collect::<Vec<_>>()
+                        .join(","))
+                    .unwrap_or_default()
+            );
+        }
+    }
+    Ok(())
+}

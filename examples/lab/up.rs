@@ -1,0 +1,459 @@
+//! `up`: the underlay, etcd, the nodes with their agents, the pods.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::cni::{self, Binaries};
+use crate::state::{self, Etcd, Lab, Node, Pod, StoreKind, Topology, Underlay};
+use crate::{UpArgs, down, modes, net, procs, store};
+
+/// How long a node may take to become ready (agent up, STATUS ok).
+const READY_WITHIN: Duration = Duration::from_secs(60);
+
+/// `up`: builds the lab; on failure (or SIGINT/SIGTERM) removes what it built.
+pub async fn up(name: &str, args: &UpArgs) -> Result<()> {
+    let bins = Binaries::find()?;
+    if Lab::load(name)?.is_some()
+        || state::state_dir(name).exists()
+        || !net::lab_namespaces(name).is_empty()
+    {
+        bail!(
+            "lab {name:?} exists (state {} or namespaces {}*): run `lab --name {name} down` first",
+            state::state_dir(name).display(),
+            state::ns_prefix(name)
+        );
+    }
+    if modes::find(&args.mode).is_none() {
+        eprintln!(
+            "note: the lab has no defaults for mode {:?} (it knows {}); passing it to the \
+             agent as is",
+            args.mode,
+            modes::names()
+        );
+    }
+    if args.store == StoreKind::Etcd && !on_path("etcd") {
+        bail!("--store etcd needs the etcd server: apt-get install -y etcd-server");
+    }
+    let mut lab = Lab {
+        name: name.to_owned(),
+        mode: args.mode.clone(),
+        direct_routing: args.direct_routing,
+        pod_network: args.pod_network,
+        store: args.store,
+        topology: args.topology,
+        ttl_seconds: args.ttl.max(1),
+        resync_seconds: args.resync.max(1),
+        pods_per_node: args.pods,
+        next_index: 1,
+        underlays: Vec::new(),
+        router: None,
+        etcd: None,
+        nodes: Vec::new(),
+    };
+    lab.save()?;
+    let started = Instant::now();
+    // An interrupted `up` (Ctrl-C, SIGTERM) is a failed one: it cleans up too.
+    let built = tokio::select! {
+        result = build(&mut lab, &bins, args) => result,
+        signal = interrupted() => Err(anyhow::anyhow!("interrupted by {signal}")),
+    };
+    match built {
+        Ok(()) => {
+            println!(
+                "lab {name} is up in {:.1} s: {} nodes, {} pods, mode {}, {} pod network, {} \
+                 store, {} topology",
+                started.elapsed().as_secs_f64(),
+                lab.nodes.len(),
+                lab.pods().count(),
+                lab.mode,
+                lab.pod_network.as_str(),
+                serde_json::to_value(lab.store)?.as_str().unwrap_or("?"),
+                serde_json::to_value(lab.topology)?.as_str().unwrap_or("?"),
+            );
+            for (node, pod) in lab.pods() {
+                println!(
+                    "  {:<12} {:<16} on {}",
+                    pod.name,
+                    pod.ips.join(","),
+                    node.name
+                );
+            }
+            println!("next: lab --name {name} check | show | status | down");
+            Ok(())
+        }
+        Err(e) => {
+            let message = format!("{e:#}");
+            diagnostics(&lab, &message);
+            if args.keep_on_failure {
+                eprintln!("lab: kept for inspection; `lab --name {name} down` removes it");
+            } else {
+                eprintln!("lab: removing what was built");
+                if let Err(d) = down::down(name).await {
+                    eprintln!("lab: cleanup after the failed up: {d:#}");
+                }
+            }
+            Err(e.context("up failed"))
+        }
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM, with the signal's name.
+async fn interrupted() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        (Ok(mut int), Ok(mut term)) => tokio::select! {
+            _ = int.recv() => "SIGINT",
+            _ = term.recv() => "SIGTERM",
+        },
+        // Without handlers the default action (exit) applies; `down` cleans up then.
+        _ => std::future::pending().await,
+    }
+}
+
+fn on_path(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
+        .unwrap_or(false)
+}
+
+/// The end of every agent's and plugin's log (those not already in `message`), to explain
+/// a failure.
+pub fn diagnostics(lab: &Lab, message: &str) {
+    for node in &lab.nodes {
+        for (what, path) in [("agent", node.agent_log()), ("plugin", node.plugin_log())] {
+            let tail = procs::log_tail(&path, 15);
+            if !tail.is_empty() && !message.contains(&tail) {
+                eprintln!(
+                    "--- {what} log of {} ({}):\n{tail}",
+                    node.name,
+                    path.display()
+                );
+            }
+        }
+    }
+    if let Some(proc) = lab.etcd.as_ref().and_then(|e| e.proc.as_ref()) {
+        let tail = procs::log_tail(&proc.log, 15);
+        if !tail.is_empty() {
+            eprintln!("--- etcd log ({}):\n{tail}", proc.log.display());
+        }
+    }
+}
+
+async fn build(lab: &mut Lab, bins: &Binaries, args: &UpArgs) -> Result<()> {
+    let phase = Instant::now();
+    // CNI_PATH: a directory with the plugin under its type name.
+    let bin = lab.cni_bin();
+    std::fs::create_dir_all(&bin)?;
+    std::os::unix::fs::symlink(&bins.plugin, bin.join("cnikit"))
+        .with_context(|| format!("symlink the plugin into {}", bin.display()))?;
+
+    let segments: &[u8] = match lab.topology {
+        Topology::Flat => &[1],
+        Topology::TwoSubnets => &[1, 2],
+    };
+    for (i, octet) in segments.iter().enumerate() {
+        let suffix = if segments.len() == 1 {
+            "underlay".to_owned()
+        } else {
+            format!("underlay{}", i + 1)
+        };
+        lab.underlays.push(Underlay {
+            ns: lab.ns(&suffix),
+            octet: *octet,
+        });
+        lab.save()?;
+        net::build_underlay(&lab.underlays[i]).await?;
+    }
+    if lab.topology == Topology::TwoSubnets {
+        let router = lab.ns("router");
+        lab.router = Some(router.clone());
+        lab.save()?;
+        net::build_router(&router, &lab.underlays).await?;
+    }
+    if lab.store == StoreKind::Etcd {
+        start_etcd(lab).await?;
+    }
+    println!(
+        "underlay ready ({} segment(s){}) in {} ms",
+        lab.underlays.len(),
+        if lab.store == StoreKind::Etcd {
+            ", etcd up"
+        } else {
+            ""
+        },
+        phase.elapsed().as_millis()
+    );
+
+    let phase = Instant::now();
+    let mut children = Vec::new();
+    for _ in 0..args.nodes {
+        let index = lab.next_index;
+        let node = add_node(lab, index).await?;
+        children.push((node, start_agent(lab, bins, index)?));
+    }
+    wait_ready_all(lab, children).await?;
+    println!(
+        "{} nodes ready (agents up, STATUS ok) in {} ms",
+        lab.nodes.len(),
+        phase.elapsed().as_millis()
+    );
+
+    let phase = Instant::now();
+    let names: Vec<String> = lab.nodes.iter().map(|n| n.name.clone()).collect();
+    for node in &names {
+        add_pods(lab, node, args.pods).await?;
+    }
+    println!(
+        "{} pods added in {} ms",
+        lab.pods().count(),
+        phase.elapsed().as_millis()
+    );
+    wait_blocks_announced(lab, &names).await
+}
+
+/// Waits until the agents of `nodes` announce every block their pods got addresses from.
+/// A node whose pods outgrew its first block holds another one, which its agent picks up at
+/// its next resync; until then the other nodes have no route to it.
+pub async fn wait_blocks_announced(lab: &Lab, nodes: &[String]) -> Result<()> {
+    let started = Instant::now();
+    let within = Duration::from_secs(lab.resync_seconds + 10);
+    let mut told = false;
+    loop {
+        let mut missing = Vec::new();
+        for name in nodes {
+            let node = lab.node(name)?;
+            let state = cnikit::core::state::NodeState::read(&node.data_dir())?;
+            let blocks = state.map(|s| s.blocks).unwrap_or_default();
+            for pod in &node.pods {
+                let Some(ip) = pod.ip().and_then(|ip| ip.parse::<std::net::IpAddr>().ok()) else {
+                    continue;
+                };
+                if !blocks.iter().any(|b| b.contains(&ip)) {
+                    missing.push(format!("{} ({ip})", pod.name));
+                }
+            }
+        }
+        if missing.is_empty() {
+            if told {
+                println!(
+                    "the agents announced the new blocks after {} ms",
+                    started.elapsed().as_millis()
+                );
+            }
+            return Ok(());
+        }
+        if started.elapsed() > within {
+            bail!(
+                "the agents did not announce the blocks of {} within {within:?}",
+                missing.join(", ")
+            );
+        }
+        if !told {
+            println!(
+                "{} pods are in blocks their node claimed after its agent started: waiting for \
+                 the agents' resync (every {} s) to announce them",
+                missing.len(),
+                lab.resync_seconds
+            );
+            told = true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn start_etcd(lab: &mut Lab) -> Result<()> {
+    let underlay = lab.underlays[0].clone();
+    let host = underlay.host();
+    let client = format!("http://{host}:2379");
+    let peer = format!("http://{host}:2380");
+    let dir = lab.dir().join("etcd");
+    std::fs::create_dir_all(&dir)?;
+    let data = dir.join("data");
+    lab.etcd = Some(Etcd {
+        endpoint: client.clone(),
+        proc: None,
+    });
+    lab.save()?;
+    let data_arg = data.display().to_string();
+    let cluster = format!("lab={peer}");
+    let args = [
+        "--name",
+        "lab",
+        "--data-dir",
+        &data_arg,
+        "--listen-client-urls",
+        &client,
+        "--advertise-client-urls",
+        &client,
+        "--listen-peer-urls",
+        &peer,
+        "--initial-advertise-peer-urls",
+        &peer,
+        "--initial-cluster",
+        &cluster,
+        "--initial-cluster-token",
+        &lab.name,
+        "--logger",
+        "zap",
+        "--log-outputs",
+        "stderr",
+        "--log-level",
+        "warn",
+    ];
+    let etcd = which("etcd")?;
+    let (proc, mut child) =
+        procs::spawn_in_netns(&underlay.ns, &etcd, args, &dir.join("etcd.log"), &data_arg)?;
+    if let Some(e) = lab.etcd.as_mut() {
+        e.proc = Some(proc);
+    }
+    lab.save()?;
+    let ready = store::wait_etcd(lab, Duration::from_secs(30)).await;
+    if let Some(status) = child.try_wait()? {
+        bail!("etcd exited with {status}");
+    }
+    ready
+}
+
+fn which(program: &str) -> Result<std::path::PathBuf> {
+    std::env::var_os("PATH")
+        .and_then(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join(program))
+                .find(|c| c.is_file())
+        })
+        .with_context(|| format!("{program} is not on PATH"))
+}
+
+/// Creates node `index`: its namespace on its segment and its configuration list.
+pub async fn add_node(lab: &mut Lab, index: u32) -> Result<String> {
+    let name = format!("node{index}");
+    let underlay = match lab.topology {
+        Topology::Flat => 0,
+        Topology::TwoSubnets => ((index - 1) % 2) as usize,
+    };
+    let node = Node {
+        name: name.clone(),
+        index,
+        ns: lab.ns(&name),
+        underlay,
+        address: net::node_address(&lab.underlays[underlay], index)?,
+        dir: lab.dir().join("nodes").join(&name),
+        agent: None,
+        pods: Vec::new(),
+    };
+    lab.nodes.push(node.clone());
+    lab.next_index = index + 1;
+    lab.save()?;
+    net::build_node(lab, &node).await?;
+    cni::write_conflist(lab, &node)?;
+    Ok(name)
+}
+
+/// Starts node `index`'s agent inside its namespace.
+pub fn start_agent(lab: &mut Lab, bins: &Binaries, index: u32) -> Result<std::process::Child> {
+    let node = lab
+        .nodes
+        .iter_mut()
+        .find(|n| n.index == index)
+        .context("no such node")?;
+    let conflist = node.conflist().display().to_string();
+    let (proc, child) = procs::spawn_in_netns(
+        &node.ns,
+        &bins.agent,
+        ["--conflist", conflist.as_str(), "--log", "info"],
+        &node.agent_log(),
+        &conflist,
+    )?;
+    node.agent = Some(proc);
+    lab.save()?;
+    Ok(child)
+}
+
+/// Waits until every node in `children` answers STATUS with ready; fails early when an
+/// agent exits.
+pub async fn wait_ready_all(lab: &Lab, children: Vec<(String, std::process::Child)>) -> Result<()> {
+    let waits = children.into_iter().map(|(name, child)| async move {
+        let node = lab.node(&name)?;
+        wait_ready(lab, node, child).await
+    });
+    for result in futures::future::join_all(waits).await {
+        result?;
+    }
+    Ok(())
+}
+
+async fn wait_ready(lab: &Lab, node: &Node, mut child: std::process::Child) -> Result<()> {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait()? {
+            bail!(
+                "the agent of {} exited ({status}); its log:\n{}",
+                node.name,
+                procs::log_tail(&node.agent_log(), 20)
+            );
+        }
+        match cni::status(lab, node).await {
+            Ok(()) => return Ok(()),
+            Err(e) if started.elapsed() > READY_WITHIN => {
+                bail!(
+                    "{} not ready after {READY_WITHIN:?}: {e:#}; agent log:\n{}",
+                    node.name,
+                    procs::log_tail(&node.agent_log(), 20)
+                );
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// Creates `count` pod namespaces on `node` and ADDs them, concurrently.
+pub async fn add_pods(lab: &mut Lab, node: &str, count: u32) -> Result<()> {
+    let first = lab.node(node)?.pods.len() as u32 + 1;
+    for j in first..first + count {
+        let pod_name = format!("pod{j}");
+        let pod = Pod {
+            name: format!("{node}/{pod_name}"),
+            ns: lab.ns(&format!("{node}-{pod_name}")),
+            container_id: format!("{}-{node}-{pod_name}", lab.name),
+            result: None,
+            ips: Vec::new(),
+        };
+        if let Some(n) = lab.node_mut(node) {
+            n.pods.push(pod.clone());
+        }
+        lab.save()?;
+        net::create_ns(&pod.ns).await?;
+    }
+    let snapshot = lab.clone();
+    let node_ref = snapshot.node(node)?;
+    let adds = node_ref.pods[(first - 1) as usize..]
+        .iter()
+        .map(|pod| async { (pod.name.clone(), cni::add(&snapshot, node_ref, pod).await) });
+    let results = futures::future::join_all(adds).await;
+    let mut first_error = None;
+    for (pod_name, result) in results {
+        match result {
+            Ok((value, ips)) => {
+                if let Some(pod) = lab
+                    .node_mut(node)
+                    .and_then(|n| n.pods.iter_mut().find(|p| p.name == pod_name))
+                {
+                    pod.result = Some(value);
+                    pod.ips = ips;
+                }
+            }
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    lab.save()?;
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}

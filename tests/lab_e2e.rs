@@ -1,0 +1,697 @@
+//! End-to-end tests of the lab: the `lab` example binary driven as a user drives it (`up`,
+//! `check --json`, `status --json`, `show`, `node-del`, `node-add`, `down`), with the real
+//! `cnikit` plugin and `cnikit-agent` binaries it runs. Each test has its own lab name (so
+//! its own namespaces `cnkl-<name>-…` and state dir) and runs `down` from a guard, also when
+//! it fails.
+//!
+//! Needs root and the example binaries in `<target>/debug/examples` (`cargo test -p cnikit`
+//! builds them); skips loudly otherwise. The etcd test needs the `etcd` binary (Debian
+//! `etcd-server`); with `CNIKIT_REQUIRE_ETCD=1` its absence fails instead of skipping.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::Value;
+
+/// Where the lab keeps its state (the lab's `STATE_ROOT`).
+const STATE_ROOT: &str = "/run/cnikit-lab";
+
+/// The lab binary, or `None` after a loud `SKIPPED` line.
+fn lab_binary(test: &str) -> Option<PathBuf> {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIPPED: {test}: needs root (network namespaces)");
+        return None;
+    }
+    let exe = std::env::current_exe().expect("test binary path");
+    let examples = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("<target>/<profile>/deps/<test>")
+        .join("examples");
+    let lab = examples.join("lab");
+    for bin in ["lab", "cnikit", "cnikit-agent"] {
+        if !examples.join(bin).is_file() {
+            eprintln!(
+                "SKIPPED: {test}: {} is not built (run `cargo test -p cnikit`, which builds \
+                 the examples first, or `cargo build -p cnikit --examples`)",
+                examples.join(bin).display()
+            );
+            return None;
+        }
+    }
+    assert_fresh(&examples);
+    Some(lab)
+}
+
+/// Panics when an example binary is older than the newest build of the `cnikit` library:
+/// `cargo test --test lab_e2e` does not rebuild examples, and stale binaries would test old
+/// code.
+fn assert_fresh(examples: &Path) {
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let deps = examples.parent().map(|d| d.join("deps"));
+    let newest_lib = deps
+        .and_then(|d| std::fs::read_dir(d).ok())
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            name.starts_with("libcnikit-") && name.ends_with(".rlib")
+        })
+        .filter_map(|e| modified(&e.path()))
+        .max();
+    for bin in ["lab", "cnikit", "cnikit-agent"] {
+        if let (Some(lib), Some(built)) = (newest_lib, modified(&examples.join(bin))) {
+            assert!(
+                lib <= built,
+                "{bin} is older than the cnikit library: build it first with \
+                 `cargo build -p cnikit --examples` (or run `cargo test -p cnikit`)"
+            );
+        }
+    }
+}
+
+/// A lab of one test: `down` when dropped.
+struct Lab {
+    bin: PathBuf,
+    name: String,
+    down: bool,
+}
+
+impl Lab {
+    /// A lab named `<tag><pid>`.
+    fn new(bin: PathBuf, tag: &str) -> Lab {
+        Lab {
+            bin,
+            name: format!("{tag}{}", std::process::id()),
+            down: false,
+        }
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        Command::new(&self.bin)
+            .arg("--name")
+            .arg(&self.name)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run the lab binary")
+    }
+
+    /// Runs `lab ARGS`, panics unless it succeeds; returns stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let started = Instant::now();
+        let out = self.run(args);
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(
+            out.status.success(),
+            "lab --name {} {} failed ({}):\n{stdout}\n{stderr}",
+            self.name,
+            args.join(" "),
+            out.status
+        );
+        eprintln!(
+            "lab {} {} took {} ms",
+            self.name,
+            args.join(" "),
+            started.elapsed().as_millis()
+        );
+        stdout
+    }
+
+    fn status(&self) -> Value {
+        serde_json::from_str(&self.ok(&["status", "--json"])).expect("status JSON")
+    }
+
+    /// `check --json` and whether it exited 0.
+    fn check(&self) -> (Value, bool) {
+        let out = self.run(&["check", "--json"]);
+        let report = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "check --json printed no JSON ({e}): {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        (report, out.status.success())
+    }
+
+    /// `down`, then checks that nothing is left: no namespace, no agent or etcd process,
+    /// no state directory (which holds the file store).
+    fn down_and_verify(&mut self) {
+        let status = self.status();
+        let pids: Vec<i64> = status["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|n| n["agentPid"].as_i64())
+            .chain(status["etcd"]["pid"].as_i64())
+            .collect();
+        let out = self.ok(&["down"]);
+        self.down = true;
+        println!("{out}");
+        assert!(!out.contains("UNEXPECTED"), "down found leftovers: {out}");
+        assert!(
+            namespaces(&self.name).is_empty(),
+            "namespaces left: {:?}",
+            namespaces(&self.name)
+        );
+        for pid in pids {
+            assert!(
+                !runs_for_lab(pid, &self.name),
+                "process {pid} of the lab still runs"
+            );
+        }
+        let dir = Path::new(STATE_ROOT).join(&self.name);
+        assert!(!dir.exists(), "{} is left", dir.display());
+        let again = self.ok(&["down"]);
+        assert!(again.contains("nothing to remove"), "second down: {again}");
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if !self.down {
+            let out = self.run(&["down"]);
+            eprintln!(
+                "cleanup: lab {} down: {}{}",
+                self.name,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+}
+
+/// The namespaces of lab `name`.
+fn namespaces(name: &str) -> Vec<String> {
+    let prefix = format!("cnkl-{name}-");
+    std::fs::read_dir("/run/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| n.starts_with(&prefix))
+        .collect()
+}
+
+/// Whether `pid` runs (not a zombie) with the lab's state dir in its command line.
+fn runs_for_lab(pid: i64, name: &str) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let zombie = stat
+        .rfind(')')
+        .and_then(|i| stat.get(i + 2..i + 3))
+        .is_some_and(|s| s == "Z");
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    !zombie && String::from_utf8_lossy(&cmdline).contains(&format!("{STATE_ROOT}/{name}/"))
+}
+
+fn ip_json(ns: &str, args: &[&str]) -> Vec<Value> {
+    json_of(Command::new("ip").args(["-n", ns, "-j"]).args(args))
+}
+
+fn bridge_json(ns: &str, args: &[&str]) -> Vec<Value> {
+    json_of(Command::new("bridge").args(["-n", ns, "-j"]).args(args))
+}
+
+fn json_of(command: &mut Command) -> Vec<Value> {
+    let out = command.output().expect("run iproute2");
+    assert!(
+        out.status.success(),
+        "{command:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    if text.trim().is_empty() {
+        return Vec::new();
+    }
+    serde_json::from_str(&text).expect("iproute2 JSON")
+}
+
+fn unix_ms() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+}
+
+fn node<'a>(status: &'a Value, name: &str) -> &'a Value {
+    status["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == name)
+        .unwrap_or_else(|| panic!("no node {name} in {status}"))
+}
+
+/// What the agents wrote about one node, to look for on the others.
+struct Peer {
+    address: String,
+    blocks: Vec<String>,
+    vtep: Option<(String, String)>,
+}
+
+impl Peer {
+    fn of(status: &Value, name: &str) -> Peer {
+        let n = node(status, name);
+        let ns = n["ns"].as_str().unwrap();
+        let vtep = ip_json(ns, &["addr", "show"])
+            .into_iter()
+            .find(|l| l["ifname"] == "cnikit.vxlan")
+            .map(|l| {
+                let ip = l["addr_info"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|a| a["family"] == "inet")
+                    .expect("VTEP address")["local"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned();
+                (ip, l["address"].as_str().unwrap().to_lowercase())
+            });
+        Peer {
+            address: n["address"].as_str().unwrap().to_owned(),
+            blocks: n["nodeState"]["blocks"]
+                .as_array()
+                .expect("node state with blocks")
+                .iter()
+                .map(|b| b.as_str().unwrap().to_owned())
+                .collect(),
+            vtep,
+        }
+    }
+
+    /// The routes, neighbour and FDB entries in `ns` that lead to this peer (the kernel's
+    /// own ARP entry for its underlay address aside: no agent writes it).
+    fn traces_in(&self, ns: &str) -> Vec<String> {
+        let mut found = Vec::new();
+        let vtep_ip = self.vtep.as_ref().map(|v| v.0.as_str());
+        let vtep_mac = self.vtep.as_ref().map(|v| v.1.as_str());
+        for r in ip_json(ns, &["route", "show"]) {
+            let dst = r["dst"].as_str().unwrap_or("");
+            let gw = r["gateway"].as_str();
+            if (self.blocks.iter().any(|b| b == dst) && r["type"] != "blackhole")
+                || gw == Some(self.address.as_str())
+                || (gw.is_some() && gw == vtep_ip)
+            {
+                found.push(format!("route {r}"));
+            }
+        }
+        for n in ip_json(ns, &["neigh", "show"]) {
+            let lladdr = n["lladdr"].as_str().map(str::to_lowercase);
+            if (vtep_ip.is_some() && n["dst"].as_str() == vtep_ip)
+                || (vtep_mac.is_some() && lladdr.as_deref() == vtep_mac)
+            {
+                found.push(format!("neigh {n}"));
+            }
+        }
+        for f in bridge_json(ns, &["fdb", "show"]) {
+            let mac = f["mac"].as_str().map(str::to_lowercase);
+            if f["dst"].as_str() == Some(self.address.as_str())
+                || (vtep_mac.is_some() && mac.as_deref() == vtep_mac)
+            {
+                found.push(format!("fdb {f}"));
+            }
+        }
+        found
+    }
+}
+
+/// Asserts every probe of a `check` report of `kind` answered.
+fn assert_all_ok(report: &Value, kind: &str) -> usize {
+    let probes = report[kind].as_array().expect("probes");
+    let failed: Vec<String> = probes
+        .iter()
+        .filter(|p| p["ok"] != true)
+        .map(|p| format!("{} -> {} ({})", p["from"], p["to"], p["ip"]))
+        .collect();
+    assert!(failed.is_empty(), "{kind}: failed {failed:?}");
+    probes.len()
+}
+
+/// The whole life of a 3-node lab in one mode: up, every pair pings, pods reach nodes, a
+/// node leaves (its entries disappear from the others), a node joins (its pods are
+/// reachable), down leaves nothing.
+fn lifecycle(test: &str, tag: &str, mode: &str) {
+    let Some(bin) = lab_binary(test) else {
+        return;
+    };
+    let mut lab = Lab::new(bin, tag);
+    // Resync and TTL far longer than the wait below: entries that disappear in time were
+    // removed by the watch event of the deregistration, not by a resync or an expiry.
+    lab.ok(&[
+        "up", "--mode", mode, "--nodes", "3", "--pods", "2", "--ttl", "60", "--resync", "60",
+    ]);
+
+    let (report, ok) = lab.check();
+    assert_eq!(assert_all_ok(&report, "podToPod"), 30, "3 nodes x 2 pods");
+    assert_eq!(assert_all_ok(&report, "nodeToPod"), 18);
+    assert_eq!(
+        assert_all_ok(&report, "podToNode"),
+        18,
+        "pods reach every node"
+    );
+    assert!(ok, "check exits 0 when every probe answers");
+    println!("{mode}: 30/30 pod pairs, 18/18 node->pod, 18/18 pod->node");
+
+    let show = lab.ok(&["show"]);
+    for needle in [
+        "blackhole",
+        "proto 107",
+        "underlay NIC",
+        "pod bridge",
+        "-> ",
+    ] {
+        assert!(show.contains(needle), "show lacks {needle:?}:\n{show}");
+    }
+    if mode == "vxlan" {
+        for needle in [
+            "VXLAN device: VNI 1",
+            "PERMANENT",
+            "VTEP MAC ->",
+            "learning off",
+        ] {
+            assert!(show.contains(needle), "show lacks {needle:?}");
+        }
+    }
+
+    // node-del node3: its entries must vanish from node1 and node2.
+    let before = lab.status();
+    let gone = Peer::of(&before, "node3");
+    let others: Vec<String> = ["node1", "node2"]
+        .iter()
+        .map(|n| node(&before, n)["ns"].as_str().unwrap().to_owned())
+        .collect();
+    for ns in &others {
+        let traces = gone.traces_in(ns);
+        let want = if mode == "vxlan" { 3 } else { 1 };
+        assert!(
+            traces.len() >= want,
+            "{ns} should route node3 before it leaves: {traces:?}"
+        );
+    }
+    let child = Command::new(&lab.bin)
+        .args(["--name", &lab.name, "node-del", "node3"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn node-del");
+    let watch = Instant::now();
+    let mut cleared_at = None;
+    while watch.elapsed() < Duration::from_secs(20) {
+        if others.iter().all(|ns| gone.traces_in(ns).is_empty()) {
+            cleared_at = Some(unix_ms());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let out = child.wait_with_output().expect("node-del");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "node-del: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let left: Vec<String> = others.iter().flat_map(|ns| gone.traces_in(ns)).collect();
+    assert!(
+        cleared_at.is_some() && left.is_empty(),
+        "node3's entries still on the other nodes 20 s after node-del: {left:?}"
+    );
+    let sigterm: u128 = stdout
+        .split("SIGTERM at unix_ms ")
+        .nth(1)
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("node-del prints when it signalled the agent: {stdout}"));
+    let delay = cleared_at.unwrap().saturating_sub(sigterm);
+    println!(
+        "{mode}: node3's routes, neighbour and FDB entries left node1 and node2 {delay} ms after \
+         its agent got SIGTERM (target < 1000 ms)"
+    );
+    if delay >= 1000 {
+        eprintln!("SLOW: {mode}: removal took {delay} ms (target < 1000 ms)");
+    }
+
+    // node-add: node4 joins, its pods reach and are reached by the old ones.
+    let added = lab.ok(&["node-add"]);
+    assert!(added.contains("node4 added"), "{added}");
+    let (report, ok) = lab.check();
+    assert!(ok, "check after node-add: {report}");
+    let pairs = assert_all_ok(&report, "podToPod");
+    assert_eq!(
+        pairs, 30,
+        "3 nodes x 2 pods after node3 left and node4 came"
+    );
+    let node4_pairs = report["podToPod"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| {
+            let from = p["from"].as_str().unwrap();
+            let to = p["to"].as_str().unwrap();
+            from.starts_with("node4/") != to.starts_with("node4/")
+        })
+        .count();
+    assert_eq!(
+        node4_pairs, 16,
+        "node4's 2 pods with the 4 old pods, both ways"
+    );
+    assert!(
+        !report.to_string().contains("node3"),
+        "node3 is gone from the lab"
+    );
+
+    lab.down_and_verify();
+}
+
+#[test]
+fn host_gw_lifecycle() {
+    lifecycle("host_gw_lifecycle", "hg", "host-gw");
+}
+
+#[test]
+fn vxlan_lifecycle() {
+    lifecycle("vxlan_lifecycle", "vx", "vxlan");
+}
+
+/// Two subnets joined by a router: host-gw reports the off-link peers, routes only the
+/// on-link one, and pods across the router do not reach each other.
+#[test]
+fn two_subnets_host_gw_reports_off_link_peers() {
+    let Some(bin) = lab_binary("two_subnets_host_gw_reports_off_link_peers") else {
+        return;
+    };
+    let mut lab = Lab::new(bin, "tsh");
+    lab.ok(&[
+        "up",
+        "--mode",
+        "host-gw",
+        "--topology",
+        "two-subnets",
+        "--nodes",
+        "3",
+        "--pods",
+        "1",
+    ]);
+    // node1 and node3 on 172.30.1.0/24, node2 on 172.30.2.0/24.
+    let status = lab.status();
+    let unroutable = |n: &str| -> BTreeSet<String> {
+        node(&status, n)["nodeState"]["unroutable"]
+            .as_object()
+            .expect("unroutable map")
+            .keys()
+            .cloned()
+            .collect()
+    };
+    assert_eq!(unroutable("node1"), BTreeSet::from(["node2".to_owned()]));
+    assert_eq!(unroutable("node3"), BTreeSet::from(["node2".to_owned()]));
+    assert_eq!(
+        unroutable("node2"),
+        BTreeSet::from(["node1".to_owned(), "node3".to_owned()])
+    );
+    let show = lab.ok(&["show", "--node", "node1"]);
+    assert!(show.contains("UNROUTABLE peer node2"), "{show}");
+
+    let node2 = Peer::of(&status, "node2");
+    let node3 = Peer::of(&status, "node3");
+    let node1_ns = node(&status, "node1")["ns"].as_str().unwrap();
+    assert!(
+        node2.traces_in(node1_ns).is_empty(),
+        "node1 must not route node2's block"
+    );
+    assert!(
+        !node3.traces_in(node1_ns).is_empty(),
+        "node1 routes node3's block (same segment)"
+    );
+
+    let (report, ok) = lab.check();
+    assert!(
+        !ok,
+        "check fails: pods across the router cannot reach each other"
+    );
+    for p in report["podToPod"].as_array().unwrap() {
+        let from = p["from"].as_str().unwrap();
+        let to = p["to"].as_str().unwrap();
+        let across = from.starts_with("node2/") != to.starts_with("node2/");
+        assert_eq!(
+            p["ok"] == true,
+            !across,
+            "{from} -> {to}: host-gw reaches exactly the same-segment pods"
+        );
+    }
+    println!(
+        "host-gw two subnets: node2 unroutable from node1/node3, and back; same-segment pods reach each other"
+    );
+    lab.down_and_verify();
+}
+
+/// Two subnets joined by a router: VXLAN carries every pair across.
+#[test]
+fn two_subnets_vxlan_routes_across() {
+    let Some(bin) = lab_binary("two_subnets_vxlan_routes_across") else {
+        return;
+    };
+    let mut lab = Lab::new(bin, "tsv");
+    lab.ok(&[
+        "up",
+        "--mode",
+        "vxlan",
+        "--topology",
+        "two-subnets",
+        "--nodes",
+        "3",
+        "--pods",
+        "2",
+    ]);
+    let (report, ok) = lab.check();
+    assert_eq!(assert_all_ok(&report, "podToPod"), 30);
+    assert!(ok);
+    let status = lab.status();
+    for n in status["nodes"].as_array().unwrap() {
+        assert_eq!(
+            n["nodeState"]["unroutable"],
+            serde_json::json!({}),
+            "vxlan routes every peer"
+        );
+    }
+    println!("vxlan two subnets: 30/30 pod pairs across the router");
+    lab.down_and_verify();
+}
+
+/// The routed pod network (Calico style /32 + proxy ARP) with VXLAN.
+#[test]
+fn routed_pod_network_with_vxlan() {
+    let Some(bin) = lab_binary("routed_pod_network_with_vxlan") else {
+        return;
+    };
+    let mut lab = Lab::new(bin, "rt");
+    lab.ok(&[
+        "up",
+        "--mode",
+        "vxlan",
+        "--pod-network",
+        "routed",
+        "--nodes",
+        "3",
+        "--pods",
+        "2",
+    ]);
+    let (report, ok) = lab.check();
+    assert_eq!(assert_all_ok(&report, "podToPod"), 30);
+    assert_all_ok(&report, "podToNode");
+    assert!(ok);
+    for (name, ip) in report["pods"].as_array().unwrap().iter().map(|p| {
+        (
+            p[0].as_str().unwrap().to_owned(),
+            p[1].as_str().unwrap().to_owned(),
+        )
+    }) {
+        assert!(!ip.is_empty(), "{name} has an address");
+    }
+    let status = lab.status();
+    for n in status["nodes"].as_array().unwrap() {
+        for p in n["pods"].as_array().unwrap() {
+            let ip = p["ips"][0].as_str().unwrap();
+            assert!(ip.ends_with("/32"), "routed pods get a /32: {ip}");
+        }
+    }
+    println!("routed + vxlan: 30/30 pod pairs");
+    lab.down_and_verify();
+}
+
+/// Nodes sharing a private etcd that runs inside the underlay namespace.
+#[test]
+fn etcd_store() {
+    let test = "etcd_store";
+    let has_etcd = std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("etcd").is_file()));
+    if !has_etcd {
+        if std::env::var_os("CNIKIT_REQUIRE_ETCD").is_some() {
+            panic!("{test}: CNIKIT_REQUIRE_ETCD is set but the etcd binary is not on PATH");
+        }
+        eprintln!(
+            "SKIPPED: {test}: the etcd binary is not on PATH (apt-get install -y etcd-server)"
+        );
+        return;
+    }
+    let Some(bin) = lab_binary(test) else {
+        return;
+    };
+    let mut lab = Lab::new(bin, "et");
+    lab.ok(&[
+        "up", "--mode", "vxlan", "--store", "etcd", "--nodes", "3", "--pods", "2",
+    ]);
+    let status = lab.status();
+    assert_eq!(status["store"], "etcd");
+    assert_eq!(status["etcd"]["alive"], true, "{status}");
+    let (report, ok) = lab.check();
+    assert_eq!(assert_all_ok(&report, "podToPod"), 30);
+    assert!(ok);
+    let added = lab.ok(&["node-add", "--pods", "1"]);
+    assert!(added.contains("node4 added"), "{added}");
+    let (report, ok) = lab.check();
+    assert_eq!(assert_all_ok(&report, "podToPod"), 42, "7 pods");
+    assert!(ok);
+    println!("etcd store: 30/30 pod pairs, then 42/42 with node4");
+    lab.down_and_verify();
+}
+
+/// `up` that fails halfway (the agent does not know the mode) removes what it built;
+/// `down` afterwards finds nothing, and is safe to run twice.
+#[test]
+fn failed_up_cleans_up_and_down_is_idempotent() {
+    let Some(bin) = lab_binary("failed_up_cleans_up_and_down_is_idempotent") else {
+        return;
+    };
+    let mut lab = Lab::new(bin, "fu");
+    let out = lab.run(&["up", "--mode", "nosuchmode", "--nodes", "2", "--pods", "1"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "up with an unknown mode fails");
+    assert!(
+        stderr.contains("unknown routing mode"),
+        "the agent's reason is shown: {stderr}"
+    );
+    assert!(
+        namespaces(&lab.name).is_empty(),
+        "namespaces left: {:?}",
+        namespaces(&lab.name)
+    );
+    assert!(!Path::new(STATE_ROOT).join(&lab.name).exists());
+    for _ in 0..2 {
+        let again = lab.ok(&["down"]);
+        assert!(again.contains("nothing to remove"), "{again}");
+    }
+    lab.down = true;
+
+    // A lab name that could reach another lab's namespaces is refused.
+    let bad = Command::new(&lab.bin)
+        .args(["--name", "a-b", "down"])
+        .output()
+        .expect("run the lab binary");
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("lab name"));
+}
