@@ -1,7 +1,8 @@
 //! The node registry: how nodes publish themselves and find their peers.
 //!
 //! [`NodeRegistry`] is the trait; [`StoreRegistry`] implements it over any
-//! [`Store`](crate::store::Store) (the local file store in particular) by polling.
+//! [`Store`](crate::store::Store) (the local file store in particular) by polling, woken
+//! early by the store's change hints where it gives them (inotify for the file store).
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;

@@ -14,8 +14,11 @@
 //! since every deletion rewrites the epoch key, a watch can tell whether records were
 //! deleted after a given revision.
 //!
-//! [`watch`](NodeRegistry::watch) polls (every 50 ms by default): one list per poll, and
-//! records are compared by content, so refreshes are not events. A record whose expiry
+//! [`watch`](NodeRegistry::watch) polls (every 50 ms by default), and looks at once when the
+//! store hints at a change ([`Store::change_hints`]: inotify for the file store, so a commit
+//! reaches the watches of the node in a few milliseconds; the poll remains for what inotify
+//! cannot see). One list per look, and records are compared by content, so refreshes are
+//! not events. A record whose expiry
 //! passes is reported as a [`NodeEvent::Delete`], and as a [`NodeEvent::Put`] again if it is
 //! refreshed later.
 
@@ -24,8 +27,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
-use futures::StreamExt;
 use futures::stream::BoxStream;
+use futures::{FutureExt, StreamExt};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -255,6 +258,18 @@ struct Watcher<S> {
     revision: Revision,
     /// Expiry of the first live record at the last poll.
     next_expiry: Option<u64>,
+    /// Wake-ups from the store, when it gives them.
+    hints: Option<BoxStream<'static, ()>>,
+}
+
+/// Why a watch looks at the store again.
+enum Wake {
+    /// The poll interval passed, or the store hinted at a change.
+    Look,
+    /// The store's hints ended: poll only from now on.
+    HintsEnded,
+    /// The registry was dropped.
+    Closed,
 }
 
 impl<S: Store> Watcher<S> {
@@ -299,13 +314,34 @@ impl<S: Store> Watcher<S> {
             if let Some(event) = self.pending.pop_front() {
                 return Some(Ok(event));
             }
-            tokio::select! {
-                () = tokio::time::sleep(self.poll) => {}
-                closed = self.shutdown.changed() => {
-                    if closed.is_err() {
-                        return None;
-                    }
+            let hints = &mut self.hints;
+            let hint = async {
+                let Some(hints) = hints.as_mut() else {
+                    return std::future::pending().await;
+                };
+                let hint = hints.next().await;
+                // One look for a burst of commits (parallel ADDs) that are all in already.
+                while let Some(Some(())) = hints.next().now_or_never() {}
+                hint
+            };
+            let wake = tokio::select! {
+                () = tokio::time::sleep(self.poll) => Wake::Look,
+                hint = hint => match hint {
+                    Some(()) => Wake::Look,
+                    None => Wake::HintsEnded,
+                },
+                closed = self.shutdown.changed() => match closed {
+                    Ok(()) => Wake::Look,
+                    Err(_) => Wake::Closed,
+                },
+            };
+            match wake {
+                Wake::Look => {}
+                Wake::HintsEnded => {
+                    self.hints = None;
+                    continue;
                 }
+                Wake::Closed => return None,
             }
             if let Err(e) = self.poll().await {
                 return Some(Err(e.into()));
@@ -394,6 +430,8 @@ impl<S: Store + 'static> NodeRegistry for StoreRegistry<S> {
             pending: VecDeque::new(),
             revision: snapshot.revision,
             next_expiry: None,
+            // After the snapshot, which made the file store's directory if it was missing.
+            hints: self.shared.store.change_hints(),
         };
         if snapshot.epoch > revision || revision > snapshot.revision {
             // Records were deleted after `revision` (we cannot tell which), or the revision
@@ -514,6 +552,38 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(observer.list().await.unwrap().nodes, vec![moved]);
+    }
+
+    #[tokio::test]
+    async fn a_file_store_watch_wakes_on_a_commit_before_its_poll() {
+        let dir = tempfile::tempdir().unwrap();
+        let writer = file_registry(dir.path());
+        writer
+            .register(&record("n1", 1), Duration::from_secs(30))
+            .await
+            .unwrap();
+        if FileStore::new(dir.path()).change_hints().is_none() {
+            eprintln!("SKIPPED: a_file_store_watch_wakes_on_a_commit_before_its_poll: no inotify");
+            return;
+        }
+        // A poll far beyond the test's patience: only the store's hints can wake the watch.
+        let observer = StoreRegistry::new(FileStore::new(dir.path()))
+            .with_poll_interval(Duration::from_secs(3600));
+        let start = observer.list().await.unwrap();
+        let mut events = observer.watch(start.revision).await.unwrap();
+        writer
+            .register(&record("n2", 2), Duration::from_secs(30))
+            .await
+            .unwrap();
+        match next_event(&mut events, Duration::from_secs(5)).await {
+            NodeEvent::Put(r, _) => assert_eq!(r, record("n2", 2)),
+            other => panic!("{other:?}"),
+        }
+        writer.deregister("n1").await.unwrap();
+        match next_event(&mut events, Duration::from_secs(5)).await {
+            NodeEvent::Delete(name, _) => assert_eq!(name, "n1"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[tokio::test]

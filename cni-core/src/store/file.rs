@@ -13,12 +13,16 @@
 //!   when nothing changed (a cheap poll for the node registry watch, and no second parse when
 //!   a commit follows a read, as in an ADD).
 //!
+//! Watchers learn of commits from inotify on the directory ([`Store::change_hints`]): a
+//! commit's rename of the data file wakes them at once instead of at their next poll.
+//!
 //! All file operations run on tokio's blocking pool. An operation that cannot take the lock
 //! within the lock timeout (10 s by default; a stopped process may hold it) fails with
 //! [`StoreError::Timeout`] (code 11) and is abandoned: it never applies later.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::os::unix::fs::{FileExt as _, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -26,6 +30,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
 
 use super::table::Table;
 use super::{KeyValue, Store, Txn, TxnOutcome};
@@ -347,6 +356,70 @@ impl Store for FileStore {
     fn describe(&self) -> String {
         format!("file:{}", self.paths.data.display())
     }
+
+    /// inotify on the store directory: a hint each time a new version of the data file is
+    /// renamed into place (every commit) or written in place. `None`, with a debug log, where
+    /// inotify is not available (no more instances, a directory not made yet).
+    fn change_hints(&self) -> Option<BoxStream<'static, ()>> {
+        match data_file_hints(&self.paths.dir) {
+            Ok(hints) => Some(hints),
+            Err(e) => {
+                tracing::debug!(
+                    dir = %self.paths.dir.display(),
+                    error = %e,
+                    "no inotify on the store directory: watchers only poll"
+                );
+                None
+            }
+        }
+    }
+}
+
+/// An inotify instance as a file descriptor tokio can wait on.
+struct InotifyFd(Inotify);
+
+impl AsRawFd for InotifyFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_fd().as_raw_fd()
+    }
+}
+
+/// Yields once per batch of inotify events about [`DATA_FILE`] in `dir`; ends on a read
+/// error.
+fn data_file_hints(dir: &Path) -> std::io::Result<BoxStream<'static, ()>> {
+    let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)?;
+    // A commit renames the new version over the data file (IN_MOVED_TO); an edit by hand
+    // may write it in place (IN_CLOSE_WRITE). Readers cause neither.
+    inotify.add_watch(
+        dir,
+        AddWatchFlags::IN_MOVED_TO | AddWatchFlags::IN_CLOSE_WRITE,
+    )?;
+    // SAFETY: `InotifyFd` owns the inotify descriptor (an `OwnedFd` inside `Inotify`), which
+    // stays open and the same until the `AsyncFd` drops it; `as_raw_fd` always returns it.
+    let fd = unsafe { AsyncFd::register_with_interest(InotifyFd(inotify), Interest::READABLE) }
+        .map_err(|e| e.into_parts().1)?;
+    let stream = futures::stream::unfold(fd, |fd| async move {
+        loop {
+            let mut ready = fd.readable().await.ok()?;
+            match ready.try_io(|fd| fd.get_ref().0.read_events().map_err(std::io::Error::from)) {
+                Ok(Ok(events)) => {
+                    if events
+                        .iter()
+                        .any(|e| e.name.as_deref() == Some(std::ffi::OsStr::new(DATA_FILE)))
+                    {
+                        return Some(((), fd));
+                    }
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "reading inotify events failed: no more hints");
+                    return None;
+                }
+                // Spurious readiness: wait again.
+                Err(_would_block) => {}
+            }
+        }
+    });
+    Ok(stream.boxed())
 }
 
 #[cfg(test)]
@@ -444,6 +517,41 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(20)).await;
         let kv = s.get("/a").await.unwrap().unwrap();
         assert_eq!((kv.value.as_slice(), kv.mod_revision), (&b"1"[..], 1));
+    }
+
+    #[tokio::test]
+    async fn change_hints_follow_commits_of_other_instances_not_reads() {
+        use futures::StreamExt;
+
+        let dir = tempfile::tempdir().unwrap();
+        let watcher = FileStore::new(dir.path());
+        let mut hints = watcher
+            .change_hints()
+            .expect("inotify on a local directory");
+        let writer = FileStore::new(dir.path());
+        committed(writer.commit(Txn::new().put("/a", "1")).await.unwrap());
+        tokio::time::timeout(Duration::from_secs(5), hints.next())
+            .await
+            .expect("a hint after a commit")
+            .expect("the hints go on");
+        // Drain what the first commit caused (the lock file's creation is not a hint).
+        while tokio::time::timeout(Duration::from_millis(50), hints.next())
+            .await
+            .is_ok()
+        {}
+        writer.list("/").await.unwrap();
+        writer.get("/a").await.unwrap();
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), hints.next())
+                .await
+                .is_err(),
+            "reads are not hints"
+        );
+        committed(writer.commit(Txn::new().put("/a", "2")).await.unwrap());
+        tokio::time::timeout(Duration::from_secs(5), hints.next())
+            .await
+            .expect("a hint after the second commit")
+            .expect("the hints go on");
     }
 
     /// Not a pass/fail check: prints what a commit costs here, for whoever benchmarks.

@@ -10,6 +10,7 @@
 //! revision of the transaction that last wrote it.
 
 use async_trait::async_trait;
+use futures::stream::BoxStream;
 
 use crate::error::StoreError;
 
@@ -131,6 +132,16 @@ pub trait Store: Send + Sync {
 
     /// A short description for logs and errors (endpoints or path, never secrets).
     fn describe(&self) -> String;
+
+    /// Wake-ups for a watcher that polls this store (the node registry over a store without
+    /// watches): the stream yields when the store may have changed. It may yield when nothing
+    /// did and may miss changes (made from another machine on a network filesystem, say),
+    /// so a watcher still polls and only looks sooner; a stream that ends gives no more
+    /// hints. `None`, the default: the store gives no hints. Must be called from within a
+    /// tokio runtime with IO enabled.
+    fn change_hints(&self) -> Option<BoxStream<'static, ()>> {
+        None
+    }
 }
 
 #[async_trait]
@@ -146,5 +157,8 @@ impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
     }
     fn describe(&self) -> String {
         (**self).describe()
+    }
+    fn change_hints(&self) -> Option<BoxStream<'static, ()>> {
+        (**self).change_hints()
     }
 }
