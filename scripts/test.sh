@@ -18,6 +18,9 @@ for f in $(sed -n '/^\[features\]/,/^\[/p' Cargo.toml | grep -oE '^[a-z0-9-]+ ='
   cargo check -q -p cnikit --no-default-features --features "$f"
 done
 cargo check -q -p cnikit --no-default-features
-# The ipam-etcd tests run the plugin binary (the facade's example) with the etcd store.
-cargo build -q --example cnikit --all-features
+# The end-to-end tests run the example binaries (plugin, agent, lab): build them all first
+# (`cargo test` builds the lab only as its own unit-test harness).
+cargo build -q --workspace --examples --all-features
+# Every prerequisite is installed now: a test that would skip is a failure here.
+export CNIKIT_REQUIRE_ALL=1
 cargo test --workspace --all-features

@@ -4,9 +4,10 @@
 //! its own namespaces `cnkl-<name>-…` and state dir) and runs `down` from a guard, also when
 //! it fails.
 //!
-//! Needs root and the example binaries in `<target>/debug/examples` (`cargo test -p cnikit`
-//! builds them); skips loudly otherwise. The etcd test needs the `etcd` binary (Debian
-//! `etcd-server`); with `CNIKIT_REQUIRE_ETCD=1` its absence fails instead of skipping.
+//! Needs root and the example binaries in `<target>/debug/examples` (build them with
+//! `cargo build -p cnikit --examples --all-features`: `cargo test` builds the lab only as a
+//! test harness); skips loudly otherwise. The etcd test needs the `etcd` binary (Debian
+//! `etcd-server`). With `CNIKIT_REQUIRE_ALL=1` (set by `scripts/test.sh`) a skip fails.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -20,8 +21,7 @@ const STATE_ROOT: &str = "/run/cnikit-lab";
 
 /// The lab binary, or `None` after a loud `SKIPPED` line.
 fn lab_binary(test: &str) -> Option<PathBuf> {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIPPED: {test}: needs root (network namespaces)");
+    if !testkit::root(test) {
         return None;
     }
     let exe = std::env::current_exe().expect("test binary path");
@@ -33,10 +33,13 @@ fn lab_binary(test: &str) -> Option<PathBuf> {
     let lab = examples.join("lab");
     for bin in ["lab", "cnikit", "cnikit-agent"] {
         if !examples.join(bin).is_file() {
-            eprintln!(
-                "SKIPPED: {test}: {} is not built (run `cargo test -p cnikit`, which builds \
-                 the examples first, or `cargo build -p cnikit --examples`)",
-                examples.join(bin).display()
+            testkit::skip(
+                test,
+                format_args!(
+                    "{} is not built (run `cargo build -p cnikit --examples --all-features` \
+                     first; `cargo test` builds the lab only as a test)",
+                    examples.join(bin).display()
+                ),
             );
             return None;
         }
@@ -68,7 +71,7 @@ fn assert_fresh(examples: &Path) {
             assert!(
                 lib <= built,
                 "{bin} is older than the cnikit library: build it first with \
-                 `cargo build -p cnikit --examples` (or run `cargo test -p cnikit`)"
+                 `cargo build -p cnikit --examples --all-features`"
             );
         }
     }
@@ -627,14 +630,10 @@ fn routed_pod_network_with_vxlan() {
 #[test]
 fn etcd_store() {
     let test = "etcd_store";
-    let has_etcd = std::env::var_os("PATH")
-        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("etcd").is_file()));
-    if !has_etcd {
-        if std::env::var_os("CNIKIT_REQUIRE_ETCD").is_some() {
-            panic!("{test}: CNIKIT_REQUIRE_ETCD is set but the etcd binary is not on PATH");
-        }
-        eprintln!(
-            "SKIPPED: {test}: the etcd binary is not on PATH (apt-get install -y etcd-server)"
+    if !testkit::on_path("etcd") {
+        testkit::skip(
+            test,
+            "the etcd binary is not on PATH (apt-get install -y etcd-server)",
         );
         return;
     }

@@ -202,7 +202,7 @@ fn allocations(data_dir: &Path) -> Result<Vec<String>> {
 #[test]
 fn podman_runs_containers_on_a_cnikit_network() -> Result<()> {
     if let Some(why) = missing_prerequisite() {
-        eprintln!("SKIPPED: podman test: {why}");
+        testkit::skip("podman_runs_containers_on_a_cnikit_network", why);
         return Ok(());
     }
     let podman = Podman::new()?;

@@ -26,11 +26,7 @@ use cni_core::store::{MemoryStore, Store};
 use tokio::sync::Notify;
 
 fn root(test: &str) -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    eprintln!("SKIPPED: {test}: needs root (network namespaces)");
-    false
+    testkit::root(test)
 }
 
 /// A namespace with an "underlay": a veth pair whose `eth0` has 10.99.0.1/24; deleted on

@@ -11,11 +11,7 @@ use cni_core::linux::kernel::{
 use cni_core::linux::{NetNs, netns};
 
 fn root() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    eprintln!("SKIPPED: kernel trait tests need root (CAP_SYS_ADMIN, CAP_NET_ADMIN)");
-    false
+    testkit::root("kernel trait tests")
 }
 
 /// Namespaces `cnkt-TAG-PID-…`, deleted on drop.

@@ -8,11 +8,7 @@ fn unique(name: &str) -> String {
 }
 
 fn root() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    eprintln!("SKIPPED: netns tests need root (CAP_SYS_ADMIN, CAP_NET_ADMIN)");
-    false
+    testkit::root("netns tests")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -21,11 +21,7 @@ use cni_core::spec::{CniResult, IpConfig};
 use serde_json::Value;
 
 fn root() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    eprintln!("SKIPPED: pod network tests need root (CAP_SYS_ADMIN, CAP_NET_ADMIN)");
-    false
+    testkit::root("pod network tests")
 }
 
 /// Namespaces of one test, deleted on drop.

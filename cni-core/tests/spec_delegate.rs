@@ -15,13 +15,11 @@ use serde_json::{Value, json};
 const HOST_LOCAL_DIR: &str = "/usr/lib/cni";
 
 fn host_local() -> bool {
-    if Path::new(HOST_LOCAL_DIR).join("host-local").is_file() {
-        return true;
-    }
-    eprintln!(
-        "SKIPPED: {HOST_LOCAL_DIR}/host-local is not installed (containernetworking-plugins)"
-    );
-    false
+    testkit::files(
+        "delegation tests",
+        &[&Path::new(HOST_LOCAL_DIR).join("host-local")],
+        "containernetworking-plugins",
+    )
 }
 
 /// A network whose addresses live in a fresh temporary `dataDir`.
@@ -319,8 +317,11 @@ async fn delegation_errors() {
 
 #[tokio::test]
 async fn gc_is_delegated_with_this_networks_valid_attachments() {
-    if !Path::new("/bin/sh").exists() {
-        eprintln!("SKIPPED: needs /bin/sh for the script IPAM");
+    if !testkit::files(
+        "gc_is_delegated_with_this_networks_valid_attachments",
+        &[Path::new("/bin/sh")],
+        "dash",
+    ) {
         return;
     }
     // An IPAM that speaks 1.1.0 and records its GC input.

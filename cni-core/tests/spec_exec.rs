@@ -16,11 +16,8 @@ use cni_core::{Error, ErrorCode};
 use serde_json::{Map, Value, json};
 
 fn have_tools() -> bool {
-    let jq = ["/usr/bin/jq", "/bin/jq"]
-        .iter()
-        .any(|p| Path::new(p).exists());
-    if !jq || !Path::new("/bin/sh").exists() {
-        eprintln!("SKIPPED: exec tests need /bin/sh and jq");
+    if !testkit::on_path("jq") || !Path::new("/bin/sh").exists() {
+        testkit::skip("exec tests", "need /bin/sh and jq (apt-get install jq)");
         return false;
     }
     true
@@ -477,8 +474,11 @@ async fn gc_and_status_lists() {
 #[tokio::test]
 async fn version_of_the_reference_plugins() {
     let dir = Path::new("/usr/lib/cni");
-    if !dir.join("host-local").exists() {
-        eprintln!("SKIPPED: /usr/lib/cni/host-local is not installed");
+    if !testkit::files(
+        "version_of_the_reference_plugins",
+        &[&dir.join("host-local")],
+        "containernetworking-plugins",
+    ) {
         return;
     }
     let info = exec::plugin_version("host-local", &[dir.into()], cni_core::spec::Version::V1_1_0)

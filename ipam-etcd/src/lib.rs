@@ -77,7 +77,7 @@
 //! Building needs `protoc` (Debian `protobuf-compiler`). The tests need the `etcd` binary
 //! (Debian `etcd-server`, 3.4 or later) on `PATH`: each starts a private etcd on 127.0.0.1
 //! with free ports and a temp data dir, so no service has to run. Without the binary they
-//! print `SKIPPED:` and pass, or fail when `CNIKIT_REQUIRE_ETCD=1`.
+//! print `SKIPPED:` and pass, or fail when `CNIKIT_REQUIRE_ALL=1`.
 //! `scripts/ensure-etcd.sh` installs both packages when missing.
 //!
 //! The tests in `tests/plugin/` also run the `cnikit` plugin binary, one process per CNI

@@ -44,8 +44,7 @@ pub struct Env {
 impl Env {
     /// Checks that the test can run; prints `SKIPPED: <test>: <reason>` when it cannot.
     pub fn get(test: &str) -> Option<Env> {
-        if !nix::unistd::geteuid().is_root() {
-            eprintln!("SKIPPED: {test}: needs root (network namespaces)");
+        if !testkit::root(test) {
             return None;
         }
         match plugin_binary() {
@@ -54,9 +53,10 @@ impl Env {
                 Some(Env { plugin })
             }
             None => {
-                eprintln!(
-                    "SKIPPED: {test}: the cnikit example binary is not built \
-                     (run `cargo test -p cnikit`, which builds examples first)"
+                testkit::skip(
+                    test,
+                    "the cnikit example binary is not built (run \
+                     `cargo build -p cnikit --examples --all-features` first)",
                 );
                 None
             }
@@ -66,13 +66,13 @@ impl Env {
     /// Like [`Env::get`], and also needs the reference plugins `names`.
     pub fn with_reference(test: &str, names: &[&str]) -> Option<Env> {
         let env = Env::get(test)?;
-        for name in names {
-            if !Path::new(REFERENCE_DIR).join(name).is_file() {
-                eprintln!(
-                    "SKIPPED: {test}: {REFERENCE_DIR}/{name} is missing (containernetworking-plugins)"
-                );
-                return None;
-            }
+        let paths: Vec<PathBuf> = names
+            .iter()
+            .map(|n| Path::new(REFERENCE_DIR).join(n))
+            .collect();
+        let paths: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
+        if !testkit::files(test, &paths, "containernetworking-plugins") {
+            return None;
         }
         Some(env)
     }
@@ -136,7 +136,7 @@ fn assert_fresh(plugin: &Path) {
         assert!(
             lib <= binary,
             "{} is older than the cnikit library: build it first with \
-             `cargo build -p cnikit --examples` (or run `cargo test -p cnikit` without --test)",
+             `cargo build -p cnikit --examples --all-features`",
             plugin.display()
         );
     }

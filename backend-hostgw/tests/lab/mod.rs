@@ -25,19 +25,22 @@ use serde_json::Value;
 
 /// Whether the test can run; says loudly why not.
 pub fn root(what: &str) -> bool {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIPPED: {what} needs root (CAP_SYS_ADMIN, CAP_NET_ADMIN)");
+    if !testkit::root(what) {
         return false;
     }
-    for tool in ["ip", "bridge", "ping"] {
-        let found = std::env::var_os("PATH")
-            .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()));
-        if !found {
-            eprintln!("SKIPPED: {what} needs the {tool} command");
-            return false;
+    match ["ip", "bridge", "ping"]
+        .into_iter()
+        .find(|t| !testkit::on_path(t))
+    {
+        Some(tool) => {
+            testkit::skip(
+                what,
+                format_args!("needs the {tool} command (iproute2, iputils-ping)"),
+            );
+            false
         }
+        None => true,
     }
-    true
 }
 
 /// The namespaces of one test, deleted on drop.

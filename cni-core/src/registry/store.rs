@@ -563,7 +563,10 @@ mod tests {
             .await
             .unwrap();
         if FileStore::new(dir.path()).change_hints().is_none() {
-            eprintln!("SKIPPED: a_file_store_watch_wakes_on_a_commit_before_its_poll: no inotify");
+            testkit::skip(
+                "a_file_store_watch_wakes_on_a_commit_before_its_poll",
+                "no inotify on this file system",
+            );
             return;
         }
         // A poll far beyond the test's patience: only the store's hints can wake the watch.

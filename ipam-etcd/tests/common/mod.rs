@@ -2,14 +2,13 @@
 //!
 //! [`Etcd::start`] returns `None` (after a loud `SKIPPED:` line on stderr) when the `etcd`
 //! binary is not on `PATH`; install it with `apt-get install -y etcd-server` (or run
-//! `scripts/ensure-etcd.sh`). With `CNIKIT_REQUIRE_ETCD=1` a missing binary fails the test
-//! instead, for CI. The server can be
+//! `scripts/ensure-etcd.sh`). With `CNIKIT_REQUIRE_ALL=1` a missing binary fails the test
+//! instead, as in `scripts/test.sh`. The server can be
 //! stopped with SIGTERM and restarted on the same data dir and ports; it is killed (by PID)
 //! when the handle drops, also when the test fails.
 #![allow(dead_code)]
 
 use std::fs::File;
-use std::io::Write;
 use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -59,17 +58,11 @@ static SERVERS: AtomicU32 = AtomicU32::new(0);
 
 /// Whether `etcd` is on PATH; prints the loud skip line if not.
 pub fn etcd_available(test: &str) -> bool {
-    let found = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join("etcd").is_file()))
-        .unwrap_or(false);
-    if !found && std::env::var("CNIKIT_REQUIRE_ETCD").is_ok_and(|v| !v.is_empty() && v != "0") {
-        panic!("{test}: CNIKIT_REQUIRE_ETCD is set but the etcd binary is not on PATH");
-    }
+    let found = testkit::on_path("etcd");
     if !found {
-        // Straight to the stderr handle: libtest captures `eprintln!` of passing tests.
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED: {test}: the etcd binary is not on PATH (install it: apt-get install -y etcd-server)"
+        testkit::skip(
+            test,
+            "the etcd binary is not on PATH (install it: apt-get install -y etcd-server)",
         );
     }
     found
