@@ -21,7 +21,9 @@ use std::io::Write;
 use std::path::Path;
 
 pub use example::{assert_fresh, examples_dir, stale};
-pub use netns::{NETNS_RUN_DIR, Namespaces, bridge, bridge_json, ip, ip_json, netns_path, run_in};
+pub use netns::{
+    NETNS_RUN_DIR, Namespaces, bridge, bridge_json, exec_in, ip, ip_json, netns_path, run_in,
+};
 
 /// Set to a non-empty value other than `0` to turn every [`skip`] into a test failure.
 pub const REQUIRE_ALL: &str = "CNIKIT_REQUIRE_ALL";

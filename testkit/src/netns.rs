@@ -52,15 +52,7 @@ impl Namespaces {
     /// stays down).
     pub fn add(&self, suffix: &str) -> String {
         let name = self.name(suffix);
-        let out = Command::new("ip")
-            .args(["netns", "add", &name])
-            .output()
-            .expect("run ip");
-        assert!(
-            out.status.success(),
-            "ip netns add {name}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        ip_netns(&["add", &name]).unwrap_or_else(|e| panic!("{e}"));
         self.names
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -97,36 +89,43 @@ fn delete(name: &str) -> Result<(), String> {
     if !netns_path(name).exists() {
         return Ok(());
     }
-    let out = Command::new("ip")
-        .args(["netns", "delete", name])
+    ip_netns(&["delete", name]).map(drop)
+}
+
+/// Runs `ip netns ARGS…` and returns its stdout, or an error naming the command with its
+/// stderr.
+fn ip_netns(args: &[&str]) -> Result<String, String> {
+    output("ip", &[&["netns"], args].concat())
+}
+
+/// Runs `PROGRAM ARGS…` and returns its stdout, or an error naming the command with its
+/// stderr.
+fn output(program: &str, args: &[&str]) -> Result<String, String> {
+    let command = format!("{program} {}", args.join(" "));
+    let out = Command::new(program)
+        .args(args)
         .output()
-        .map_err(|e| format!("run ip netns delete {name}: {e}"))?;
+        .map_err(|e| format!("run {command}: {e}"))?;
     if out.status.success() {
-        Ok(())
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
         Err(format!(
-            "ip netns delete {name}: {}",
+            "{command}: {}",
             String::from_utf8_lossy(&out.stderr)
         ))
     }
 }
 
+/// Runs `ip netns exec NS ARGS…` (a program inside `ns`) and returns its stdout; panics with
+/// its stderr when it fails.
+pub fn exec_in(ns: &str, args: &[&str]) -> String {
+    ip_netns(&[&["exec", ns], args].concat()).unwrap_or_else(|e| panic!("{e}"))
+}
+
 /// Runs `TOOL -n NS ARGS…` (`ip`, `bridge`, `tc`) and returns its stdout; panics with its
 /// stderr when it fails.
 pub fn run_in(tool: &str, ns: &str, args: &[&str]) -> String {
-    let out = Command::new(tool)
-        .arg("-n")
-        .arg(ns)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("run {tool}: {e}"));
-    assert!(
-        out.status.success(),
-        "{tool} -n {ns} {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    output(tool, &[&["-n", ns], args].concat()).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Runs `ip -n NS ARGS…` and returns its stdout; panics with its stderr when it fails.

@@ -657,16 +657,7 @@ pub fn host_local_held(data_dir: &Path, network: &str) -> Vec<(IpAddr, String)> 
 
 /// `iptables-save -t nat` inside `ns`.
 pub fn nat_rules(ns: &str) -> String {
-    let out = Command::new("ip")
-        .args(["netns", "exec", ns, "iptables-save", "-t", "nat"])
-        .output()
-        .expect("run iptables-save");
-    assert!(
-        out.status.success(),
-        "iptables-save in {ns}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    testkit::exec_in(ns, &["iptables-save", "-t", "nat"])
 }
 
 /// `tc -j qdisc show` inside `ns`, parsed.

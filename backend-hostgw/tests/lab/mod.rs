@@ -192,15 +192,7 @@ pub fn local(name: &str, cidr: &str, block: &str) -> LocalNode {
 
 /// `sysctl -w KEY=VALUE` inside `ns`.
 pub fn sysctl(ns: &str, setting: &str) {
-    let out = Command::new("ip")
-        .args(["netns", "exec", ns, "sysctl", "-qw", setting])
-        .output()
-        .expect("run sysctl");
-    assert!(
-        out.status.success(),
-        "sysctl {setting} in {ns}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    testkit::exec_in(ns, &["sysctl", "-qw", setting]);
 }
 
 /// Whether `ns` gets an answer from `dst`, trying up to three times (the first packet
