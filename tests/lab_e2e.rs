@@ -15,6 +15,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
+use testkit::{bridge_json, ip_json};
 
 /// Where the lab keeps its state (the lab's `STATE_ROOT`).
 const STATE_ROOT: &str = "/run/cnikit-lab";
@@ -24,12 +25,7 @@ fn lab_binary(test: &str) -> Option<PathBuf> {
     if !testkit::root(test) {
         return None;
     }
-    let exe = std::env::current_exe().expect("test binary path");
-    let examples = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("<target>/<profile>/deps/<test>")
-        .join("examples");
+    let examples = testkit::examples_dir();
     let lab = examples.join("lab");
     for bin in ["lab", "cnikit", "cnikit-agent"] {
         if !examples.join(bin).is_file() {
@@ -44,37 +40,10 @@ fn lab_binary(test: &str) -> Option<PathBuf> {
             return None;
         }
     }
-    assert_fresh(&examples);
-    Some(lab)
-}
-
-/// Panics when an example binary is older than the newest build of the `cnikit` library:
-/// `cargo test --test lab_e2e` does not rebuild examples, and stale binaries would test old
-/// code.
-fn assert_fresh(examples: &Path) {
-    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    let deps = examples.parent().map(|d| d.join("deps"));
-    let newest_lib = deps
-        .and_then(|d| std::fs::read_dir(d).ok())
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter(|e| {
-            let name = e.file_name();
-            let name = name.to_string_lossy();
-            name.starts_with("libcnikit-") && name.ends_with(".rlib")
-        })
-        .filter_map(|e| modified(&e.path()))
-        .max();
     for bin in ["lab", "cnikit", "cnikit-agent"] {
-        if let (Some(lib), Some(built)) = (newest_lib, modified(&examples.join(bin))) {
-            assert!(
-                lib <= built,
-                "{bin} is older than the cnikit library: build it first with \
-                 `cargo build -p cnikit --examples --all-features`"
-            );
-        }
+        testkit::assert_fresh(&examples.join(bin));
     }
+    Some(lab)
 }
 
 /// A lab of one test: `down` when dropped.
@@ -210,28 +179,6 @@ fn runs_for_lab(pid: i64, name: &str) -> bool {
         .is_some_and(|s| s == "Z");
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
     !zombie && String::from_utf8_lossy(&cmdline).contains(&format!("{STATE_ROOT}/{name}/"))
-}
-
-fn ip_json(ns: &str, args: &[&str]) -> Vec<Value> {
-    json_of(Command::new("ip").args(["-n", ns, "-j"]).args(args))
-}
-
-fn bridge_json(ns: &str, args: &[&str]) -> Vec<Value> {
-    json_of(Command::new("bridge").args(["-n", ns, "-j"]).args(args))
-}
-
-fn json_of(command: &mut Command) -> Vec<Value> {
-    let out = command.output().expect("run iproute2");
-    assert!(
-        out.status.success(),
-        "{command:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
-    if text.trim().is_empty() {
-        return Vec::new();
-    }
-    serde_json::from_str(&text).expect("iproute2 JSON")
 }
 
 fn unix_ms() -> u128 {

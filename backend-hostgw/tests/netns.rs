@@ -11,7 +11,8 @@ use backend_hostgw::HostGw;
 use cni_core::linux::NetNs;
 use cni_core::registry::NodeRecord;
 use cni_core::routing::CrossNodeRouting;
-use lab::{Lab, NodeSpec, cnikit_routes, ip_json, local, ping, ping_once};
+use lab::{Lab, NodeSpec, cnikit_routes, local, ping, ping_once};
+use testkit::ip_json;
 
 fn addr(s: &str) -> IpAddr {
     s.parse().unwrap()

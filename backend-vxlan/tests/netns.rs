@@ -13,8 +13,9 @@ use backend_vxlan::{Config, Vxlan};
 use cni_core::linux::NetNs;
 use cni_core::registry::NodeRecord;
 use cni_core::routing::CrossNodeRouting;
-use lab::{Lab, NodeSpec, bridge_json, cnikit_routes, ip_json, local, ping, ping_once};
+use lab::{Lab, NodeSpec, cnikit_routes, local, ping, ping_once};
 use serde_json::Value;
+use testkit::{bridge_json, ip_json};
 
 const DEV: &str = "cnikit.vxlan";
 

@@ -12,7 +12,8 @@ use backend_vxlan::{Config, Vxlan};
 use cni_core::linux::NetNs;
 use cni_core::registry::NodeRecord;
 use cni_core::routing::CrossNodeRouting;
-use lab::{Lab, bridge_json, cnikit_routes, ip_json, scale_node, scale_peer};
+use lab::{Lab, cnikit_routes, scale_node, scale_peer};
+use testkit::{bridge_json, ip_json};
 
 const PEERS: usize = 1000;
 const DEV: &str = "cnikit.vxlan";

@@ -9,7 +9,6 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -18,11 +17,12 @@ use async_trait::async_trait;
 use cni_core::Result;
 use cni_core::agent::{Agent, AgentConfig, AgentIpam, blackhole};
 use cni_core::ipam::{BlockIpam, BlockIpamConfig};
-use cni_core::linux::{NetNs, netns};
+use cni_core::linux::NetNs;
 use cni_core::registry::{NodeRecord, NodeRegistry, StoreRegistry};
 use cni_core::routing::{CrossNodeRouting, LocalNode, ReconcileReport};
 use cni_core::state::NodeState;
 use cni_core::store::{MemoryStore, Store};
+use testkit::Namespaces;
 use tokio::sync::Notify;
 
 fn root(test: &str) -> bool {
@@ -33,13 +33,13 @@ fn root(test: &str) -> bool {
 /// drop.
 struct Node {
     name: String,
+    _namespaces: Namespaces,
 }
 
 impl Node {
     fn new(tag: &str) -> Node {
-        let name = format!("cnkt-agent-{tag}-{}", std::process::id());
-        netns::create_named(&name).expect("create netns");
-        let node = Node { name };
+        let namespaces = Namespaces::new(&format!("agent-{tag}"));
+        let name = namespaces.add("node");
         for args in [
             &["link", "set", "lo", "up"][..],
             &[
@@ -49,30 +49,16 @@ impl Node {
             &["link", "set", "eth0", "up"],
             &["link", "set", "eth1", "up"],
         ] {
-            let out = Command::new("ip")
-                .args(["-n", &node.name])
-                .args(args)
-                .output()
-                .expect("run ip");
-            assert!(
-                out.status.success(),
-                "ip {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            testkit::ip(&name, args);
         }
-        node
+        Node {
+            name,
+            _namespaces: namespaces,
+        }
     }
 
     fn path(&self) -> std::path::PathBuf {
-        std::path::Path::new(netns::NETNS_RUN_DIR).join(&self.name)
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        if let Err(e) = netns::delete_named(&self.name) {
-            eprintln!("cleanup: ip netns del {}: {e}", self.name);
-        }
+        testkit::netns_path(&self.name)
     }
 }
 

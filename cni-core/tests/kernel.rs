@@ -2,54 +2,16 @@
 //! kernel, in private namespaces (needs root; skips loudly without it).
 
 use std::net::IpAddr;
-use std::process::Command;
 
+use cni_core::linux::NetNs;
 use cni_core::linux::kernel::{
     Fdb, FdbEntry, GatewayRoute, Links, Neighbour, Neighbours, Netlink, ROUTE_PROTOCOL, Routes,
     VxlanParams, VxlanSpec,
 };
-use cni_core::linux::{NetNs, netns};
+use testkit::{Namespaces, bridge, ip, ip_json};
 
 fn root() -> bool {
     testkit::root("kernel trait tests")
-}
-
-/// Namespaces `cnkt-TAG-PID-…`, deleted on drop.
-struct Lab(&'static str, Vec<String>);
-
-impl Lab {
-    fn netns(&mut self, suffix: &str) -> String {
-        let name = format!("cnkt-{}-{}-{suffix}", self.0, std::process::id());
-        netns::create_named(&name).expect("create netns");
-        self.1.push(name.clone());
-        name
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        for name in self.1.drain(..) {
-            if let Err(e) = netns::delete_named(&name) {
-                eprintln!("cannot delete netns {name}: {e}");
-            }
-        }
-    }
-}
-
-fn ip(ns: &str, args: &[&str]) -> String {
-    let out = Command::new("ip")
-        .arg("-n")
-        .arg(ns)
-        .args(args)
-        .output()
-        .expect("run ip");
-    assert!(
-        out.status.success(),
-        "ip -n {ns} {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn a(s: &str) -> IpAddr {
@@ -58,9 +20,9 @@ fn a(s: &str) -> IpAddr {
 
 /// A node namespace with `eth0` (192.0.2.1/24, fd00:2::1/64) whose peer is in a second
 /// namespace; returns the node's name and eth0's index.
-fn node(lab: &mut Lab) -> (String, u32) {
-    let node = lab.netns("node");
-    let far = lab.netns("far");
+fn node(lab: &Namespaces) -> (String, u32) {
+    let node = lab.add("node");
+    let far = lab.add("far");
     ip(
         &far,
         &[
@@ -74,8 +36,7 @@ fn node(lab: &mut Lab) -> (String, u32) {
         &["addr", "add", "fd00:2::1/64", "dev", "eth0", "nodad"],
     );
     ip(&node, &["link", "set", "eth0", "up"]);
-    let out = ip(&node, &["-j", "link", "show", "dev", "eth0"]);
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let v = ip_json(&node, &["link", "show", "dev", "eth0"]);
     (node, v[0]["ifindex"].as_u64().unwrap() as u32)
 }
 
@@ -84,8 +45,8 @@ async fn routes_are_owned_by_protocol() {
     if !root() {
         return;
     }
-    let mut lab = Lab("krt", Vec::new());
-    let (node, eth0) = node(&mut lab);
+    let lab = Namespaces::new("krt");
+    let (node, eth0) = node(&lab);
     let k = Netlink::new(NetNs::named(&node).await.unwrap());
     assert_eq!(k.protocol(), ROUTE_PROTOCOL);
     // Someone else's routes: a static one to a destination we will want too, another.
@@ -183,8 +144,8 @@ async fn vxlan_device_neighbours_and_fdb() {
     if !root() {
         return;
     }
-    let mut lab = Lab("kvx", Vec::new());
-    let (node, eth0) = node(&mut lab);
+    let lab = Namespaces::new("kvx");
+    let (node, eth0) = node(&lab);
     let k = Netlink::new(NetNs::named(&node).await.unwrap());
     let spec = VxlanSpec {
         name: "cnkt.vx".into(),
@@ -277,11 +238,7 @@ async fn vxlan_device_neighbours_and_fdb() {
     let mut listed = k.fdb_entries(vx).await.unwrap();
     listed.sort();
     assert_eq!(listed, vec![f1, moved], "replace changes the destination");
-    let shown = Command::new("bridge")
-        .args(["-n", &node, "fdb", "show", "dev", "cnkt.vx"])
-        .output()
-        .unwrap();
-    let shown = String::from_utf8_lossy(&shown.stdout);
+    let shown = bridge(&node, &["fdb", "show", "dev", "cnkt.vx"]);
     assert!(
         shown.contains("0a:00:00:00:00:02 dst 192.0.2.99 self permanent"),
         "{shown}"

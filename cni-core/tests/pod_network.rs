@@ -9,7 +9,6 @@
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::Mutex;
 use std::time::Instant;
 
 use cni_core::ipam::{Allocation, Attachment};
@@ -19,42 +18,33 @@ use cni_core::linux::{
 use cni_core::network::{Pod, PodNetwork};
 use cni_core::spec::{CniResult, IpConfig};
 use serde_json::Value;
+use testkit::{Namespaces, ip, ip_json, netns_path};
 
 fn root() -> bool {
     testkit::root("pod network tests")
 }
 
 /// Namespaces of one test, deleted on drop.
-struct Lab {
-    prefix: String,
-    names: Mutex<Vec<String>>,
-}
+struct Lab(Namespaces);
 
 impl Lab {
     fn new(tag: &str) -> Self {
-        Lab {
-            prefix: format!("cnkt-{tag}-{}", std::process::id()),
-            names: Mutex::new(Vec::new()),
-        }
+        Lab(Namespaces::new(tag))
     }
 
     fn name(&self, suffix: &str) -> String {
-        format!("{}-{suffix}", self.prefix)
+        self.0.name(suffix)
     }
 
     fn netns(&self, suffix: &str) -> PathBuf {
-        let name = self.name(suffix);
-        let path = netns::create_named(&name).expect("create netns");
-        self.names.lock().unwrap().push(name);
-        path
+        netns_path(&self.0.add(suffix))
     }
 
     /// A node namespace with `lo` up and an uplink `eth0` (192.0.2.2/24, fd00:ff::2/64,
     /// default routes via the uplink namespace), as a real node has.
     fn node(&self) -> String {
-        self.netns("node");
-        self.netns("up");
-        let (node, up) = (self.name("node"), self.name("up"));
+        let node = self.0.add("node");
+        let up = self.0.add("up");
         ip(
             &up,
             &[
@@ -83,59 +73,15 @@ impl Lab {
     }
 }
 
-impl Drop for Lab {
-    fn drop(&mut self) {
-        for name in self
-            .names
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .drain(..)
-        {
-            if let Err(e) = netns::delete_named(&name) {
-                eprintln!("cannot delete netns {name}: {e}");
-            }
-        }
-    }
-}
-
-/// Runs `ip -n NS ARGS…` and panics with its output on failure.
-fn ip(ns: &str, args: &[&str]) -> String {
-    let out = Command::new("ip")
-        .arg("-n")
-        .arg(ns)
-        .args(args)
-        .output()
-        .expect("run ip");
-    assert!(
-        out.status.success(),
-        "ip -n {ns} {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// `ip -j -n NS ARGS…` parsed.
-fn ip_json(ns: &str, args: &[&str]) -> Value {
-    let mut all = vec!["-j"];
-    all.extend_from_slice(args);
-    serde_json::from_str(&ip(ns, &all)).expect("ip -j prints JSON")
-}
-
 /// Whether `ip -n NS link show dev NAME` finds the link.
 fn has_link(ns: &str, name: &str) -> bool {
-    let links = ip_json(ns, &["link", "show"]);
-    links
-        .as_array()
-        .expect("array")
+    ip_json(ns, &["link", "show"])
         .iter()
         .any(|l| l["ifname"] == name)
 }
 
 fn node_links(node: &str) -> Vec<String> {
     ip_json(node, &["link", "show"])
-        .as_array()
-        .expect("array")
         .iter()
         .map(|l| l["ifname"].as_str().expect("ifname").to_owned())
         .collect()
@@ -319,19 +265,25 @@ async fn two_pods_reach_each_other_and_the_node(kind: Kind, tag: &str) {
             let mut gws = addresses(&node, "cnikit0");
             gws.sort();
             assert_eq!(gws, ["10.244.0.1/24", "fd00:0:0:1::1/64"]);
-            let routes = ip_json(&ns_a, &["route", "show", "default"]);
+            let routes = Value::from(ip_json(&ns_a, &["route", "show", "default"]));
             assert_eq!(routes[0]["gateway"], "10.244.0.1", "{routes}");
         }
         Kind::Routed => {
             assert_eq!(host_link["address"], "ee:ee:ee:ee:ee:ee");
-            let routes = ip_json(&node, &["route", "show", "10.244.1.2/32"]);
+            let routes = Value::from(ip_json(&node, &["route", "show", "10.244.1.2/32"]));
             assert_eq!(routes[0]["dev"], host_veth(&a).as_str(), "{routes}");
             assert_eq!(routes[0]["scope"], "link", "{routes}");
-            let routes = ip_json(&node, &["-6", "route", "show", "fd00:0:0:2::2/128"]);
+            let routes = Value::from(ip_json(
+                &node,
+                &["-6", "route", "show", "fd00:0:0:2::2/128"],
+            ));
             assert_eq!(routes[0]["dev"], host_veth(&a).as_str(), "{routes}");
-            let routes = ip_json(&ns_a, &["route", "show", "default"]);
+            let routes = Value::from(ip_json(&ns_a, &["route", "show", "default"]));
             assert_eq!(routes[0]["gateway"], "169.254.1.1", "{routes}");
-            let neigh = ip_json(&ns_a, &["neigh", "show", "169.254.1.1", "dev", "eth0"]);
+            let neigh = Value::from(ip_json(
+                &ns_a,
+                &["neigh", "show", "169.254.1.1", "dev", "eth0"],
+            ));
             assert_eq!(neigh[0]["lladdr"], "ee:ee:ee:ee:ee:ee", "{neigh}");
             assert_eq!(neigh[0]["state"][0], "PERMANENT", "{neigh}");
             let node_ns = NetNs::named(&node).await.unwrap();
@@ -412,7 +364,7 @@ async fn del_after_the_netns_is_gone(kind: Kind, tag: &str) {
     net.del(&gone, None).await.expect("DEL with no CNI_NETNS");
     assert!(!has_link(&node, &host_veth(&a)), "host veth left behind");
     if kind == Kind::Routed {
-        let routes = ip_json(&node, &["route", "show", "10.244.1.2/32"]);
+        let routes = Value::from(ip_json(&node, &["route", "show", "10.244.1.2/32"]));
         assert_eq!(routes.as_array().map(Vec::len), Some(0), "{routes}");
     }
 }
@@ -503,7 +455,7 @@ async fn failed_add_leaves_nothing(kind: Kind, tag: &str) {
     );
     assert!(!has_link(&node, &host_veth(&b)), "host veth left behind");
     assert!(!has_link(&ns_b, "eth0"), "pod end left behind");
-    let host_routes = ip_json(&node, &["route", "show", "table", "main"]);
+    let host_routes = Value::from(ip_json(&node, &["route", "show", "table", "main"]));
     assert!(
         !host_routes.to_string().contains("10.244.1.3"),
         "host route left behind: {host_routes}"
@@ -613,7 +565,7 @@ async fn bridge_parallel_adds_share_one_bridge() {
         let (p, r) = t.await.expect("task");
         results.push((p, r.expect("parallel ADD")));
     }
-    let ports = ip_json(&node, &["link", "show", "master", "cnikit0"]);
+    let ports = Value::from(ip_json(&node, &["link", "show", "master", "cnikit0"]));
     assert_eq!(ports.as_array().map(Vec::len), Some(usize::from(PODS)));
     // Pods at both ends of the list reach each other.
     let last = pod_ips(&results[results.len() - 1].1)[0];

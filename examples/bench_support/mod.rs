@@ -46,38 +46,17 @@ pub fn node_address(i: usize) -> Ipv4Addr {
 /// An example binary built next to this one (`<target>/release/examples/<name>`), refused
 /// when it is older than the cnikit libraries it is built from.
 pub fn binary(name: &str) -> Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let dir = exe
-        .parent()
-        .context("no directory of the benchmark binary")?;
-    let path = dir.join(name);
+    let path = testkit::examples_dir().join(name);
     let hint = "cargo build --release --example cnikit --example cnikit-agent";
     ensure!(path.is_file(), "{} is missing: {hint}", path.display());
-    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    let built = modified(&path);
-    let deps = dir.parent().map(|d| d.join("deps"));
-    let newest_lib = deps
-        .and_then(|d| std::fs::read_dir(d).ok())
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter(|e| {
-            let name = e.file_name();
-            let name = name.to_string_lossy();
-            ["libcnikit-", "libcni_core-", "libbackend_", "libipam_etcd-"]
-                .iter()
-                .any(|p| name.starts_with(p))
-                && name.ends_with(".rlib")
-        })
-        .filter_map(|e| modified(&e.path()))
-        .max();
-    if let (Some(built), Some(lib)) = (built, newest_lib) {
-        ensure!(
-            lib <= built,
-            "{} is older than the cnikit libraries: {hint}",
-            path.display()
-        );
-    }
+    ensure!(
+        !testkit::stale(
+            &path,
+            &["libcnikit-", "libcni_core-", "libbackend_", "libipam_etcd-"]
+        ),
+        "{} is older than the cnikit libraries: {hint}",
+        path.display()
+    );
     Ok(path)
 }
 

@@ -6,9 +6,24 @@
 //! variable [`REQUIRE_ALL`] is set (the project's test script sets it after installing every
 //! prerequisite), a skip is a failure instead: a test that silently stops running cannot hide
 //! behind a green run.
+//!
+//! The rest is the harness the namespace tests share: [`Namespaces`] (named network
+//! namespaces deleted on drop, also on panic), [`ip`]/[`ip_json`] and [`bridge`]/
+//! [`bridge_json`] inside them, and the example binaries of the end-to-end tests
+//! ([`examples_dir`], [`assert_fresh`]).
+
+#![warn(missing_docs)]
+
+mod example;
+mod netns;
 
 use std::io::Write;
 use std::path::Path;
+
+pub use example::{assert_fresh, examples_dir, stale};
+pub use netns::{
+    NETNS_RUN_DIR, Namespaces, bridge, bridge_json, exec_in, ip, ip_json, netns_path, run_in,
+};
 
 /// Set to a non-empty value other than `0` to turn every [`skip`] into a test failure.
 pub const REQUIRE_ALL: &str = "CNIKIT_REQUIRE_ALL";

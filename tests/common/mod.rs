@@ -22,8 +22,9 @@ use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use cnikit::core::linux::netns;
 use serde_json::{Value, json};
+use testkit::{Namespaces, netns_path};
+pub use testkit::{ip, ip_json};
 
 /// Where the reference CNI plugins (Debian `containernetworking-plugins`) live.
 pub const REFERENCE_DIR: &str = "/usr/lib/cni";
@@ -49,7 +50,7 @@ impl Env {
         }
         match plugin_binary() {
             Some(plugin) => {
-                assert_fresh(&plugin);
+                testkit::assert_fresh(&plugin);
                 Some(Env { plugin })
             }
             None => {
@@ -102,44 +103,8 @@ impl Env {
 /// `<target>/debug/examples/cnikit`, found from this test binary
 /// (`<target>/debug/deps/<test>-<hash>`).
 fn plugin_binary() -> Option<PathBuf> {
-    let exe = std::env::current_exe().ok()?;
-    let profile_dir = exe.parent()?.parent()?;
-    let binary = profile_dir.join("examples").join("cnikit");
+    let binary = testkit::examples_dir().join("cnikit");
     binary.is_file().then_some(binary)
-}
-
-/// Panics when the binary is older than the newest build of the `cnikit` library: `cargo
-/// test --test NAME` builds only that test, not the examples, and a stale binary would
-/// test old code.
-fn assert_fresh(plugin: &Path) {
-    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    let Some(binary) = modified(plugin) else {
-        return;
-    };
-    let deps = plugin
-        .parent()
-        .and_then(Path::parent)
-        .map(|d| d.join("deps"));
-    let newest_lib = deps
-        .and_then(|d| std::fs::read_dir(d).ok())
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter(|e| {
-            let name = e.file_name();
-            let name = name.to_string_lossy();
-            name.starts_with("libcnikit-") && name.ends_with(".rlib")
-        })
-        .filter_map(|e| modified(&e.path()))
-        .max();
-    if let Some(lib) = newest_lib {
-        assert!(
-            lib <= binary,
-            "{} is older than the cnikit library: build it first with \
-             `cargo build -p cnikit --examples --all-features`",
-            plugin.display()
-        );
-    }
 }
 
 /// A network namespace of a test.
@@ -153,8 +118,7 @@ pub struct Ns {
 
 /// The namespaces, data directory and processes of one test; all removed on drop.
 pub struct Lab {
-    prefix: String,
-    names: Mutex<Vec<String>>,
+    namespaces: Namespaces,
     children: Mutex<Vec<std::process::Child>>,
     data: tempfile::TempDir,
 }
@@ -163,8 +127,7 @@ impl Lab {
     /// A lab whose namespaces are named `cnkt-<tag>-<pid>-…` (keep `tag` short).
     pub fn new(tag: &str) -> Lab {
         Lab {
-            prefix: format!("cnkt-{tag}-{}", std::process::id()),
-            names: Mutex::new(Vec::new()),
+            namespaces: Namespaces::new(tag),
             children: Mutex::new(Vec::new()),
             data: tempfile::Builder::new()
                 .prefix(&format!("cnkt-{tag}-"))
@@ -175,12 +138,12 @@ impl Lab {
 
     /// A fresh namespace `<prefix>-<suffix>` with `lo` up.
     pub fn netns(&self, suffix: &str) -> Ns {
-        let name = format!("{}-{suffix}", self.prefix);
-        let path =
-            netns::create_named(&name).unwrap_or_else(|e| panic!("ip netns add {name}: {e}"));
-        self.names.lock().unwrap().push(name.clone());
+        let name = self.namespaces.add(suffix);
         ip(&name, &["link", "set", "lo", "up"]);
-        Ns { name, path }
+        Ns {
+            path: netns_path(&name),
+            name,
+        }
     }
 
     /// The node: a namespace standing in for the host, with an uplink `eth0` holding
@@ -208,8 +171,7 @@ impl Lab {
 
     /// Removes a namespace of this lab early (a pod that disappears without DEL).
     pub fn remove(&self, ns: &Ns) {
-        netns::delete_named(&ns.name).unwrap_or_else(|e| panic!("ip netns del {}: {e}", ns.name));
-        self.names.lock().unwrap().retain(|n| n != &ns.name);
+        self.namespaces.remove(&ns.name);
     }
 
     /// A directory of this test, removed on drop.
@@ -241,52 +203,13 @@ impl Drop for Lab {
             let _ = child.kill();
             let _ = child.wait();
         }
-        for name in self
-            .names
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .drain(..)
-        {
-            if let Err(e) = netns::delete_named(&name) {
-                eprintln!("cannot delete netns {name}: {e}");
-            }
-        }
+        // The namespaces go after the processes, when the fields are dropped.
     }
-}
-
-/// Runs `ip -n NS ARGS…`; panics with its stderr on failure.
-pub fn ip(ns: &str, args: &[&str]) -> String {
-    let out = Command::new("ip")
-        .arg("-n")
-        .arg(ns)
-        .args(args)
-        .output()
-        .expect("run ip");
-    assert!(
-        out.status.success(),
-        "ip -n {ns} {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// `ip -j -n NS ARGS…`, parsed (an empty output reads as `[]`).
-pub fn ip_json(ns: &str, args: &[&str]) -> Value {
-    let mut all = vec!["-j"];
-    all.extend_from_slice(args);
-    let out = ip(ns, &all);
-    if out.trim().is_empty() {
-        return json!([]);
-    }
-    serde_json::from_str(&out).expect("ip -j prints JSON")
 }
 
 /// Names of the links in `ns`.
 pub fn links(ns: &str) -> BTreeSet<String> {
     ip_json(ns, &["link", "show"])
-        .as_array()
-        .expect("array")
         .iter()
         .map(|l| l["ifname"].as_str().expect("ifname").to_owned())
         .collect()
@@ -295,8 +218,6 @@ pub fn links(ns: &str) -> BTreeSet<String> {
 /// Names of the links of kind `kind` (`veth`, `bridge`, `ifb`) in `ns`.
 pub fn links_of_kind(ns: &str, kind: &str) -> BTreeSet<String> {
     ip_json(ns, &["-d", "link", "show"])
-        .as_array()
-        .expect("array")
         .iter()
         .filter(|l| l["linkinfo"]["info_kind"] == kind)
         .map(|l| l["ifname"].as_str().expect("ifname").to_owned())
@@ -315,7 +236,7 @@ pub fn host_veths(node: &str) -> BTreeSet<String> {
 /// adds those by itself).
 pub fn addresses(ns: &str) -> BTreeSet<String> {
     let mut all = BTreeSet::new();
-    for l in ip_json(ns, &["addr", "show"]).as_array().expect("array") {
+    for l in ip_json(ns, &["addr", "show"]) {
         let dev = l["ifname"].as_str().unwrap_or("?");
         for a in l["addr_info"].as_array().into_iter().flatten() {
             if a["scope"] == "link" && a["family"] == "inet6" {
@@ -334,8 +255,6 @@ pub fn addresses(ns: &str) -> BTreeSet<String> {
 /// The IPv4 addresses (without prefix) of `dev` in `ns`.
 pub fn ipv4_of(ns: &str, dev: &str) -> Vec<IpAddr> {
     ip_json(ns, &["-4", "addr", "show", "dev", dev])
-        .as_array()
-        .expect("array")
         .iter()
         .flat_map(|l| l["addr_info"].as_array().cloned().unwrap_or_default())
         .filter_map(|a| a["local"].as_str().and_then(|s| s.parse().ok()))
@@ -738,16 +657,7 @@ pub fn host_local_held(data_dir: &Path, network: &str) -> Vec<(IpAddr, String)> 
 
 /// `iptables-save -t nat` inside `ns`.
 pub fn nat_rules(ns: &str) -> String {
-    let out = Command::new("ip")
-        .args(["netns", "exec", ns, "iptables-save", "-t", "nat"])
-        .output()
-        .expect("run iptables-save");
-    assert!(
-        out.status.success(),
-        "iptables-save in {ns}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    testkit::exec_in(ns, &["iptables-save", "-t", "nat"])
 }
 
 /// `tc -j qdisc show` inside `ns`, parsed.

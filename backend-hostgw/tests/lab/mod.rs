@@ -10,18 +10,16 @@
 #![allow(dead_code)]
 
 use std::net::IpAddr;
-use std::path::Path;
 use std::process::Command;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use cni_core::ipam::{Allocation, Attachment};
-use cni_core::linux::{BridgeConfig, BridgeNetwork, NetNs, netns};
+use cni_core::linux::{BridgeConfig, BridgeNetwork, NetNs};
 use cni_core::network::{Pod, PodNetwork};
 use cni_core::registry::NodeRecord;
 use cni_core::routing::LocalNode;
 use cni_core::spec::IpConfig;
-use serde_json::Value;
+use testkit::{Namespaces, ip, ip_json};
 
 /// Whether the test can run; says loudly why not.
 pub fn root(what: &str) -> bool {
@@ -45,8 +43,7 @@ pub fn root(what: &str) -> bool {
 
 /// The namespaces of one test, deleted on drop.
 pub struct Lab {
-    prefix: String,
-    names: Mutex<Vec<String>>,
+    namespaces: Namespaces,
     ports: AtomicU32,
 }
 
@@ -54,22 +51,19 @@ impl Lab {
     /// A lab whose namespaces are named `cnkt-TAG-PID-…`.
     pub fn new(tag: &str) -> Self {
         Lab {
-            prefix: format!("cnkt-{tag}-{}", std::process::id()),
-            names: Mutex::new(Vec::new()),
+            namespaces: Namespaces::new(tag),
             ports: AtomicU32::new(0),
         }
     }
 
     /// The full name of the namespace `suffix`.
     pub fn name(&self, suffix: &str) -> String {
-        format!("{}-{suffix}", self.prefix)
+        self.namespaces.name(suffix)
     }
 
     /// Creates the namespace `suffix` with `lo` up and returns its full name.
     pub fn netns(&self, suffix: &str) -> String {
-        let name = self.name(suffix);
-        netns::create_named(&name).expect("create netns");
-        self.names.lock().unwrap().push(name.clone());
+        let name = self.namespaces.add(suffix);
         ip(&name, &["link", "set", "lo", "up"]);
         name
     }
@@ -151,29 +145,13 @@ impl Lab {
             .add(
                 &Pod {
                     attachment: Attachment::new("cnkt-net", &pod_ns, "eth0"),
-                    netns: Some(Path::new(netns::NETNS_RUN_DIR).join(&pod_ns)),
+                    netns: Some(testkit::netns_path(&pod_ns)),
                 },
                 &allocation,
             )
             .await
             .expect("plug the pod in");
         pod_ns
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        for name in self
-            .names
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .drain(..)
-            .rev()
-        {
-            if let Err(e) = netns::delete_named(&name) {
-                eprintln!("cannot delete netns {name}: {e}");
-            }
-        }
     }
 }
 
@@ -212,63 +190,9 @@ pub fn local(name: &str, cidr: &str, block: &str) -> LocalNode {
     }
 }
 
-/// Runs `ip -n NS ARGS…` and panics with its output on failure.
-pub fn ip(ns: &str, args: &[&str]) -> String {
-    run("ip", ns, args)
-}
-
-/// Runs `bridge -n NS ARGS…` and panics with its output on failure.
-pub fn bridge(ns: &str, args: &[&str]) -> String {
-    run("bridge", ns, args)
-}
-
-fn run(tool: &str, ns: &str, args: &[&str]) -> String {
-    let out = Command::new(tool)
-        .arg("-n")
-        .arg(ns)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("run {tool}: {e}"));
-    assert!(
-        out.status.success(),
-        "{tool} -n {ns} {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// `ip -j -n NS ARGS…`, parsed.
-pub fn ip_json(ns: &str, args: &[&str]) -> Vec<Value> {
-    json(&ip(ns, &[&["-j"], args].concat()))
-}
-
-/// `bridge -j -n NS ARGS…`, parsed.
-pub fn bridge_json(ns: &str, args: &[&str]) -> Vec<Value> {
-    json(&bridge(ns, &[&["-j"], args].concat()))
-}
-
-fn json(out: &str) -> Vec<Value> {
-    if out.trim().is_empty() {
-        return Vec::new();
-    }
-    match serde_json::from_str(out).expect("JSON output") {
-        Value::Array(items) => items,
-        other => panic!("expected a JSON array, got {other}"),
-    }
-}
-
 /// `sysctl -w KEY=VALUE` inside `ns`.
 pub fn sysctl(ns: &str, setting: &str) {
-    let out = Command::new("ip")
-        .args(["netns", "exec", ns, "sysctl", "-qw", setting])
-        .output()
-        .expect("run sysctl");
-    assert!(
-        out.status.success(),
-        "sysctl {setting} in {ns}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    testkit::exec_in(ns, &["sysctl", "-qw", setting]);
 }
 
 /// Whether `ns` gets an answer from `dst`, trying up to three times (the first packet
