@@ -44,17 +44,14 @@ pub fn node_address(i: usize) -> Ipv4Addr {
 }
 
 /// An example binary built next to this one (`<target>/release/examples/<name>`), refused
-/// when it is older than the cnikit libraries it is built from.
+/// when it is older than the cnikit sources it is built from.
 pub fn binary(name: &str) -> Result<PathBuf> {
     let path = testkit::examples_dir().join(name);
     let hint = "cargo build --release --example cnikit --example cnikit-agent";
     ensure!(path.is_file(), "{} is missing: {hint}", path.display());
     ensure!(
-        !testkit::stale(
-            &path,
-            &["libcnikit-", "libcni_core-", "libbackend_", "libipam_etcd-"]
-        ),
-        "{} is older than the cnikit libraries: {hint}",
+        !testkit::stale(&path, &testkit::sources_of(name)),
+        "{} is older than the cnikit sources: {hint}",
         path.display()
     );
     Ok(path)

@@ -20,7 +20,7 @@ mod netns;
 use std::io::Write;
 use std::path::Path;
 
-pub use example::{assert_fresh, examples_dir, stale};
+pub use example::{assert_fresh, examples_dir, sources_of, stale};
 pub use netns::{
     NETNS_RUN_DIR, Namespaces, bridge, bridge_json, exec_in, ip, ip_json, netns_path, run_in,
 };
