@@ -186,6 +186,7 @@ fn plan(allocation: &Allocation) -> Result<Plan> {
                 interface: None,
             })
             .collect(),
+        dns: allocation.dns.clone(),
     };
     Ok(Plan { gateways, pod })
 }
@@ -239,16 +240,7 @@ impl PodNetwork for BridgeNetwork {
             }
             Ok::<_, Error>(host_link)
         };
-        pod::add(
-            host,
-            &pod_ns,
-            pod,
-            &spec,
-            &plan.pod,
-            &allocation.dns,
-            host_side,
-        )
-        .await
+        pod::add(host, &pod_ns, pod, &spec, &plan.pod, host_side).await
     }
 
     async fn del(&self, pod: &Pod, _prev: Option<&CniResult>) -> Result<()> {

@@ -18,7 +18,8 @@ const MAIN_TABLE: u32 = 254;
 /// Index of the pod's interface in the result's `interfaces` (the host veth is 0).
 pub(crate) const POD_INTERFACE: usize = 1;
 
-/// What goes into the pod's namespace, computed before anything is touched.
+/// What goes into the pod's namespace and its CNI result, computed before anything is
+/// touched.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct PodPlan {
     /// Addresses of the pod interface.
@@ -31,6 +32,8 @@ pub(crate) struct PodPlan {
     pub result_routes: Vec<Route>,
     /// Addresses reported in the result.
     pub ips: Vec<IpConfig>,
+    /// DNS settings reported in the result (the IPAM's).
+    pub dns: Dns,
 }
 
 impl PodPlan {
@@ -109,21 +112,13 @@ pub(crate) async fn add(
     pod: &Pod,
     spec: &VethSpec<'_>,
     plan: &PodPlan,
-    dns: &Dns,
     host_side: impl Future<Output = Result<Link>>,
 ) -> Result<CniResult> {
     veth::create(host, pod_ns, spec).await?;
     let plumb = async {
         let (host_link, pod_link) =
             tokio::try_join!(host_side, configure(pod_ns, spec.pod_name, plan))?;
-        Ok(result(
-            pod,
-            &host_link,
-            &pod_link,
-            spec.mtu,
-            plan.clone(),
-            dns,
-        ))
+        Ok(result(pod, &host_link, &pod_link, spec.mtu, plan.clone()))
     };
     undo_on_error(host, spec.host_name, plumb.await).await
 }
@@ -172,14 +167,7 @@ async fn configure(ns: &NetNs, ifname: &str, plan: &PodPlan) -> Result<Link> {
 }
 
 /// The CNI result: the host veth, the pod interface, the addresses on the pod interface.
-fn result(
-    pod: &Pod,
-    host: &Link,
-    pod_link: &Link,
-    mtu: u32,
-    plan: PodPlan,
-    dns: &Dns,
-) -> CniResult {
+fn result(pod: &Pod, host: &Link, pod_link: &Link, mtu: u32, plan: PodPlan) -> CniResult {
     CniResult {
         interfaces: vec![
             Interface {
@@ -204,7 +192,7 @@ fn result(
             })
             .collect(),
         routes: plan.result_routes,
-        dns: dns.clone(),
+        dns: plan.dns,
     }
 }
 

@@ -181,6 +181,7 @@ fn plan(allocation: &Allocation) -> Result<Plan> {
             routes,
             result_routes,
             ips,
+            dns: allocation.dns.clone(),
         },
     })
 }
@@ -233,16 +234,7 @@ impl PodNetwork for RoutedNetwork {
             }
             Ok::<_, Error>(host_link)
         };
-        pod::add(
-            host,
-            &pod_ns,
-            pod,
-            &spec,
-            &plan.pod,
-            &allocation.dns,
-            host_side,
-        )
-        .await
+        pod::add(host, &pod_ns, pod, &spec, &plan.pod, host_side).await
     }
 
     async fn del(&self, pod: &Pod, _prev: Option<&CniResult>) -> Result<()> {
