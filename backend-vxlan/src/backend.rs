@@ -443,6 +443,14 @@ mod tests {
         v
     }
 
+    /// The write that resolves the VTEP address `vtep` to `mac` on the VXLAN device.
+    fn replace_neighbour(vtep: &str, mac: [u8; 6]) -> Write {
+        Write::ReplaceNeighbour {
+            ifindex: VX,
+            entry: Neighbour { ip: ip(vtep), mac },
+        }
+    }
+
     fn sorted(mut writes: Vec<Write>) -> Vec<Write> {
         writes.sort_by_key(|w| format!("{w:?}"));
         writes
@@ -699,13 +707,7 @@ mod tests {
         assert_eq!(
             sorted(k.take_writes()),
             sorted(vec![
-                Write::ReplaceNeighbour {
-                    ifindex: VX,
-                    entry: Neighbour {
-                        ip: ip("10.244.2.0"),
-                        mac: new_mac
-                    }
-                },
+                replace_neighbour("10.244.2.0", new_mac),
                 Write::ReplaceFdb {
                     ifindex: VX,
                     entry: FdbEntry {
@@ -729,13 +731,7 @@ mod tests {
         assert_eq!(
             sorted(k.take_writes()),
             sorted(vec![
-                Write::ReplaceNeighbour {
-                    ifindex: VX,
-                    entry: Neighbour {
-                        ip: ip("10.244.20.0"),
-                        mac: new_mac
-                    }
-                },
+                replace_neighbour("10.244.20.0", new_mac),
                 Write::AddRoute(vx_route("10.244.20.0/24", "10.244.20.0")),
                 Write::DeleteRoute(vx_route("10.244.2.0/24", "10.244.2.0")),
                 Write::DeleteNeighbour {

@@ -213,12 +213,7 @@ async fn tls_options(config: &Config) -> Result<TlsOptions> {
 /// Reads a PEM file and checks it holds the right kind of block; errors never quote it.
 async fn read_pem(path: &Path, name: &str, kind: Pem) -> Result<Vec<u8>> {
     let field = format!("ipam.store.{name}");
-    let bytes = tokio::fs::read(path).await.map_err(|e| Error::File {
-        field: field.clone(),
-        path: path.to_owned(),
-        reason: format!("cannot read: {e}"),
-        source: Some(e),
-    })?;
+    let bytes = read_file(path, &field).await?;
     let text = String::from_utf8_lossy(&bytes);
     let ok = match kind {
         Pem::Certificate => text.contains("-----BEGIN CERTIFICATE-----"),
@@ -231,39 +226,40 @@ async fn read_pem(path: &Path, name: &str, kind: Pem) -> Result<Vec<u8>> {
             Pem::Certificate => "a PEM certificate (-----BEGIN CERTIFICATE-----)",
             Pem::PrivateKey => "a PEM private key (-----BEGIN ... PRIVATE KEY-----)",
         };
-        return Err(Error::File {
-            field,
-            path: path.to_owned(),
-            reason: format!("does not hold {wanted}"),
-            source: None,
-        });
+        return Err(unusable(field, path, format!("does not hold {wanted}")));
     }
     Ok(bytes)
 }
 
 /// Reads the password file; a trailing newline is not part of the password.
 async fn read_password(path: &Path) -> Result<String> {
-    let field = "ipam.store.passwordFile".to_owned();
-    let bytes = tokio::fs::read(path).await.map_err(|e| Error::File {
-        field: field.clone(),
+    let field = "ipam.store.passwordFile";
+    let bytes = read_file(path, field).await?;
+    let text =
+        String::from_utf8(bytes).map_err(|_| unusable(field.into(), path, "is not UTF-8"))?;
+    let password = text.trim_end_matches(['\n', '\r']);
+    if password.is_empty() {
+        return Err(unusable(field.into(), path, "is empty"));
+    }
+    Ok(password.to_owned())
+}
+
+/// Reads a file the configuration names in `field`.
+async fn read_file(path: &Path, field: &str) -> Result<Vec<u8>> {
+    tokio::fs::read(path).await.map_err(|e| Error::File {
+        field: field.to_owned(),
         path: path.to_owned(),
         reason: format!("cannot read: {e}"),
         source: Some(e),
-    })?;
-    let text = String::from_utf8(bytes).map_err(|_| Error::File {
-        field: field.clone(),
+    })
+}
+
+/// The error of a file named in `field` that reads but cannot be used.
+fn unusable(field: String, path: &Path, reason: impl Into<String>) -> Error {
+    Error::File {
+        field,
         path: path.to_owned(),
-        reason: "is not UTF-8".into(),
+        reason: reason.into(),
         source: None,
-    })?;
-    let password = text.trim_end_matches(['\n', '\r']);
-    if password.is_empty() {
-        return Err(Error::File {
-            field,
-            path: path.to_owned(),
-            reason: "is empty".into(),
-            source: None,
-        });
     }
-    Ok(password.to_owned())
 }

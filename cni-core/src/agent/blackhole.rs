@@ -8,16 +8,14 @@
 
 use std::net::IpAddr;
 
-use futures::TryStreamExt;
 use ipnet::IpNet;
 use rtnetlink::RouteMessageBuilder;
-use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteType,
 };
 
 use crate::error::{Error, Result};
-use crate::linux::NetNs;
+use crate::linux::{NetNs, route};
 
 /// Route protocol number (`rtm_protocol`) of the agent's blackhole routes: 108, next to the
 /// routing backends' [`ROUTE_PROTOCOL`](crate::linux::kernel::ROUTE_PROTOCOL) (107) and
@@ -49,15 +47,8 @@ pub async fn sync(ns: &NetNs, blocks: &[IpNet]) -> Result<usize> {
 /// The blackhole routes the agent made, like `ip route show type blackhole proto 108`.
 pub async fn list(ns: &NetNs) -> Result<Vec<IpNet>> {
     let mut found = Vec::new();
-    for family in [AddressFamily::Inet, AddressFamily::Inet6] {
-        let mut query = RouteMessage::default();
-        query.header.address_family = family;
-        let messages: Vec<RouteMessage> = ns
-            .handle()
-            .route()
-            .get(query)
-            .execute()
-            .try_collect()
+    for ipv6 in [false, true] {
+        let messages = route::dump(ns, ipv6)
             .await
             .map_err(|e| Error::kernel("ip route show type blackhole proto 108", e))?;
         found.extend(messages.iter().filter_map(parse));

@@ -98,23 +98,19 @@ pub async fn delete(ns: &NetNs, ifindex: u32, addr: IpNet) -> Result<bool> {
 
 /// Lists the addresses of the link with index `ifindex`, like `ip addr show dev #IFINDEX`.
 pub async fn list_on(ns: &NetNs, ifindex: u32) -> Result<Vec<IpNet>> {
-    let link = Link {
-        index: ifindex,
-        name: format!("#{ifindex}"),
-        mac: None,
-        mtu: None,
-        up: false,
-        controller: None,
-        peer_index: None,
-        kind: None,
-    };
-    list(ns, &link).await
+    list(ns, &by_index(ifindex)).await
 }
 
 /// Adds an address to the link with index `ifindex`, like
 /// `ip addr replace ADDR/PLEN dev #IFINDEX`. Idempotent.
 pub async fn replace_on(ns: &NetNs, ifindex: u32, addr: IpNet) -> Result<()> {
-    let link = Link {
+    replace(ns, &by_index(ifindex), addr).await
+}
+
+/// The link with index `ifindex` as far as the requests need it, named `#IFINDEX` in
+/// messages.
+fn by_index(ifindex: u32) -> Link {
+    Link {
         index: ifindex,
         name: format!("#{ifindex}"),
         mac: None,
@@ -123,6 +119,5 @@ pub async fn replace_on(ns: &NetNs, ifindex: u32, addr: IpNet) -> Result<()> {
         controller: None,
         peer_index: None,
         kind: None,
-    };
-    replace(ns, &link, addr).await
+    }
 }

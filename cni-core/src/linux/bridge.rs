@@ -17,8 +17,8 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use super::link::{self, BridgeSpec};
-use super::pod::{self, PodPlan};
-use super::{Mismatch, NetNs, addr, sysctl, veth};
+use super::pod::{self, PodPlan, mismatch};
+use super::{NetNs, addr, sysctl, veth};
 use crate::error::{Error, Result};
 use crate::ipam::Allocation;
 use crate::network::{Pod, PodNetwork};
@@ -186,6 +186,7 @@ fn plan(allocation: &Allocation) -> Result<Plan> {
                 interface: None,
             })
             .collect(),
+        dns: allocation.dns.clone(),
     };
     Ok(Plan { gateways, pod })
 }
@@ -224,45 +225,22 @@ impl PodNetwork for BridgeNetwork {
         )?;
 
         let host_name = veth::host_name(&pod.attachment.container_id, ifname);
-        veth::create(
-            host,
-            &pod_ns,
-            &veth::VethSpec {
-                host_name: &host_name,
-                pod_name: ifname,
-                mtu: self.config.mtu,
-                host_mac: None,
-                host_controller: Some(bridge.index),
-                host_up: true,
-            },
-        )
-        .await?;
-
-        let plumb = async {
-            let host_side = async {
-                let host_link = link::get(host, &host_name).await?.ok_or_else(|| {
-                    Error::kernel(
-                        format!("ip link show dev {host_name}"),
-                        Mismatch::new("the new host veth", "no such device"),
-                    )
-                })?;
-                if self.config.hairpin_mode {
-                    link::set_hairpin(host, &host_link, true).await?;
-                }
-                Ok::<_, Error>(host_link)
-            };
-            let (host_link, pod_link) =
-                tokio::try_join!(host_side, pod::configure(&pod_ns, ifname, &plan.pod))?;
-            Ok(pod::result(
-                pod,
-                &host_link,
-                &pod_link,
-                self.config.mtu,
-                plan.pod.clone(),
-                &allocation.dns,
-            ))
+        let spec = veth::VethSpec {
+            host_name: &host_name,
+            pod_name: ifname,
+            mtu: self.config.mtu,
+            host_mac: None,
+            host_controller: Some(bridge.index),
+            host_up: true,
         };
-        pod::undo_on_error(host, &host_name, plumb.await).await
+        let host_side = async {
+            let host_link = pod::host_veth(host, &host_name).await?;
+            if self.config.hairpin_mode {
+                link::set_hairpin(host, &host_link, true).await?;
+            }
+            Ok::<_, Error>(host_link)
+        };
+        pod::add(host, &pod_ns, pod, &spec, &plan.pod, host_side).await
     }
 
     async fn del(&self, pod: &Pod, _prev: Option<&CniResult>) -> Result<()> {
@@ -272,23 +250,20 @@ impl PodNetwork for BridgeNetwork {
     async fn check(&self, pod: &Pod, prev: &CniResult) -> Result<()> {
         let checked = pod::check(&self.host, pod, prev, self.config.mtu).await?;
         let name = &self.config.bridge;
-        let mismatch = |what: &str, expected: String, found: String| {
-            Error::kernel(format!("check {what}"), Mismatch::new(expected, found))
-        };
         let bridge = link::get(&self.host, name)
             .await?
-            .ok_or_else(|| mismatch("bridge", format!("bridge {name}"), "no such device".into()))?;
+            .ok_or_else(|| mismatch("bridge", format!("bridge {name}"), "no such device"))?;
         if checked.host.controller != Some(bridge.index) {
             return Err(mismatch(
-                &format!("bridge port {}", checked.host.name),
+                format!("bridge port {}", checked.host.name),
                 format!("enslaved to {name} (index {})", bridge.index),
                 format!("controller {:?}", checked.host.controller),
             ));
         }
         if !checked.host.up || !bridge.up {
             return Err(mismatch(
-                &format!("{} and {name}", checked.host.name),
-                "both up".into(),
+                format!("{} and {name}", checked.host.name),
+                "both up",
                 format!(
                     "{} up: {}, {name} up: {}",
                     checked.host.name, checked.host.up, bridge.up
@@ -302,7 +277,7 @@ impl PodNetwork for BridgeNetwork {
                 .map_err(|e| Error::invalid_config("prevResult.ips", e.to_string()))?;
             if !on_bridge.contains(&want) {
                 return Err(mismatch(
-                    &format!("gateway on {name}"),
+                    format!("gateway on {name}"),
                     want.to_string(),
                     format!("{on_bridge:?}"),
                 ));

@@ -35,7 +35,7 @@ pub struct Link {
 }
 
 impl Link {
-    fn from_message(m: LinkMessage) -> Self {
+    pub(super) fn from_message(m: LinkMessage) -> Self {
         let mut link = Link {
             index: m.header.index,
             name: String::new(),
@@ -94,6 +94,17 @@ pub fn valid_name(name: &str) -> std::result::Result<(), String> {
 
 /// Looks a link up by name, like `ip link show dev NAME`. `Ok(None)` if there is none.
 pub async fn get(ns: &NetNs, name: &str) -> Result<Option<Link>> {
+    let reply = get_message(ns, name, "ip link show").await?;
+    Ok(reply.map(Link::from_message))
+}
+
+/// The kernel's message of the link `name`, `Ok(None)` if there is none; `command` (the
+/// `ip … link show` the caller equals) names it in errors.
+pub(super) async fn get_message(
+    ns: &NetNs,
+    name: &str,
+    command: &str,
+) -> Result<Option<LinkMessage>> {
     let reply = ns
         .handle()
         .link()
@@ -103,10 +114,9 @@ pub async fn get(ns: &NetNs, name: &str) -> Result<Option<Link>> {
         .try_next()
         .await;
     match reply {
-        Ok(Some(m)) => Ok(Some(Link::from_message(m))),
-        Ok(None) => Ok(None),
+        Ok(m) => Ok(m),
         Err(e) if matches!(errno(&e), Some(libc::ENODEV)) => Ok(None),
-        Err(e) => Err(kernel(format!("ip link show dev {name}"), e)),
+        Err(e) => Err(kernel(format!("{command} dev {name}"), e)),
     }
 }
 

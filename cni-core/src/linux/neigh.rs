@@ -16,10 +16,15 @@ use crate::spec::HwAddr;
 /// Sets a permanent neighbour entry, like
 /// `ip neigh replace IP lladdr MAC dev DEV nud permanent`. Idempotent.
 pub async fn replace_permanent(ns: &NetNs, link: &Link, ip: IpAddr, mac: [u8; 6]) -> Result<()> {
+    replace(ns, link.index, &link.name, ip, mac).await
+}
+
+/// [`replace_permanent`] on the link with index `ifindex`, named `dev` in errors.
+async fn replace(ns: &NetNs, ifindex: u32, dev: &str, ip: IpAddr, mac: [u8; 6]) -> Result<()> {
     // `add` builds a permanent entry; `replace` makes it idempotent.
     ns.handle()
         .neighbours()
-        .add(link.index, ip)
+        .add(ifindex, ip)
         .link_layer_address(&mac)
         .replace()
         .execute()
@@ -27,9 +32,8 @@ pub async fn replace_permanent(ns: &NetNs, link: &Link, ip: IpAddr, mac: [u8; 6]
         .map_err(|e| {
             kernel(
                 format!(
-                    "ip neigh replace {ip} lladdr {} dev {} nud permanent",
+                    "ip neigh replace {ip} lladdr {} dev {dev} nud permanent",
                     HwAddr::from(mac),
-                    link.name
                 ),
                 e,
             )
@@ -48,23 +52,8 @@ pub struct Neighbour {
 /// Sets a permanent neighbour entry on the link with index `ifindex`, like
 /// `ip neigh replace IP lladdr MAC dev #IFINDEX nud permanent`. Idempotent.
 pub async fn replace_permanent_on(ns: &NetNs, ifindex: u32, entry: &Neighbour) -> Result<()> {
-    ns.handle()
-        .neighbours()
-        .add(ifindex, entry.ip)
-        .link_layer_address(&entry.mac)
-        .replace()
-        .execute()
-        .await
-        .map_err(|e| {
-            kernel(
-                format!(
-                    "ip neigh replace {} lladdr {} dev #{ifindex} nud permanent",
-                    entry.ip,
-                    HwAddr::from(entry.mac)
-                ),
-                e,
-            )
-        })
+    let dev = format!("#{ifindex}");
+    replace(ns, ifindex, &dev, entry.ip, entry.mac).await
 }
 
 /// Deletes the neighbour entry of `ip` on the link with index `ifindex`, like

@@ -6,7 +6,8 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 
 use super::link::{self, Link};
-use super::{Mismatch, NetNs, addr, neigh, route, veth};
+use super::veth::{self, VethSpec};
+use super::{Mismatch, NetNs, addr, neigh, route};
 use crate::error::{Error, Result};
 use crate::network::Pod;
 use crate::spec::{CniResult, Dns, Interface, IpConfig, Route};
@@ -17,7 +18,8 @@ const MAIN_TABLE: u32 = 254;
 /// Index of the pod's interface in the result's `interfaces` (the host veth is 0).
 pub(crate) const POD_INTERFACE: usize = 1;
 
-/// What goes into the pod's namespace, computed before anything is touched.
+/// What goes into the pod's namespace and its CNI result, computed before anything is
+/// touched.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct PodPlan {
     /// Addresses of the pod interface.
@@ -30,6 +32,8 @@ pub(crate) struct PodPlan {
     pub result_routes: Vec<Route>,
     /// Addresses reported in the result.
     pub ips: Vec<IpConfig>,
+    /// DNS settings reported in the result (the IPAM's).
+    pub dns: Dns,
 }
 
 impl PodPlan {
@@ -97,9 +101,51 @@ pub(crate) fn check_mtu(mtu: u32, has_ipv6: bool) -> Result<()> {
     Ok(())
 }
 
+/// ADD from the veth on, the part both networks share: creates the veth `spec` (its pod end
+/// directly in `pod_ns`), then runs the network's host-side step `host_side`, which returns
+/// the host veth (see [`host_veth`]), alongside the configuration of the pod end (see
+/// [`configure`]), and returns the CNI result. When the host-side step or the pod's
+/// configuration fails, the veth is deleted again (see [`undo_on_error`]).
+pub(crate) async fn add(
+    host: &NetNs,
+    pod_ns: &NetNs,
+    pod: &Pod,
+    spec: &VethSpec<'_>,
+    plan: &PodPlan,
+    host_side: impl Future<Output = Result<Link>>,
+) -> Result<CniResult> {
+    veth::create(host, pod_ns, spec).await?;
+    let plumb = async {
+        let (host_link, pod_link) =
+            tokio::try_join!(host_side, configure(pod_ns, spec.pod_name, plan))?;
+        Ok(result(pod, &host_link, &pod_link, spec.mtu, plan.clone()))
+    };
+    undo_on_error(host, spec.host_name, plumb.await).await
+}
+
+/// Looks up the host veth `name` that ADD has just created, like `ip link show dev NAME`;
+/// its absence is a kernel error.
+pub(crate) async fn host_veth(host: &NetNs, name: &str) -> Result<Link> {
+    link::get(host, name).await?.ok_or_else(|| {
+        Error::kernel(
+            format!("ip link show dev {name}"),
+            Mismatch::new("the new host veth", "no such device"),
+        )
+    })
+}
+
+/// The error of a CHECK that found `found` where it expected `expected`.
+pub(crate) fn mismatch(
+    what: impl std::fmt::Display,
+    expected: impl Into<String>,
+    found: impl Into<String>,
+) -> Error {
+    Error::kernel(format!("check {what}"), Mismatch::new(expected, found))
+}
+
 /// Configures the pod end of the veth: up (with `lo`), its addresses, neighbours, routes.
 /// Returns the pod interface.
-pub(crate) async fn configure(ns: &NetNs, ifname: &str, plan: &PodPlan) -> Result<Link> {
+async fn configure(ns: &NetNs, ifname: &str, plan: &PodPlan) -> Result<Link> {
     let link = link::get(ns, ifname).await?.ok_or_else(|| {
         Error::kernel(
             format!("ip link show dev {ifname}"),
@@ -121,14 +167,7 @@ pub(crate) async fn configure(ns: &NetNs, ifname: &str, plan: &PodPlan) -> Resul
 }
 
 /// The CNI result: the host veth, the pod interface, the addresses on the pod interface.
-pub(crate) fn result(
-    pod: &Pod,
-    host: &Link,
-    pod_link: &Link,
-    mtu: u32,
-    plan: PodPlan,
-    dns: &Dns,
-) -> CniResult {
+fn result(pod: &Pod, host: &Link, pod_link: &Link, mtu: u32, plan: PodPlan) -> CniResult {
     CniResult {
         interfaces: vec![
             Interface {
@@ -153,17 +192,13 @@ pub(crate) fn result(
             })
             .collect(),
         routes: plan.result_routes,
-        dns: dns.clone(),
+        dns: plan.dns,
     }
 }
 
 /// Returns `outcome`; on error, first deletes the host veth `host_name` (its pod end and
 /// every route through it go with it), so that a failed ADD leaves nothing behind.
-pub(crate) async fn undo_on_error<T>(
-    host: &NetNs,
-    host_name: &str,
-    outcome: Result<T>,
-) -> Result<T> {
+async fn undo_on_error<T>(host: &NetNs, host_name: &str, outcome: Result<T>) -> Result<T> {
     let err = match outcome {
         Ok(v) => return Ok(v),
         Err(e) => e,
@@ -232,21 +267,18 @@ pub(crate) async fn check(host: &NetNs, pod: &Pod, prev: &CniResult, mtu: u32) -
     };
     let pod_link = link::get(&ns, ifname).await?.ok_or_else(unknown)?;
     let host_name = veth::host_name(&pod.attachment.container_id, ifname);
-    let mismatch = |what: String, expected: String, found: String| {
-        Error::kernel(format!("check {what}"), Mismatch::new(expected, found))
-    };
     let host_link = link::get(host, &host_name).await?.ok_or_else(|| {
         mismatch(
             format!("host veth of {ifname}"),
             format!("{host_name} in the node namespace"),
-            "no such device".into(),
+            "no such device",
         )
     })?;
     if pod_link.peer_index != Some(host_link.index) || host_link.peer_index != Some(pod_link.index)
     {
         return Err(mismatch(
             format!("veth pair {host_name} / {ifname}"),
-            "the two ends of one veth pair".into(),
+            "the two ends of one veth pair",
             format!(
                 "{host_name} (index {}, peer {:?}) and {ifname} (index {}, peer {:?})",
                 host_link.index, host_link.peer_index, pod_link.index, pod_link.peer_index
@@ -311,7 +343,7 @@ pub(crate) async fn check(host: &NetNs, pod: &Pod, prev: &CniResult, mtu: u32) -
                 return Err(mismatch(
                     format!("routes of {ifname}"),
                     format!("{} via {:?} dev {ifname}", r.dst, r.gw),
-                    "no such route".into(),
+                    "no such route",
                 ));
             }
         }

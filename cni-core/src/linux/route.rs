@@ -110,22 +110,31 @@ fn build(
 /// Lists the routes of one address family in every table, like
 /// `ip [-6] route show table all`.
 pub async fn list(ns: &NetNs, ipv6: bool) -> Result<Vec<Entry>> {
+    let messages = dump(ns, ipv6)
+        .await
+        .map_err(|e| kernel(format!("ip {} route show table all", flag(ipv6)), e))?;
+    Ok(messages.into_iter().filter_map(parse).collect())
+}
+
+/// Every route of one address family in every table, as the kernel's messages: the dump
+/// behind `ip [-6] route show …`, whose filters the callers apply. The caller names the
+/// command in its error.
+pub(crate) async fn dump(
+    ns: &NetNs,
+    ipv6: bool,
+) -> std::result::Result<Vec<RouteMessage>, rtnetlink::Error> {
     let mut query = RouteMessage::default();
     query.header.address_family = if ipv6 {
         AddressFamily::Inet6
     } else {
         AddressFamily::Inet
     };
-    let family = if ipv6 { "-6" } else { "-4" };
-    let messages: Vec<RouteMessage> = ns
-        .handle()
-        .route()
-        .get(query)
-        .execute()
-        .try_collect()
-        .await
-        .map_err(|e| kernel(format!("ip {family} route show table all"), e))?;
-    Ok(messages.into_iter().filter_map(parse).collect())
+    ns.handle().route().get(query).execute().try_collect().await
+}
+
+/// The `ip` flag of an address family.
+fn flag(ipv6: bool) -> &'static str {
+    if ipv6 { "-6" } else { "-4" }
 }
 
 fn table_of(m: &RouteMessage) -> u32 {
@@ -287,27 +296,13 @@ pub async fn delete_gateway(ns: &NetNs, route: &GatewayRoute, protocol: u8) -> R
 /// proto PROTOCOL`.
 pub async fn list_gateway(ns: &NetNs, protocol: u8) -> Result<Vec<GatewayRoute>> {
     let mut routes = Vec::new();
-    for family in [AddressFamily::Inet, AddressFamily::Inet6] {
-        let mut query = RouteMessage::default();
-        query.header.address_family = family;
-        let flag = if family == AddressFamily::Inet6 {
-            "-6"
-        } else {
-            "-4"
-        };
-        let messages: Vec<RouteMessage> = ns
-            .handle()
-            .route()
-            .get(query)
-            .execute()
-            .try_collect()
-            .await
-            .map_err(|e| {
-                kernel(
-                    format!("ip {flag} route show table main proto {protocol}"),
-                    e,
-                )
-            })?;
+    for ipv6 in [false, true] {
+        let messages = dump(ns, ipv6).await.map_err(|e| {
+            kernel(
+                format!("ip {} route show table main proto {protocol}", flag(ipv6)),
+                e,
+            )
+        })?;
         routes.extend(
             messages
                 .iter()

@@ -25,8 +25,8 @@ use async_trait::async_trait;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use super::pod::{self, PodPlan};
-use super::{Mismatch, NetNs, link, route, sysctl, veth};
+use super::pod::{self, PodPlan, mismatch};
+use super::{NetNs, link, route, sysctl, veth};
 use crate::error::{Error, Result};
 use crate::ipam::Allocation;
 use crate::network::{Pod, PodNetwork};
@@ -181,6 +181,7 @@ fn plan(allocation: &Allocation) -> Result<Plan> {
             routes,
             result_routes,
             ips,
+            dns: allocation.dns.clone(),
         },
     })
 }
@@ -216,47 +217,24 @@ impl PodNetwork for RoutedNetwork {
         let host_name = veth::host_name(&pod.attachment.container_id, ifname);
         // The host end starts down: its sysctls (accept_dad) must be in place before it
         // comes up.
-        veth::create(
-            host,
-            &pod_ns,
-            &veth::VethSpec {
-                host_name: &host_name,
-                pod_name: ifname,
-                mtu: self.config.mtu,
-                host_mac: Some(HOST_MAC),
-                host_controller: None,
-                host_up: false,
-            },
-        )
-        .await?;
-
-        let plumb = async {
-            let host_side = async {
-                sysctl::ensure(host, host_sysctls(&host_name, ipv4, ipv6)).await?;
-                link::set_up(host, &host_name).await?;
-                let host_link = link::get(host, &host_name).await?.ok_or_else(|| {
-                    Error::kernel(
-                        format!("ip link show dev {host_name}"),
-                        Mismatch::new("the new host veth", "no such device"),
-                    )
-                })?;
-                for r in &plan.host_routes {
-                    route::replace(host, &host_link, r).await?;
-                }
-                Ok::<_, Error>(host_link)
-            };
-            let (host_link, pod_link) =
-                tokio::try_join!(host_side, pod::configure(&pod_ns, ifname, &plan.pod))?;
-            Ok(pod::result(
-                pod,
-                &host_link,
-                &pod_link,
-                self.config.mtu,
-                plan.pod.clone(),
-                &allocation.dns,
-            ))
+        let spec = veth::VethSpec {
+            host_name: &host_name,
+            pod_name: ifname,
+            mtu: self.config.mtu,
+            host_mac: Some(HOST_MAC),
+            host_controller: None,
+            host_up: false,
         };
-        pod::undo_on_error(host, &host_name, plumb.await).await
+        let host_side = async {
+            sysctl::ensure(host, host_sysctls(&host_name, ipv4, ipv6)).await?;
+            link::set_up(host, &host_name).await?;
+            let host_link = pod::host_veth(host, &host_name).await?;
+            for r in &plan.host_routes {
+                route::replace(host, &host_link, r).await?;
+            }
+            Ok::<_, Error>(host_link)
+        };
+        pod::add(host, &pod_ns, pod, &spec, &plan.pod, host_side).await
     }
 
     async fn del(&self, pod: &Pod, _prev: Option<&CniResult>) -> Result<()> {
@@ -267,9 +245,6 @@ impl PodNetwork for RoutedNetwork {
     async fn check(&self, pod: &Pod, prev: &CniResult) -> Result<()> {
         let checked = pod::check(&self.host, pod, prev, self.config.mtu).await?;
         let host = &checked.host;
-        let mismatch = |what: String, expected: String, found: String| {
-            Error::kernel(format!("check {what}"), Mismatch::new(expected, found))
-        };
         if host.mac != Some(HwAddr::from(HOST_MAC)) || !host.up {
             return Err(mismatch(
                 format!("host veth {}", host.name),

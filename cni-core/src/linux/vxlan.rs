@@ -2,14 +2,11 @@
 
 use std::net::IpAddr;
 
-use futures::TryStreamExt;
 use rtnetlink::LinkVxlan;
-use rtnetlink::packet_route::link::{
-    InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
-};
+use rtnetlink::packet_route::link::{InfoData, InfoVxlan, LinkAttribute, LinkInfo, LinkMessage};
 
-use super::link::Link;
-use super::{NetNs, errno, kernel};
+use super::link::{self, Link};
+use super::{NetNs, kernel};
 use crate::error::Result;
 use crate::spec::HwAddr;
 
@@ -114,20 +111,8 @@ pub struct Device {
 /// Looks a link up by name with its VXLAN parameters, like `ip -d link show dev NAME`.
 /// `Ok(None)` if there is none.
 pub async fn get(ns: &NetNs, name: &str) -> Result<Option<Device>> {
-    let reply = ns
-        .handle()
-        .link()
-        .get()
-        .match_name(name)
-        .execute()
-        .try_next()
-        .await;
-    match reply {
-        Ok(Some(m)) => Ok(Some(parse(m))),
-        Ok(None) => Ok(None),
-        Err(e) if matches!(errno(&e), Some(libc::ENODEV)) => Ok(None),
-        Err(e) => Err(kernel(format!("ip -d link show dev {name}"), e)),
-    }
+    let reply = link::get_message(ns, name, "ip -d link show").await?;
+    Ok(reply.map(parse))
 }
 
 /// What the kernel assumes for attributes a dump leaves out.
@@ -140,57 +125,29 @@ const KERNEL_DEFAULTS: VxlanParams = VxlanParams {
 };
 
 fn parse(m: LinkMessage) -> Device {
-    let mut link = Link {
-        index: m.header.index,
-        name: String::new(),
-        mac: None,
-        mtu: None,
-        up: m.header.flags.contains(LinkFlags::Up),
-        controller: None,
-        peer_index: None,
-        kind: None,
-    };
-    let mut vxlan = None;
-    for attr in m.attributes {
-        match attr {
-            LinkAttribute::IfName(n) => link.name = n,
-            LinkAttribute::Address(a) => link.mac = Some(HwAddr::new(a)),
-            LinkAttribute::Mtu(v) => link.mtu = Some(v),
-            LinkAttribute::Controller(c) => link.controller = Some(c),
-            LinkAttribute::Link(l) => link.peer_index = Some(l),
-            LinkAttribute::LinkInfo(infos) => {
-                for info in infos {
-                    match info {
-                        LinkInfo::Kind(k) => {
-                            if k == InfoKind::Vxlan {
-                                vxlan.get_or_insert(KERNEL_DEFAULTS);
-                            }
-                            link.kind = Some(k.to_string());
-                        }
-                        LinkInfo::Data(InfoData::Vxlan(data)) => {
-                            let p = vxlan.get_or_insert(KERNEL_DEFAULTS);
-                            for d in data {
-                                match d {
-                                    InfoVxlan::Id(v) => p.vni = v,
-                                    InfoVxlan::Port(v) => p.port = v,
-                                    InfoVxlan::Local(v) => p.local = Some(IpAddr::V4(v)),
-                                    InfoVxlan::Local6(v) => p.local = Some(IpAddr::V6(v)),
-                                    InfoVxlan::Link(v) => p.underlay = Some(v),
-                                    InfoVxlan::Learning(v) => p.learning = v,
-                                    _ => {}
-                                }
-                            }
-                        }
-                        _ => {}
-                    }
-                }
+    let mut params = KERNEL_DEFAULTS;
+    let infos = m.attributes.iter().filter_map(|attr| match attr {
+        LinkAttribute::LinkInfo(infos) => Some(infos),
+        _ => None,
+    });
+    for info in infos.flatten() {
+        let LinkInfo::Data(InfoData::Vxlan(data)) = info else {
+            continue;
+        };
+        for d in data {
+            match *d {
+                InfoVxlan::Id(v) => params.vni = v,
+                InfoVxlan::Port(v) => params.port = v,
+                InfoVxlan::Local(v) => params.local = Some(IpAddr::V4(v)),
+                InfoVxlan::Local6(v) => params.local = Some(IpAddr::V6(v)),
+                InfoVxlan::Link(v) => params.underlay = Some(v),
+                InfoVxlan::Learning(v) => params.learning = v,
+                _ => {}
             }
-            _ => {}
         }
     }
-    if link.kind.as_deref() != Some("vxlan") {
-        vxlan = None;
-    }
+    let link = Link::from_message(m);
+    let vxlan = (link.kind.as_deref() == Some("vxlan")).then_some(params);
     Device { link, vxlan }
 }
 
