@@ -13,6 +13,8 @@ bash scripts/deps.sh
 export CARGO_TERM_COLOR=never
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --all-features -- -D warnings
+# The API docs build without a broken or redundant link.
+RUSTDOCFLAGS="-D warnings" cargo doc -q --no-deps --workspace --all-features
 # Every feature of the facade on its own, and none, must build.
 for f in $(sed -n '/^\[features\]/,/^\[/p' Cargo.toml | grep -oE '^[a-z0-9-]+ =' | cut -d' ' -f1 | grep -v '^default$'); do
   cargo check -q -p cnikit --no-default-features --features "$f"

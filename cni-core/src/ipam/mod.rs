@@ -1,8 +1,8 @@
 //! IP address management: the [`Ipam`] trait and its implementations.
 //!
-//! - [`BlockIpam`](block::BlockIpam): a pool cut into blocks that nodes claim by affinity,
+//! - [`BlockIpam`]: a pool cut into blocks that nodes claim by affinity,
 //!   over any [`Store`](crate::store::Store).
-//! - [`DelegatedIpam`](delegate::DelegatedIpam): execs a CNI IPAM plugin (such as the
+//! - [`DelegatedIpam`]: execs a CNI IPAM plugin (such as the
 //!   reference `host-local`) found in `CNI_PATH`, as the spec describes.
 
 use async_trait::async_trait;

@@ -2,7 +2,7 @@
 //!
 //! Every write is a [`Txn`]: a list of [`Compare`]s that must all hold and a list of [`Op`]s
 //! applied atomically if they do. This is exactly what etcd v3 offers, and what the
-//! [`FileStore`](file::FileStore) emulates under a file lock, so the block IPAM engine and the
+//! [`FileStore`] emulates under a file lock, so the block IPAM engine and the
 //! node registry are written once for all datastores.
 //!
 //! Keys are `/`-separated strings; values are opaque bytes (cnikit writes JSON). Revisions
