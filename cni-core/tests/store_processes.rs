@@ -232,15 +232,25 @@ async fn latency_figures() {
     let dir = tempfile::tempdir().expect("temp dir");
     let ipam = BlockIpam::new(FileStore::new(dir.path()), ipam_config()).expect("valid");
     // Fill to a realistic node: 60 pods.
+    let mut held = std::collections::BTreeSet::new();
     for i in 0..60 {
-        ipam.allocate(&attachment(i)).await.expect("allocate");
+        let allocation = ipam.allocate(&attachment(i)).await.expect("allocate");
+        held.extend(allocation.ips.iter().map(|ip| ip.address.addr()));
     }
+    assert_eq!(held.len(), 60, "60 pods, 60 distinct addresses");
     let mut samples = Vec::new();
     for i in 1000..1100 {
         let started = Instant::now();
-        ipam.allocate(&attachment(i)).await.expect("allocate");
+        let allocation = ipam.allocate(&attachment(i)).await.expect("allocate");
         ipam.release(&attachment(i)).await.expect("release");
         samples.push(started.elapsed());
+        for ip in &allocation.ips {
+            assert!(
+                !held.contains(&ip.address.addr()),
+                "{} is held by one of the 60 pods",
+                ip.address
+            );
+        }
     }
     samples.sort_unstable();
     println!(
