@@ -22,7 +22,7 @@ use crate::linux::netns::open_netns_file;
 use crate::runner::Request;
 use crate::spec::{
     CniResult, Command, ConfList, ErrorOutput, GcAttachment, VALID_ATTACHMENTS_KEY, Version,
-    VersionInfo,
+    VersionInfo, is_plugin_name,
 };
 
 /// How often a start that fails with `ETXTBSY` (the executable was just written, and another
@@ -185,12 +185,7 @@ pub fn find_plugin(plugin_type: &str, cni_path: &[PathBuf]) -> Result<PathBuf> {
         plugin: plugin_type.to_owned(),
         reason,
     };
-    if plugin_type.is_empty()
-        || plugin_type.contains('/')
-        || plugin_type == "."
-        || plugin_type == ".."
-        || plugin_type.contains('\0')
-    {
+    if !is_plugin_name(plugin_type) {
         return Err(fail(format!("{plugin_type:?} is not a plugin name")));
     }
     if cni_path.is_empty() {

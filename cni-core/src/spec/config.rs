@@ -300,12 +300,18 @@ fn validate_name(field: &str, name: &str) -> Result<()> {
     }
 }
 
-/// Checks a plugin name: non-empty, no path separator, not `.` or `..`.
+/// Whether `name` can name a plugin executable in `CNI_PATH`: non-empty, no path separator
+/// or NUL, not `.` or `..`.
+pub(crate) fn is_plugin_name(name: &str) -> bool {
+    !(name.is_empty() || name.contains(['/', '\0']) || name == "." || name == "..")
+}
+
+/// Checks a plugin name (see [`is_plugin_name`]). Errors: 7.
 pub(crate) fn validate_plugin_type(field: &str, name: &str) -> Result<()> {
     if name.is_empty() {
         return Err(Error::invalid_config(field, "missing plugin type"));
     }
-    if name.contains('/') || name == "." || name == ".." || name.contains('\0') {
+    if !is_plugin_name(name) {
         return Err(Error::invalid_config(
             field,
             format!("{name:?} is not a plugin name"),
