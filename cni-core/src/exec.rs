@@ -403,13 +403,7 @@ pub async fn check_list(
 ) -> Result<()> {
     list.validate()?;
     let version = list.negotiate()?;
-    if !version.supports_check() {
-        return Err(Error::CommandNeedsVersion {
-            command: Command::Check.as_str(),
-            needs: Command::Check.since(),
-            has: version,
-        });
-    }
+    Command::Check.require_version(version)?;
     if list.disable_check {
         tracing::debug!(network = %list.name, "CHECK disabled by the configuration list");
         return Ok(());

@@ -179,13 +179,7 @@ impl Request {
             });
         }
         let version = version_of(&value)?;
-        if version < command.since() {
-            return Err(Error::CommandNeedsVersion {
-                command: command.as_str(),
-                needs: command.since(),
-                has: version,
-            });
-        }
+        command.require_version(version)?;
         let config = NetConf::from_value(value)?;
         config.validate()?;
         let prev_result = config.prev_result()?;

@@ -55,6 +55,19 @@ impl Command {
         }
     }
 
+    /// `Ok` when a configuration of `version` has this command (see [`since`](Self::since)).
+    /// Errors: 1.
+    pub(crate) fn require_version(self, version: Version) -> Result<()> {
+        if version < self.since() {
+            return Err(Error::CommandNeedsVersion {
+                command: self.as_str(),
+                needs: self.since(),
+                has: version,
+            });
+        }
+        Ok(())
+    }
+
     /// Whether the spec asks for `CNI_CONTAINERID` and `CNI_IFNAME` (ADD, DEL, CHECK).
     pub fn needs_attachment(self) -> bool {
         matches!(self, Command::Add | Command::Del | Command::Check)
