@@ -54,7 +54,7 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 use crate::ipam::Attachment;
 use crate::spec::{
-    CniArgs, CniResult, Command, ErrorOutput, NetConf, Version, VersionInfo, parse_json,
+    CniArgs, CniResult, Command, ErrorOutput, NetConf, Version, VersionInfo, parse_object,
     validate_container_id, validate_ifname, version_of,
 };
 
@@ -171,13 +171,7 @@ impl Request {
             .filter(|p| !p.as_os_str().is_empty())
             .collect();
 
-        let value = parse_json(stdin, "network configuration")?;
-        if !value.is_object() {
-            return Err(Error::Decode {
-                what: "network configuration",
-                source: serde::de::Error::custom("expected a JSON object"),
-            });
-        }
+        let value = parse_object(stdin, "network configuration")?;
         let version = version_of(&value)?;
         command.require_version(version)?;
         let config = NetConf::from_value(value)?;
@@ -258,7 +252,7 @@ fn command_from(env: &HashMap<String, String>) -> Result<Command> {
 /// The version to print an answer in: the stdin's `cniVersion` if cnikit speaks it, else the
 /// newest.
 fn answer_version(stdin: &[u8]) -> Version {
-    parse_json(stdin, "network configuration")
+    parse_object(stdin, "network configuration")
         .ok()
         .and_then(|v| version_of(&v).ok())
         .unwrap_or(Version::LATEST)

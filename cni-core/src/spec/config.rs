@@ -211,15 +211,28 @@ fn empty_ip_as_none<'de, D: Deserializer<'de>>(
     }
 }
 
-/// Reads a JSON document, mapping syntax errors to code 6.
-pub(crate) fn parse_json(bytes: &[u8], what: &'static str) -> Result<Value> {
+/// Reads a JSON object (a configuration), mapping empty input, syntax errors and other JSON
+/// values to code 6.
+pub(crate) fn parse_object(bytes: &[u8], what: &'static str) -> Result<Value> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Err(Error::Decode {
             what,
             source: serde::de::Error::custom("input is empty"),
         });
     }
-    serde_json::from_slice(bytes).map_err(|source| Error::Decode { what, source })
+    let value: Value =
+        serde_json::from_slice(bytes).map_err(|source| Error::Decode { what, source })?;
+    if !value.is_object() {
+        return Err(not_an_object(what));
+    }
+    Ok(value)
+}
+
+fn not_an_object(what: &'static str) -> Error {
+    Error::Decode {
+        what,
+        source: serde::de::Error::custom("expected a JSON object"),
+    }
 }
 
 /// Decodes `value` into `T`, mapping errors to code 6 with the key path in the message.
@@ -325,16 +338,13 @@ impl NetConf {
     /// [`version`](NetConf::version) and [`validate`](NetConf::validate) for the rest.
     /// Errors: 6.
     pub fn from_slice(bytes: &[u8]) -> Result<NetConf> {
-        NetConf::from_value(parse_json(bytes, "network configuration")?)
+        NetConf::from_value(parse_object(bytes, "network configuration")?)
     }
 
     /// Decodes a configuration from a JSON value. Errors: 6.
     pub fn from_value(value: Value) -> Result<NetConf> {
         if !value.is_object() {
-            return Err(Error::Decode {
-                what: "network configuration",
-                source: serde::de::Error::custom("expected a JSON object"),
-            });
+            return Err(not_an_object("network configuration"));
         }
         decode_value(value, "network configuration")
     }
@@ -451,13 +461,7 @@ impl ConfList {
     /// Errors: 6 when it does not decode, 7 when it has no valid name, no plugins, or a
     /// plugin without a valid `type`.
     pub fn from_slice(bytes: &[u8]) -> Result<ConfList> {
-        let value = parse_json(bytes, "network configuration list")?;
-        if !value.is_object() {
-            return Err(Error::Decode {
-                what: "network configuration list",
-                source: serde::de::Error::custom("expected a JSON object"),
-            });
-        }
+        let value = parse_object(bytes, "network configuration list")?;
         let list: ConfList = decode_value(value, "network configuration list")?;
         list.validate()?;
         Ok(list)
