@@ -239,7 +239,7 @@ fn not_an_object(what: &'static str) -> Error {
 pub(crate) fn decode_value<T: DeserializeOwned>(value: Value, what: &'static str) -> Result<T> {
     serde_path_to_error::deserialize(value).map_err(|e| Error::Decode {
         what,
-        source: with_path(e, ""),
+        source: with_path(e),
     })
 }
 
@@ -264,13 +264,13 @@ fn decode_config<T: DeserializeOwned>(keys: &Map<String, Value>, prefix: &str) -
 }
 
 /// Folds the path of a `serde_path_to_error` failure into the error's message.
-fn with_path(e: serde_path_to_error::Error<serde_json::Error>, prefix: &str) -> serde_json::Error {
+pub(crate) fn with_path(e: serde_path_to_error::Error<serde_json::Error>) -> serde_json::Error {
     let path = e.path().to_string();
     let inner = e.into_inner();
     if path == "." {
         inner
     } else {
-        serde::de::Error::custom(format!("{prefix}{path}: {inner}"))
+        serde::de::Error::custom(format!("{path}: {inner}"))
     }
 }
 
