@@ -273,7 +273,7 @@ pub async fn run(
     let outcome = match command_from(&env) {
         Ok(Command::Version) => {
             let info = VersionInfo::ours(answer_version(stdin));
-            return finish(stdout, Some(&info), 0);
+            return finish(stdout, &info, 0);
         }
         Ok(command) => match Request::parse(command, &env, stdin, plugin.extra_args()) {
             Ok(request) => dispatch(plugin, &request)
@@ -285,10 +285,10 @@ pub async fn run(
     };
     match outcome {
         Ok(None) => 0,
-        Ok(Some(result)) => finish(stdout, Some(&result), 0),
+        Ok(Some(result)) => finish(stdout, &result, 0),
         Err((error, version)) => {
             tracing::warn!(code = error.code().0, %error, "CNI request failed");
-            finish(stdout, Some(&ErrorOutput::from_error(&error, version)), 1)
+            finish(stdout, &ErrorOutput::from_error(&error, version), 1)
         }
     }
 }
@@ -322,9 +322,8 @@ async fn dispatch(plugin: &dyn Plugin, request: &Request) -> Result<Option<serde
     }
 }
 
-/// Writes `doc` (if any) as one JSON document and returns `code`, or 1 if writing failed.
-fn finish<T: Serialize>(stdout: &mut dyn Write, doc: Option<&T>, code: i32) -> i32 {
-    let Some(doc) = doc else { return code };
+/// Writes `doc` as one JSON document and returns `code`, or 1 if writing failed.
+fn finish<T: Serialize>(stdout: &mut dyn Write, doc: &T, code: i32) -> i32 {
     let written = serde_json::to_writer_pretty(&mut *stdout, doc)
         .map_err(std::io::Error::from)
         .and_then(|()| stdout.write_all(b"\n"))
