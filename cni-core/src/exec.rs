@@ -273,11 +273,11 @@ pub async fn exec_plugin_in(
     };
 
     let input = child.stdin.take();
-    let stdin = stdin.to_vec();
-    let feed = async move {
+    // Owns the pipe, so that it is closed (EOF for the plugin) once written; borrows stdin.
+    let feed = async {
         if let Some(mut pipe) = input {
             // A plugin may exit without reading everything (a usage error): not our failure.
-            if let Err(e) = pipe.write_all(&stdin).await {
+            if let Err(e) = pipe.write_all(stdin).await {
                 tracing::debug!(error = %e, "plugin did not read all of its stdin");
             }
         }
