@@ -245,7 +245,7 @@ pub(crate) fn decode_value<T: DeserializeOwned>(value: Value, what: &'static str
 
 /// Decodes a plugin's own keys into `T`, mapping errors to code 7 with the key path.
 fn decode_config<T: DeserializeOwned>(keys: &Map<String, Value>, prefix: &str) -> Result<T> {
-    serde_path_to_error::deserialize(Value::Object(keys.clone())).map_err(|e| {
+    serde_path_to_error::deserialize(keys).map_err(|e| {
         let path = e.path().to_string();
         let field = if path == "." {
             prefix.trim_end_matches('.').to_owned()
