@@ -15,6 +15,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
+use crate::spec::args::is_spec_name;
 use crate::spec::{CniResult, Dns, Version};
 
 /// The key under which a GC request lists the attachments that are still valid.
@@ -295,15 +296,10 @@ pub(crate) fn version_of(value: &Value) -> Result<Version> {
 
 /// Checks a network name: `^[a-zA-Z0-9][a-zA-Z0-9_.-]*$`, as the spec requires.
 fn validate_name(field: &str, name: &str) -> Result<()> {
-    let mut chars = name.chars();
-    let ok = match chars.next() {
-        None => return Err(Error::invalid_config(field, "missing network name")),
-        Some(c) => {
-            c.is_ascii_alphanumeric()
-                && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
-        }
-    };
-    if ok {
+    if name.is_empty() {
+        return Err(Error::invalid_config(field, "missing network name"));
+    }
+    if is_spec_name(name) {
         Ok(())
     } else {
         Err(Error::invalid_config(
