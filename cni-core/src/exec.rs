@@ -18,10 +18,11 @@ use serde_json::{Map, Value};
 use tokio::io::AsyncWriteExt;
 
 use crate::error::{Error, Result};
+use crate::linux::netns::open_netns_file;
 use crate::runner::Request;
 use crate::spec::{
     CniResult, Command, ConfList, ErrorOutput, GcAttachment, VALID_ATTACHMENTS_KEY, Version,
-    VersionInfo,
+    VersionInfo, is_plugin_name,
 };
 
 /// How often a start that fails with `ETXTBSY` (the executable was just written, and another
@@ -184,12 +185,7 @@ pub fn find_plugin(plugin_type: &str, cni_path: &[PathBuf]) -> Result<PathBuf> {
         plugin: plugin_type.to_owned(),
         reason,
     };
-    if plugin_type.is_empty()
-        || plugin_type.contains('/')
-        || plugin_type == "."
-        || plugin_type == ".."
-        || plugin_type.contains('\0')
-    {
+    if !is_plugin_name(plugin_type) {
         return Err(fail(format!("{plugin_type:?} is not a plugin name")));
     }
     if cni_path.is_empty() {
@@ -224,21 +220,15 @@ pub async fn exec_plugin(binary: &Path, env: &[(String, String)], stdin: &[u8]) 
 }
 
 /// [`exec_plugin`], with the plugin process started in the network namespace at `netns`
-/// (`None`: the caller's). Errors as [`exec_plugin`]; a `netns` that cannot be opened gives
-/// [`Error::NotANetns`] (code 4).
+/// (`None`: the caller's). Errors as [`exec_plugin`]; a `netns` that cannot be opened or is
+/// not a network namespace gives [`Error::NotANetns`] (code 4), and no process is started.
 pub async fn exec_plugin_in(
     binary: &Path,
     env: &[(String, String)],
     stdin: &[u8],
     netns: Option<&Path>,
 ) -> Result<Vec<u8>> {
-    let netns_file = match netns {
-        None => None,
-        Some(path) => Some(std::fs::File::open(path).map_err(|e| Error::NotANetns {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })?),
-    };
+    let netns_file = netns.map(open_netns_file).transpose()?;
     let plugin = binary
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -283,11 +273,11 @@ pub async fn exec_plugin_in(
     };
 
     let input = child.stdin.take();
-    let stdin = stdin.to_vec();
-    let feed = async move {
+    // Owns the pipe, so that it is closed (EOF for the plugin) once written; borrows stdin.
+    let feed = async {
         if let Some(mut pipe) = input {
             // A plugin may exit without reading everything (a usage error): not our failure.
-            if let Err(e) = pipe.write_all(&stdin).await {
+            if let Err(e) = pipe.write_all(stdin).await {
                 tracing::debug!(error = %e, "plugin did not read all of its stdin");
             }
         }
@@ -413,13 +403,7 @@ pub async fn check_list(
 ) -> Result<()> {
     list.validate()?;
     let version = list.negotiate()?;
-    if !version.supports_check() {
-        return Err(Error::CommandNeedsVersion {
-            command: Command::Check.as_str(),
-            needs: Command::Check.since(),
-            has: version,
-        });
-    }
+    Command::Check.require_version(version)?;
     if list.disable_check {
         tracing::debug!(network = %list.name, "CHECK disabled by the configuration list");
         return Ok(());
@@ -527,4 +511,36 @@ pub async fn status_list_with(list: &ConfList, invocation: &Invocation) -> Resul
             .await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A runtime namespace that opens but is no network namespace is refused with code 4,
+    /// before any process is started, as compose refuses such a `CNI_NETNS`.
+    #[tokio::test]
+    async fn a_runtime_netns_that_is_no_network_namespace_is_code_4() {
+        let binary = Path::new("/bin/true");
+        if !binary.is_file() {
+            eprintln!("SKIPPED: /bin/true is missing");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("gone");
+        for netns in [
+            Path::new("/etc/hostname"),
+            Path::new("/proc/self/ns/mnt"),
+            missing.as_path(),
+        ] {
+            let err = exec_plugin_in(binary, &[], b"{}", Some(netns))
+                .await
+                .unwrap_err();
+            assert!(matches!(err, Error::NotANetns { .. }), "{netns:?}: {err:?}");
+            assert_eq!(err.code().0, 4, "{netns:?}");
+        }
+        exec_plugin_in(binary, &[], b"{}", Some(Path::new("/proc/self/ns/net")))
+            .await
+            .unwrap();
+    }
 }

@@ -17,6 +17,8 @@
 //!   the swappable parts, object-safe, so a configuration can pick them at run time.
 //! - [`store`]: the versioned key/value [`Store`](store::Store) the block IPAM and the node
 //!   registry are written against, with an in-memory and a local file implementation.
+//! - [`state`]: the node state file the agent writes and the plugin reads (pod MTU,
+//!   readiness for STATUS).
 //! - [`linux`]: network namespace handles and the netlink helpers.
 #![warn(missing_docs)]
 

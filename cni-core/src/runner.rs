@@ -54,7 +54,7 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 use crate::ipam::Attachment;
 use crate::spec::{
-    CniArgs, CniResult, Command, ErrorOutput, NetConf, Version, VersionInfo, parse_json,
+    CniArgs, CniResult, Command, ErrorOutput, NetConf, Version, VersionInfo, parse_object,
     validate_container_id, validate_ifname, version_of,
 };
 
@@ -171,21 +171,9 @@ impl Request {
             .filter(|p| !p.as_os_str().is_empty())
             .collect();
 
-        let value = parse_json(stdin, "network configuration")?;
-        if !value.is_object() {
-            return Err(Error::Decode {
-                what: "network configuration",
-                source: serde::de::Error::custom("expected a JSON object"),
-            });
-        }
+        let value = parse_object(stdin, "network configuration")?;
         let version = version_of(&value)?;
-        if version < command.since() {
-            return Err(Error::CommandNeedsVersion {
-                command: command.as_str(),
-                needs: command.since(),
-                has: version,
-            });
-        }
+        command.require_version(version)?;
         let config = NetConf::from_value(value)?;
         config.validate()?;
         let prev_result = config.prev_result()?;
@@ -264,7 +252,7 @@ fn command_from(env: &HashMap<String, String>) -> Result<Command> {
 /// The version to print an answer in: the stdin's `cniVersion` if cnikit speaks it, else the
 /// newest.
 fn answer_version(stdin: &[u8]) -> Version {
-    parse_json(stdin, "network configuration")
+    parse_object(stdin, "network configuration")
         .ok()
         .and_then(|v| version_of(&v).ok())
         .unwrap_or(Version::LATEST)
@@ -285,7 +273,7 @@ pub async fn run(
     let outcome = match command_from(&env) {
         Ok(Command::Version) => {
             let info = VersionInfo::ours(answer_version(stdin));
-            return finish(stdout, Some(&info), 0);
+            return finish(stdout, &info, 0);
         }
         Ok(command) => match Request::parse(command, &env, stdin, plugin.extra_args()) {
             Ok(request) => dispatch(plugin, &request)
@@ -297,10 +285,10 @@ pub async fn run(
     };
     match outcome {
         Ok(None) => 0,
-        Ok(Some(result)) => finish(stdout, Some(&result), 0),
+        Ok(Some(result)) => finish(stdout, &result, 0),
         Err((error, version)) => {
             tracing::warn!(code = error.code().0, %error, "CNI request failed");
-            finish(stdout, Some(&ErrorOutput::from_error(&error, version)), 1)
+            finish(stdout, &ErrorOutput::from_error(&error, version), 1)
         }
     }
 }
@@ -334,9 +322,8 @@ async fn dispatch(plugin: &dyn Plugin, request: &Request) -> Result<Option<serde
     }
 }
 
-/// Writes `doc` (if any) as one JSON document and returns `code`, or 1 if writing failed.
-fn finish<T: Serialize>(stdout: &mut dyn Write, doc: Option<&T>, code: i32) -> i32 {
-    let Some(doc) = doc else { return code };
+/// Writes `doc` as one JSON document and returns `code`, or 1 if writing failed.
+fn finish<T: Serialize>(stdout: &mut dyn Write, doc: &T, code: i32) -> i32 {
     let written = serde_json::to_writer_pretty(&mut *stdout, doc)
         .map_err(std::io::Error::from)
         .and_then(|()| stdout.write_all(b"\n"))

@@ -378,36 +378,32 @@ impl<S: Store> BlockIpam<S> {
         first.get(i % first.len().max(1)).copied()
     }
 
-    /// The node has no room and can claim no block: `error`, unless the node changed since
-    /// `state` was read. Another process of this node may have claimed a block meanwhile
-    /// (the last free one of the pool, say) or released an address; then the caller must
-    /// re-read the node rather than report the pool as full. One list, only when the node
-    /// is out of addresses.
-    async fn no_room(&self, state: &NodeState, error: Error) -> Result<Claim> {
+    /// The node has no room and can claim no block: [`Error::NoAddress`] for `reason`,
+    /// unless the node changed since `state` was read. Another process of this node may
+    /// have claimed a block meanwhile (the last free one of the pool, say) or released an
+    /// address; then the caller must re-read the node rather than report the pool as full.
+    /// One list, only when the node is out of addresses.
+    async fn no_room(&self, state: &NodeState, reason: String) -> Result<Claim> {
         let fresh = self.load().await?;
         if fresh.claim != state.claim || fresh.candidates(&self.geometry, 1).pick_among > 0 {
             return Ok(Claim::NodeChanged);
         }
-        Err(error)
+        Err(Error::NoAddress {
+            pool: self.config.pool.to_string(),
+            reason,
+        })
     }
 
     /// Claims a new block for this node, whose current keys are `state`.
     async fn claim_block(&self, state: &NodeState) -> Result<Claim> {
         let held = state.affinities.len();
         if u32::try_from(held).unwrap_or(u32::MAX) >= self.config.max_blocks_per_node {
-            return self
-                .no_room(
-                    state,
-                    Error::NoAddress {
-                        pool: self.config.pool.to_string(),
-                        reason: format!(
-                            "node {} holds {held} blocks, its maximum (ipam.maxBlocksPerNode), \
-                             and they have no free address",
-                            self.config.node
-                        ),
-                    },
-                )
-                .await;
+            let reason = format!(
+                "node {} holds {held} blocks, its maximum (ipam.maxBlocksPerNode), and they \
+                 have no free address",
+                self.config.node
+            );
+            return self.no_room(state, reason).await;
         }
         let pool_key = self.keys.pool();
         let mut pool_kv = self.store.get(&pool_key).await?;
@@ -418,18 +414,11 @@ impl<S: Store> BlockIpam<S> {
         let mut lost_races = 0;
         for failures in 0..MAX_ATTEMPTS {
             let Some(block) = self.choose_free_block(&taken, lost_races) else {
-                return self
-                    .no_room(
-                        state,
-                        Error::NoAddress {
-                            pool: self.config.pool.to_string(),
-                            reason: format!(
-                                "every /{} block of the pool is taken",
-                                self.config.block_prefix
-                            ),
-                        },
-                    )
-                    .await;
+                let reason = format!(
+                    "every /{} block of the pool is taken",
+                    self.config.block_prefix
+                );
+                return self.no_room(state, reason).await;
             };
             let owner_key = self.keys.block(&block);
             let affinity_key = self.keys.affinity(&block);

@@ -106,20 +106,14 @@ impl Ipam for DelegatedIpam {
     }
 
     async fn check(&self, attachment: &Attachment) -> Result<Allocation> {
-        if !self.version.supports_check() {
-            return Err(Error::CommandNeedsVersion {
-                command: Command::Check.as_str(),
-                needs: Command::Check.since(),
-                has: self.version,
-            });
-        }
-        let prev = self.prev.clone().ok_or_else(|| {
+        Command::Check.require_version(self.version)?;
+        let prev = self.prev.as_ref().ok_or_else(|| {
             Error::invalid_config("prevResult", "CHECK needs the result of ADD in prevResult")
         })?;
         self.invocation(Command::Check, attachment)?
             .exec(&self.plugin, &self.config)
             .await?;
-        Ok(prev.into())
+        Ok(prev.clone().into())
     }
 
     async fn gc(&self, valid: &[Attachment]) -> Result<GcReport> {

@@ -158,8 +158,9 @@ pub fn verify(path: &Path) -> Result<()> {
     open_netns_file(path).map(drop)
 }
 
-/// Opens `path` and checks that it is a network namespace file.
-fn open_netns_file(path: &Path) -> Result<File> {
+/// Opens `path` and checks that it is a network namespace file. Errors:
+/// [`Error::NotANetns`] (code 4).
+pub(crate) fn open_netns_file(path: &Path) -> Result<File> {
     let not_netns = |reason: String| Error::NotANetns {
         path: path.to_path_buf(),
         reason,

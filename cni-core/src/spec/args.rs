@@ -55,6 +55,19 @@ impl Command {
         }
     }
 
+    /// `Ok` when a configuration of `version` has this command (see [`since`](Self::since)).
+    /// Errors: 1.
+    pub(crate) fn require_version(self, version: Version) -> Result<()> {
+        if version < self.since() {
+            return Err(Error::CommandNeedsVersion {
+                command: self.as_str(),
+                needs: self.since(),
+                has: version,
+            });
+        }
+        Ok(())
+    }
+
     /// Whether the spec asks for `CNI_CONTAINERID` and `CNI_IFNAME` (ADD, DEL, CHECK).
     pub fn needs_attachment(self) -> bool {
         matches!(self, Command::Add | Command::Del | Command::Check)
@@ -90,28 +103,31 @@ impl FromStr for Command {
     }
 }
 
+/// Whether `s` matches `^[a-zA-Z0-9][a-zA-Z0-9_.-]*$`, the spec's rule for container IDs
+/// and network names.
+pub(crate) fn is_spec_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+}
+
 /// Checks `CNI_CONTAINERID`: `^[a-zA-Z0-9][a-zA-Z0-9_.-]*$`, as the spec requires.
 /// Errors: 4.
 pub fn validate_container_id(id: &str) -> Result<()> {
-    let bad = |reason: &str| Error::InvalidEnv {
+    if is_spec_name(id) {
+        return Ok(());
+    }
+    let reason = if id.is_empty() {
+        "is empty"
+    } else if !id.starts_with(|c: char| c.is_ascii_alphanumeric()) {
+        "must start with a letter or a digit"
+    } else {
+        "may only contain letters, digits, '_', '.' and '-' (^[a-zA-Z0-9][a-zA-Z0-9_.-]*$)"
+    };
+    Err(Error::InvalidEnv {
         name: "CNI_CONTAINERID",
         reason: format!("{id:?} {reason}"),
-    };
-    let mut chars = id.chars();
-    match chars.next() {
-        None => return Err(bad("is empty")),
-        Some(c) if !c.is_ascii_alphanumeric() => {
-            return Err(bad("must start with a letter or a digit"));
-        }
-        Some(_) => {}
-    }
-    if chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')) {
-        Ok(())
-    } else {
-        Err(bad(
-            "may only contain letters, digits, '_', '.' and '-' (^[a-zA-Z0-9][a-zA-Z0-9_.-]*$)",
-        ))
-    }
+    })
 }
 
 /// Longest Linux interface name, in bytes (`IFNAMSIZ` − 1).

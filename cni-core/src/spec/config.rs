@@ -15,6 +15,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
+use crate::spec::args::is_spec_name;
 use crate::spec::{CniResult, Dns, Version};
 
 /// The key under which a GC request lists the attachments that are still valid.
@@ -211,28 +212,41 @@ fn empty_ip_as_none<'de, D: Deserializer<'de>>(
     }
 }
 
-/// Reads a JSON document, mapping syntax errors to code 6.
-pub(crate) fn parse_json(bytes: &[u8], what: &'static str) -> Result<Value> {
+/// Reads a JSON object (a configuration), mapping empty input, syntax errors and other JSON
+/// values to code 6.
+pub(crate) fn parse_object(bytes: &[u8], what: &'static str) -> Result<Value> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Err(Error::Decode {
             what,
             source: serde::de::Error::custom("input is empty"),
         });
     }
-    serde_json::from_slice(bytes).map_err(|source| Error::Decode { what, source })
+    let value: Value =
+        serde_json::from_slice(bytes).map_err(|source| Error::Decode { what, source })?;
+    if !value.is_object() {
+        return Err(not_an_object(what));
+    }
+    Ok(value)
+}
+
+fn not_an_object(what: &'static str) -> Error {
+    Error::Decode {
+        what,
+        source: serde::de::Error::custom("expected a JSON object"),
+    }
 }
 
 /// Decodes `value` into `T`, mapping errors to code 6 with the key path in the message.
 pub(crate) fn decode_value<T: DeserializeOwned>(value: Value, what: &'static str) -> Result<T> {
     serde_path_to_error::deserialize(value).map_err(|e| Error::Decode {
         what,
-        source: with_path(e, ""),
+        source: with_path(e),
     })
 }
 
 /// Decodes a plugin's own keys into `T`, mapping errors to code 7 with the key path.
 fn decode_config<T: DeserializeOwned>(keys: &Map<String, Value>, prefix: &str) -> Result<T> {
-    serde_path_to_error::deserialize(Value::Object(keys.clone())).map_err(|e| {
+    serde_path_to_error::deserialize(keys).map_err(|e| {
         let path = e.path().to_string();
         let field = if path == "." {
             prefix.trim_end_matches('.').to_owned()
@@ -251,13 +265,13 @@ fn decode_config<T: DeserializeOwned>(keys: &Map<String, Value>, prefix: &str) -
 }
 
 /// Folds the path of a `serde_path_to_error` failure into the error's message.
-fn with_path(e: serde_path_to_error::Error<serde_json::Error>, prefix: &str) -> serde_json::Error {
+pub(crate) fn with_path(e: serde_path_to_error::Error<serde_json::Error>) -> serde_json::Error {
     let path = e.path().to_string();
     let inner = e.into_inner();
     if path == "." {
         inner
     } else {
-        serde::de::Error::custom(format!("{prefix}{path}: {inner}"))
+        serde::de::Error::custom(format!("{path}: {inner}"))
     }
 }
 
@@ -282,15 +296,10 @@ pub(crate) fn version_of(value: &Value) -> Result<Version> {
 
 /// Checks a network name: `^[a-zA-Z0-9][a-zA-Z0-9_.-]*$`, as the spec requires.
 fn validate_name(field: &str, name: &str) -> Result<()> {
-    let mut chars = name.chars();
-    let ok = match chars.next() {
-        None => return Err(Error::invalid_config(field, "missing network name")),
-        Some(c) => {
-            c.is_ascii_alphanumeric()
-                && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
-        }
-    };
-    if ok {
+    if name.is_empty() {
+        return Err(Error::invalid_config(field, "missing network name"));
+    }
+    if is_spec_name(name) {
         Ok(())
     } else {
         Err(Error::invalid_config(
@@ -300,12 +309,18 @@ fn validate_name(field: &str, name: &str) -> Result<()> {
     }
 }
 
-/// Checks a plugin name: non-empty, no path separator, not `.` or `..`.
+/// Whether `name` can name a plugin executable in `CNI_PATH`: non-empty, no path separator
+/// or NUL, not `.` or `..`.
+pub(crate) fn is_plugin_name(name: &str) -> bool {
+    !(name.is_empty() || name.contains(['/', '\0']) || name == "." || name == "..")
+}
+
+/// Checks a plugin name (see [`is_plugin_name`]). Errors: 7.
 pub(crate) fn validate_plugin_type(field: &str, name: &str) -> Result<()> {
     if name.is_empty() {
         return Err(Error::invalid_config(field, "missing plugin type"));
     }
-    if name.contains('/') || name == "." || name == ".." || name.contains('\0') {
+    if !is_plugin_name(name) {
         return Err(Error::invalid_config(
             field,
             format!("{name:?} is not a plugin name"),
@@ -319,16 +334,13 @@ impl NetConf {
     /// [`version`](NetConf::version) and [`validate`](NetConf::validate) for the rest.
     /// Errors: 6.
     pub fn from_slice(bytes: &[u8]) -> Result<NetConf> {
-        NetConf::from_value(parse_json(bytes, "network configuration")?)
+        NetConf::from_value(parse_object(bytes, "network configuration")?)
     }
 
     /// Decodes a configuration from a JSON value. Errors: 6.
     pub fn from_value(value: Value) -> Result<NetConf> {
         if !value.is_object() {
-            return Err(Error::Decode {
-                what: "network configuration",
-                source: serde::de::Error::custom("expected a JSON object"),
-            });
+            return Err(not_an_object("network configuration"));
         }
         decode_value(value, "network configuration")
     }
@@ -445,13 +457,7 @@ impl ConfList {
     /// Errors: 6 when it does not decode, 7 when it has no valid name, no plugins, or a
     /// plugin without a valid `type`.
     pub fn from_slice(bytes: &[u8]) -> Result<ConfList> {
-        let value = parse_json(bytes, "network configuration list")?;
-        if !value.is_object() {
-            return Err(Error::Decode {
-                what: "network configuration list",
-                source: serde::de::Error::custom("expected a JSON object"),
-            });
-        }
+        let value = parse_object(bytes, "network configuration list")?;
         let list: ConfList = decode_value(value, "network configuration list")?;
         list.validate()?;
         Ok(list)

@@ -18,7 +18,7 @@ pub use config::{
     ConfList, GcAttachment, IpamConf, LEGACY_ATTACHMENTS_KEY, NetConf, PortMapping, Protocol,
     RuntimeConfig, VALID_ATTACHMENTS_KEY,
 };
-pub(crate) use config::{parse_json, validate_plugin_type, version_of};
+pub(crate) use config::{is_plugin_name, parse_object, validate_plugin_type, version_of};
 pub use output::{ErrorOutput, VersionInfo};
 pub use result::{CniResult, Dns, HwAddr, Interface, InvalidHwAddr, IpConfig, Route};
 pub use version::{UnknownVersion, Version};

@@ -12,6 +12,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{Map, Value};
 
 use crate::spec::Version;
+use crate::spec::config::with_path;
 
 /// A link-layer (hardware) address, written `aa:bb:cc:dd:ee:ff` in CNI JSON.
 ///
@@ -362,17 +363,9 @@ impl CniResult {
     /// delegated plugin printed. `cniVersion` and `ips[].version` are not needed and not
     /// checked; unknown keys are ignored. Errors: 6, naming the key path.
     pub fn from_json(value: &Value) -> crate::Result<CniResult> {
-        let decode = |e: serde_path_to_error::Error<serde_json::Error>| {
-            let path = e.path().to_string();
-            let inner = e.into_inner();
-            crate::Error::Decode {
-                what: "CNI result",
-                source: if path == "." {
-                    inner
-                } else {
-                    serde::de::Error::custom(format!("{path}: {inner}"))
-                },
-            }
+        let decode = |e| crate::Error::Decode {
+            what: "CNI result",
+            source: with_path(e),
         };
         let Some(object) = value.as_object() else {
             return Err(crate::Error::Decode {

@@ -116,30 +116,38 @@ impl Table {
 }
 
 /// The serialized form of an [`Entry`].
-#[derive(Serialize, Deserialize)]
+#[derive(Deserialize)]
 struct EntryRepr {
     rev: Revision,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     value: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
+    hex: Option<String>,
+}
+
+/// What [`Entry`] serializes as: the [`EntryRepr`] shape, borrowing a UTF-8 value, so that
+/// writing the file store does not copy every value on every commit.
+#[derive(Serialize)]
+struct EntryReprRef<'a> {
+    rev: Revision,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    value: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     hex: Option<String>,
 }
 
 impl Serialize for Entry {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let repr = match std::str::from_utf8(&self.value) {
-            Ok(text) => EntryRepr {
-                rev: self.mod_revision,
-                value: Some(text.to_owned()),
-                hex: None,
+        let text = std::str::from_utf8(&self.value).ok();
+        EntryReprRef {
+            rev: self.mod_revision,
+            value: text,
+            hex: match text {
+                Some(_) => None,
+                None => Some(self.value.iter().map(|b| format!("{b:02x}")).collect()),
             },
-            Err(_) => EntryRepr {
-                rev: self.mod_revision,
-                value: None,
-                hex: Some(self.value.iter().map(|b| format!("{b:02x}")).collect()),
-            },
-        };
-        repr.serialize(s)
+        }
+        .serialize(s)
     }
 }
 
