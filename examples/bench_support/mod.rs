@@ -1,7 +1,7 @@
-//! The harness shared by the cluster benchmarks (`bench_convergence`, `bench_throughput`,
-//! `bench_memory`): namespaces and processes that are removed on drop (also on an error, a
-//! panic or ctrl-c), an underlay of node namespaces on a bridge, the real `cnikit-agent`
-//! started inside a node namespace, and a few statistics.
+//! The harness shared by the benchmarks (`bench_add_del`, `bench_convergence`,
+//! `bench_throughput`, `bench_memory`): namespaces and processes that are removed on drop
+//! (also on an error, a panic or ctrl-c), an underlay of node namespaces on a bridge, the real
+//! `cnikit-agent` started inside a node namespace, and a few statistics.
 //!
 //! Safety: nothing here touches the root network namespace. Every link, address, route and
 //! sysctl is made inside a namespace named `cnkb-<tag>-<pid>-…` that the benchmark creates;
