@@ -32,7 +32,7 @@ pub async fn up(name: &str, args: &UpArgs) -> Result<()> {
             modes::names()
         );
     }
-    if args.store == StoreKind::Etcd && !on_path("etcd") {
+    if args.store == StoreKind::Etcd && which("etcd").is_err() {
         bail!("--store etcd needs the etcd server: apt-get install -y etcd-server");
     }
     let mut lab = Lab {
@@ -112,12 +112,6 @@ async fn interrupted() -> &'static str {
         // Without handlers the default action (exit) applies; `down` cleans up then.
         _ => std::future::pending().await,
     }
-}
-
-fn on_path(program: &str) -> bool {
-    std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
-        .unwrap_or(false)
 }
 
 /// The end of every agent's and plugin's log (those not already in `message`), to explain
