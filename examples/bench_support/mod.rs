@@ -132,9 +132,7 @@ pub fn static_neighbour(ns: &str, dev: &str, address: &str, mac: &str) -> Result
 }
 
 /// `/run/netns/<name>`.
-pub fn ns_path(name: &str) -> PathBuf {
-    Path::new(netns::NETNS_RUN_DIR).join(name)
-}
+pub use testkit::netns_path as ns_path;
 
 /// A process the benchmark started.
 struct Proc {
