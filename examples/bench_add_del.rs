@@ -3,21 +3,25 @@
 //! run so both see the same machine load. Prints medians and the ratio ours / reference.
 //!
 //! Needs root and the reference plugins (Debian containernetworking-plugins, /usr/lib/cni).
-//! Everything happens in network namespaces this program creates and removes.
+//! Everything happens in network namespaces this program creates and removes, also on
+//! failure or ctrl-c.
 //!
 //! ```text
 //! cargo build --release --example cnikit
 //! cargo run --release --example bench_add_del -- --rounds 100
 //! ```
 
-use std::path::{Path, PathBuf};
+#[path = "bench_support/mod.rs"]
+mod support;
+
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result, bail, ensure};
 use clap::Parser;
 use cni_core::exec::Invocation;
-use cni_core::linux::netns;
 use cni_core::spec::Command;
+use support::{Lab, ns_path};
 
 #[derive(Parser)]
 struct Args {
@@ -27,19 +31,6 @@ struct Args {
     /// Where the reference plugins are.
     #[arg(long, default_value = "/usr/lib/cni")]
     reference: PathBuf,
-}
-
-/// Removes the benchmark's namespaces and state, also on failure.
-struct Cleanup {
-    namespaces: Vec<String>,
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        for ns in &self.namespaces {
-            let _ = netns::delete_named(ns);
-        }
-    }
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -76,19 +67,15 @@ async fn add_del(
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<()> {
     let args = Args::parse();
-    ensure!(
-        nix::unistd::geteuid().is_root(),
-        "needs root (network namespaces)"
-    );
-    let ours = std::env::current_exe()?
-        .parent()
-        .context("no exe dir")?
-        .join("cnikit");
-    ensure!(
-        ours.is_file(),
-        "{} missing: cargo build --release --example cnikit",
-        ours.display()
-    );
+    // Dropping `run` on a signal drops its lab: the namespaces go with it.
+    tokio::select! {
+        result = run(&args) => result,
+        () = support::interrupted() => bail!("interrupted; cleaned up"),
+    }
+}
+
+async fn run(args: &Args) -> Result<()> {
+    let ours = support::binary("cnikit")?;
     for p in ["bridge", "host-local"] {
         ensure!(
             args.reference.join(p).is_file(),
@@ -96,46 +83,38 @@ async fn main() -> Result<()> {
         );
     }
 
-    let tag = std::process::id();
-    let node = format!("cnkb-node-{tag}");
-    let pod = format!("cnkb-pod-{tag}");
-    let mut cleanup = Cleanup {
-        namespaces: Vec::new(),
-    };
-    for ns in [&node, &pod] {
-        netns::create_named(ns)?;
-        cleanup.namespaces.push(ns.clone());
-    }
-    let state = tempfile::tempdir()?;
-    let plugins = state.path().join("bin");
+    let mut lab = Lab::new("adddel")?;
+    let node = lab.netns("node")?;
+    let pod = lab.netns("pod")?;
+    let state = lab.dir.path().to_path_buf();
+    let plugins = state.join("bin");
     std::fs::create_dir_all(&plugins)?;
     std::os::unix::fs::symlink(&ours, plugins.join("cnikit"))?;
 
     let ours_conf = serde_json::json!({
         "cniVersion": "1.0.0", "name": "bench-ours", "type": "cnikit",
         "podNetwork": "bridge", "bridge": "cnikitb0",
-        "dataDir": state.path().join("ours"), "nodeName": "bench",
+        "dataDir": state.join("ours"), "nodeName": "bench",
         "ipam": {"type": "cnikit-ipam", "pool": "10.96.0.0/16"}
     });
     let ref_conf = serde_json::json!({
         "cniVersion": "1.0.0", "name": "bench-ref", "type": "bridge",
         "bridge": "refbr0", "isGateway": true,
         "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.95.0.0/16"}]],
-                 "dataDir": state.path().join("ref")}
+                 "dataDir": state.join("ref")}
     });
     let (ours_conf, ref_conf) = (
         serde_json::to_vec(&ours_conf)?,
         serde_json::to_vec(&ref_conf)?,
     );
-    let netns_path = Path::new(netns::NETNS_RUN_DIR).join(&pod);
     let invocation = Invocation::new(
         Command::Add,
         "",
-        Some(netns_path),
+        Some(ns_path(&pod)),
         "eth0",
         vec![plugins.clone(), args.reference.clone()],
     )
-    .in_netns(Path::new(netns::NETNS_RUN_DIR).join(&node));
+    .in_netns(ns_path(&node));
 
     // The kernel floor: creating and deleting one veth pair (host end in the node, peer in
     // the pod) in-process, with nothing else; every plugin pays at least this.

@@ -27,8 +27,7 @@
 #[path = "bench_support/mod.rs"]
 mod support;
 
-use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::Ipv4Addr;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -321,22 +320,7 @@ fn synthetic(k: usize, mode: &str) -> NodeRecord {
     let index = u32::try_from(k).expect("few joins");
     let block_addr = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 244, 128, 0)) + index * 64);
     let address = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 200, 1, 0)) + index + 1);
-    let mut backend = BTreeMap::new();
-    if mode == "vxlan" {
-        let [_, _, hi, lo] = index.to_be_bytes();
-        backend.insert(
-            "vtepMac".to_owned(),
-            format!("02:cb:00:00:{hi:02x}:{lo:02x}"),
-        );
-        backend.insert("vtepAddr".to_owned(), block_addr.to_string());
-    }
-    NodeRecord {
-        name: format!("synthetic-{k}"),
-        address: IpAddr::V4(address),
-        prefix_len: support::UNDERLAY_PREFIX_LEN,
-        blocks: vec![IpNet::new(IpAddr::V4(block_addr), 26).expect("valid prefix")],
-        backend,
-    }
+    support::synthetic_peer(format!("synthetic-{k}"), index, address, block_addr, mode)
 }
 
 /// Polls every node until the route to `block` is there (`present`) or gone; returns, per

@@ -21,8 +21,7 @@
 #[path = "bench_support/mod.rs"]
 mod support;
 
-use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::Ipv4Addr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -31,7 +30,6 @@ use clap::Parser;
 use cni_core::linux::{NetNs, route};
 use cni_core::registry::{NodeRecord, NodeRegistry, StoreRegistry};
 use cni_core::store::FileStore;
-use ipnet::IpNet;
 use serde_json::json;
 use support::Lab;
 
@@ -256,20 +254,5 @@ fn synthetic(k: usize, mode: &str) -> NodeRecord {
         u8::try_from(4 + index / 250).expect("at most 1000 peers"),
         u8::try_from(index % 250 + 1).expect("below 251"),
     );
-    let mut backend = BTreeMap::new();
-    if mode == "vxlan" {
-        let [_, _, hi, lo] = index.to_be_bytes();
-        backend.insert(
-            "vtepMac".to_owned(),
-            format!("02:cb:00:00:{hi:02x}:{lo:02x}"),
-        );
-        backend.insert("vtepAddr".to_owned(), block_addr.to_string());
-    }
-    NodeRecord {
-        name: format!("peer-{k:05}"),
-        address: IpAddr::V4(address),
-        prefix_len: support::UNDERLAY_PREFIX_LEN,
-        blocks: vec![IpNet::new(IpAddr::V4(block_addr), 26).expect("valid prefix")],
-        backend,
-    }
+    support::synthetic_peer(format!("peer-{k:05}"), index, address, block_addr, mode)
 }

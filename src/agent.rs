@@ -144,7 +144,8 @@ async fn routing(mode: &str, conf: &NetConf, netns: &Path) -> Result<Box<dyn Cro
     }
 }
 
-/// The node registry on the datastore the IPAM uses.
+/// The node registry on the datastore the IPAM uses: etcd's own registry, else a registry
+/// on the store [`plugin::open_store`] opens for the IPAM (same directory, same errors).
 async fn registry(
     conf: &NetConf,
     config: &Config,
@@ -154,23 +155,14 @@ async fn registry(
         .ipam
         .as_ref()
         .ok_or_else(|| Error::invalid_config("ipam", "missing"))?;
-    match StoreKind::from_ipam(&ipam.config)? {
-        StoreKind::File { path } => {
-            let dir = path.unwrap_or_else(|| config.data_dir(&conf.name).join("ipam"));
-            let store = cni_core::store::FileStore::new(dir);
-            Ok(Arc::new(cni_core::registry::StoreRegistry::with_prefix(
-                store, key_prefix,
-            )))
-        }
-        #[cfg(feature = "etcd")]
-        StoreKind::Etcd(object) => {
-            let etcd = plugin::etcd_config(&object)?;
-            Ok(Arc::new(ipam_etcd::EtcdRegistry::connect(&etcd).await?))
-        }
-        #[cfg(not(feature = "etcd"))]
-        StoreKind::Etcd(_) => Err(Error::invalid_config(
-            "ipam.store.type",
-            "this build has no `etcd` feature",
-        )),
+    let kind = StoreKind::from_ipam(&ipam.config)?;
+    #[cfg(feature = "etcd")]
+    if let StoreKind::Etcd(object) = &kind {
+        let etcd = plugin::etcd_config(object)?;
+        return Ok(Arc::new(ipam_etcd::EtcdRegistry::connect(&etcd).await?));
     }
+    let store = plugin::open_store(&kind, &config.data_dir(&conf.name)).await?;
+    Ok(Arc::new(cni_core::registry::StoreRegistry::with_prefix(
+        store, key_prefix,
+    )))
 }

@@ -1,7 +1,7 @@
-//! The harness shared by the cluster benchmarks (`bench_convergence`, `bench_throughput`,
-//! `bench_memory`): namespaces and processes that are removed on drop (also on an error, a
-//! panic or ctrl-c), an underlay of node namespaces on a bridge, the real `cnikit-agent`
-//! started inside a node namespace, and a few statistics.
+//! The harness shared by the benchmarks (`bench_add_del`, `bench_convergence`,
+//! `bench_throughput`, `bench_memory`): namespaces and processes that are removed on drop
+//! (also on an error, a panic or ctrl-c), an underlay of node namespaces on a bridge, the real
+//! `cnikit-agent` started inside a node namespace, and a few statistics.
 //!
 //! Safety: nothing here touches the root network namespace. Every link, address, route and
 //! sysctl is made inside a namespace named `cnkb-<tag>-<pid>-…` that the benchmark creates;
@@ -13,7 +13,7 @@
 #![allow(dead_code)] // Each benchmark uses a part of the harness.
 
 use std::fs::File;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -22,7 +22,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use cni_core::linux::netns;
+use cni_core::registry::NodeRecord;
 use cni_core::state::NodeState;
+use ipnet::IpNet;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::{Value, json};
@@ -132,9 +134,7 @@ pub fn static_neighbour(ns: &str, dev: &str, address: &str, mac: &str) -> Result
 }
 
 /// `/run/netns/<name>`.
-pub fn ns_path(name: &str) -> PathBuf {
-    Path::new(netns::NETNS_RUN_DIR).join(name)
-}
+pub use testkit::netns_path as ns_path;
 
 /// A process the benchmark started.
 struct Proc {
@@ -440,6 +440,34 @@ pub struct Node {
     pub address: Ipv4Addr,
     /// Its data directory (node state file).
     pub data_dir: PathBuf,
+}
+
+/// The node record of a peer that does not exist: `name`, an underlay `address`, the /26
+/// block at `block`, and for vxlan a VTEP (the block's first address, a MAC made from
+/// `index`).
+pub fn synthetic_peer(
+    name: String,
+    index: u32,
+    address: Ipv4Addr,
+    block: Ipv4Addr,
+    mode: &str,
+) -> NodeRecord {
+    let mut backend = std::collections::BTreeMap::new();
+    if mode == "vxlan" {
+        let [_, _, hi, lo] = index.to_be_bytes();
+        backend.insert(
+            "vtepMac".to_owned(),
+            format!("02:cb:00:00:{hi:02x}:{lo:02x}"),
+        );
+        backend.insert("vtepAddr".to_owned(), block.to_string());
+    }
+    NodeRecord {
+        name,
+        address: IpAddr::V4(address),
+        prefix_len: UNDERLAY_PREFIX_LEN,
+        blocks: vec![IpNet::new(IpAddr::V4(block), 26).expect("valid prefix")],
+        backend,
+    }
 }
 
 /// The `ipam.store` object of the file store in `dir`.

@@ -190,6 +190,15 @@ fn tag(name: &str) -> String {
     name.replace("node", "").replace("/pod", ".")
 }
 
+/// The matrix cell of the probe from `from` to `to`.
+fn verdict(probes: &[Probe], from: &str, to: &str) -> &'static str {
+    match probes.iter().find(|p| p.from == from && p.to == to) {
+        Some(p) if p.ok => "ok",
+        Some(_) => "FAIL",
+        None => "?",
+    }
+}
+
 /// Prints the matrices.
 pub fn print(report: &Report) {
     let pods: Vec<&str> = report.pods.iter().map(|(n, _)| n.as_str()).collect();
@@ -209,15 +218,7 @@ pub fn print(report: &Report) {
             let cell = if from == to {
                 "-"
             } else {
-                match report
-                    .pod_to_pod
-                    .iter()
-                    .find(|p| p.from == *from && p.to == *to)
-                {
-                    Some(p) if p.ok => "ok",
-                    Some(_) => "FAIL",
-                    None => "?",
-                }
+                verdict(&report.pod_to_pod, from, to)
             };
             print!(" {cell:>5}");
         }
@@ -229,15 +230,7 @@ pub fn print(report: &Report) {
     for node in &nodes {
         print!("{node:width$}");
         for to in &pods {
-            let cell = match report
-                .node_to_pod
-                .iter()
-                .find(|p| p.from == *node && p.to == *to)
-            {
-                Some(p) if p.ok => "ok",
-                Some(_) => "FAIL",
-                None => "?",
-            };
+            let cell = verdict(&report.node_to_pod, node, to);
             print!(" {cell:>5}");
         }
         println!();
@@ -252,15 +245,7 @@ pub fn print(report: &Report) {
     for from in &pods {
         print!("{from:width$}");
         for node in &nodes {
-            let cell = match report
-                .pod_to_node
-                .iter()
-                .find(|p| p.from == *from && p.to == *node)
-            {
-                Some(p) if p.ok => "ok",
-                Some(_) => "FAIL",
-                None => "?",
-            };
+            let cell = verdict(&report.pod_to_node, from, node);
             print!(" {cell:>6}");
         }
         println!();

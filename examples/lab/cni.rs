@@ -20,7 +20,7 @@ pub fn conflist(lab: &Lab, node: &Node) -> Value {
         StoreKind::Etcd => json!({
             "type": "etcd",
             "endpoints": [lab.etcd.as_ref().map(|e| e.endpoint.clone()).unwrap_or_default()],
-            "prefix": "/cnikit",
+            "prefix": crate::store::PREFIX,
         }),
     };
     let mut entry = json!({

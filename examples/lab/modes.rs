@@ -8,11 +8,11 @@ use serde_json::{Map, Value, json};
 use crate::state::Lab;
 
 /// The VXLAN device name the lab configures (the backend's default).
-pub const VXLAN_DEVICE: &str = "cnikit.vxlan";
-/// The VXLAN network identifier of the lab.
-pub const VXLAN_VNI: u32 = 1;
-/// The VXLAN UDP port of the lab.
-pub const VXLAN_PORT: u16 = 4789;
+pub const VXLAN_DEVICE: &str = cnikit::vxlan::DEFAULT_DEVICE;
+/// The VXLAN network identifier of the lab (the backend's default).
+pub const VXLAN_VNI: u32 = cnikit::vxlan::DEFAULT_VNI;
+/// The VXLAN UDP port of the lab (the backend's default, IANA's 4789).
+pub const VXLAN_PORT: u16 = cnikit::vxlan::DEFAULT_PORT;
 
 /// One routing mode.
 pub struct Mode {
@@ -27,7 +27,7 @@ pub struct Mode {
 /// The modes with lab defaults.
 pub const MODES: &[Mode] = &[
     Mode {
-        name: "host-gw",
+        name: cnikit::hostgw::TYPE,
         about: "host-gw: no encapsulation. Each node routes every peer's pod block to that \
                 peer's underlay address (`BLOCK via PEER dev eth0`), so it only works when \
                 the peers share the L2 segment; a peer behind a router is reported \
@@ -35,7 +35,7 @@ pub const MODES: &[Mode] = &[
         keys: |_| Map::new(),
     },
     Mode {
-        name: "vxlan",
+        name: cnikit::vxlan::TYPE,
         about: "vxlan: pod packets to another node are wrapped in UDP (port 4789, VNI 1) by \
                 the device cnikit.vxlan, whose address (the VTEP) comes from the node's own \
                 block. Per peer the agent writes three entries: a route `BLOCK via \

@@ -128,7 +128,17 @@ async fn remove_node(lab: &mut Lab, node: &str, watch: Option<&show::Cluster>) -
             break;
         };
         loop {
-            let traces = show::traces_of(cluster, other, node).await?;
+            // A failed look is reported, not returned: the node's namespaces still go below.
+            let traces = match show::traces_of(cluster, other, node).await {
+                Ok(traces) => traces,
+                Err(e) => {
+                    errors.push(format!(
+                        "reading {}'s entries towards {node}: {e:#}",
+                        other.name
+                    ));
+                    break;
+                }
+            };
             if traces.is_empty() {
                 forgotten.push(format!(
                     "{}: no route, neighbour or FDB entry towards {node} left {} ms after \

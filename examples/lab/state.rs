@@ -14,7 +14,7 @@ pub const STATE_ROOT: &str = "/run/cnikit-lab";
 /// Prefix of every namespace a lab makes: `cnkl-<name>-…`.
 pub const NS_PREFIX: &str = "cnkl";
 /// Where `ip netns` (and cnikit's `create_named`) keep named namespaces.
-pub const NETNS_DIR: &str = "/run/netns";
+pub const NETNS_DIR: &str = cnikit::core::linux::netns::NETNS_RUN_DIR;
 
 /// The pod address pool of every lab.
 pub const POOL: &str = "10.244.0.0/16";

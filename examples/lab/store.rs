@@ -14,8 +14,8 @@ use cnikit::core::store::{FileStore, KeyValue, Store};
 
 use crate::state::{self, Lab, StoreKind};
 
-/// The lab's datastore's key prefix.
-pub const PREFIX: &str = "/cnikit";
+/// The lab's datastore's key prefix (the block IPAM's default, which the lab keeps).
+pub const PREFIX: &str = cnikit::core::ipam::block::DEFAULT_KEY_PREFIX;
 
 /// Every key of the lab's datastore (all prefixes).
 pub async fn keys(lab: &Lab) -> Result<Vec<KeyValue>> {

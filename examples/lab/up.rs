@@ -32,7 +32,7 @@ pub async fn up(name: &str, args: &UpArgs) -> Result<()> {
             modes::names()
         );
     }
-    if args.store == StoreKind::Etcd && !on_path("etcd") {
+    if args.store == StoreKind::Etcd && which("etcd").is_err() {
         bail!("--store etcd needs the etcd server: apt-get install -y etcd-server");
     }
     let mut lab = Lab {
@@ -112,12 +112,6 @@ async fn interrupted() -> &'static str {
         // Without handlers the default action (exit) applies; `down` cleans up then.
         _ => std::future::pending().await,
     }
-}
-
-fn on_path(program: &str) -> bool {
-    std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
-        .unwrap_or(false)
 }
 
 /// The end of every agent's and plugin's log (those not already in `message`), to explain
@@ -216,8 +210,9 @@ async fn build(lab: &mut Lab, bins: &Binaries, args: &UpArgs) -> Result<()> {
 }
 
 /// Waits until the agents of `nodes` announce every block their pods got addresses from.
-/// A node whose pods outgrew its first block holds another one, which its agent picks up at
-/// its next resync; until then the other nodes have no route to it.
+/// A node whose pods outgrew its first block holds another one, which its agent picks up
+/// when it re-reads its own blocks (every second); until then the other nodes have no route
+/// to it.
 pub async fn wait_blocks_announced(lab: &Lab, nodes: &[String]) -> Result<()> {
     let started = Instant::now();
     let within = Duration::from_secs(lab.resync_seconds + 10);
@@ -255,9 +250,8 @@ pub async fn wait_blocks_announced(lab: &Lab, nodes: &[String]) -> Result<()> {
         if !told {
             println!(
                 "{} pods are in blocks their node claimed after its agent started: waiting for \
-                 the agents' resync (every {} s) to announce them",
-                missing.len(),
-                lab.resync_seconds
+                 the agents to announce them (they re-read their blocks every second)",
+                missing.len()
             );
             told = true;
         }
