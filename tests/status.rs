@@ -1,7 +1,7 @@
 //! STATUS (spec 1.1.0) through the binary: a single-node network is ready at once; a network
 //! with a routing mode is not ready (code 50) until the node agent's state file exists, and
 //! then takes its MTU from it; a data directory that cannot hold the store is not ready
-//! either.
+//! either. DEL goes on when the state file no longer decodes.
 //!
 //! Needs root (the plugin runs in a node namespace of the test).
 #![cfg(all(feature = "bridge", feature = "routed"))]
@@ -107,4 +107,48 @@ fn unusable_data_dir_is_not_ready() {
     let out = rt.global("STATUS", &conf(&file.join("data"), None));
     assert_eq!(out.error_code("STATUS with an unusable dataDir"), 50);
     println!("not ready: {}", out.brief());
+}
+
+/// DEL needs no MTU: a node state file that no longer decodes (say, the node's disk was
+/// damaged) must not keep DEL from removing the pod's veth and releasing its address.
+#[test]
+fn del_goes_on_when_the_node_state_file_is_corrupt() {
+    let Some(env) = Env::get("del_goes_on_when_the_node_state_file_is_corrupt") else {
+        return;
+    };
+    let lab = Lab::new("stcr");
+    let node = lab.node();
+    let pod = lab.pod("pod");
+    let rt = Runtime::new(&env, &lab, &node);
+    let data = lab.dir("data");
+    let conf = conf(&data, Some("host-gw"));
+    NodeState::new(
+        "node-s",
+        "host-gw",
+        1500,
+        vec!["10.244.128.0/26".parse().unwrap()],
+    )
+    .write(&data)
+    .unwrap();
+    rt.add("cr-ctr", &pod, &conf);
+    assert_eq!(host_veths(&node.name).len(), 1, "ADD made a host veth");
+    assert_eq!(used_addresses(&data), 1, "ADD holds one address");
+
+    std::fs::write(NodeState::path(&data), b"{ not json").unwrap();
+    rt.del("cr-ctr", Some(&pod.path), &conf);
+    assert!(host_veths(&node.name).is_empty(), "DEL removed the veth");
+    assert_eq!(used_addresses(&data), 0, "DEL released the address");
+}
+
+/// Addresses in use in the network's file store (`<dataDir>/ipam/store.json`).
+fn used_addresses(data: &Path) -> usize {
+    let store: Value =
+        serde_json::from_slice(&std::fs::read(data.join("ipam").join("store.json")).unwrap())
+            .unwrap();
+    store["keys"]
+        .as_object()
+        .expect("the store's keys")
+        .keys()
+        .filter(|k| k.contains("/used/"))
+        .count()
 }

@@ -23,7 +23,7 @@ use cni_core::ipam::block::Reserve;
 use cni_core::ipam::{BlockIpam, BlockIpamConfig, DelegatedIpam, Ipam};
 use cni_core::network::PodNetwork;
 use cni_core::runner::{self, Plugin, Request};
-use cni_core::spec::{CniResult, NetConf};
+use cni_core::spec::{CniResult, Command, NetConf};
 use cni_core::state::NodeState;
 use cni_core::store::{FileStore, Store};
 use cni_core::{Error, Result};
@@ -51,11 +51,21 @@ impl CnikitParts {
         Ok(config)
     }
 
-    fn mtu(config: &Config, data_dir: &std::path::Path) -> Result<u32> {
+    /// The pod MTU: the configured one, else the agent's (node state file), else 1500. DEL
+    /// sets no MTU, so for DEL an unreadable state file is logged and passed over: it must
+    /// not keep the pod's interface and address from being released.
+    fn mtu(request: &Request, config: &Config, data_dir: &std::path::Path) -> Result<u32> {
         if let Some(mtu) = config.mtu {
             return Ok(mtu);
         }
-        Ok(NodeState::read(data_dir)?.map_or(DEFAULT_MTU, |s| s.mtu))
+        match NodeState::read(data_dir) {
+            Ok(state) => Ok(state.map_or(DEFAULT_MTU, |s| s.mtu)),
+            Err(e) if request.command == Command::Del => {
+                tracing::warn!(error = %e, "node state file unreadable; DEL goes on without it");
+                Ok(DEFAULT_MTU)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Refuses an MTU below the IPv6 minimum for a block IPAM pool of IPv6 addresses. The
@@ -96,7 +106,7 @@ impl Parts for CnikitParts {
     async fn network(&self, request: &Request) -> Result<Box<dyn PodNetwork>> {
         let config = Self::config(request)?;
         let data_dir = config.data_dir(&request.config.name);
-        let mtu = Self::mtu(&config, &data_dir)?;
+        let mtu = Self::mtu(request, &config, &data_dir)?;
         Self::check_mtu_for_pool(request, mtu)?;
         let host = cni_core::linux::NetNs::current().await?;
         match config.pod_network {
