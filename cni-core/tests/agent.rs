@@ -6,22 +6,26 @@
 //!   state file are all gone, and the mode was torn down.
 //! - Stopped while still coming up (the mode's `init` never finishes): the agent returns
 //!   instead of hanging, and removes what it had made so far (the tunnel address).
+//! - Stopped while the registry cannot be watched again: the agent returns instead of
+//!   retrying the watch forever.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use cni_core::Result;
 use cni_core::agent::{Agent, AgentConfig, AgentIpam, blackhole};
-use cni_core::ipam::{BlockIpam, BlockIpamConfig};
+use cni_core::ipam::{Attachment, BlockIpam, BlockIpamConfig, Ipam};
 use cni_core::linux::NetNs;
-use cni_core::registry::{NodeRecord, NodeRegistry, StoreRegistry};
+use cni_core::registry::{NodeEvent, NodeList, NodeRecord, NodeRegistry, StoreRegistry};
 use cni_core::routing::{CrossNodeRouting, LocalNode, ReconcileReport};
 use cni_core::state::NodeState;
-use cni_core::store::{MemoryStore, Store};
+use cni_core::store::{MemoryStore, Revision, Store};
+use cni_core::{Result, StoreError};
+use futures::StreamExt;
+use futures::stream::BoxStream;
 use testkit::Namespaces;
 use tokio::sync::Notify;
 
@@ -100,6 +104,67 @@ impl CrossNodeRouting for StandIn {
     }
 }
 
+/// The registry over the test's store, with failures to order: the first watch stream ends
+/// at once and every later watch fails (`broken_watch`), and the next `failing_registers`
+/// registrations fail. Both as a datastore that went away would.
+struct Flaky {
+    inner: StoreRegistry<Arc<dyn Store>>,
+    broken_watch: bool,
+    watches: AtomicUsize,
+    failing_registers: AtomicUsize,
+    failed_registers: AtomicUsize,
+}
+
+impl Flaky {
+    fn new(store: Arc<dyn Store>, broken_watch: bool) -> Self {
+        Flaky {
+            inner: StoreRegistry::new(store),
+            broken_watch,
+            watches: AtomicUsize::new(0),
+            failing_registers: AtomicUsize::new(0),
+            failed_registers: AtomicUsize::new(0),
+        }
+    }
+}
+
+fn unavailable() -> cni_core::Error {
+    StoreError::Unavailable {
+        endpoint: "flaky".into(),
+        source: "the datastore went away".into(),
+    }
+    .into()
+}
+
+#[async_trait]
+impl NodeRegistry for Flaky {
+    async fn register(&self, node: &NodeRecord, ttl: Duration) -> Result<()> {
+        let take = |n: usize| n.checked_sub(1);
+        if self
+            .failing_registers
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, take)
+            .is_ok()
+        {
+            self.failed_registers.fetch_add(1, Ordering::SeqCst);
+            return Err(unavailable());
+        }
+        self.inner.register(node, ttl).await
+    }
+    async fn deregister(&self, name: &str) -> Result<()> {
+        self.inner.deregister(name).await
+    }
+    async fn list(&self) -> Result<NodeList> {
+        self.inner.list().await
+    }
+    async fn watch(&self, revision: Revision) -> Result<BoxStream<'static, Result<NodeEvent>>> {
+        let first = self.watches.fetch_add(1, Ordering::SeqCst) == 0;
+        match (self.broken_watch, first) {
+            (false, _) => self.inner.watch(revision).await,
+            (true, true) => Ok(futures::stream::empty().boxed()),
+            (true, false) => Err(unavailable()),
+        }
+    }
+}
+
 struct Setup {
     agent: Agent,
     store: Arc<dyn Store>,
@@ -109,12 +174,27 @@ struct Setup {
     data: tempfile::TempDir,
 }
 
-async fn setup(node: &Node, init_hangs: bool) -> Setup {
-    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+fn ipam_config() -> BlockIpamConfig {
     let mut config = BlockIpamConfig::new("10.98.0.0/24".parse().unwrap(), "n1", "agent-test");
     config.block_prefix = 28;
-    let ipam: AgentIpam = BlockIpam::new(store.clone(), config).expect("ipam");
+    config
+}
+
+async fn setup(node: &Node, init_hangs: bool) -> Setup {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
     let registry = Arc::new(StoreRegistry::new(store.clone()));
+    setup_with(node, init_hangs, store, registry.clone(), registry).await
+}
+
+/// [`setup`] with the agent using `agent_registry` (over `store`).
+async fn setup_with(
+    node: &Node,
+    init_hangs: bool,
+    store: Arc<dyn Store>,
+    registry: Arc<StoreRegistry<Arc<dyn Store>>>,
+    agent_registry: Arc<dyn NodeRegistry>,
+) -> Setup {
+    let ipam: AgentIpam = BlockIpam::new(store.clone(), ipam_config()).expect("ipam");
     let init_started = Arc::new(Notify::new());
     let torn_down = Arc::new(AtomicBool::new(false));
     let routing = StandIn {
@@ -125,8 +205,9 @@ async fn setup(node: &Node, init_hangs: bool) -> Setup {
     let data = tempfile::tempdir().expect("temp dir");
     let mut agent_config = AgentConfig::new("n1", data.path());
     agent_config.interface = Some("eth0".into());
+    agent_config.block_poll = Duration::from_millis(50);
     let ns = NetNs::open(node.path()).await.expect("open netns");
-    let agent = Agent::new(agent_config, ns, ipam, registry.clone(), Box::new(routing));
+    let agent = Agent::new(agent_config, ns, ipam, agent_registry, Box::new(routing));
     Setup {
         agent,
         store,
@@ -219,4 +300,49 @@ async fn stopped_while_coming_up_returns_and_cleans_up() {
         "the tunnel address is released"
     );
     assert!(NodeState::read(s.data.path()).unwrap().is_none());
+}
+
+/// Waits up to 10 s for the agent's node state file: the agent is up.
+async fn until_up(state_dir: &std::path::Path) {
+    let up = tokio::time::timeout(Duration::from_secs(10), async {
+        while NodeState::read(state_dir).unwrap().is_none() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(up.is_ok(), "the agent wrote no node state within 10 s");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopped_while_the_registry_cannot_be_watched_returns() {
+    if !root("stopped_while_the_registry_cannot_be_watched_returns") {
+        return;
+    }
+    let node = Node::new("rewatch");
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let registry = Arc::new(StoreRegistry::new(store.clone()));
+    let flaky = Arc::new(Flaky::new(store.clone(), true));
+    let s = setup_with(&node, false, store.clone(), registry, flaky.clone()).await;
+    let stop = Arc::new(Notify::new());
+    let stop_rx = stop.clone();
+    let run = tokio::spawn(s.agent.run(async move { stop_rx.notified().await }));
+    until_up(s.data.path()).await;
+
+    // The first watch has ended and the agent is trying to watch again, in vain.
+    let retrying = tokio::time::timeout(Duration::from_secs(10), async {
+        while flaky.watches.load(Ordering::SeqCst) < 3 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(retrying.is_ok(), "the agent did not watch again");
+
+    stop.notify_one();
+    let result = tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("the agent stops within 10 s while the watch keeps failing")
+        .expect("agent task");
+    result.expect("a clean stop");
+    assert!(s.torn_down.load(Ordering::SeqCst), "the mode was torn down");
+    assert_eq!(leftovers(&store).await, Vec::<String>::new());
 }

@@ -283,17 +283,24 @@ impl Agent {
                                 revision = revision.max(event_revision(&event));
                                 changed |= self.apply(event);
                             }
-                            Some(Err(e)) => {
-                                tracing::warn!(error = %e, "peer watch failed; listing again");
-                                self.relist(&mut revision).await;
-                                events = self.rewatch(revision).await;
-                                changed = true;
-                                break;
-                            }
-                            None => {
-                                tracing::warn!("peer watch ended; listing again");
-                                self.relist(&mut revision).await;
-                                events = self.rewatch(revision).await;
+                            broken => {
+                                match broken {
+                                    Some(Err(e)) => tracing::warn!(
+                                        error = %e,
+                                        "peer watch failed; listing again"
+                                    ),
+                                    _ => tracing::warn!("peer watch ended; listing again"),
+                                }
+                                // The registry may stay away for long: a shutdown meanwhile
+                                // must not wait for it.
+                                let resumed = async {
+                                    self.relist(&mut revision).await;
+                                    self.rewatch(revision).await
+                                };
+                                tokio::select! {
+                                    () = &mut shutdown => return Ok(()),
+                                    stream = resumed => events = stream,
+                                }
                                 changed = true;
                                 break;
                             }
