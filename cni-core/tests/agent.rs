@@ -8,6 +8,7 @@
 //!   instead of hanging, and removes what it had made so far (the tunnel address).
 //! - Stopped while the registry cannot be watched again: the agent returns instead of
 //!   retrying the watch forever.
+//! - A new block whose publication failed once is published at the next poll.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -345,4 +346,52 @@ async fn stopped_while_the_registry_cannot_be_watched_returns() {
     result.expect("a clean stop");
     assert!(s.torn_down.load(Ordering::SeqCst), "the mode was torn down");
     assert_eq!(leftovers(&store).await, Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_whose_publication_failed_is_published_at_the_next_poll() {
+    if !root("a_block_whose_publication_failed_is_published_at_the_next_poll") {
+        return;
+    }
+    let node = Node::new("publish");
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let registry = Arc::new(StoreRegistry::new(store.clone()));
+    let flaky = Arc::new(Flaky::new(store.clone(), false));
+    let s = setup_with(&node, false, store.clone(), registry.clone(), flaky.clone()).await;
+    let stop = Arc::new(Notify::new());
+    let stop_rx = stop.clone();
+    let run = tokio::spawn(s.agent.run(async move { stop_rx.notified().await }));
+    until_up(s.data.path()).await;
+    let blocks = |nodes: Vec<NodeRecord>| nodes.into_iter().map(|n| n.blocks).collect::<Vec<_>>();
+    assert_eq!(blocks(registry.list().await.unwrap().nodes)[0].len(), 1);
+
+    // The plugin fills the node's /28 (the tunnel holds one address) and claims a second
+    // block; the agent's first registration of it fails.
+    flaky.failing_registers.store(1, Ordering::SeqCst);
+    let plugin = BlockIpam::new(store.clone(), ipam_config()).expect("ipam");
+    for i in 0..16 {
+        let attachment = Attachment::new("agent-test", format!("pod{i}"), "eth0");
+        plugin.allocate(&attachment).await.expect("allocate");
+    }
+    assert_eq!(plugin.node_blocks().await.unwrap().len(), 2);
+
+    let published = tokio::time::timeout(Duration::from_secs(10), async {
+        while blocks(registry.list().await.unwrap().nodes)[0].len() != 2 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert_eq!(flaky.failed_registers.load(Ordering::SeqCst), 1);
+    assert!(
+        published.is_ok(),
+        "the second block was never published: {:?}",
+        blocks(registry.list().await.unwrap().nodes)
+    );
+
+    stop.notify_one();
+    let result = tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("the agent stops within 10 s")
+        .expect("agent task");
+    result.expect("a clean stop");
 }

@@ -389,7 +389,7 @@ impl Agent {
     /// The plugin may have claimed more blocks for this node: follow them.
     async fn refresh_blocks(&mut self) -> Result<()> {
         let blocks = self.ipam.node_blocks().await?;
-        let Some(record) = &mut self.record else {
+        let Some(record) = &self.record else {
             return Ok(());
         };
         if record.blocks == blocks {
@@ -397,12 +397,17 @@ impl Agent {
         }
         tracing::info!(?blocks, "the node's blocks changed");
         blackhole::sync(&self.ns, &blocks).await?;
-        record.blocks = blocks.clone();
+        let record = NodeRecord {
+            blocks: blocks.clone(),
+            ..record.clone()
+        };
+        // The record changes only once registered: a failed registration is retried at the
+        // next poll instead of being taken for done.
+        self.registry.register(&record, self.config.ttl).await?;
+        self.record = Some(record);
         if let Some(local) = &mut self.local {
             local.blocks = blocks;
         }
-        let record = record.clone();
-        self.registry.register(&record, self.config.ttl).await?;
         self.write_state()
     }
 
