@@ -395,3 +395,46 @@ async fn a_block_whose_publication_failed_is_published_at_the_next_poll() {
         .expect("agent task");
     result.expect("a clean stop");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_state_follows_the_peers() {
+    if !root("the_node_state_follows_the_peers") {
+        return;
+    }
+    let node = Node::new("peers");
+    let s = setup(&node, false).await;
+    let stop = Arc::new(Notify::new());
+    let stop_rx = stop.clone();
+    let run = tokio::spawn(s.agent.run(async move { stop_rx.notified().await }));
+    until_up(s.data.path()).await;
+    let peers = || NodeState::read(s.data.path()).unwrap().map(|st| st.peers);
+    assert_eq!(peers(), Some(vec![]));
+
+    // The stand-in mode reports nothing routed either way: only the peer list changes.
+    let peer = NodeRecord {
+        name: "p1".into(),
+        address: "10.99.0.2".parse().unwrap(),
+        prefix_len: 24,
+        blocks: vec![],
+        backend: BTreeMap::new(),
+    };
+    s.registry
+        .register(&peer, Duration::from_secs(20))
+        .await
+        .unwrap();
+    let seen = tokio::time::timeout(Duration::from_secs(10), async {
+        while peers() != Some(vec!["p1".to_owned()]) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(seen.is_ok(), "the node state lists {:?}", peers());
+    s.registry.deregister("p1").await.unwrap();
+
+    stop.notify_one();
+    let result = tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("the agent stops within 10 s")
+        .expect("agent task");
+    result.expect("a clean stop");
+}

@@ -114,6 +114,8 @@ pub struct Agent {
     mtu: u32,
     report: ReconcileReport,
     tunnel: Option<Attachment>,
+    /// The node state file as last written.
+    written: Option<NodeState>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -147,6 +149,7 @@ impl Agent {
             mtu: 0,
             report: ReconcileReport::default(),
             tunnel: None,
+            written: None,
         }
     }
 
@@ -437,20 +440,17 @@ impl Agent {
             elapsed_us = started.elapsed().as_micros() as u64,
             "reconciled"
         );
-        let changed =
-            report.unroutable != self.report.unroutable || report.routed != self.report.routed;
         self.report = report;
-        if changed || !NodeState::path(&self.config.data_dir).exists() {
-            self.write_state()?;
-        }
-        Ok(())
+        self.write_state()
     }
 
-    fn write_state(&self) -> Result<()> {
+    /// Writes the node state file when its contents changed since the last write (or the
+    /// file is gone); a failed write is retried at the next call.
+    fn write_state(&mut self) -> Result<()> {
         let Some(record) = &self.record else {
             return Ok(());
         };
-        NodeState {
+        let state = NodeState {
             node: self.config.node.clone(),
             mode: self.routing.mode().to_owned(),
             mtu: self.mtu,
@@ -462,8 +462,14 @@ impl Agent {
                 .cloned()
                 .collect(),
             unroutable: self.report.unroutable.clone(),
+        };
+        if self.written.as_ref() == Some(&state) && NodeState::path(&self.config.data_dir).exists()
+        {
+            return Ok(());
         }
-        .write(&self.config.data_dir)
+        state.write(&self.config.data_dir)?;
+        self.written = Some(state);
+        Ok(())
     }
 
     /// The agent's view of its node, once up.
