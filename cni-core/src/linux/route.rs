@@ -147,7 +147,8 @@ fn table_of(m: &RouteMessage) -> u32 {
         .unwrap_or(u32::from(m.header.table))
 }
 
-fn ip_of(a: &RouteAddress) -> Option<IpAddr> {
+/// The IP address of a route attribute (destination, gateway…).
+pub(crate) fn ip_of(a: &RouteAddress) -> Option<IpAddr> {
     match a {
         RouteAddress::Inet(v4) => Some(IpAddr::V4(*v4)),
         RouteAddress::Inet6(v6) => Some(IpAddr::V6(*v6)),
