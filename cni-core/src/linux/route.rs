@@ -314,8 +314,8 @@ pub async fn list_gateway(ns: &NetNs, protocol: u8) -> Result<Vec<GatewayRoute>>
     Ok(routes)
 }
 
-/// The main routing table's id.
-const MAIN_TABLE: u32 = RouteHeader::RT_TABLE_MAIN as u32;
+/// The main routing table's id (`RT_TABLE_MAIN`).
+pub(crate) const MAIN_TABLE: u32 = RouteHeader::RT_TABLE_MAIN as u32;
 
 fn parse_gateway(m: &RouteMessage) -> Option<GatewayRoute> {
     let mut dst = None;
