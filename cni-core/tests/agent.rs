@@ -9,6 +9,8 @@
 //! - Stopped while the registry cannot be watched again: the agent returns instead of
 //!   retrying the watch forever.
 //! - A new block whose publication failed once is published at the next poll.
+//! - A first watch that fails is retried: the agent stays up and follows the peers.
+//! - The node state file follows the peer list.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -105,27 +107,36 @@ impl CrossNodeRouting for StandIn {
     }
 }
 
-/// The registry over the test's store, with failures to order: the first watch stream ends
-/// at once and every later watch fails (`broken_watch`), and the next `failing_registers`
-/// registrations fail. Both as a datastore that went away would.
+/// The registry over the test's store, with failures to order, as a datastore that went
+/// away would give them: the next `ending_watches` watch streams end at once, the next
+/// `failing_watches` watches after those fail, the next `failing_registers` registrations
+/// fail.
 struct Flaky {
     inner: StoreRegistry<Arc<dyn Store>>,
-    broken_watch: bool,
+    ending_watches: AtomicUsize,
+    failing_watches: AtomicUsize,
     watches: AtomicUsize,
     failing_registers: AtomicUsize,
     failed_registers: AtomicUsize,
 }
 
 impl Flaky {
-    fn new(store: Arc<dyn Store>, broken_watch: bool) -> Self {
+    fn new(store: Arc<dyn Store>, ending_watches: usize, failing_watches: usize) -> Self {
         Flaky {
             inner: StoreRegistry::new(store),
-            broken_watch,
+            ending_watches: AtomicUsize::new(ending_watches),
+            failing_watches: AtomicUsize::new(failing_watches),
             watches: AtomicUsize::new(0),
             failing_registers: AtomicUsize::new(0),
             failed_registers: AtomicUsize::new(0),
         }
     }
+}
+
+/// Counts `n` down by one; whether it was above zero.
+fn take(n: &AtomicUsize) -> bool {
+    n.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
 }
 
 fn unavailable() -> cni_core::Error {
@@ -139,12 +150,7 @@ fn unavailable() -> cni_core::Error {
 #[async_trait]
 impl NodeRegistry for Flaky {
     async fn register(&self, node: &NodeRecord, ttl: Duration) -> Result<()> {
-        let take = |n: usize| n.checked_sub(1);
-        if self
-            .failing_registers
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, take)
-            .is_ok()
-        {
+        if take(&self.failing_registers) {
             self.failed_registers.fetch_add(1, Ordering::SeqCst);
             return Err(unavailable());
         }
@@ -157,12 +163,14 @@ impl NodeRegistry for Flaky {
         self.inner.list().await
     }
     async fn watch(&self, revision: Revision) -> Result<BoxStream<'static, Result<NodeEvent>>> {
-        let first = self.watches.fetch_add(1, Ordering::SeqCst) == 0;
-        match (self.broken_watch, first) {
-            (false, _) => self.inner.watch(revision).await,
-            (true, true) => Ok(futures::stream::empty().boxed()),
-            (true, false) => Err(unavailable()),
+        self.watches.fetch_add(1, Ordering::SeqCst);
+        if take(&self.ending_watches) {
+            return Ok(futures::stream::empty().boxed());
         }
+        if take(&self.failing_watches) {
+            return Err(unavailable());
+        }
+        self.inner.watch(revision).await
     }
 }
 
@@ -322,7 +330,7 @@ async fn stopped_while_the_registry_cannot_be_watched_returns() {
     let node = Node::new("rewatch");
     let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
     let registry = Arc::new(StoreRegistry::new(store.clone()));
-    let flaky = Arc::new(Flaky::new(store.clone(), true));
+    let flaky = Arc::new(Flaky::new(store.clone(), 1, usize::MAX));
     let s = setup_with(&node, false, store.clone(), registry, flaky.clone()).await;
     let stop = Arc::new(Notify::new());
     let stop_rx = stop.clone();
@@ -356,7 +364,7 @@ async fn a_block_whose_publication_failed_is_published_at_the_next_poll() {
     let node = Node::new("publish");
     let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
     let registry = Arc::new(StoreRegistry::new(store.clone()));
-    let flaky = Arc::new(Flaky::new(store.clone(), false));
+    let flaky = Arc::new(Flaky::new(store.clone(), 0, 0));
     let s = setup_with(&node, false, store.clone(), registry.clone(), flaky.clone()).await;
     let stop = Arc::new(Notify::new());
     let stop_rx = stop.clone();
@@ -430,6 +438,52 @@ async fn the_node_state_follows_the_peers() {
     .await;
     assert!(seen.is_ok(), "the node state lists {:?}", peers());
     s.registry.deregister("p1").await.unwrap();
+
+    stop.notify_one();
+    let result = tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("the agent stops within 10 s")
+        .expect("agent task");
+    result.expect("a clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_watch_that_fails_is_retried() {
+    if !root("a_first_watch_that_fails_is_retried") {
+        return;
+    }
+    let node = Node::new("watch1");
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let registry = Arc::new(StoreRegistry::new(store.clone()));
+    let flaky = Arc::new(Flaky::new(store.clone(), 0, 1));
+    let s = setup_with(&node, false, store.clone(), registry.clone(), flaky.clone()).await;
+    let stop = Arc::new(Notify::new());
+    let stop_rx = stop.clone();
+    let run = tokio::spawn(s.agent.run(async move { stop_rx.notified().await }));
+    until_up(s.data.path()).await;
+
+    let peer = NodeRecord {
+        name: "p1".into(),
+        address: "10.99.0.2".parse().unwrap(),
+        prefix_len: 24,
+        blocks: vec![],
+        backend: BTreeMap::new(),
+    };
+    registry
+        .register(&peer, Duration::from_secs(20))
+        .await
+        .unwrap();
+    let peers = || NodeState::read(s.data.path()).unwrap().map(|st| st.peers);
+    let seen = tokio::time::timeout(Duration::from_secs(10), async {
+        while peers() != Some(vec!["p1".to_owned()]) && !run.is_finished() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(!run.is_finished(), "the agent stopped: {:?}", run.await);
+    assert!(seen.is_ok(), "the node state lists {:?}", peers());
+    assert!(flaky.watches.load(Ordering::SeqCst) >= 2, "watched again");
+    registry.deregister("p1").await.unwrap();
 
     stop.notify_one();
     let result = tokio::time::timeout(Duration::from_secs(10), run)

@@ -195,16 +195,12 @@ impl Agent {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "node agent up"
         );
-        let result = self.watch_loop(shutdown, revision).await;
-        if let Err(e) = &result {
-            tracing::error!(error = %e, "node agent loop failed");
-        }
-        let stopped = if self.config.keep_on_exit {
+        self.watch_loop(shutdown, revision).await;
+        if self.config.keep_on_exit {
             Ok(())
         } else {
             self.stop().await
-        };
-        result.and(stopped)
+        }
     }
 
     /// Steps 1–5 of the module docs; returns the registry revision the peers were read at.
@@ -258,12 +254,8 @@ impl Agent {
         Ok(list.revision)
     }
 
-    /// Step 6: events and resyncs until shutdown.
-    async fn watch_loop(
-        &mut self,
-        shutdown: impl Future<Output = ()>,
-        mut revision: u64,
-    ) -> Result<()> {
+    /// Step 6: events and resyncs until shutdown. Failures are logged and retried.
+    async fn watch_loop(&mut self, shutdown: impl Future<Output = ()>, mut revision: u64) {
         let shutdown = shutdown.fuse();
         futures::pin_mut!(shutdown);
         let mut resync = tokio::time::interval(self.config.resync);
@@ -272,10 +264,13 @@ impl Agent {
         let mut block_poll = tokio::time::interval(self.config.block_poll);
         block_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         block_poll.tick().await;
-        let mut events = self.registry.watch(revision).await?;
+        let mut events = tokio::select! {
+            () = &mut shutdown => return,
+            stream = self.rewatch(revision) => stream,
+        };
         loop {
             tokio::select! {
-                () = &mut shutdown => return Ok(()),
+                () = &mut shutdown => return,
                 event = events.next() => {
                     let mut changed = false;
                     let mut next = event;
@@ -301,7 +296,7 @@ impl Agent {
                                     self.rewatch(revision).await
                                 };
                                 tokio::select! {
-                                    () = &mut shutdown => return Ok(()),
+                                    () = &mut shutdown => return,
                                     stream = resumed => events = stream,
                                 }
                                 changed = true;
@@ -374,6 +369,7 @@ impl Agent {
         }
     }
 
+    /// Watches the peers after `revision`, retrying every 500 ms until the registry answers.
     async fn rewatch(
         &self,
         revision: u64,
