@@ -8,14 +8,15 @@
 //!   instead of hanging, and removes what it had made so far (the tunnel address).
 //! - Stopped while the registry cannot be watched again: the agent returns instead of
 //!   retrying the watch forever.
-//! - A new block whose publication failed once is published at the next poll.
+//! - A new block whose publication failed once is published at the next poll, and the
+//!   routing mode learns it.
 //! - A first watch that fails is retried: the agent stays up and follows the peers.
 //! - The node state file follows the peer list.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -29,6 +30,7 @@ use cni_core::store::{MemoryStore, Revision, Store};
 use cni_core::{Result, StoreError};
 use futures::StreamExt;
 use futures::stream::BoxStream;
+use ipnet::IpNet;
 use testkit::Namespaces;
 use tokio::sync::Notify;
 
@@ -69,12 +71,13 @@ impl Node {
     }
 }
 
-/// A routing mode that needs a tunnel address and records init and teardown; its init can
-/// be made to never finish.
+/// A routing mode that needs a tunnel address and records init (with the node's blocks)
+/// and teardown; its init can be made to never finish.
 struct StandIn {
     init_hangs: bool,
     init_started: Arc<Notify>,
     torn_down: Arc<AtomicBool>,
+    blocks: Arc<Mutex<Vec<IpNet>>>,
 }
 
 #[async_trait]
@@ -82,7 +85,8 @@ impl CrossNodeRouting for StandIn {
     fn mode(&self) -> &'static str {
         "stand-in"
     }
-    async fn init(&mut self, _local: &LocalNode) -> Result<()> {
+    async fn init(&mut self, local: &LocalNode) -> Result<()> {
+        *self.blocks.lock().unwrap() = local.blocks.clone();
         self.init_started.notify_one();
         if self.init_hangs {
             std::future::pending::<()>().await;
@@ -180,6 +184,8 @@ struct Setup {
     registry: Arc<StoreRegistry<Arc<dyn Store>>>,
     init_started: Arc<Notify>,
     torn_down: Arc<AtomicBool>,
+    /// The node's blocks as the mode was last told them.
+    mode_blocks: Arc<Mutex<Vec<IpNet>>>,
     data: tempfile::TempDir,
 }
 
@@ -206,10 +212,12 @@ async fn setup_with(
     let ipam: AgentIpam = BlockIpam::new(store.clone(), ipam_config()).expect("ipam");
     let init_started = Arc::new(Notify::new());
     let torn_down = Arc::new(AtomicBool::new(false));
+    let mode_blocks = Arc::new(Mutex::new(Vec::new()));
     let routing = StandIn {
         init_hangs,
         init_started: init_started.clone(),
         torn_down: torn_down.clone(),
+        blocks: mode_blocks.clone(),
     };
     let data = tempfile::tempdir().expect("temp dir");
     let mut agent_config = AgentConfig::new("n1", data.path());
@@ -223,6 +231,7 @@ async fn setup_with(
         registry,
         init_started,
         torn_down,
+        mode_blocks,
         data,
     }
 }
@@ -395,6 +404,9 @@ async fn a_block_whose_publication_failed_is_published_at_the_next_poll() {
         "the second block was never published: {:?}",
         blocks(registry.list().await.unwrap().nodes)
     );
+    // The mode checks peers' blocks against the node's: it knows the new one too.
+    let published = blocks(registry.list().await.unwrap().nodes).remove(0);
+    assert_eq!(*s.mode_blocks.lock().unwrap(), published);
 
     stop.notify_one();
     let result = tokio::time::timeout(Duration::from_secs(10), run)

@@ -10,9 +10,11 @@
 //! 4. registers the node record (underlay address, blocks, the mode's data) with a TTL;
 //! 5. lists the peers, reconciles, writes the [node state file](crate::state::NodeState)
 //!    that the CNI plugin reads (MTU; STATUS is ready once it exists);
-//! 6. then watches the peers: every change (and a periodic resync that also re-reads the
-//!    node's own blocks, which the plugin may have grown) leads to one level-triggered
-//!    reconcile of the full peer set, which changes only what differs;
+//! 6. then watches the peers: every change (and a periodic resync) leads to one
+//!    level-triggered reconcile of the full peer set, which changes only what differs; the
+//!    node's own blocks, which the plugin may have grown, are re-read every
+//!    [`block_poll`](AgentConfig::block_poll) and a change is passed to the blackholes, the
+//!    mode (through its idempotent `init`) and the node record;
 //! 7. on shutdown removes what it made: record, mode devices and routes, blackholes, tunnel
 //!    address, state file (unless told to keep them for a restart).
 
@@ -388,25 +390,30 @@ impl Agent {
     /// The plugin may have claimed more blocks for this node: follow them.
     async fn refresh_blocks(&mut self) -> Result<()> {
         let blocks = self.ipam.node_blocks().await?;
-        let Some(record) = &self.record else {
+        let (Some(record), Some(local)) = (&self.record, &self.local) else {
             return Ok(());
         };
         if record.blocks == blocks {
             return Ok(());
         }
         tracing::info!(?blocks, "the node's blocks changed");
-        blackhole::sync(&self.ns, &blocks).await?;
         let record = NodeRecord {
             blocks: blocks.clone(),
             ..record.clone()
         };
-        // The record changes only once registered: a failed registration is retried at the
-        // next poll instead of being taken for done.
+        let local = LocalNode {
+            blocks,
+            ..local.clone()
+        };
+        blackhole::sync(&self.ns, &local.blocks).await?;
+        // The mode checks peers' blocks against the node's own: init again (idempotent)
+        // tells it the new ones.
+        self.routing.init(&local).await?;
+        // Both change only once registered: a failed registration is retried at the next
+        // poll instead of being taken for done.
         self.registry.register(&record, self.config.ttl).await?;
         self.record = Some(record);
-        if let Some(local) = &mut self.local {
-            local.blocks = blocks;
-        }
+        self.local = Some(local);
         self.write_state()
     }
 
