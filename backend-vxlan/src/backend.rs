@@ -22,7 +22,8 @@ use crate::{OVERHEAD_IPV4, OVERHEAD_IPV6, VTEP_ADDR, VTEP_MAC};
 pub struct Vtep {
     /// Index of the VXLAN device.
     pub ifindex: u32,
-    /// Its address: the network address of the node's first IPv4 block.
+    /// Its address: the node's IPv4 tunnel address, else the network address of the node's
+    /// first IPv4 block.
     pub addr: Ipv4Addr,
     /// Its MAC.
     pub mac: [u8; 6],

@@ -10,9 +10,12 @@
 //! bridge fdb replace PEER_VTEP_MAC dev cnikit.vxlan dst PEER_UNDERLAY_IP self permanent
 //! ```
 //!
-//! The device's address (the VTEP address) is the network address of the node's first
-//! IPv4 pod block, as a /32 — the pod IPAM must not hand that address to a pod. Peers learn
-//! it and the device's MAC from the node record ([`node_data`]: `vtepAddr`, `vtepMac`).
+//! The device's address (the VTEP address), as a /32, is the node's
+//! [`tunnel_address`](cni_core::routing::LocalNode::tunnel_address) (an IPv4 address the
+//! node agent allocates from the node's block, so no pod gets it); without one, the network
+//! address of the node's first IPv4 pod block, which the pod IPAM must then not hand to a
+//! pod. Peers learn it and the device's MAC from the node record ([`node_data`]:
+//! `vtepAddr`, `vtepMac`).
 //! With [`Config::direct_routing`], peers in the same underlay subnet get plain host-gw
 //! routes (`PEER_BLOCK via PEER_UNDERLAY_IP dev UNDERLAY`) instead and only the others go
 //! through the tunnel. The device MTU, and the pod MTU, is the underlay MTU minus

@@ -50,7 +50,8 @@ pub trait CrossNodeRouting: Send + Sync {
     /// The mode name (`host-gw`, `vxlan`, …), also the configuration string.
     fn mode(&self) -> &'static str;
 
-    /// Creates the devices the mode needs (a VXLAN device…). Idempotent.
+    /// Creates the devices the mode needs (a VXLAN device…). Idempotent: the node agent
+    /// calls it again with the new [`LocalNode::blocks`] when the node's blocks change.
     /// Errors: 101 for kernel failures, 7 for a bad configuration.
     async fn init(&mut self, local: &LocalNode) -> Result<()>;
 

@@ -6,22 +6,31 @@
 //!   state file are all gone, and the mode was torn down.
 //! - Stopped while still coming up (the mode's `init` never finishes): the agent returns
 //!   instead of hanging, and removes what it had made so far (the tunnel address).
+//! - Stopped while the registry cannot be watched again: the agent returns instead of
+//!   retrying the watch forever.
+//! - A new block whose publication failed once is published at the next poll, and the
+//!   routing mode learns it.
+//! - A first watch that fails is retried: the agent stays up and follows the peers.
+//! - The node state file follows the peer list.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use cni_core::Result;
 use cni_core::agent::{Agent, AgentConfig, AgentIpam, blackhole};
-use cni_core::ipam::{BlockIpam, BlockIpamConfig};
+use cni_core::ipam::{Attachment, BlockIpam, BlockIpamConfig, Ipam};
 use cni_core::linux::NetNs;
-use cni_core::registry::{NodeRecord, NodeRegistry, StoreRegistry};
+use cni_core::registry::{NodeEvent, NodeList, NodeRecord, NodeRegistry, StoreRegistry};
 use cni_core::routing::{CrossNodeRouting, LocalNode, ReconcileReport};
 use cni_core::state::NodeState;
-use cni_core::store::{MemoryStore, Store};
+use cni_core::store::{MemoryStore, Revision, Store};
+use cni_core::{Result, StoreError};
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use ipnet::IpNet;
 use testkit::Namespaces;
 use tokio::sync::Notify;
 
@@ -62,12 +71,13 @@ impl Node {
     }
 }
 
-/// A routing mode that needs a tunnel address and records init and teardown; its init can
-/// be made to never finish.
+/// A routing mode that needs a tunnel address and records init (with the node's blocks)
+/// and teardown; its init can be made to never finish.
 struct StandIn {
     init_hangs: bool,
     init_started: Arc<Notify>,
     torn_down: Arc<AtomicBool>,
+    blocks: Arc<Mutex<Vec<IpNet>>>,
 }
 
 #[async_trait]
@@ -75,7 +85,8 @@ impl CrossNodeRouting for StandIn {
     fn mode(&self) -> &'static str {
         "stand-in"
     }
-    async fn init(&mut self, _local: &LocalNode) -> Result<()> {
+    async fn init(&mut self, local: &LocalNode) -> Result<()> {
+        *self.blocks.lock().unwrap() = local.blocks.clone();
         self.init_started.notify_one();
         if self.init_hangs {
             std::future::pending::<()>().await;
@@ -100,39 +111,127 @@ impl CrossNodeRouting for StandIn {
     }
 }
 
+/// The registry over the test's store, with failures to order, as a datastore that went
+/// away would give them: the next `ending_watches` watch streams end at once, the next
+/// `failing_watches` watches after those fail, the next `failing_registers` registrations
+/// fail.
+struct Flaky {
+    inner: StoreRegistry<Arc<dyn Store>>,
+    ending_watches: AtomicUsize,
+    failing_watches: AtomicUsize,
+    watches: AtomicUsize,
+    failing_registers: AtomicUsize,
+    failed_registers: AtomicUsize,
+}
+
+impl Flaky {
+    fn new(store: Arc<dyn Store>, ending_watches: usize, failing_watches: usize) -> Self {
+        Flaky {
+            inner: StoreRegistry::new(store),
+            ending_watches: AtomicUsize::new(ending_watches),
+            failing_watches: AtomicUsize::new(failing_watches),
+            watches: AtomicUsize::new(0),
+            failing_registers: AtomicUsize::new(0),
+            failed_registers: AtomicUsize::new(0),
+        }
+    }
+}
+
+/// Counts `n` down by one; whether it was above zero.
+fn take(n: &AtomicUsize) -> bool {
+    n.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
+}
+
+fn unavailable() -> cni_core::Error {
+    StoreError::Unavailable {
+        endpoint: "flaky".into(),
+        source: "the datastore went away".into(),
+    }
+    .into()
+}
+
+#[async_trait]
+impl NodeRegistry for Flaky {
+    async fn register(&self, node: &NodeRecord, ttl: Duration) -> Result<()> {
+        if take(&self.failing_registers) {
+            self.failed_registers.fetch_add(1, Ordering::SeqCst);
+            return Err(unavailable());
+        }
+        self.inner.register(node, ttl).await
+    }
+    async fn deregister(&self, name: &str) -> Result<()> {
+        self.inner.deregister(name).await
+    }
+    async fn list(&self) -> Result<NodeList> {
+        self.inner.list().await
+    }
+    async fn watch(&self, revision: Revision) -> Result<BoxStream<'static, Result<NodeEvent>>> {
+        self.watches.fetch_add(1, Ordering::SeqCst);
+        if take(&self.ending_watches) {
+            return Ok(futures::stream::empty().boxed());
+        }
+        if take(&self.failing_watches) {
+            return Err(unavailable());
+        }
+        self.inner.watch(revision).await
+    }
+}
+
 struct Setup {
     agent: Agent,
     store: Arc<dyn Store>,
     registry: Arc<StoreRegistry<Arc<dyn Store>>>,
     init_started: Arc<Notify>,
     torn_down: Arc<AtomicBool>,
+    /// The node's blocks as the mode was last told them.
+    mode_blocks: Arc<Mutex<Vec<IpNet>>>,
     data: tempfile::TempDir,
+}
+
+fn ipam_config() -> BlockIpamConfig {
+    let mut config = BlockIpamConfig::new("10.98.0.0/24".parse().unwrap(), "n1", "agent-test");
+    config.block_prefix = 28;
+    config
 }
 
 async fn setup(node: &Node, init_hangs: bool) -> Setup {
     let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
-    let mut config = BlockIpamConfig::new("10.98.0.0/24".parse().unwrap(), "n1", "agent-test");
-    config.block_prefix = 28;
-    let ipam: AgentIpam = BlockIpam::new(store.clone(), config).expect("ipam");
     let registry = Arc::new(StoreRegistry::new(store.clone()));
+    setup_with(node, init_hangs, store, registry.clone(), registry).await
+}
+
+/// [`setup`] with the agent using `agent_registry` (over `store`).
+async fn setup_with(
+    node: &Node,
+    init_hangs: bool,
+    store: Arc<dyn Store>,
+    registry: Arc<StoreRegistry<Arc<dyn Store>>>,
+    agent_registry: Arc<dyn NodeRegistry>,
+) -> Setup {
+    let ipam: AgentIpam = BlockIpam::new(store.clone(), ipam_config()).expect("ipam");
     let init_started = Arc::new(Notify::new());
     let torn_down = Arc::new(AtomicBool::new(false));
+    let mode_blocks = Arc::new(Mutex::new(Vec::new()));
     let routing = StandIn {
         init_hangs,
         init_started: init_started.clone(),
         torn_down: torn_down.clone(),
+        blocks: mode_blocks.clone(),
     };
     let data = tempfile::tempdir().expect("temp dir");
     let mut agent_config = AgentConfig::new("n1", data.path());
     agent_config.interface = Some("eth0".into());
+    agent_config.block_poll = Duration::from_millis(50);
     let ns = NetNs::open(node.path()).await.expect("open netns");
-    let agent = Agent::new(agent_config, ns, ipam, registry.clone(), Box::new(routing));
+    let agent = Agent::new(agent_config, ns, ipam, agent_registry, Box::new(routing));
     Setup {
         agent,
         store,
         registry,
         init_started,
         torn_down,
+        mode_blocks,
         data,
     }
 }
@@ -219,4 +318,189 @@ async fn stopped_while_coming_up_returns_and_cleans_up() {
         "the tunnel address is released"
     );
     assert!(NodeState::read(s.data.path()).unwrap().is_none());
+}
+
+/// Waits up to 10 s for the agent's node state file: the agent is up.
+async fn until_up(state_dir: &std::path::Path) {
+    let up = tokio::time::timeout(Duration::from_secs(10), async {
+        while NodeState::read(state_dir).unwrap().is_none() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(up.is_ok(), "the agent wrote no node state within 10 s");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopped_while_the_registry_cannot_be_watched_returns() {
+    if !root("stopped_while_the_registry_cannot_be_watched_returns") {
+        return;
+    }
+    let node = Node::new("rewatch");
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let registry = Arc::new(StoreRegistry::new(store.clone()));
+    let flaky = Arc::new(Flaky::new(store.clone(), 1, usize::MAX));
+    let s = setup_with(&node, false, store.clone(), registry, flaky.clone()).await;
+    let stop = Arc::new(Notify::new());
+    let stop_rx = stop.clone();
+    let run = tokio::spawn(s.agent.run(async move { stop_rx.notified().await }));
+    until_up(s.data.path()).await;
+
+    // The first watch has ended and the agent is trying to watch again, in vain.
+    let retrying = tokio::time::timeout(Duration::from_secs(10), async {
+        while flaky.watches.load(Ordering::SeqCst) < 3 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(retrying.is_ok(), "the agent did not watch again");
+
+    stop.notify_one();
+    let result = tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("the agent stops within 10 s while the watch keeps failing")
+        .expect("agent task");
+    result.expect("a clean stop");
+    assert!(s.torn_down.load(Ordering::SeqCst), "the mode was torn down");
+    assert_eq!(leftovers(&store).await, Vec::<String>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_whose_publication_failed_is_published_at_the_next_poll() {
+    if !root("a_block_whose_publication_failed_is_published_at_the_next_poll") {
+        return;
+    }
+    let node = Node::new("publish");
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let registry = Arc::new(StoreRegistry::new(store.clone()));
+    let flaky = Arc::new(Flaky::new(store.clone(), 0, 0));
+    let s = setup_with(&node, false, store.clone(), registry.clone(), flaky.clone()).await;
+    let stop = Arc::new(Notify::new());
+    let stop_rx = stop.clone();
+    let run = tokio::spawn(s.agent.run(async move { stop_rx.notified().await }));
+    until_up(s.data.path()).await;
+    let blocks = |nodes: Vec<NodeRecord>| nodes.into_iter().map(|n| n.blocks).collect::<Vec<_>>();
+    assert_eq!(blocks(registry.list().await.unwrap().nodes)[0].len(), 1);
+
+    // The plugin fills the node's /28 (the tunnel holds one address) and claims a second
+    // block; the agent's first registration of it fails.
+    flaky.failing_registers.store(1, Ordering::SeqCst);
+    let plugin = BlockIpam::new(store.clone(), ipam_config()).expect("ipam");
+    for i in 0..16 {
+        let attachment = Attachment::new("agent-test", format!("pod{i}"), "eth0");
+        plugin.allocate(&attachment).await.expect("allocate");
+    }
+    assert_eq!(plugin.node_blocks().await.unwrap().len(), 2);
+
+    let published = tokio::time::timeout(Duration::from_secs(10), async {
+        while blocks(registry.list().await.unwrap().nodes)[0].len() != 2 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert_eq!(flaky.failed_registers.load(Ordering::SeqCst), 1);
+    assert!(
+        published.is_ok(),
+        "the second block was never published: {:?}",
+        blocks(registry.list().await.unwrap().nodes)
+    );
+    // The mode checks peers' blocks against the node's: it knows the new one too.
+    let published = blocks(registry.list().await.unwrap().nodes).remove(0);
+    assert_eq!(*s.mode_blocks.lock().unwrap(), published);
+
+    stop.notify_one();
+    let result = tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("the agent stops within 10 s")
+        .expect("agent task");
+    result.expect("a clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_state_follows_the_peers() {
+    if !root("the_node_state_follows_the_peers") {
+        return;
+    }
+    let node = Node::new("peers");
+    let s = setup(&node, false).await;
+    let stop = Arc::new(Notify::new());
+    let stop_rx = stop.clone();
+    let run = tokio::spawn(s.agent.run(async move { stop_rx.notified().await }));
+    until_up(s.data.path()).await;
+    let peers = || NodeState::read(s.data.path()).unwrap().map(|st| st.peers);
+    assert_eq!(peers(), Some(vec![]));
+
+    // The stand-in mode reports nothing routed either way: only the peer list changes.
+    let peer = NodeRecord {
+        name: "p1".into(),
+        address: "10.99.0.2".parse().unwrap(),
+        prefix_len: 24,
+        blocks: vec![],
+        backend: BTreeMap::new(),
+    };
+    s.registry
+        .register(&peer, Duration::from_secs(20))
+        .await
+        .unwrap();
+    let seen = tokio::time::timeout(Duration::from_secs(10), async {
+        while peers() != Some(vec!["p1".to_owned()]) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(seen.is_ok(), "the node state lists {:?}", peers());
+    s.registry.deregister("p1").await.unwrap();
+
+    stop.notify_one();
+    let result = tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("the agent stops within 10 s")
+        .expect("agent task");
+    result.expect("a clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_watch_that_fails_is_retried() {
+    if !root("a_first_watch_that_fails_is_retried") {
+        return;
+    }
+    let node = Node::new("watch1");
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let registry = Arc::new(StoreRegistry::new(store.clone()));
+    let flaky = Arc::new(Flaky::new(store.clone(), 0, 1));
+    let s = setup_with(&node, false, store.clone(), registry.clone(), flaky.clone()).await;
+    let stop = Arc::new(Notify::new());
+    let stop_rx = stop.clone();
+    let run = tokio::spawn(s.agent.run(async move { stop_rx.notified().await }));
+    until_up(s.data.path()).await;
+
+    let peer = NodeRecord {
+        name: "p1".into(),
+        address: "10.99.0.2".parse().unwrap(),
+        prefix_len: 24,
+        blocks: vec![],
+        backend: BTreeMap::new(),
+    };
+    registry
+        .register(&peer, Duration::from_secs(20))
+        .await
+        .unwrap();
+    let peers = || NodeState::read(s.data.path()).unwrap().map(|st| st.peers);
+    let seen = tokio::time::timeout(Duration::from_secs(10), async {
+        while peers() != Some(vec!["p1".to_owned()]) && !run.is_finished() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(!run.is_finished(), "the agent stopped: {:?}", run.await);
+    assert!(seen.is_ok(), "the node state lists {:?}", peers());
+    assert!(flaky.watches.load(Ordering::SeqCst) >= 2, "watched again");
+    registry.deregister("p1").await.unwrap();
+
+    stop.notify_one();
+    let result = tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("the agent stops within 10 s")
+        .expect("agent task");
+    result.expect("a clean stop");
 }

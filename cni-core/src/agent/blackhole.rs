@@ -11,11 +11,11 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use rtnetlink::RouteMessageBuilder;
 use rtnetlink::packet_route::route::{
-    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteType,
+    RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteType,
 };
 
 use crate::error::{Error, Result};
-use crate::linux::{NetNs, route};
+use crate::linux::{NetNs, errno, kernel, route};
 
 /// Route protocol number (`rtm_protocol`) of the agent's blackhole routes: 108, next to the
 /// routing backends' [`ROUTE_PROTOCOL`](crate::linux::kernel::ROUTE_PROTOCOL) (107) and
@@ -50,7 +50,7 @@ pub async fn list(ns: &NetNs) -> Result<Vec<IpNet>> {
     for ipv6 in [false, true] {
         let messages = route::dump(ns, ipv6)
             .await
-            .map_err(|e| Error::kernel("ip route show type blackhole proto 108", e))?;
+            .map_err(|e| kernel("ip route show type blackhole proto 108", e))?;
         found.extend(messages.iter().filter_map(parse));
     }
     Ok(found)
@@ -63,15 +63,11 @@ fn parse(m: &RouteMessage) -> Option<IpNet> {
     {
         return None;
     }
-    m.attributes.iter().find_map(|a| match a {
-        RouteAttribute::Destination(RouteAddress::Inet(v4)) => {
-            IpNet::new(IpAddr::V4(*v4), m.header.destination_prefix_length).ok()
-        }
-        RouteAttribute::Destination(RouteAddress::Inet6(v6)) => {
-            IpNet::new(IpAddr::V6(*v6), m.header.destination_prefix_length).ok()
-        }
+    let dst = m.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Destination(d) => route::ip_of(d),
         _ => None,
-    })
+    })?;
+    IpNet::new(dst, m.header.destination_prefix_length).ok()
 }
 
 fn message(block: IpNet) -> Result<RouteMessage> {
@@ -94,7 +90,7 @@ pub async fn replace(ns: &NetNs, block: IpNet) -> Result<()> {
         .execute()
         .await
         .map_err(|e| {
-            Error::kernel(
+            kernel(
                 format!("ip route replace blackhole {block} proto 108 metric 1024"),
                 e,
             )
@@ -105,12 +101,8 @@ pub async fn replace(ns: &NetNs, block: IpNet) -> Result<()> {
 pub async fn delete(ns: &NetNs, block: IpNet) -> Result<()> {
     match ns.handle().route().del(message(block)?).execute().await {
         Ok(()) => Ok(()),
-        Err(rtnetlink::Error::NetlinkError(m))
-            if matches!(m.raw_code().abs(), libc::ESRCH | libc::ENOENT) =>
-        {
-            Ok(())
-        }
-        Err(e) => Err(Error::kernel(
+        Err(e) if matches!(errno(&e), Some(libc::ESRCH | libc::ENOENT)) => Ok(()),
+        Err(e) => Err(kernel(
             format!("ip route del blackhole {block} proto 108 metric 1024"),
             e,
         )),

@@ -10,9 +10,11 @@
 //! 4. registers the node record (underlay address, blocks, the mode's data) with a TTL;
 //! 5. lists the peers, reconciles, writes the [node state file](crate::state::NodeState)
 //!    that the CNI plugin reads (MTU; STATUS is ready once it exists);
-//! 6. then watches the peers: every change (and a periodic resync that also re-reads the
-//!    node's own blocks, which the plugin may have grown) leads to one level-triggered
-//!    reconcile of the full peer set, which changes only what differs;
+//! 6. then watches the peers: every change (and a periodic resync) leads to one
+//!    level-triggered reconcile of the full peer set, which changes only what differs; the
+//!    node's own blocks, which the plugin may have grown, are re-read every
+//!    [`block_poll`](AgentConfig::block_poll) and a change is passed to the blackholes, the
+//!    mode (through its idempotent `init`) and the node record;
 //! 7. on shutdown removes what it made: record, mode devices and routes, blackholes, tunnel
 //!    address, state file (unless told to keep them for a restart).
 
@@ -114,6 +116,8 @@ pub struct Agent {
     mtu: u32,
     report: ReconcileReport,
     tunnel: Option<Attachment>,
+    /// The node state file as last written.
+    written: Option<NodeState>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -147,6 +151,7 @@ impl Agent {
             mtu: 0,
             report: ReconcileReport::default(),
             tunnel: None,
+            written: None,
         }
     }
 
@@ -192,16 +197,12 @@ impl Agent {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "node agent up"
         );
-        let result = self.watch_loop(shutdown, revision).await;
-        if let Err(e) = &result {
-            tracing::error!(error = %e, "node agent loop failed");
-        }
-        let stopped = if self.config.keep_on_exit {
+        self.watch_loop(shutdown, revision).await;
+        if self.config.keep_on_exit {
             Ok(())
         } else {
             self.stop().await
-        };
-        result.and(stopped)
+        }
     }
 
     /// Steps 1–5 of the module docs; returns the registry revision the peers were read at.
@@ -255,12 +256,8 @@ impl Agent {
         Ok(list.revision)
     }
 
-    /// Step 6: events and resyncs until shutdown.
-    async fn watch_loop(
-        &mut self,
-        shutdown: impl Future<Output = ()>,
-        mut revision: u64,
-    ) -> Result<()> {
+    /// Step 6: events and resyncs until shutdown. Failures are logged and retried.
+    async fn watch_loop(&mut self, shutdown: impl Future<Output = ()>, mut revision: u64) {
         let shutdown = shutdown.fuse();
         futures::pin_mut!(shutdown);
         let mut resync = tokio::time::interval(self.config.resync);
@@ -269,10 +266,13 @@ impl Agent {
         let mut block_poll = tokio::time::interval(self.config.block_poll);
         block_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         block_poll.tick().await;
-        let mut events = self.registry.watch(revision).await?;
+        let mut events = tokio::select! {
+            () = &mut shutdown => return,
+            stream = self.rewatch(revision) => stream,
+        };
         loop {
             tokio::select! {
-                () = &mut shutdown => return Ok(()),
+                () = &mut shutdown => return,
                 event = events.next() => {
                     let mut changed = false;
                     let mut next = event;
@@ -283,17 +283,24 @@ impl Agent {
                                 revision = revision.max(event_revision(&event));
                                 changed |= self.apply(event);
                             }
-                            Some(Err(e)) => {
-                                tracing::warn!(error = %e, "peer watch failed; listing again");
-                                self.relist(&mut revision).await;
-                                events = self.rewatch(revision).await;
-                                changed = true;
-                                break;
-                            }
-                            None => {
-                                tracing::warn!("peer watch ended; listing again");
-                                self.relist(&mut revision).await;
-                                events = self.rewatch(revision).await;
+                            broken => {
+                                match broken {
+                                    Some(Err(e)) => tracing::warn!(
+                                        error = %e,
+                                        "peer watch failed; listing again"
+                                    ),
+                                    _ => tracing::warn!("peer watch ended; listing again"),
+                                }
+                                // The registry may stay away for long: a shutdown meanwhile
+                                // must not wait for it.
+                                let resumed = async {
+                                    self.relist(&mut revision).await;
+                                    self.rewatch(revision).await
+                                };
+                                tokio::select! {
+                                    () = &mut shutdown => return,
+                                    stream = resumed => events = stream,
+                                }
                                 changed = true;
                                 break;
                             }
@@ -364,6 +371,7 @@ impl Agent {
         }
     }
 
+    /// Watches the peers after `revision`, retrying every 500 ms until the registry answers.
     async fn rewatch(
         &self,
         revision: u64,
@@ -382,20 +390,30 @@ impl Agent {
     /// The plugin may have claimed more blocks for this node: follow them.
     async fn refresh_blocks(&mut self) -> Result<()> {
         let blocks = self.ipam.node_blocks().await?;
-        let Some(record) = &mut self.record else {
+        let (Some(record), Some(local)) = (&self.record, &self.local) else {
             return Ok(());
         };
         if record.blocks == blocks {
             return Ok(());
         }
         tracing::info!(?blocks, "the node's blocks changed");
-        blackhole::sync(&self.ns, &blocks).await?;
-        record.blocks = blocks.clone();
-        if let Some(local) = &mut self.local {
-            local.blocks = blocks;
-        }
-        let record = record.clone();
+        let record = NodeRecord {
+            blocks: blocks.clone(),
+            ..record.clone()
+        };
+        let local = LocalNode {
+            blocks,
+            ..local.clone()
+        };
+        blackhole::sync(&self.ns, &local.blocks).await?;
+        // The mode checks peers' blocks against the node's own: init again (idempotent)
+        // tells it the new ones.
+        self.routing.init(&local).await?;
+        // Both change only once registered: a failed registration is retried at the next
+        // poll instead of being taken for done.
         self.registry.register(&record, self.config.ttl).await?;
+        self.record = Some(record);
+        self.local = Some(local);
         self.write_state()
     }
 
@@ -425,20 +443,17 @@ impl Agent {
             elapsed_us = started.elapsed().as_micros() as u64,
             "reconciled"
         );
-        let changed =
-            report.unroutable != self.report.unroutable || report.routed != self.report.routed;
         self.report = report;
-        if changed || !NodeState::path(&self.config.data_dir).exists() {
-            self.write_state()?;
-        }
-        Ok(())
+        self.write_state()
     }
 
-    fn write_state(&self) -> Result<()> {
+    /// Writes the node state file when its contents changed since the last write (or the
+    /// file is gone); a failed write is retried at the next call.
+    fn write_state(&mut self) -> Result<()> {
         let Some(record) = &self.record else {
             return Ok(());
         };
-        NodeState {
+        let state = NodeState {
             node: self.config.node.clone(),
             mode: self.routing.mode().to_owned(),
             mtu: self.mtu,
@@ -450,8 +465,14 @@ impl Agent {
                 .cloned()
                 .collect(),
             unroutable: self.report.unroutable.clone(),
+        };
+        if self.written.as_ref() == Some(&state) && NodeState::path(&self.config.data_dir).exists()
+        {
+            return Ok(());
         }
-        .write(&self.config.data_dir)
+        state.write(&self.config.data_dir)?;
+        self.written = Some(state);
+        Ok(())
     }
 
     /// The agent's view of its node, once up.

@@ -153,9 +153,13 @@ fn plan(allocation: &Allocation) -> Result<Plan> {
             .iter()
             .any(|r| r.dst.prefix_len() == 0 && r.dst.addr().is_ipv6() == ipv6);
         if !has_default {
-            let any = if ipv6 { "::/0" } else { "0.0.0.0/0" };
-            // Invariant: both literals are valid networks.
-            routes.push(Route::new(any.parse().expect("literal network"), Some(gw)));
+            // The default networks, 0.0.0.0/0 and ::/0.
+            let any = if ipv6 {
+                IpNet::V6(Default::default())
+            } else {
+                IpNet::V4(Default::default())
+            };
+            routes.push(Route::new(any, Some(gw)));
         }
     }
     for (i, r) in allocation.routes.iter().enumerate() {

@@ -6,10 +6,10 @@ use std::net::IpAddr;
 use futures::TryStreamExt;
 use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::packet_route::neighbour::{
-    NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
+    NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
 };
 
-use super::{NetNs, errno, kernel};
+use super::{NetNs, errno, kernel, neigh};
 use crate::error::Result;
 use crate::spec::HwAddr;
 
@@ -28,30 +28,6 @@ impl std::fmt::Display for FdbEntry {
     }
 }
 
-fn address(ip: IpAddr) -> NeighbourAddress {
-    match ip {
-        IpAddr::V4(v4) => NeighbourAddress::Inet(v4),
-        IpAddr::V6(v6) => NeighbourAddress::Inet6(v6),
-    }
-}
-
-/// The IP address of an `NDA_DST`. Bridge-family messages carry it as raw bytes: the
-/// decoder only knows the address family of the message, not of the attribute.
-fn ip_of(a: &NeighbourAddress) -> Option<IpAddr> {
-    match a {
-        NeighbourAddress::Inet(v4) => Some(IpAddr::V4(*v4)),
-        NeighbourAddress::Inet6(v6) => Some(IpAddr::V6(*v6)),
-        NeighbourAddress::Other(bytes) => match bytes.len() {
-            4 => <[u8; 4]>::try_from(bytes.as_slice()).ok().map(IpAddr::from),
-            16 => <[u8; 16]>::try_from(bytes.as_slice())
-                .ok()
-                .map(IpAddr::from),
-            _ => None,
-        },
-        _ => None,
-    }
-}
-
 /// Adds or replaces an entry on the device with index `ifindex`, like
 /// `bridge fdb replace MAC dev #IFINDEX dst IP self permanent`. Idempotent; an entry for
 /// the same MAC with another destination is changed to this one.
@@ -65,7 +41,7 @@ pub async fn replace(ns: &NetNs, ifindex: u32, entry: &FdbEntry) -> Result<()> {
         .replace();
     req.message_mut()
         .attributes
-        .push(NeighbourAttribute::Destination(address(entry.dst)));
+        .push(NeighbourAttribute::Destination(entry.dst.into()));
     req.execute().await.map_err(|e| {
         kernel(
             format!("bridge fdb replace {entry} dev #{ifindex} self permanent"),
@@ -87,7 +63,7 @@ pub async fn delete(ns: &NetNs, ifindex: u32, entry: &FdbEntry) -> Result<bool> 
         .push(NeighbourAttribute::LinkLayerAddress(entry.mac.to_vec()));
     message
         .attributes
-        .push(NeighbourAttribute::Destination(address(entry.dst)));
+        .push(NeighbourAttribute::Destination(entry.dst.into()));
     match ns.handle().neighbours().del(message).execute().await {
         Ok(()) => Ok(true),
         Err(e) if matches!(errno(&e), Some(libc::ENOENT | libc::ESRCH)) => Ok(false),
@@ -121,7 +97,7 @@ pub async fn list(ns: &NetNs, ifindex: u32) -> Result<Vec<FdbEntry>> {
                     NeighbourAttribute::LinkLayerAddress(a) => {
                         mac = <[u8; 6]>::try_from(a.as_slice()).ok();
                     }
-                    NeighbourAttribute::Destination(a) => dst = ip_of(a),
+                    NeighbourAttribute::Destination(a) => dst = neigh::ip_of(a),
                     _ => {}
                 }
             }

@@ -60,14 +60,11 @@ pub async fn replace_permanent_on(ns: &NetNs, ifindex: u32, entry: &Neighbour) -
 /// `ip neigh del IP dev #IFINDEX`. Returns whether it existed.
 pub async fn delete(ns: &NetNs, ifindex: u32, ip: IpAddr) -> Result<bool> {
     let mut message = NeighbourMessage::default();
-    message.header.family = family_of(ip);
+    message.header.family = AddressFamily::from(ip);
     message.header.ifindex = ifindex;
     message
         .attributes
-        .push(NeighbourAttribute::Destination(match ip {
-            IpAddr::V4(v4) => NeighbourAddress::Inet(v4),
-            IpAddr::V6(v6) => NeighbourAddress::Inet6(v6),
-        }));
+        .push(NeighbourAttribute::Destination(ip.into()));
     match ns.handle().neighbours().del(message).execute().await {
         Ok(()) => Ok(true),
         Err(e) if matches!(errno(&e), Some(libc::ENOENT | libc::ESRCH)) => Ok(false),
@@ -100,12 +97,7 @@ pub async fn list_permanent(ns: &NetNs, ifindex: u32) -> Result<Vec<Neighbour>> 
                     let mut mac = None;
                     for attr in &m.attributes {
                         match attr {
-                            NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => {
-                                ip = Some(IpAddr::V4(*v4));
-                            }
-                            NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => {
-                                ip = Some(IpAddr::V6(*v6));
-                            }
+                            NeighbourAttribute::Destination(a) => ip = ip_of(a),
                             NeighbourAttribute::LinkLayerAddress(a) => {
                                 mac = <[u8; 6]>::try_from(a.as_slice()).ok();
                             }
@@ -119,9 +111,19 @@ pub async fn list_permanent(ns: &NetNs, ifindex: u32) -> Result<Vec<Neighbour>> 
     Ok(entries)
 }
 
-fn family_of(ip: IpAddr) -> AddressFamily {
-    match ip {
-        IpAddr::V4(_) => AddressFamily::Inet,
-        IpAddr::V6(_) => AddressFamily::Inet6,
+/// The IP address of an `NDA_DST`. Bridge-family (FDB) messages carry it as raw bytes: the
+/// decoder only knows the address family of the message, not of the attribute.
+pub(super) fn ip_of(a: &NeighbourAddress) -> Option<IpAddr> {
+    match a {
+        NeighbourAddress::Inet(v4) => Some(IpAddr::V4(*v4)),
+        NeighbourAddress::Inet6(v6) => Some(IpAddr::V6(*v6)),
+        NeighbourAddress::Other(bytes) => match bytes.len() {
+            4 => <[u8; 4]>::try_from(bytes.as_slice()).ok().map(IpAddr::from),
+            16 => <[u8; 16]>::try_from(bytes.as_slice())
+                .ok()
+                .map(IpAddr::from),
+            _ => None,
+        },
+        _ => None,
     }
 }

@@ -12,9 +12,6 @@ use crate::error::{Error, Result};
 use crate::network::Pod;
 use crate::spec::{CniResult, Dns, Interface, IpConfig, Route};
 
-/// The kernel's main routing table (`RT_TABLE_MAIN`).
-const MAIN_TABLE: u32 = 254;
-
 /// Index of the pod's interface in the result's `interfaces` (the host veth is 0).
 pub(crate) const POD_INTERFACE: usize = 1;
 
@@ -336,7 +333,7 @@ pub(crate) async fn check(host: &NetNs, pod: &Pod, prev: &CniResult, mtu: u32) -
             let found = have.iter().any(|e| {
                 e.oif == Some(pod_link.index)
                     && e.route.dst == r.dst
-                    && e.route.table == Some(r.table.unwrap_or(MAIN_TABLE))
+                    && e.route.table == Some(r.table.unwrap_or(route::MAIN_TABLE))
                     && (r.gw.is_none() || e.route.gw == r.gw)
             });
             if !found {

@@ -147,7 +147,8 @@ fn table_of(m: &RouteMessage) -> u32 {
         .unwrap_or(u32::from(m.header.table))
 }
 
-fn ip_of(a: &RouteAddress) -> Option<IpAddr> {
+/// The IP address of a route attribute (destination, gateway…).
+pub(crate) fn ip_of(a: &RouteAddress) -> Option<IpAddr> {
     match a {
         RouteAddress::Inet(v4) => Some(IpAddr::V4(*v4)),
         RouteAddress::Inet6(v6) => Some(IpAddr::V6(*v6)),
@@ -313,8 +314,8 @@ pub async fn list_gateway(ns: &NetNs, protocol: u8) -> Result<Vec<GatewayRoute>>
     Ok(routes)
 }
 
-/// The main routing table's id.
-const MAIN_TABLE: u32 = RouteHeader::RT_TABLE_MAIN as u32;
+/// The main routing table's id (`RT_TABLE_MAIN`).
+pub(crate) const MAIN_TABLE: u32 = RouteHeader::RT_TABLE_MAIN as u32;
 
 fn parse_gateway(m: &RouteMessage) -> Option<GatewayRoute> {
     let mut dst = None;
