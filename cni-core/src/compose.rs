@@ -11,9 +11,9 @@
 //!    held them before this ADD) and return the error;
 //! 4. return the result with the configuration's `dns` when the IPAM gave none.
 //!
-//! DEL unplugs and releases, running both steps even if one fails, and succeeds when the
-//! attachment is already gone. CHECK asks both parts; GC goes to the IPAM; STATUS asks
-//! [`Parts::status`].
+//! DEL releases and then unplugs (the order of the reference plugins), running both steps
+//! even if one fails, and succeeds when the attachment is already gone. CHECK asks both
+//! parts; GC goes to the IPAM; STATUS asks [`Parts::status`].
 //!
 //! ```no_run
 //! use async_trait::async_trait;
@@ -150,10 +150,13 @@ impl<P: Parts> Plugin for Composed<P> {
         let network = self.parts.network(request).await?;
         let pod = pod_of(request);
         let mut errors = Vec::new();
-        if let Err(e) = network.del(&pod, request.prev_result.as_ref()).await {
+        // The addresses first, while the pod's interface still exists, as the reference
+        // plugins do: a delegated IPAM may need it to release (dhcp sends its release from
+        // the pod's interface). Either failing does not stop the other.
+        if let Err(e) = ipam.release(&pod.attachment).await {
             errors.push(e);
         }
-        if let Err(e) = ipam.release(&pod.attachment).await {
+        if let Err(e) = network.del(&pod, request.prev_result.as_ref()).await {
             errors.push(e);
         }
         Error::collect(errors)
@@ -347,5 +350,83 @@ mod tests {
         plugin.add(&request).await.unwrap_err();
         assert_eq!(counting.releases.load(Ordering::SeqCst), 1, "kept");
         assert_eq!(*counting.held.lock().unwrap(), Some(request.attachment()));
+    }
+
+    /// Both parts of a DEL, writing what they do into one log; the release fails on demand.
+    #[derive(Clone, Default)]
+    struct Logged {
+        log: Arc<std::sync::Mutex<Vec<&'static str>>>,
+        fail_release: bool,
+    }
+
+    #[async_trait]
+    impl Ipam for Logged {
+        async fn allocate(&self, _: &Attachment) -> Result<Allocation> {
+            Ok(Allocation::default())
+        }
+        async fn release(&self, _: &Attachment) -> Result<()> {
+            self.log.lock().unwrap().push("release");
+            if self.fail_release {
+                return Err(Error::Store(crate::error::StoreError::Timeout {
+                    endpoint: "test".into(),
+                    millis: 1,
+                    op: "release",
+                }));
+            }
+            Ok(())
+        }
+        async fn check(&self, _: &Attachment) -> Result<Allocation> {
+            Ok(Allocation::default())
+        }
+        async fn gc(&self, _: &[Attachment]) -> Result<GcReport> {
+            Ok(GcReport::default())
+        }
+    }
+
+    #[async_trait]
+    impl PodNetwork for Logged {
+        fn kind(&self) -> &'static str {
+            "logged"
+        }
+        async fn add(&self, _: &Pod, _: &Allocation) -> Result<CniResult> {
+            Ok(CniResult::default())
+        }
+        async fn del(&self, _: &Pod, _: Option<&CniResult>) -> Result<()> {
+            self.log.lock().unwrap().push("unplug");
+            Ok(())
+        }
+        async fn check(&self, _: &Pod, _: &CniResult) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    #[async_trait]
+    impl Parts for Logged {
+        async fn ipam(&self, _: &Request) -> Result<Box<dyn Ipam>> {
+            Ok(Box::new(self.clone()))
+        }
+        async fn network(&self, _: &Request) -> Result<Box<dyn PodNetwork>> {
+            Ok(Box::new(self.clone()))
+        }
+    }
+
+    #[tokio::test]
+    async fn del_releases_before_it_unplugs_and_unplugs_when_the_release_fails() {
+        let mut request = add_request("/proc/self/ns/net");
+        request.command = crate::spec::Command::Del;
+        let parts = Logged::default();
+        Composed::new(parts.clone()).del(&request).await.unwrap();
+        assert_eq!(*parts.log.lock().unwrap(), ["release", "unplug"]);
+
+        let failing = Logged {
+            fail_release: true,
+            ..Logged::default()
+        };
+        let err = Composed::new(failing.clone())
+            .del(&request)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code().0, 11, "the release's error: {err}");
+        assert_eq!(*failing.log.lock().unwrap(), ["release", "unplug"]);
     }
 }
