@@ -33,9 +33,9 @@
 //!   first few candidates so that concurrent allocators rarely collide, and among more after
 //!   each lost commit. One commit compares the handle (absent), the `used` record (absent),
 //!   the `free` record and the affinity (unchanged) and writes `used` + handle, deleting
-//!   `free`. Two round trips in the common case. A failed commit returns the current values, which update the view; a second
-//!   failure re-lists. When no address is left, the node claims the first free block of the
-//!   pool (up to `maxBlocksPerNode`, else code 100).
+//!   `free`. Two round trips in the common case. A failed commit returns the current
+//!   values, which update the view; a second failure re-lists. When no address is left, the
+//!   node claims the first free block of the pool (up to `maxBlocksPerNode`, else code 100).
 //! - **release**: deletes handle and `used` and writes `free`, comparing all three.
 //! - **block give-back** ([`BlockIpam::release_empty_blocks`], for the node agent): first
 //!   marks the affinity draining (which makes every allocation that read the old affinity
