@@ -230,6 +230,10 @@ pub fn here_or_in_vm(test: &str, kind: &str) -> bool {
     // Through print!: libtest captures it with the test's output and shows it on failure.
     print!("{}", out.output);
     let _ = io::stdout().flush();
+    // A skip inside the VM stays as loud as one here, also when the test passes.
+    for line in out.output.lines().filter(|l| l.starts_with("SKIPPED: ")) {
+        let _ = writeln!(io::stderr(), "{line} (in the VM)");
+    }
     let summary = libtest_summary(&out.output);
     if out.status != 0 || summary != Some((1, 0)) {
         panic!(
