@@ -288,6 +288,12 @@ mod tests {
         assert_eq!(libtest_name("t", Some("main")), "t");
         assert_eq!(libtest_name("t", Some("x::not_t")), "t");
         assert_eq!(libtest_name("a::t", None), "a::t");
+        // What the rule relies on: libtest names a test's thread after the test.
+        let me = "libtest_name_prefers_the_module_path_of_the_test_thread";
+        assert_eq!(
+            libtest_name(me, std::thread::current().name()),
+            format!("vm::tests::{me}")
+        );
     }
 
     #[test]
