@@ -76,4 +76,12 @@ pub trait CrossNodeRouting: Send + Sync {
 
     /// Removes everything the mode created. Idempotent.
     async fn teardown(&mut self) -> Result<()>;
+
+    /// What the mode learned and did by itself, for the node state file: a mode that
+    /// learns routes from elsewhere than the registry (BGP) reports its sessions, the routes
+    /// it installed and its errors here. Cheap and side-effect free; the agent calls it
+    /// whenever it writes the node state file. Default: nothing to report.
+    fn report(&self) -> Option<serde_json::Value> {
+        None
+    }
 }

@@ -31,6 +31,11 @@ pub struct NodeState {
     /// Peers the mode cannot route (a host-gw peer that is not on-link), with the reason.
     #[serde(default)]
     pub unroutable: BTreeMap<String, String>,
+    /// What the routing mode reports of its own
+    /// ([`CrossNodeRouting::report`](crate::routing::CrossNodeRouting::report)): BGP
+    /// sessions and learned routes. Absent for modes with nothing to report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routing: Option<serde_json::Value>,
 }
 
 impl NodeState {
@@ -48,6 +53,7 @@ impl NodeState {
             blocks,
             peers: Vec::new(),
             unroutable: BTreeMap::new(),
+            routing: None,
         }
     }
 
@@ -123,6 +129,7 @@ mod tests {
             blocks: vec!["10.244.1.0/26".parse().unwrap()],
             peers: vec!["n2".into()],
             unroutable: BTreeMap::new(),
+            routing: Some(serde_json::json!({"peers": [{"name": "n2"}]})),
         };
         state.write(dir.path()).unwrap();
         assert_eq!(NodeState::read(dir.path()).unwrap(), Some(state));

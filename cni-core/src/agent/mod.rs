@@ -465,6 +465,7 @@ impl Agent {
                 .cloned()
                 .collect(),
             unroutable: self.report.unroutable.clone(),
+            routing: self.routing.report(),
         };
         if self.written.as_ref() == Some(&state) && NodeState::path(&self.config.data_dir).exists()
         {

@@ -1,0 +1,362 @@
+//! The BGP routing mode: the speaker, and the learned routes in the kernel.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::Path;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use cni_core::linux::NetNs;
+use cni_core::linux::kernel::{Desired, Kernel, Netlink, Ownership, Underlay};
+use cni_core::registry::NodeRecord;
+use cni_core::routing::{CrossNodeRouting, LocalNode, ReconcileReport};
+use ipnet::{IpNet, Ipv4Net};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Mutex, watch};
+use tokio::task::JoinHandle;
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::speaker::{PeerSummary, Shared, Speaker};
+
+/// What the mode reports to the agent (the node state file's `routing`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Report {
+    /// The AS of the node.
+    pub as_number: u32,
+    /// The BGP identifier.
+    pub router_id: Ipv4Addr,
+    /// Where the speaker listens.
+    pub listen: String,
+    /// One entry per peer.
+    pub peers: Vec<PeerSummary>,
+    /// Learned routes in the kernel, `PREFIX via NEXT_HOP`, by peer.
+    pub installed: BTreeMap<String, Vec<String>>,
+    /// Peers or routes that are not installed, with why.
+    pub unroutable: BTreeMap<String, String>,
+}
+
+/// BGP cross-node routing (see the [crate docs](crate)).
+///
+/// `K` is the kernel the learned routes go into: [`Netlink`] in a network namespace, or
+/// [`Recording`](cni_core::linux::kernel::Recording) in unit tests.
+#[derive(Debug)]
+pub struct Bgp<K = Netlink> {
+    config: Config,
+    kernel: Arc<K>,
+    /// The namespace the speaker's sockets are made in, until the speaker starts.
+    sockets: Option<NetNs>,
+    running: Option<Running>,
+    /// The last install pass (reported by [`CrossNodeRouting::report`]).
+    last: Arc<std::sync::Mutex<ReconcileReport>>,
+}
+
+#[derive(Debug)]
+struct Running {
+    speaker: Speaker,
+    node: watch::Sender<Node>,
+    /// Serialises install passes (the installer task's and reconcile's).
+    install: Arc<Mutex<()>>,
+    installer: JoinHandle<()>,
+}
+
+#[derive(Debug, Clone)]
+struct Node {
+    local: LocalNode,
+    underlay: Underlay,
+    /// Peers the speaker cannot talk to (not IPv4), with why.
+    unusable: BTreeMap<String, String>,
+}
+
+impl Bgp<Netlink> {
+    /// The BGP mode acting in the network namespace at `netns` (for a node agent:
+    /// `/proc/self/ns/net`). Checks the configuration; touches nothing until
+    /// [`init`](CrossNodeRouting::init). Errors: 7 for a bad configuration, 4 when `netns`
+    /// is no network namespace.
+    pub async fn open(config: Config, netns: &Path) -> Result<Self> {
+        config.validate()?;
+        let kernel = Netlink::new(NetNs::open(netns).await?);
+        Ok(Self::with_kernel(config, kernel, NetNs::open(netns).await?))
+    }
+}
+
+impl<K: Kernel + 'static> Bgp<K> {
+    /// The BGP mode installing routes through `kernel`, with its sockets made in `sockets`.
+    /// Touches nothing.
+    pub fn with_kernel(config: Config, kernel: K, sockets: NetNs) -> Self {
+        Bgp {
+            config,
+            kernel: Arc::new(kernel),
+            sockets: Some(sockets),
+            running: None,
+            last: Arc::default(),
+        }
+    }
+
+    /// The kernel it programs.
+    pub fn kernel(&self) -> &K {
+        &self.kernel
+    }
+
+    /// The speaker, once initialised.
+    pub fn speaker(&self) -> Option<&Speaker> {
+        self.running.as_ref().map(|r| &r.speaker)
+    }
+
+    /// Every peer's summary (empty before init).
+    pub fn summary(&self) -> Vec<PeerSummary> {
+        self.speaker().map(Speaker::summary).unwrap_or_default()
+    }
+
+    /// The report of [`CrossNodeRouting::report`], typed.
+    pub fn typed_report(&self) -> Option<Report> {
+        let running = self.running.as_ref()?;
+        let last = self.last.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut installed: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let node = running.node.borrow();
+        for (peer, routes) in running.speaker.routes() {
+            if last.unroutable.contains_key(&peer) && routes.is_empty() {
+                continue;
+            }
+            let list: Vec<String> = routes
+                .iter()
+                .filter(|(p, _)| !overlaps(&node.local.blocks, **p))
+                .map(|(p, nh)| format!("{p} via {nh}"))
+                .collect();
+            if !list.is_empty() {
+                installed.insert(peer, list);
+            }
+        }
+        Some(Report {
+            as_number: self.config.as_number,
+            router_id: running.speaker.router_id(),
+            listen: running.speaker.listen_address().to_string(),
+            peers: running.speaker.summary(),
+            installed,
+            unroutable: last.unroutable,
+        })
+    }
+
+    async fn init_inner(&mut self, local: &LocalNode) -> Result<()> {
+        let IpAddr::V4(router_id) = local.address else {
+            return Err(Error::NotIpv4 {
+                address: local.address,
+            });
+        };
+        let underlay = Underlay::resolve(&*self.kernel, local).await?;
+        let blocks: Vec<Ipv4Net> = local
+            .blocks
+            .iter()
+            .filter_map(|b| match b {
+                IpNet::V4(v4) => Some(v4.trunc()),
+                IpNet::V6(_) => None,
+            })
+            .collect();
+        if let Some(running) = &self.running {
+            running.node.send_modify(|n| {
+                n.local = local.clone();
+                n.underlay = underlay;
+            });
+            running.speaker.set_blocks(blocks);
+            return Ok(());
+        }
+        let sockets = self.sockets.take().ok_or(Error::NotInitialized)?;
+        let speaker = Speaker::start(self.config.clone(), sockets, router_id).await?;
+        speaker.set_blocks(blocks);
+        let (node, node_rx) = watch::channel(Node {
+            local: local.clone(),
+            underlay,
+            unusable: BTreeMap::new(),
+        });
+        let install = Arc::new(Mutex::new(()));
+        let installer = tokio::spawn(installer(
+            speaker.shared().clone(),
+            self.kernel.clone(),
+            node_rx,
+            install.clone(),
+            self.last.clone(),
+        ));
+        tracing::info!(node = %local.name, %router_id, as_number = self.config.as_number, "bgp: ready");
+        self.running = Some(Running {
+            speaker,
+            node,
+            install,
+            installer,
+        });
+        Ok(())
+    }
+
+    async fn reconcile_inner(&mut self, peers: &[NodeRecord]) -> Result<ReconcileReport> {
+        let running = self.running.as_ref().ok_or(Error::NotInitialized)?;
+        let local_name = running.node.borrow().local.name.clone();
+        let mut wanted = BTreeMap::new();
+        let mut unusable = BTreeMap::new();
+        for peer in peers.iter().filter(|p| p.name != local_name) {
+            match peer.address {
+                IpAddr::V4(v4) => {
+                    wanted.insert(peer.name.clone(), v4);
+                }
+                IpAddr::V6(v6) => {
+                    unusable.insert(
+                        peer.name.clone(),
+                        format!("{v6} is IPv6: the speaker peers over IPv4 only"),
+                    );
+                }
+            }
+        }
+        running.node.send_modify(|n| n.unusable = unusable);
+        // A peer gone from the registry (its lease expired: the node died) loses its
+        // session and its routes now, not after a hold time.
+        running.speaker.set_peers(&wanted);
+        let _guard = running.install.lock().await;
+        let node = running.node.borrow().clone();
+        let report = install(&*self.kernel, running.speaker.shared(), &node).await?;
+        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = report.clone();
+        Ok(report)
+    }
+
+    async fn teardown_inner(&mut self) -> Result<()> {
+        if let Some(running) = self.running.take() {
+            running.installer.abort();
+            running.speaker.stop().await;
+        }
+        Desired::new()
+            .apply(&*self.kernel, &Ownership::default())
+            .await?;
+        Ok(())
+    }
+}
+
+fn overlaps(blocks: &[IpNet], prefix: Ipv4Net) -> bool {
+    let p = IpNet::V4(prefix);
+    blocks.iter().any(|b| b.contains(&p) || p.contains(b))
+}
+
+/// Installs the routes again whenever a peer's routes change.
+async fn installer<K: Kernel>(
+    shared: Arc<Shared>,
+    kernel: Arc<K>,
+    node: watch::Receiver<Node>,
+    lock: Arc<Mutex<()>>,
+    last: Arc<std::sync::Mutex<ReconcileReport>>,
+) {
+    loop {
+        shared.changed.notified().await;
+        let _guard = lock.lock().await;
+        let current = node.borrow().clone();
+        match install(&*kernel, &shared, &current).await {
+            Ok(report) => *last.lock().unwrap_or_else(|e| e.into_inner()) = report,
+            Err(e) => tracing::warn!(error = %e, "bgp: installing learned routes failed"),
+        }
+    }
+}
+
+/// Makes the kernel hold exactly the learned routes: `PREFIX via NEXT_HOP dev UNDERLAY`.
+async fn install<K: Kernel + ?Sized>(
+    kernel: &K,
+    shared: &Shared,
+    node: &Node,
+) -> Result<ReconcileReport> {
+    let desired = desired(node, &crate::speaker::routes_of(shared));
+    let report = desired.apply(kernel, &Ownership::default()).await?;
+    tracing::debug!(
+        writes = report.writes,
+        routed = report.routed,
+        "bgp: routes installed"
+    );
+    Ok(report)
+}
+
+/// The routes the table calls for. Pure. Peers sorted by name: a prefix two peers announce
+/// goes to the first, every time.
+fn desired(node: &Node, peers: &[(String, BTreeMap<Ipv4Net, Ipv4Addr>)]) -> Desired {
+    let mut desired = Desired::new();
+    for (name, why) in &node.unusable {
+        desired.unroutable(name, why.clone());
+    }
+    let underlay = &node.underlay;
+    for (name, routes) in peers {
+        desired.peer(name);
+        let mut by_next_hop: BTreeMap<Ipv4Addr, Vec<IpNet>> = BTreeMap::new();
+        for (prefix, nh) in routes {
+            by_next_hop.entry(*nh).or_default().push(IpNet::V4(*prefix));
+        }
+        for (nh, blocks) in by_next_hop {
+            let via = IpAddr::V4(nh);
+            if via == underlay.address {
+                desired.unroutable(name, format!("next hop {nh} is this node"));
+            } else if !underlay.on_link(via) {
+                desired.unroutable(
+                    name,
+                    format!(
+                        "next hop {nh} is not in the underlay subnet {} of {}",
+                        underlay.subnet, underlay.name
+                    ),
+                );
+            } else {
+                let record = NodeRecord {
+                    name: name.clone(),
+                    address: via,
+                    prefix_len: 32,
+                    blocks,
+                    backend: BTreeMap::new(),
+                };
+                desired.blocks(&record, &node.local.blocks, via, underlay.ifindex, false);
+            }
+        }
+    }
+    desired
+}
+
+#[async_trait]
+impl<K: Kernel + 'static> CrossNodeRouting for Bgp<K> {
+    fn mode(&self) -> &'static str {
+        crate::TYPE
+    }
+
+    /// Starts the speaker on the first call (listening socket, no peers yet); later calls
+    /// announce the node's new blocks. Errors: 7 when the underlay interface is missing,
+    /// lacks the node's address, or the address is not IPv4; 101 when the speaker cannot
+    /// listen.
+    async fn init(&mut self, local: &LocalNode) -> cni_core::Result<()> {
+        Ok(self.init_inner(local).await?)
+    }
+
+    /// Nothing: peers need only the node's address.
+    fn node_data(&self) -> BTreeMap<String, String> {
+        BTreeMap::new()
+    }
+
+    fn mtu_overhead(&self) -> u32 {
+        0
+    }
+
+    /// Makes the sessions match `peers` (one iBGP session per peer, by address; the
+    /// routes come over BGP), drops the sessions and routes of peers no longer listed at
+    /// once, and installs the learned routes. Errors: 50 before init, 101 when the
+    /// routes cannot be listed or a stale one cannot be deleted.
+    async fn reconcile(&mut self, peers: &[NodeRecord]) -> cni_core::Result<ReconcileReport> {
+        Ok(self.reconcile_inner(peers).await?)
+    }
+
+    /// Closes every session (Cease, so peers withdraw our blocks at once) and deletes
+    /// every route this mode installed. Idempotent; works without init.
+    async fn teardown(&mut self) -> cni_core::Result<()> {
+        Ok(self.teardown_inner().await?)
+    }
+
+    /// Sessions, installed routes and what is not installed (a [`Report`]).
+    fn report(&self) -> Option<serde_json::Value> {
+        self.typed_report()
+            .and_then(|r| serde_json::to_value(r).ok())
+    }
+}
+
+impl<K> Drop for Bgp<K> {
+    fn drop(&mut self) {
+        if let Some(running) = &self.running {
+            running.installer.abort();
+        }
+    }
+}

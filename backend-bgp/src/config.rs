@@ -1,0 +1,146 @@
+//! The `bgp` keys of the configuration.
+
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// The private AS number every node uses by default (iBGP full mesh), as Calico does.
+pub const DEFAULT_AS: u32 = 64512;
+/// The BGP port.
+pub const DEFAULT_PORT: u16 = 179;
+/// The hold time proposed in OPEN, seconds (RFC 4271 suggests 90).
+pub const DEFAULT_HOLD_TIME: u16 = 90;
+/// Seconds between connection attempts to a peer with no session.
+pub const DEFAULT_CONNECT_RETRY: u16 = 2;
+
+/// How the speaker runs: the configuration list's `"bgp"` object.
+///
+/// ```json
+/// "bgp": { "asNumber": 64512, "port": 179, "holdTime": 90, "connectRetry": 2 }
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Config {
+    /// `asNumber`: the AS of every node (iBGP). Default 64512.
+    #[serde(default = "default_as")]
+    pub as_number: u32,
+    /// `port`: the TCP port the speaker listens on and connects to. Default 179.
+    #[serde(default = "default_port")]
+    pub port: u16,
+    /// `listenAddress`: where the speaker listens. Default: the node's underlay address.
+    #[serde(default)]
+    pub listen_address: Option<IpAddr>,
+    /// `holdTime`: the hold time proposed in OPEN, 0 or at least 3 seconds. Default 90.
+    #[serde(default = "default_hold_time")]
+    pub hold_time: u16,
+    /// `connectRetry`: seconds between connection attempts to a peer. Default 2.
+    #[serde(default = "default_connect_retry")]
+    pub connect_retry: u16,
+}
+
+fn default_as() -> u32 {
+    DEFAULT_AS
+}
+fn default_port() -> u16 {
+    DEFAULT_PORT
+}
+fn default_hold_time() -> u16 {
+    DEFAULT_HOLD_TIME
+}
+fn default_connect_retry() -> u16 {
+    DEFAULT_CONNECT_RETRY
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            as_number: DEFAULT_AS,
+            port: DEFAULT_PORT,
+            listen_address: None,
+            hold_time: DEFAULT_HOLD_TIME,
+            connect_retry: DEFAULT_CONNECT_RETRY,
+        }
+    }
+}
+
+impl Config {
+    /// Checks the values; no side effects. Errors: 7.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |field: &'static str, reason: String| Err(Error::Config { field, reason });
+        if self.as_number == 0 || self.as_number == 23456 {
+            return bad(
+                "bgp.asNumber",
+                format!("{} is reserved (0, or AS_TRANS 23456)", self.as_number),
+            );
+        }
+        if self.port == 0 {
+            return bad("bgp.port", "must not be 0".into());
+        }
+        if matches!(self.hold_time, 1 | 2) {
+            return bad(
+                "bgp.holdTime",
+                format!("{} s: must be 0 or at least 3 (RFC 4271)", self.hold_time),
+            );
+        }
+        if self.connect_retry == 0 {
+            return bad("bgp.connectRetry", "must be at least 1 second".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_camel_case_keys() {
+        let c: Config = serde_json::from_str("{}").unwrap();
+        assert_eq!(c, Config::default());
+        assert_eq!((c.as_number, c.port, c.hold_time), (64512, 179, 90));
+        let c: Config = serde_json::from_str(
+            r#"{"asNumber": 65001, "port": 1179, "holdTime": 9, "connectRetry": 1,
+                "listenAddress": "0.0.0.0"}"#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!((c.as_number, c.port, c.hold_time), (65001, 1179, 9));
+        assert!(serde_json::from_str::<Config>(r#"{"asnumber": 1}"#).is_err());
+    }
+
+    #[test]
+    fn bad_values_are_code_7() {
+        for bad in [
+            Config {
+                as_number: 0,
+                ..Config::default()
+            },
+            Config {
+                as_number: 23456,
+                ..Config::default()
+            },
+            Config {
+                port: 0,
+                ..Config::default()
+            },
+            Config {
+                hold_time: 2,
+                ..Config::default()
+            },
+            Config {
+                connect_retry: 0,
+                ..Config::default()
+            },
+        ] {
+            assert_eq!(bad.validate().unwrap_err().code().0, 7, "{bad:?}");
+        }
+        Config {
+            hold_time: 0,
+            ..Config::default()
+        }
+        .validate()
+        .unwrap();
+    }
+}

@@ -1,0 +1,503 @@
+//! One BGP connection: the RFC 4271 state machine of `rustbgpd-fsm` driven over one byte
+//! stream (a TCP connection, or an in-memory pipe in unit tests).
+//!
+//! The state machine is pure: it turns events (messages, timer expiries) into actions
+//! (send this, start that timer, close). This module reads and frames messages, runs the
+//! hold and keepalive timers, executes the actions, turns received UPDATEs into routes and
+//! keeps the peer's view of the node's own blocks up to date (Adj-RIB-Out). It reports to
+//! the peer task (see [`peer`](crate::peer)) through [`ConnEvent`]s; connection attempts,
+//! retries and collisions are the peer task's business.
+
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+
+use bytes::BytesMut;
+use ipnet::Ipv4Net;
+use rustbgpd_fsm::{Action, Event, PeerConfig, Session, SessionState, TimerType};
+use rustbgpd_wire::notification::{NotificationCode, cease_subcode};
+use rustbgpd_wire::validate::validate_update_attributes;
+use rustbgpd_wire::{
+    AsPath, ErrorDisposition, Ipv4NlriEntry, Ipv4Prefix, Ipv4UnicastMode, Message,
+    NotificationMessage, Origin, PathAttribute, UpdateMessage, decode_message,
+    encode_message_with_limit, peek_message_length,
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, WriteHalf};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+/// LOCAL_PREF of the node's own blocks (the usual default).
+const LOCAL_PREF: u32 = 100;
+/// Prefixes per UPDATE: 4 attributes take < 40 bytes, a /26 takes 5: far below 4096.
+const PREFIXES_PER_UPDATE: usize = 500;
+/// The largest message before Extended Messages (RFC 8654) is negotiated.
+const MAX_LEN: u16 = 4096;
+
+/// What one connection needs to know.
+#[derive(Debug, Clone)]
+pub(crate) struct ConnParams {
+    /// Identifies the connection in its events.
+    pub id: u64,
+    /// The session parameters the state machine checks the peer's OPEN against.
+    pub peer: PeerConfig,
+    /// NEXT_HOP of the node's own blocks: the node's address.
+    pub next_hop: Ipv4Addr,
+    /// Whether this side opened the TCP connection.
+    pub outgoing: bool,
+}
+
+/// Orders from the peer task.
+#[derive(Debug)]
+pub(crate) enum Ctl {
+    /// Close administratively (Cease / Administrative Shutdown, RFC 4271 ManualStop).
+    Stop,
+    /// Lost a connection collision (Cease / Connection Collision Resolution).
+    Collision,
+}
+
+/// What a connection reports to its peer task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum ConnEvent {
+    /// The state machine moved.
+    State(SessionState),
+    /// The peer's OPEN was accepted; its BGP identifier (for collision detection).
+    OpenReceived(Ipv4Addr),
+    /// Both OPENs and the first KEEPALIVE went through.
+    Established {
+        /// The negotiated hold time, seconds.
+        hold_time: u16,
+    },
+    /// Routes the peer announced (prefix, next hop) and withdrew.
+    Routes {
+        /// Announced or replaced.
+        announced: Vec<(Ipv4Net, Ipv4Addr)>,
+        /// Withdrawn.
+        withdrawn: Vec<Ipv4Net>,
+    },
+    /// How many of the node's prefixes the peer now has from this connection.
+    Sent(usize),
+    /// The connection is over; why, when it ended on an error.
+    Down(Option<String>),
+}
+
+/// Events of a connection, tagged with its id.
+pub(crate) type Events = mpsc::UnboundedSender<(u64, ConnEvent)>;
+
+/// Runs one connection until it closes, then reports [`ConnEvent::Down`].
+///
+/// `blocks` is the node's own blocks: advertised once Established, and again as they
+/// change.
+pub(crate) async fn run<S>(
+    stream: S,
+    params: ConnParams,
+    mut ctl: mpsc::UnboundedReceiver<Ctl>,
+    mut blocks: watch::Receiver<Vec<Ipv4Net>>,
+    events: Events,
+) where
+    S: AsyncRead + AsyncWrite + Send,
+{
+    let (reader, writer) = tokio::io::split(stream);
+    let mut reader = reader;
+    let mut conn = Conn {
+        id: params.id,
+        fsm: Session::new(params.peer.clone()),
+        writer,
+        next_hop: params.next_hop,
+        timers: [None; 3],
+        advertised: BTreeSet::new(),
+        max_len: MAX_LEN,
+        four_octet_as: true,
+        events: events.clone(),
+        closed: false,
+        why: None,
+    };
+    conn.handle(Event::ManualStart).await;
+    conn.handle(if params.outgoing {
+        Event::TcpConnectionConfirmed
+    } else {
+        Event::TcpConnectionAcknowledged
+    })
+    .await;
+    let mut buf = BytesMut::with_capacity(4096);
+    while !conn.closed {
+        let deadline = conn.timers.iter().flatten().min().copied();
+        let established = conn.fsm.state() == SessionState::Established;
+        tokio::select! {
+            read = reader.read_buf(&mut buf) => match read {
+                Ok(0) => conn.lost("connection closed by the peer".into()).await,
+                Err(e) => conn.lost(format!("read: {e}")).await,
+                Ok(_) => conn.take_messages(&mut buf).await,
+            },
+            order = ctl.recv() => match order {
+                Some(Ctl::Stop) | None => {
+                    conn.handle(Event::ManualStop { reason: None }).await;
+                    // ManualStop in Connect/Active closes without a NOTIFICATION.
+                    conn.closed = true;
+                }
+                Some(Ctl::Collision) => {
+                    let n = NotificationMessage::new(
+                        NotificationCode::Cease,
+                        cease_subcode::CONNECTION_COLLISION_RESOLUTION,
+                        bytes::Bytes::new(),
+                    );
+                    conn.send(&Message::Notification(n)).await;
+                    conn.closed = true;
+                }
+            },
+            () = sleep_until(deadline), if deadline.is_some() => conn.fire_timer().await,
+            changed = blocks.changed(), if established => {
+                if changed.is_err() {
+                    conn.handle(Event::ManualStop { reason: None }).await;
+                    conn.closed = true;
+                } else {
+                    let want = blocks.borrow_and_update().iter().copied().collect();
+                    conn.advertise(&want).await;
+                }
+            }
+        }
+        if conn.fsm.state() == SessionState::Established && conn.advertised.is_empty() {
+            // Just established: everything the node has, once.
+            let want: BTreeSet<Ipv4Net> = blocks.borrow_and_update().iter().copied().collect();
+            if !want.is_empty() {
+                conn.advertise(&want).await;
+            }
+        }
+    }
+    let _ = conn.writer.shutdown().await;
+    let _ = events.send((params.id, ConnEvent::Down(conn.why)));
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn timer_index(t: TimerType) -> Option<usize> {
+    match t {
+        TimerType::Hold => Some(0),
+        TimerType::Keepalive => Some(1),
+        // Connection attempts and their retries are the peer task's: a connection exists
+        // only once TCP is up.
+        _ => None,
+    }
+}
+
+struct Conn<W> {
+    id: u64,
+    fsm: Session,
+    writer: WriteHalf<W>,
+    next_hop: Ipv4Addr,
+    /// Deadlines of the hold and keepalive timers.
+    timers: [Option<Instant>; 3],
+    /// The node's prefixes the peer has from us (Adj-RIB-Out).
+    advertised: BTreeSet<Ipv4Net>,
+    max_len: u16,
+    four_octet_as: bool,
+    events: Events,
+    closed: bool,
+    why: Option<String>,
+}
+
+impl<W: AsyncRead + AsyncWrite> Conn<W> {
+    fn emit(&self, event: ConnEvent) {
+        let _ = self.events.send((self.id, event));
+    }
+
+    /// Feeds the state machine one event and carries out what it asks for.
+    async fn handle(&mut self, event: Event) {
+        for action in self.fsm.handle_event(event) {
+            match action {
+                Action::SendOpen(open) => self.send(&Message::Open(open)).await,
+                Action::SendKeepalive => self.send(&Message::Keepalive).await,
+                Action::SendNotification(n) => {
+                    self.why.get_or_insert_with(|| {
+                        format!("sent NOTIFICATION {}/{}", n.code.as_u8(), n.subcode)
+                    });
+                    self.send(&Message::Notification(n)).await;
+                }
+                Action::StartTimer(t, secs) => {
+                    if let Some(i) = timer_index(t) {
+                        self.timers[i] = (secs > 0).then(|| {
+                            Instant::now() + std::time::Duration::from_secs(u64::from(secs))
+                        });
+                    }
+                }
+                Action::StopTimer(t) => {
+                    if let Some(i) = timer_index(t) {
+                        self.timers[i] = None;
+                    }
+                }
+                Action::CloseTcpConnection => self.closed = true,
+                Action::StateChanged { new, .. } => {
+                    self.emit(ConnEvent::State(new));
+                    if new == SessionState::Idle {
+                        self.closed = true;
+                    }
+                }
+                Action::SessionEstablished(negotiated) => {
+                    self.four_octet_as = negotiated.four_octet_as;
+                    if negotiated.peer_extended_message {
+                        self.max_len = u16::MAX;
+                    }
+                    self.emit(ConnEvent::Established {
+                        hold_time: negotiated.hold_time,
+                    });
+                }
+                // Connection attempts are the peer task's; the rest is telemetry.
+                _ => {}
+            }
+        }
+    }
+
+    /// Sends one message; a failed write is a lost connection.
+    async fn send(&mut self, message: &Message) {
+        let bytes = match encode_message_with_limit(message, self.max_len) {
+            Ok(b) => b,
+            Err(e) => {
+                // Only locally built messages get here, and they are kept small.
+                tracing::error!(error = %e, "cannot encode a BGP message");
+                return;
+            }
+        };
+        if let Err(e) = self.writer.write_all(&bytes).await {
+            self.why.get_or_insert_with(|| format!("write: {e}"));
+            self.closed = true;
+        }
+    }
+
+    async fn lost(&mut self, why: String) {
+        self.why.get_or_insert(why);
+        self.handle(Event::TcpConnectionFails).await;
+        self.closed = true;
+    }
+
+    async fn fire_timer(&mut self) {
+        let now = Instant::now();
+        if self.timers[0].is_some_and(|d| d <= now) {
+            self.timers[0] = None;
+            self.why.get_or_insert_with(|| "hold timer expired".into());
+            self.handle(Event::HoldTimerExpires).await;
+        } else if self.timers[1].is_some_and(|d| d <= now) {
+            self.timers[1] = None;
+            self.handle(Event::KeepaliveTimerExpires).await;
+        }
+    }
+
+    /// Decodes every complete message in `buf`.
+    async fn take_messages(&mut self, buf: &mut BytesMut) {
+        while !self.closed {
+            match peek_message_length(buf, self.max_len) {
+                Ok(None) => return,
+                Ok(Some(len)) if buf.len() < usize::from(len) => return,
+                Ok(Some(len)) => {
+                    let mut bytes = buf.split_to(usize::from(len)).freeze();
+                    match decode_message(&mut bytes, self.max_len) {
+                        Ok(message) => self.received(message).await,
+                        Err(e) => {
+                            self.why.get_or_insert_with(|| format!("bad message: {e}"));
+                            self.handle(Event::DecodeError(e)).await;
+                        }
+                    }
+                }
+                Err(e) => {
+                    self.why.get_or_insert_with(|| format!("bad message: {e}"));
+                    self.handle(Event::DecodeError(e)).await;
+                    // The stream cannot be resynchronised.
+                    self.closed = true;
+                }
+            }
+        }
+    }
+
+    async fn received(&mut self, message: Message) {
+        match message {
+            Message::Open(open) => {
+                let id = open.bgp_identifier;
+                self.handle(Event::OpenReceived(open)).await;
+                if self.fsm.state() == SessionState::OpenConfirm {
+                    self.emit(ConnEvent::OpenReceived(id));
+                }
+            }
+            Message::Keepalive => self.handle(Event::KeepaliveReceived).await,
+            Message::Notification(n) => {
+                self.why.get_or_insert_with(|| {
+                    format!("peer sent NOTIFICATION {}/{}", n.code.as_u8(), n.subcode)
+                });
+                self.handle(Event::NotificationReceived(n)).await;
+            }
+            Message::Update(update) => self.update(&update).await,
+            Message::RouteRefresh(rr) => {
+                match (rr.afi(), rr.safi()) {
+                    (Some(afi), Some(safi)) => {
+                        self.handle(Event::RouteRefreshReceived { afi, safi }).await;
+                        // Everything again (RFC 2918).
+                        let all = std::mem::take(&mut self.advertised);
+                        self.advertise(&all).await;
+                    }
+                    // A family we never negotiated: ignored (RFC 2918 §4).
+                    _ => self.handle(Event::KeepaliveReceived).await,
+                }
+            }
+            _ => {}
+        }
+    }
+
+    async fn update(&mut self, update: &UpdateMessage) {
+        if self.fsm.state() != SessionState::Established {
+            // An UPDATE before Established: the state machine's FSM error.
+            self.handle(Event::UpdateReceived).await;
+            return;
+        }
+        // RFC 7606 revised error handling: a malformed attribute withdraws the routes of
+        // its UPDATE (or is dropped) and the session stays, unless the NLRI itself cannot
+        // be trusted.
+        let revised = match update.parse_revised(self.four_octet_as, true, false, &[]) {
+            Ok(r) => r,
+            Err(e) => {
+                self.why
+                    .get_or_insert_with(|| format!("malformed UPDATE: {e}"));
+                self.handle(Event::DecodeError(e)).await;
+                return;
+            }
+        };
+        let parsed = revised.update;
+        let mut withdrawn: Vec<Ipv4Net> = parsed.withdrawn.iter().map(|e| net(e.prefix)).collect();
+        let has_nlri = !parsed.announced.is_empty();
+        let disposition = match revised
+            .malformed
+            .iter()
+            .max_by_key(|m| severity(m.disposition))
+        {
+            Some(m) if m.disposition == ErrorDisposition::SessionReset => {
+                let (code, subcode, data) = m.error.to_notification();
+                self.why
+                    .get_or_insert_with(|| format!("malformed UPDATE: {}", m.error));
+                self.handle(Event::UpdateValidationError(NotificationMessage::new(
+                    code, subcode, data,
+                )))
+                .await;
+                return;
+            }
+            Some(m) => Some(m.disposition),
+            None => match validate_update_attributes(&parsed.attributes, has_nlri, has_nlri, false)
+            {
+                Ok(()) => None,
+                Err(e) if e.disposition == ErrorDisposition::SessionReset => {
+                    self.why
+                        .get_or_insert_with(|| format!("invalid UPDATE, subcode {}", e.subcode));
+                    let n = NotificationMessage::new(
+                        NotificationCode::UpdateMessage,
+                        e.subcode,
+                        bytes::Bytes::from(e.data),
+                    );
+                    self.handle(Event::UpdateValidationError(n)).await;
+                    return;
+                }
+                Err(e) => Some(e.disposition),
+            },
+        };
+        let next_hop = parsed.attributes.iter().find_map(|a| match a {
+            PathAttribute::NextHop(nh) => Some(*nh),
+            _ => None,
+        });
+        let mut announced = Vec::new();
+        match next_hop {
+            // NEXT_HOP is mandatory with NLRI, on iBGP sessions too (RFC 4271 §5.1.3);
+            // a missing one is a missing well-known attribute: treat-as-withdraw.
+            Some(nh) if disposition != Some(ErrorDisposition::TreatAsWithdraw) => {
+                announced = parsed
+                    .announced
+                    .iter()
+                    .map(|e| (net(e.prefix), nh))
+                    .collect();
+            }
+            _ => {
+                if has_nlri {
+                    tracing::warn!("malformed UPDATE from a peer treated as withdraw");
+                }
+                withdrawn.extend(parsed.announced.iter().map(|e| net(e.prefix)));
+            }
+        }
+        self.handle(Event::UpdateReceived).await;
+        if !announced.is_empty() || !withdrawn.is_empty() {
+            self.emit(ConnEvent::Routes {
+                announced,
+                withdrawn,
+            });
+        }
+    }
+
+    /// Makes the peer's copy of the node's blocks `want`: withdraws what went, announces
+    /// what came.
+    async fn advertise(&mut self, want: &BTreeSet<Ipv4Net>) {
+        let gone: Vec<Ipv4NlriEntry> = self
+            .advertised
+            .difference(want)
+            .map(|n| entry(*n))
+            .collect();
+        let new: Vec<Ipv4NlriEntry> = want
+            .difference(&self.advertised)
+            .map(|n| entry(*n))
+            .collect();
+        for chunk in gone.chunks(PREFIXES_PER_UPDATE) {
+            self.send_update(&[], chunk, &[]).await;
+        }
+        let attributes = [
+            PathAttribute::Origin(Origin::Igp),
+            // Originated here, iBGP: an empty AS_PATH.
+            PathAttribute::AsPath(AsPath { segments: vec![] }),
+            PathAttribute::NextHop(self.next_hop),
+            PathAttribute::LocalPref(LOCAL_PREF),
+        ];
+        for chunk in new.chunks(PREFIXES_PER_UPDATE) {
+            self.send_update(chunk, &[], &attributes).await;
+        }
+        if !gone.is_empty() || !new.is_empty() {
+            self.advertised = want.clone();
+            self.emit(ConnEvent::Sent(self.advertised.len()));
+        }
+    }
+
+    async fn send_update(
+        &mut self,
+        announced: &[Ipv4NlriEntry],
+        withdrawn: &[Ipv4NlriEntry],
+        attributes: &[PathAttribute],
+    ) {
+        match UpdateMessage::try_build(
+            announced,
+            withdrawn,
+            attributes,
+            self.four_octet_as,
+            false,
+            Ipv4UnicastMode::Body,
+        ) {
+            Ok(update) => self.send(&Message::Update(update)).await,
+            Err(e) => tracing::error!(error = %e, "cannot build an UPDATE"),
+        }
+    }
+}
+
+fn severity(d: ErrorDisposition) -> u8 {
+    match d {
+        ErrorDisposition::AttributeDiscard => 0,
+        ErrorDisposition::TreatAsWithdraw => 1,
+        ErrorDisposition::SessionReset => 2,
+    }
+}
+
+fn net(p: Ipv4Prefix) -> Ipv4Net {
+    // `Ipv4Prefix` keeps its length within 0..=32.
+    Ipv4Net::new(p.addr, p.len).expect("prefix length <= 32")
+}
+
+fn entry(n: Ipv4Net) -> Ipv4NlriEntry {
+    Ipv4NlriEntry {
+        path_id: 0,
+        prefix: Ipv4Prefix::new(n.network(), n.prefix_len()),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,61 @@
+//! # backend-bgp
+//!
+//! cnikit's `bgp` cross-node routing: an in-process BGP-4 speaker on every node announces
+//! the node's pod blocks to its peers and installs the blocks the peers announce, `BLOCK
+//! via PEER dev UNDERLAY proto 107`, as Calico's BIRD does. By default every node is in AS
+//! 64512 and peers with every other node (iBGP full mesh); the peer set comes from the
+//! node registry, the routes come over BGP.
+//!
+//! ## Modules
+//! - [`Bgp`]: the [`CrossNodeRouting`](cni_core::routing::CrossNodeRouting)
+//!   implementation: the speaker plus the learned routes in the kernel.
+//! - [`Speaker`]: the speaker on its own: a listening socket, a session per peer
+//!   (RFC 4271 state machine of `rustbgpd-fsm`, messages of `rustbgpd-wire`: OPEN with the
+//!   4-octet AS and IPv4 unicast multiprotocol capabilities, UPDATE with ORIGIN, AS_PATH,
+//!   NEXT_HOP and LOCAL_PREF, KEEPALIVE, NOTIFICATION, ROUTE-REFRESH answered), connection
+//!   collisions resolved by BGP identifier (RFC 4271 §6.8), [`PeerSummary`] per peer.
+//! - [`Config`]: the `"bgp"` keys. [`Error`]: what can go wrong, with its CNI code.
+//!
+//! ## Quick start
+//! ```no_run
+//! # async fn run(local: cni_core::routing::LocalNode,
+//! #     peers: Vec<cni_core::registry::NodeRecord>) -> cni_core::Result<()> {
+//! use backend_bgp::{Bgp, Config};
+//! use cni_core::routing::CrossNodeRouting;
+//!
+//! let mut bgp = Bgp::open(Config::default(), "/proc/self/ns/net".as_ref()).await?;
+//! bgp.init(&local).await?; // listens on LOCAL_ADDRESS:179, announces local.blocks
+//! let report = bgp.reconcile(&peers).await?; // a session per peer; learned routes installed
+//! println!("{} routes written, {:?}", report.writes, bgp.report());
+//! # Ok(()) }
+//! ```
+//!
+//! ## Failure detection
+//! A peer whose node leaves the registry (it deregistered, or its lease expired because
+//! it died) has its session closed and its routes removed in the `reconcile` that no
+//! longer lists it, not after the hold time (90 s by default): the registry's lease is
+//! the liveness signal every mode already trusts, so BGP forgets a dead node as fast as
+//! host-gw does, with no BFD daemon. A peer that closes its session (Cease, a crashed
+//! speaker whose TCP connection resets) loses its routes when the connection ends; only a
+//! silent peer that stays in the registry waits for the hold timer.
+//!
+//! ## What it owns
+//! The routes with protocol [`ROUTE_PROTOCOL`](cni_core::linux::kernel::ROUTE_PROTOCOL)
+//! in the main table (installed as they are learned), the listening socket and the
+//! sessions. The blackhole route of the node's own blocks is the node agent's.
+#![warn(missing_docs)]
+
+mod backend;
+mod config;
+mod connection;
+mod error;
+mod peer;
+mod speaker;
+
+pub use backend::{Bgp, Report};
+pub use config::{Config, DEFAULT_AS, DEFAULT_CONNECT_RETRY, DEFAULT_HOLD_TIME, DEFAULT_PORT};
+pub use error::{Error, Result};
+pub use speaker::{PeerSummary, Speaker};
+
+/// The mode name and configuration `type`.
+pub const TYPE: &str = "bgp";

@@ -1,0 +1,320 @@
+//! One peer: its connections (ours and theirs), collisions, retries, and what it taught us.
+//!
+//! A peer task owns every connection to one neighbour. With no connection it connects
+//! every [`connect_retry`](crate::Config::connect_retry) seconds; a connection the
+//! neighbour opens is handed over by the listener. Both sides of a full mesh connect, so
+//! two connections often race: when an OPEN tells the neighbour's BGP identifier, the
+//! connection opened by the side with the higher identifier stays and the other is closed
+//! with Cease / Connection Collision Resolution (RFC 4271 §6.8); a new connection while one
+//! is Established is the one closed. The routes of the Established connection are the
+//! peer's routes in the speaker's table; they go when it goes.
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rustbgpd_fsm::{PeerConfig, SessionState};
+use rustbgpd_wire::{Afi, Safi};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::connection::{self, ConnEvent, ConnParams, Ctl};
+use crate::speaker::Shared;
+
+/// How long a stopping peer waits for its connections to send their NOTIFICATION.
+const STOP_GRACE: Duration = Duration::from_secs(1);
+
+/// Orders to a peer task.
+#[derive(Debug)]
+pub(crate) enum PeerCmd {
+    /// The neighbour connected to us.
+    Incoming(TcpStream),
+    /// Close every connection (Cease) and end.
+    Stop,
+}
+
+/// A running peer task.
+#[derive(Debug)]
+pub(crate) struct PeerHandle {
+    pub cmds: mpsc::UnboundedSender<PeerCmd>,
+    pub task: JoinHandle<()>,
+}
+
+impl PeerHandle {
+    /// Starts the task of the peer `name` at `address`.
+    pub fn spawn(shared: Arc<Shared>, name: String, address: Ipv4Addr) -> Self {
+        let (cmds, rx) = mpsc::unbounded_channel();
+        let (events, events_rx) = mpsc::unbounded_channel();
+        let task = Peer {
+            shared,
+            name,
+            address,
+            conns: BTreeMap::new(),
+            next_id: 1,
+            live: None,
+            events,
+        };
+        PeerHandle {
+            cmds,
+            task: tokio::spawn(task.run(rx, events_rx)),
+        }
+    }
+}
+
+struct Slot {
+    outgoing: bool,
+    state: SessionState,
+    ctl: mpsc::UnboundedSender<Ctl>,
+    closing: bool,
+    task: JoinHandle<()>,
+}
+
+struct Peer {
+    shared: Arc<Shared>,
+    name: String,
+    address: Ipv4Addr,
+    conns: BTreeMap<u64, Slot>,
+    next_id: u64,
+    /// The Established connection.
+    live: Option<u64>,
+    events: connection::Events,
+}
+
+impl Peer {
+    async fn run(
+        mut self,
+        mut cmds: mpsc::UnboundedReceiver<PeerCmd>,
+        mut events: mpsc::UnboundedReceiver<(u64, ConnEvent)>,
+    ) {
+        let retry = Duration::from_secs(u64::from(self.shared.config.connect_retry));
+        let mut retry_at = Some(Instant::now());
+        loop {
+            let idle = self.conns.is_empty();
+            tokio::select! {
+                cmd = cmds.recv() => match cmd {
+                    Some(PeerCmd::Incoming(stream)) => self.spawn_conn(Some(stream)),
+                    Some(PeerCmd::Stop) | None => break,
+                },
+                Some((id, event)) = events.recv() => {
+                    self.on_event(id, event);
+                    if self.conns.is_empty() && retry_at.is_none() {
+                        retry_at = Some(Instant::now() + retry);
+                    }
+                }
+                () = tokio::time::sleep_until(retry_at.unwrap_or_else(Instant::now)),
+                    if idle && retry_at.is_some() =>
+                {
+                    retry_at = None;
+                    self.spawn_conn(None);
+                }
+            }
+        }
+        self.stop(&mut events).await;
+    }
+
+    /// Closes every connection with a Cease and waits (briefly) for them to end.
+    async fn stop(&mut self, events: &mut mpsc::UnboundedReceiver<(u64, ConnEvent)>) {
+        for slot in self.conns.values() {
+            let _ = slot.ctl.send(Ctl::Stop);
+        }
+        let _ = tokio::time::timeout(STOP_GRACE, async {
+            while !self.conns.is_empty() {
+                match events.recv().await {
+                    Some((id, event)) => self.on_event(id, event),
+                    None => break,
+                }
+            }
+        })
+        .await;
+        for slot in self.conns.values() {
+            slot.task.abort();
+        }
+    }
+
+    /// A connection: the neighbour's `stream`, or (`None`) one we open.
+    fn spawn_conn(&mut self, stream: Option<TcpStream>) {
+        let id = self.next_id;
+        self.next_id += 1;
+        let outgoing = stream.is_none();
+        let config = &self.shared.config;
+        let mut peer = PeerConfig::new(config.as_number, config.as_number, self.shared.router_id);
+        peer.hold_time = config.hold_time;
+        peer.families = vec![(Afi::Ipv4, Safi::Unicast)];
+        peer.connect_retry_secs = u32::from(config.connect_retry);
+        let params = ConnParams {
+            id,
+            peer,
+            next_hop: self.shared.router_id,
+            outgoing,
+        };
+        let (ctl, ctl_rx) = mpsc::unbounded_channel();
+        let events = self.events.clone();
+        let blocks = self.shared.blocks.subscribe();
+        let shared = self.shared.clone();
+        let remote = SocketAddr::from((self.address, config.port));
+        let task = tokio::spawn(async move {
+            let stream = match stream {
+                Some(s) => s,
+                None => match shared.connect(remote).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let _ = events.send((id, ConnEvent::Down(Some(e))));
+                        return;
+                    }
+                },
+            };
+            let _ = stream.set_nodelay(true);
+            connection::run(stream, params, ctl_rx, blocks, events).await;
+        });
+        self.conns.insert(
+            id,
+            Slot {
+                outgoing,
+                state: if outgoing {
+                    SessionState::Connect
+                } else {
+                    SessionState::Active
+                },
+                ctl,
+                closing: false,
+                task,
+            },
+        );
+        self.publish_state();
+    }
+
+    fn on_event(&mut self, id: u64, event: ConnEvent) {
+        match event {
+            ConnEvent::State(state) => {
+                if let Some(slot) = self.conns.get_mut(&id) {
+                    slot.state = state;
+                }
+                self.publish_state();
+            }
+            ConnEvent::OpenReceived(remote_id) => self.collision(id, remote_id),
+            ConnEvent::Established { hold_time } => {
+                if self.conns.get(&id).is_none_or(|s| s.closing) {
+                    return;
+                }
+                self.live = Some(id);
+                tracing::info!(peer = %self.name, address = %self.address, hold_time, "BGP session established");
+                let since = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
+                self.shared.update_peer(&self.name, |p| {
+                    p.summary.established_at = Some(since);
+                    p.summary.hold_time = Some(hold_time);
+                });
+                self.publish_state();
+            }
+            ConnEvent::Routes {
+                announced,
+                withdrawn,
+            } if self.live == Some(id) => {
+                self.shared.update_peer(&self.name, |p| {
+                    for prefix in withdrawn {
+                        p.routes.remove(&prefix);
+                    }
+                    p.routes.extend(announced);
+                    p.summary.prefixes_received = p.routes.len();
+                });
+                self.shared.changed.notify_one();
+            }
+            ConnEvent::Sent(n) if self.live == Some(id) => {
+                self.shared
+                    .update_peer(&self.name, |p| p.summary.prefixes_sent = n);
+            }
+            ConnEvent::Routes { .. } | ConnEvent::Sent(_) => {}
+            ConnEvent::Down(why) => {
+                self.conns.remove(&id);
+                if let Some(why) = &why {
+                    tracing::info!(peer = %self.name, address = %self.address, why, "BGP connection down");
+                }
+                let was_live = self.live == Some(id);
+                if was_live {
+                    self.live = None;
+                }
+                self.shared.update_peer(&self.name, |p| {
+                    if let Some(why) = why {
+                        p.summary.last_error = Some(why);
+                    }
+                    if was_live {
+                        p.routes.clear();
+                        p.summary.established_at = None;
+                        p.summary.hold_time = None;
+                        p.summary.prefixes_received = 0;
+                        p.summary.prefixes_sent = 0;
+                    }
+                });
+                if was_live {
+                    self.shared.changed.notify_one();
+                }
+                self.publish_state();
+            }
+        }
+    }
+
+    /// RFC 4271 §6.8: of two connections to the same neighbour, the one opened by the
+    /// side with the higher BGP identifier stays.
+    fn collision(&mut self, id: u64, remote_id: Ipv4Addr) {
+        let Some(this) = self.conns.get(&id) else {
+            return;
+        };
+        let this_outgoing = this.outgoing;
+        let keep_outgoing = self.shared.router_id > remote_id;
+        let others: Vec<(u64, bool, SessionState)> = self
+            .conns
+            .iter()
+            .filter(|(other, s)| **other != id && !s.closing)
+            .map(|(other, s)| (*other, s.outgoing, s.state))
+            .collect();
+        for (other, other_outgoing, state) in others {
+            let loser = if state == SessionState::Established {
+                id
+            } else if this_outgoing == other_outgoing {
+                // The same direction twice (the neighbour restarted): the newer stays.
+                other.min(id)
+            } else if this_outgoing == keep_outgoing {
+                other
+            } else {
+                id
+            };
+            tracing::debug!(peer = %self.name, loser, "BGP connection collision");
+            if let Some(slot) = self.conns.get_mut(&loser) {
+                slot.closing = true;
+                let _ = slot.ctl.send(Ctl::Collision);
+            }
+            if loser == id {
+                return;
+            }
+        }
+    }
+
+    /// The most advanced state of the connections, into the summary.
+    fn publish_state(&self) {
+        let state = self
+            .conns
+            .values()
+            .filter(|s| !s.closing)
+            .map(|s| s.state)
+            .max_by_key(|s| rank(*s))
+            .unwrap_or(SessionState::Idle);
+        self.shared
+            .update_peer(&self.name, |p| p.summary.state = state.as_str().to_owned());
+    }
+}
+
+fn rank(state: SessionState) -> u8 {
+    match state {
+        SessionState::Idle => 0,
+        SessionState::Active => 1,
+        SessionState::Connect => 2,
+        SessionState::OpenSent => 3,
+        SessionState::OpenConfirm => 4,
+        SessionState::Established => 5,
+    }
+}

@@ -1,0 +1,301 @@
+//! The speaker: a listening socket, one task per peer, and the routes the peers taught.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use cni_core::linux::NetNs;
+use ipnet::Ipv4Net;
+use rustbgpd_wire::notification::{NotificationCode, cease_subcode};
+use rustbgpd_wire::{Message, NotificationMessage, encode_message};
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinHandle;
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::peer::{PeerCmd, PeerHandle};
+
+/// One peer as the speaker reports it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerSummary {
+    /// The peer's node name.
+    pub name: String,
+    /// Its address.
+    pub address: Option<Ipv4Addr>,
+    /// The most advanced RFC 4271 state of its connections (`idle`, `connect`, `active`,
+    /// `open_sent`, `open_confirm`, `established`).
+    pub state: String,
+    /// When the session was established, seconds since the Unix epoch (the uptime is now
+    /// minus this).
+    pub established_at: Option<u64>,
+    /// The negotiated hold time, seconds.
+    pub hold_time: Option<u16>,
+    /// The node's prefixes the peer has from us.
+    pub prefixes_sent: usize,
+    /// Prefixes the peer announced to us.
+    pub prefixes_received: usize,
+    /// Why the last connection ended, when it ended on an error.
+    pub last_error: Option<String>,
+}
+
+/// A peer's entry in the speaker's table.
+#[derive(Debug, Default)]
+pub(crate) struct PeerView {
+    pub summary: PeerSummary,
+    /// Prefix → next hop, from the Established connection (Adj-RIB-In).
+    pub routes: BTreeMap<Ipv4Net, Ipv4Addr>,
+}
+
+/// What the listener, the peer tasks and the installer share.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub config: Config,
+    /// The BGP identifier: the node's IPv4 address, also the NEXT_HOP of its blocks.
+    pub router_id: Ipv4Addr,
+    /// Sockets are made in this namespace.
+    ns: NetNs,
+    /// The node's own blocks.
+    pub blocks: watch::Sender<Vec<Ipv4Net>>,
+    /// The peers by name.
+    table: Mutex<BTreeMap<String, (PeerView, PeerHandle)>>,
+    /// Woken when a peer's routes change.
+    pub changed: Notify,
+}
+
+impl Shared {
+    fn table(&self) -> MutexGuard<'_, BTreeMap<String, (PeerView, PeerHandle)>> {
+        // A panic while holding the lock leaves plain data behind: still usable.
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Changes the entry of the peer `name`, if it is still configured.
+    pub fn update_peer(&self, name: &str, f: impl FnOnce(&mut PeerView)) {
+        if let Some((view, _)) = self.table().get_mut(name) {
+            f(view);
+        }
+    }
+
+    /// Opens a TCP connection from the node's address, with a socket made in the node's
+    /// namespace; gives up after [`Config::connect_retry`].
+    pub async fn connect(&self, remote: SocketAddr) -> std::result::Result<TcpStream, String> {
+        let local = SocketAddr::from((self.router_id, 0));
+        let socket = self
+            .ns
+            .run(move || -> std::io::Result<TcpSocket> {
+                let s = TcpSocket::new_v4()?;
+                s.bind(local)?;
+                Ok(s)
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("socket: {e}"))?;
+        let timeout = Duration::from_secs(u64::from(self.config.connect_retry));
+        match tokio::time::timeout(timeout, socket.connect(remote)).await {
+            Ok(Ok(stream)) => Ok(stream),
+            Ok(Err(e)) => Err(format!("connect to {remote}: {e}")),
+            Err(_) => Err(format!("connect to {remote}: timed out")),
+        }
+    }
+
+    fn peer_of(&self, ip: IpAddr) -> Option<tokio::sync::mpsc::UnboundedSender<PeerCmd>> {
+        self.table()
+            .values()
+            .find(|(view, _)| view.summary.address.map(IpAddr::V4) == Some(ip))
+            .map(|(_, handle)| handle.cmds.clone())
+    }
+}
+
+/// The routes learned, by peer name (sorted): prefix → next hop.
+pub(crate) fn routes_of(shared: &Shared) -> Vec<(String, BTreeMap<Ipv4Net, Ipv4Addr>)> {
+    shared
+        .table()
+        .iter()
+        .map(|(name, (v, _))| (name.clone(), v.routes.clone()))
+        .collect()
+}
+
+/// The BGP speaker of one node: listens, keeps a session per peer, announces the node's
+/// blocks and collects what the peers announce.
+#[derive(Debug)]
+pub struct Speaker {
+    shared: Arc<Shared>,
+    listen: SocketAddr,
+    listener: JoinHandle<()>,
+}
+
+impl Speaker {
+    /// Starts a speaker with the BGP identifier (and next hop) `router_id`, listening on
+    /// `config.listen_address` (default `router_id`) and `config.port` with a socket made
+    /// in `ns`. No peers yet. Errors: 7 for a bad configuration, 101 when it cannot listen.
+    pub async fn start(config: Config, ns: NetNs, router_id: Ipv4Addr) -> Result<Self> {
+        config.validate()?;
+        let ip = config.listen_address.unwrap_or(IpAddr::V4(router_id));
+        let address = SocketAddr::new(ip, config.port);
+        let listener = ns
+            .run(move || {
+                let l = std::net::TcpListener::bind(address)?;
+                l.set_nonblocking(true)?;
+                Ok(l)
+            })
+            .await?
+            .and_then(TcpListener::from_std)
+            .map_err(|source| Error::Listen { address, source })?;
+        let listen = listener
+            .local_addr()
+            .map_err(|source| Error::Listen { address, source })?;
+        let (blocks, _) = watch::channel(Vec::new());
+        let shared = Arc::new(Shared {
+            config,
+            router_id,
+            ns,
+            blocks,
+            table: Mutex::new(BTreeMap::new()),
+            changed: Notify::new(),
+        });
+        tracing::info!(%listen, %router_id, "BGP speaker listening");
+        let listener = tokio::spawn(accept(listener, shared.clone()));
+        Ok(Speaker {
+            shared,
+            listen,
+            listener,
+        })
+    }
+
+    /// Where it listens.
+    pub fn listen_address(&self) -> SocketAddr {
+        self.listen
+    }
+
+    /// The BGP identifier.
+    pub fn router_id(&self) -> Ipv4Addr {
+        self.shared.router_id
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Announces exactly `blocks` to every peer (withdrawing what is no longer there).
+    pub fn set_blocks(&self, blocks: Vec<Ipv4Net>) {
+        self.shared.blocks.send_if_modified(|b| {
+            let changed = *b != blocks;
+            *b = blocks;
+            changed
+        });
+    }
+
+    /// Makes the peer set `peers` (name → address): new peers get a session, peers gone
+    /// or moved lose theirs, with their routes removed from the table right away (the
+    /// Cease NOTIFICATION goes out in the background). Returns whether routes went.
+    pub fn set_peers(&self, peers: &BTreeMap<String, Ipv4Addr>) -> bool {
+        let mut table = self.shared.table();
+        let stale: Vec<String> = table
+            .iter()
+            .filter(|(name, (view, _))| peers.get(*name).copied() != view.summary.address)
+            .map(|(name, _)| name.clone())
+            .collect();
+        let mut routes_gone = false;
+        for name in stale {
+            if let Some((view, handle)) = table.remove(&name) {
+                routes_gone |= !view.routes.is_empty();
+                let _ = handle.cmds.send(PeerCmd::Stop);
+                tracing::info!(peer = %name, "BGP peer removed");
+            }
+        }
+        for (name, address) in peers {
+            if table.contains_key(name) {
+                continue;
+            }
+            let view = PeerView {
+                summary: PeerSummary {
+                    name: name.clone(),
+                    address: Some(*address),
+                    state: "idle".into(),
+                    ..PeerSummary::default()
+                },
+                routes: BTreeMap::new(),
+            };
+            let handle = PeerHandle::spawn(self.shared.clone(), name.clone(), *address);
+            table.insert(name.clone(), (view, handle));
+        }
+        routes_gone
+    }
+
+    /// Every peer's summary, by name.
+    pub fn summary(&self) -> Vec<PeerSummary> {
+        self.shared
+            .table()
+            .values()
+            .map(|(v, _)| v.summary.clone())
+            .collect()
+    }
+
+    /// The routes learned, by peer name: prefix → next hop.
+    pub fn routes(&self) -> BTreeMap<String, BTreeMap<Ipv4Net, Ipv4Addr>> {
+        routes_of(&self.shared).into_iter().collect()
+    }
+
+    /// Closes every session with a Cease (Administrative Shutdown), waits up to a second
+    /// for the NOTIFICATIONs to go out, and stops listening.
+    pub async fn stop(self) {
+        self.listener.abort();
+        let handles: Vec<PeerHandle> = std::mem::take(&mut *self.shared.table())
+            .into_values()
+            .map(|(_, h)| h)
+            .collect();
+        for h in &handles {
+            let _ = h.cmds.send(PeerCmd::Stop);
+        }
+        for h in handles {
+            let _ = h.task.await;
+        }
+    }
+}
+
+impl Drop for Speaker {
+    fn drop(&mut self) {
+        self.listener.abort();
+        for (_, h) in self.shared.table().values() {
+            let _ = h.cmds.send(PeerCmd::Stop);
+        }
+    }
+}
+
+/// Hands each connection to the task of the peer it comes from; refuses strangers with
+/// Cease / Connection Rejected.
+async fn accept(listener: TcpListener, shared: Arc<Shared>) {
+    loop {
+        let (mut stream, from) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "BGP accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        match shared.peer_of(from.ip()) {
+            Some(peer) => {
+                let _ = peer.send(PeerCmd::Incoming(stream));
+            }
+            None => {
+                tracing::info!(%from, "BGP connection from an unknown address refused");
+                let n = NotificationMessage::new(
+                    NotificationCode::Cease,
+                    cease_subcode::CONNECTION_REJECTED,
+                    bytes::Bytes::new(),
+                );
+                if let Ok(bytes) = encode_message(&Message::Notification(n)) {
+                    tokio::spawn(async move {
+                        let _ = stream.write_all(&bytes).await;
+                        let _ = stream.shutdown().await;
+                    });
+                }
+            }
+        }
+    }
+}
