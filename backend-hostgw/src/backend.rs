@@ -178,7 +178,10 @@ mod tests {
 
     fn kernel() -> Recording {
         let k = Recording::new();
-        assert_eq!(k.add_link("eth0", 1500, &[net("192.168.1.2/24")]), ETH0);
+        assert_eq!(
+            k.add_plain_link("eth0", 1500, &[net("192.168.1.2/24")]),
+            ETH0
+        );
         k
     }
 

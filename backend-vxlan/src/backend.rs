@@ -6,7 +6,8 @@ use std::net::{IpAddr, Ipv4Addr};
 use async_trait::async_trait;
 use cni_core::linux::NetNs;
 use cni_core::linux::kernel::{
-    Desired, FdbEntry, Kernel, Neighbour, Netlink, Ownership, Underlay, VxlanSpec,
+    Desired, FdbEntry, Kernel, LinkKind, LinkSpec, Neighbour, Netlink, Ownership, Underlay,
+    configure_device, delete_device, ensure_device,
 };
 use cni_core::registry::NodeRecord;
 use cni_core::routing::{CrossNodeRouting, LocalNode, ReconcileReport};
@@ -131,19 +132,19 @@ impl<K: Kernel> Vxlan<K> {
                 node: local.name.clone(),
             })?;
 
-        let spec = VxlanSpec {
+        let spec = LinkSpec {
             name: self.config.device.clone(),
-            params: device::params(
+            kind: LinkKind::Vxlan(device::params(
                 self.config.vni,
                 self.config.port,
                 underlay.address,
                 underlay.ifindex,
-            ),
+            )),
             mtu,
             mac: Some(device::vtep_mac(&local.name, self.config.vni)),
         };
-        let dev = device::ensure(&self.kernel, &spec).await?;
-        device::configure(&self.kernel, &dev, mtu, IpAddr::V4(vtep_addr)).await?;
+        let dev = ensure_device(&self.kernel, &spec).await?;
+        configure_device(&self.kernel, &dev, mtu, IpAddr::V4(vtep_addr)).await?;
         let vtep = Vtep {
             ifindex: dev.link.index,
             addr: vtep_addr,
@@ -268,17 +269,10 @@ impl<K: Kernel> Vxlan<K> {
 
     async fn teardown_inner(&mut self) -> Result<()> {
         let mut errors = Vec::new();
-        let name = &self.config.device;
         // Only a VXLAN device is ours to delete; its routes, neighbour and FDB entries go
         // with it.
-        match self.kernel.device(name).await {
-            Ok(Some(d)) if d.vxlan.is_some() => {
-                if let Err(e) = self.kernel.delete_link(name).await {
-                    errors.push(e);
-                }
-            }
-            Ok(_) => {}
-            Err(e) => errors.push(e),
+        if let Err(e) = delete_device(&self.kernel, &self.config.device, crate::TYPE).await {
+            errors.push(e);
         }
         // The DirectRouting routes through the underlay device (and any route of ours a
         // failed deletion left behind): wanting nothing deletes them all.
@@ -394,7 +388,10 @@ mod tests {
 
     fn kernel() -> Recording {
         let k = Recording::new();
-        assert_eq!(k.add_link("eth0", 1500, &[net("192.168.1.2/24")]), ETH0);
+        assert_eq!(
+            k.add_plain_link("eth0", 1500, &[net("192.168.1.2/24")]),
+            ETH0
+        );
         k
     }
 
@@ -465,15 +462,15 @@ mod tests {
         assert_eq!(
             k.take_writes(),
             vec![
-                Write::AddVxlan(VxlanSpec {
+                Write::AddLink(LinkSpec {
                     name: "cnikit.vxlan".into(),
-                    params: cni_core::linux::kernel::VxlanParams {
+                    kind: LinkKind::Vxlan(cni_core::linux::kernel::VxlanParams {
                         vni: 1,
                         port: 4789,
                         local: Some(ip("192.168.1.2")),
                         underlay: Some(ETH0),
                         learning: false,
-                    },
+                    }),
                     mtu: 1450,
                     mac: Some(mac),
                 }),
@@ -538,7 +535,9 @@ mod tests {
                 name: "cnikit.vxlan".into()
             }
         );
-        assert!(matches!(&writes[1], Write::AddVxlan(s) if s.params.vni == 9));
+        assert!(
+            matches!(&writes[1], Write::AddLink(LinkSpec { kind: LinkKind::Vxlan(p), .. }) if p.vni == 9)
+        );
         // Another MTU and block: changed in place.
         let mut v = Vxlan::with_kernel(
             Config {
@@ -579,7 +578,7 @@ mod tests {
     #[tokio::test]
     async fn init_refuses_what_it_cannot_use() {
         let k = kernel();
-        k.add_link("taken0", 1500, &[]);
+        k.add_plain_link("taken0", 1500, &[]);
         let cases = [
             (
                 Config {
@@ -876,7 +875,7 @@ mod tests {
     #[tokio::test]
     async fn teardown_leaves_a_device_that_is_not_vxlan() {
         let k = kernel();
-        k.add_link("cnikit.vxlan", 1500, &[]);
+        k.add_plain_link("cnikit.vxlan", 1500, &[]);
         let mut v = Vxlan::with_kernel(Config::default(), k.clone()).unwrap();
         v.teardown().await.unwrap();
         assert!(k.link("cnikit.vxlan").is_some());
@@ -886,7 +885,7 @@ mod tests {
     #[tokio::test]
     async fn an_ipv6_underlay_costs_70_bytes() {
         let k = Recording::new();
-        k.add_link("eth0", 1500, &[net("fd00:1::2/64")]);
+        k.add_plain_link("eth0", 1500, &[net("fd00:1::2/64")]);
         let mut v = Vxlan::with_kernel(Config::default(), k.clone()).unwrap();
         v.init(&LocalNode {
             address: ip("fd00:1::2"),

@@ -5,8 +5,8 @@ use std::net::IpAddr;
 
 use cni_core::linux::NetNs;
 use cni_core::linux::kernel::{
-    Fdb, FdbEntry, GatewayRoute, Links, Neighbour, Neighbours, Netlink, ROUTE_PROTOCOL, Routes,
-    VxlanParams, VxlanSpec,
+    Fdb, FdbEntry, GatewayRoute, LinkKind, LinkSpec, Links, Neighbour, Neighbours, Netlink,
+    ROUTE_PROTOCOL, Routes, VxlanParams,
 };
 use testkit::{Namespaces, bridge, ip, ip_json};
 
@@ -147,28 +147,30 @@ async fn vxlan_device_neighbours_and_fdb() {
     let lab = Namespaces::new("kvx");
     let (node, eth0) = node(&lab);
     let k = Netlink::new(NetNs::named(&node).await.unwrap());
-    let spec = VxlanSpec {
+    let params = VxlanParams {
+        vni: 77,
+        port: 4789,
+        local: Some(a("192.0.2.1")),
+        underlay: Some(eth0),
+        learning: false,
+    };
+    let spec = LinkSpec {
         name: "cnkt.vx".into(),
-        params: VxlanParams {
-            vni: 77,
-            port: 4789,
-            local: Some(a("192.0.2.1")),
-            underlay: Some(eth0),
-            learning: false,
-        },
+        kind: LinkKind::Vxlan(params),
         mtu: 1450,
         mac: Some([0x02, 0, 0, 0, 0x77, 1]),
     };
     assert!(k.device("cnkt.vx").await.unwrap().is_none());
-    k.add_vxlan(&spec).await.unwrap();
+    k.add_link(&spec).await.unwrap();
     let dev = k.device("cnkt.vx").await.unwrap().expect("made");
-    assert_eq!(dev.vxlan, Some(spec.params), "parameters read back as made");
+    assert_eq!(dev.kind, Some(spec.kind), "parameters read back as made");
+    assert_eq!(dev.vxlan(), Some(&params));
     assert_eq!(dev.link.mtu, Some(1450));
     assert_eq!(dev.link.kind.as_deref(), Some("vxlan"));
     assert_eq!(dev.link.mac.unwrap().as_bytes(), &[0x02, 0, 0, 0, 0x77, 1]);
     assert!(!dev.link.up);
-    assert_eq!(k.add_vxlan(&spec).await.unwrap_err().code().0, 101);
-    assert!(k.device("eth0").await.unwrap().unwrap().vxlan.is_none());
+    assert_eq!(k.add_link(&spec).await.unwrap_err().code().0, 101);
+    assert!(k.device("eth0").await.unwrap().unwrap().kind.is_none());
 
     let vx = dev.link.index;
     k.set_mtu(vx, 1400).await.unwrap();
