@@ -96,41 +96,15 @@ impl<K: Kernel> Vxlan<K> {
     async fn init_inner(&mut self, local: &LocalNode) -> Result<()> {
         let underlay = Underlay::resolve(&self.kernel, local).await?;
         let overhead = Self::overhead_for(underlay.address);
-        let max = local.underlay_mtu.saturating_sub(overhead);
-        let mtu = self.config.mtu.unwrap_or(max);
-        if mtu > max {
-            return Err(Error::InvalidConfig {
+        let mtu = underlay
+            .tunnel_mtu(self.config.mtu, overhead, "VXLAN")
+            .map_err(|reason| Error::InvalidConfig {
                 field: "mtu",
-                reason: format!(
-                    "{mtu} is more than the underlay MTU {} minus {overhead} bytes of VXLAN \
-                     encapsulation",
-                    local.underlay_mtu
-                ),
-            });
-        }
-        if mtu < cni_core::linux::veth::MIN_MTU {
-            return Err(Error::InvalidConfig {
-                field: "mtu",
-                reason: format!(
-                    "the underlay MTU {} leaves {mtu} bytes after encapsulation",
-                    local.underlay_mtu
-                ),
-            });
-        }
-        let tunnel = match local.tunnel_address {
-            Some(std::net::IpAddr::V4(a)) => Some(a),
-            _ => None,
-        };
-        let vtep_addr = tunnel
-            .or_else(|| {
-                local.blocks.iter().find_map(|b| match b {
-                    ipnet::IpNet::V4(v4) => Some(v4.network()),
-                    ipnet::IpNet::V6(_) => None,
-                })
-            })
-            .ok_or_else(|| Error::NoVtepAddress {
-                node: local.name.clone(),
+                reason,
             })?;
+        let vtep_addr = local.tunnel_ipv4().ok_or_else(|| Error::NoVtepAddress {
+            node: local.name.clone(),
+        })?;
 
         let spec = LinkSpec {
             name: self.config.device.clone(),
