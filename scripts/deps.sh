@@ -9,6 +9,7 @@ CNIKIT_DEBS=(
   containernetworking-plugins                      # reference CNI plugins in /usr/lib/cni
   podman runc busybox-static                       # a real CNI client and a local image
   protobuf-compiler libprotobuf-dev                # etcd-client build
+  user-mode-linux kmod                             # scripts/vm.sh: kernel tests needing ipip
 )
 
 missing=()

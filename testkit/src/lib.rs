@@ -11,11 +11,15 @@
 //! namespaces deleted on drop, also on panic), [`ip`]/[`ip_json`] and [`bridge`]/
 //! [`bridge_json`] inside them, and the example binaries of the end-to-end tests
 //! ([`examples_dir`], [`assert_fresh`]).
+//!
+//! [`vm`] runs kernel tests inside a user-mode-linux VM when the running kernel lacks a link
+//! kind they need (ipip here): [`vm::here_or_in_vm`].
 
 #![warn(missing_docs)]
 
 mod example;
 mod netns;
+pub mod vm;
 
 use std::io::Write;
 use std::path::Path;
