@@ -69,10 +69,7 @@ pub(super) fn message(spec: &LinkSpec, p: &IpipParams) -> LinkMessage {
     if let Some(dev) = p.underlay {
         builder = builder.dev(dev);
     }
-    if let Some(mac) = spec.mac {
-        // The kernel refuses it (an IPIP address is 4 bytes): let it say so.
-        builder = builder.address(mac.to_vec());
-    }
+    // No `spec.mac`: `LinkSpec::validate` refuses one for IPIP.
     builder.build()
 }
 
@@ -125,6 +122,12 @@ mod tests {
             "ip link add cnikit.ipip mtu 1480 type ipip local 192.168.1.2 dev #2 ttl inherit \
              pmtudisc"
         );
+        spec.validate().unwrap();
+        let with_mac = LinkSpec {
+            mac: Some([2, 0, 0, 0, 0, 1]),
+            ..spec
+        };
+        assert_eq!(with_mac.validate().unwrap_err().code().0, 7);
     }
 
     #[test]

@@ -114,6 +114,22 @@ pub struct LinkSpec {
 }
 
 impl LinkSpec {
+    /// Checks what the kernel would not say itself: a hardware address on a kind without
+    /// an Ethernet address (IPIP), which the kernel takes and ignores. Errors: 7.
+    pub fn validate(&self) -> Result<()> {
+        match (&self.kind, self.mac) {
+            (LinkKind::Ipip(_), Some(mac)) => Err(Error::invalid_config(
+                "mac",
+                format!(
+                    "{}: an ipip device has no Ethernet address (its link-layer address is \
+                     its local address)",
+                    HwAddr::from(mac)
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// The `ip link add` command this spec equals, for messages.
     pub fn describe(&self) -> String {
         let mut s = format!("ip link add {}", self.name);
@@ -183,8 +199,10 @@ impl Device {
 
 /// Creates a device (down), like `ip link add NAME [address MAC] mtu MTU type KIND …`.
 /// Fails with `EEXIST` (code 101) if the name is taken, or, for an IPIP device, if another
-/// IPIP device has the same `local`, `remote` and `dev` (the kernel keys tunnels by them).
+/// IPIP device has the same `local`, `remote` and `dev` (the kernel keys tunnels by them);
+/// with code 7 when [`LinkSpec::validate`] refuses the spec.
 pub async fn add(ns: &NetNs, spec: &LinkSpec) -> Result<()> {
+    spec.validate()?;
     let message = match &spec.kind {
         LinkKind::Vxlan(p) => vxlan::message(spec, p),
         LinkKind::Ipip(p) => ipip::message(spec, p),

@@ -312,6 +312,7 @@ impl Links for Recording {
     async fn add_link(&self, spec: &LinkSpec) -> Result<()> {
         let mut s = self.lock();
         s.record(Write::AddLink(spec.clone()))?;
+        spec.validate()?;
         let what = spec.describe();
         if s.links.contains_key(&spec.name) {
             return Err(os_error(what, libc::EEXIST));
@@ -333,9 +334,6 @@ impl Links for Recording {
                 .unwrap_or([0x02, 0xff, 0, 0, (index >> 8) as u8, index as u8])
                 .to_vec(),
             LinkKind::Ipip(p) => {
-                if spec.mac.is_some() {
-                    return Err(os_error(what, libc::EINVAL));
-                }
                 // The kernel keys IPIP devices by local address and device.
                 let key = |q: &crate::linux::ipip::IpipParams| (q.local, q.underlay);
                 if s.links.values().any(|d| d.ipip().map(key) == Some(key(&p))) {

@@ -59,8 +59,8 @@ pub trait Links: Send + Sync {
 
     /// Creates the device of `spec` (down), like `ip link add NAME mtu MTU type KIND …`.
     /// Fails with `EEXIST` if the name is taken (for IPIP also when another IPIP device
-    /// has the same `local` and `dev`), with `EINVAL` when the kind has no Ethernet
-    /// address and `spec.mac` is set. Not idempotent: callers look first.
+    /// has the same `local` and `dev`); with code 7 when [`LinkSpec::validate`] refuses
+    /// the spec (a MAC for a kind without one). Not idempotent: callers look first.
     async fn add_link(&self, spec: &LinkSpec) -> Result<()>;
 
     /// Sets the MTU, like `ip link set dev DEV mtu MTU`.
