@@ -6,7 +6,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use async_trait::async_trait;
 use cni_core::linux::NetNs;
 use cni_core::linux::kernel::{
-    Desired, Kernel, Netlink, Ownership, Underlay, configure_device, delete_device, ensure_device,
+    Desired, Kernel, Netlink, Ownership, Underlay, configure_device, ensure_device, remove_owned,
 };
 use cni_core::registry::NodeRecord;
 use cni_core::routing::{CrossNodeRouting, LocalNode, ReconcileReport};
@@ -182,20 +182,8 @@ impl<K: Kernel> Ipip<K> {
     }
 
     async fn teardown_inner(&mut self) -> Result<()> {
-        let mut errors = Vec::new();
-        // Only an IPIP device is ours to delete; the tunnel routes go with it.
-        if let Err(e) = delete_device(&self.kernel, &self.config.device, crate::TYPE).await {
-            errors.push(e);
-        }
-        // The crossSubnet routes through the underlay device (and any route of ours a
-        // failed deletion left behind): wanting nothing deletes them all.
-        if let Err(e) = Desired::new()
-            .apply(&self.kernel, &Ownership::default())
-            .await
-        {
-            errors.push(e);
-        }
-        cni_core::Error::collect(errors)?;
+        // Only a device of our kind is ours to delete; what goes through it goes with it.
+        remove_owned(&self.kernel, Some((&self.config.device, crate::TYPE))).await?;
         self.node = None;
         Ok(())
     }

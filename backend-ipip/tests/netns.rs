@@ -19,7 +19,7 @@ use backend_ipip::{Config, DEFAULT_DEVICE as DEV, Ipip, Mode};
 use cni_core::linux::NetNs;
 use cni_core::registry::NodeRecord;
 use cni_core::routing::CrossNodeRouting;
-use lab::{Lab, NodeSpec, cnikit_routes, local, ping, ping_once};
+use lab::{Lab, NodeSpec, cnikit_routes, ping, ping_once};
 use serde_json::Value;
 use testkit::ip_json;
 
@@ -158,38 +158,14 @@ async fn cluster(tag: &str, mode: Mode) -> Cluster {
         ..Config::default()
     };
     let nodes = [
-        ("a", &s1, "192.168.71.11/24", "192.168.71.1"),
-        ("b", &s1, "192.168.71.12/24", "192.168.71.1"),
-        ("c", &s2, "192.168.72.13/24", "192.168.72.1"),
+        ("a", s1.as_str(), "192.168.71.11/24", Some("192.168.71.1")),
+        ("b", s1.as_str(), "192.168.71.12/24", Some("192.168.71.1")),
+        ("c", s2.as_str(), "192.168.72.13/24", Some("192.168.72.1")),
     ];
-    let (mut specs, mut pods, mut backends, mut records) = (vec![], vec![], vec![], vec![]);
-    for (i, (name, switch, cidr, gw)) in nodes.into_iter().enumerate() {
-        let n = i + 1;
-        let spec = NodeSpec {
-            local: local(name, cidr, &format!("10.244.{n}.0/24")),
-            ns: lab.node(name, switch, cidr, Some(gw)),
-        };
-        let mut backend = Ipip::new(
-            config.clone(),
-            NetNs::named(&spec.ns).await.expect("open node"),
-        )
-        .expect("config");
-        backend.init(&spec.local).await.expect("init");
-        let pod_mtu = spec.local.underlay_mtu - backend.mtu_overhead();
-        let pod = lab
-            .pod(
-                &spec.ns,
-                &format!("{name}-pod"),
-                &format!("10.244.{n}.2/24"),
-                &format!("10.244.{n}.1"),
-                pod_mtu,
-            )
-            .await;
-        records.push(spec.record(backend.node_data()));
-        specs.push(spec);
-        pods.push(pod);
-        backends.push(backend);
-    }
+    let (specs, pods, mut backends, records) = lab::cluster(&lab, &nodes, |ns| {
+        Ipip::new(config.clone(), ns).expect("config")
+    })
+    .await;
     for backend in &mut backends {
         let report = backend.reconcile(&records).await.expect("reconcile");
         assert_eq!(report.writes, 2, "{report:?}");

@@ -5,7 +5,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use super::{Device, LinkSpec, Links};
+use super::{Desired, Device, Kernel, LinkSpec, Links, Ownership};
 use crate::error::{Error, Result};
 use crate::linux::Mismatch;
 
@@ -94,6 +94,27 @@ pub async fn delete_device<K: Links + ?Sized>(kernel: &K, name: &str, kind: &str
         Some(d) if d.link.kind.as_deref() == Some(kind) => kernel.delete_link(name).await,
         _ => Ok(false),
     }
+}
+
+/// Removes everything a routing backend made: its device `name` if it is of `kind` (with
+/// every route and entry through it, see [`delete_device`]), then every route with our
+/// protocol left (those through the underlay, and any a failed deletion left behind).
+/// Both steps run; their errors come back together. Idempotent. Errors: 101.
+pub async fn remove_owned<K: Kernel + ?Sized>(
+    kernel: &K,
+    device: Option<(&str, &str)>,
+) -> Result<()> {
+    let mut errors = Vec::new();
+    if let Some((name, kind)) = device
+        && let Err(e) = delete_device(kernel, name, kind).await
+    {
+        errors.push(e);
+    }
+    // Wanting nothing deletes every route with our protocol, and nothing else.
+    if let Err(e) = Desired::new().apply(kernel, &Ownership::default()).await {
+        errors.push(e);
+    }
+    Error::collect(errors)
 }
 
 #[cfg(test)]

@@ -36,7 +36,7 @@ pub use super::link::{Device, LinkKind, LinkSpec};
 pub use super::neigh::Neighbour;
 pub use super::route::GatewayRoute;
 pub use super::vxlan::VxlanParams;
-pub use device::{configure_device, delete_device, ensure_device};
+pub use device::{configure_device, delete_device, ensure_device, remove_owned};
 pub use fake::{Recording, Write};
 pub use netlink::Netlink;
 pub use sync::{Desired, Ownership};
