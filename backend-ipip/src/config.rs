@@ -66,7 +66,7 @@ impl Config {
     /// Checks the configuration without touching the system. Errors: code 7.
     pub fn validate(&self) -> Result<()> {
         let invalid = |field, reason: String| Error::InvalidConfig { field, reason };
-        link::valid_name(&self.device).map_err(|r| invalid("device", r))?;
+        link::valid_device_name(&self.device).map_err(|r| invalid("device", r))?;
         if self.device == FALLBACK_DEVICE {
             return Err(invalid(
                 "device",
@@ -76,22 +76,8 @@ impl Config {
                 ),
             ));
         }
-        if self.device.starts_with(veth::HOST_PREFIX) {
-            return Err(invalid(
-                "device",
-                format!(
-                    "names starting with {:?} are cnikit's host veths",
-                    veth::HOST_PREFIX
-                ),
-            ));
-        }
-        if let Some(mtu) = self.mtu
-            && !(veth::MIN_MTU..=veth::MAX_MTU).contains(&mtu)
-        {
-            return Err(invalid(
-                "mtu",
-                format!("{mtu} is outside {}..={}", veth::MIN_MTU, veth::MAX_MTU),
-            ));
+        if let Some(mtu) = self.mtu {
+            veth::valid_mtu(mtu).map_err(|r| invalid("mtu", r))?;
         }
         Ok(())
     }

@@ -247,6 +247,20 @@ pub fn valid_name(name: &str) -> std::result::Result<(), String> {
     Ok(())
 }
 
+/// Checks the name of a device cnikit makes (a bridge, a tunnel device): usable as an
+/// interface name ([`valid_name`]) and not in the namespace of cnikit's host veths
+/// ([`veth::HOST_PREFIX`](super::veth::HOST_PREFIX)).
+pub fn valid_device_name(name: &str) -> std::result::Result<(), String> {
+    valid_name(name)?;
+    let prefix = super::veth::HOST_PREFIX;
+    if name.starts_with(prefix) {
+        return Err(format!(
+            "names starting with {prefix:?} are cnikit's host veths"
+        ));
+    }
+    Ok(())
+}
+
 /// Looks a link up by name, like `ip link show dev NAME`. `Ok(None)` if there is none.
 pub async fn get(ns: &NetNs, name: &str) -> Result<Option<Link>> {
     let reply = get_message(ns, name, "ip link show").await?;
