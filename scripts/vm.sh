@@ -145,7 +145,7 @@ TMPDIR=$uml_tmp setsid "$kernel" \
   3>"$scratch/console.log" 4>&1 5>&2 </dev/null >>"$scratch/console.log" 2>&1 &
 uml_pid=$!
 uml_rc=0
-wait "$uml_pid" || uml_rc=$?
+wait "$uml_pid" 2>/dev/null || uml_rc=$?
 uml_pid=
 
 if [ -s "$scratch/init-error" ]; then
@@ -155,7 +155,8 @@ if ! [ -f "$scratch/status" ]; then
   {
     echo "scripts/vm.sh: the guest ended (exit $uml_rc) without reporting CMD's exit status;"
     echo "its console said:"
-    tail -n 40 "$scratch/console.log" | sed 's/^/  | /'
+    grep -vE '^(SELinux|mmapper_init|Failed to initialize ubd)' "$scratch/console.log" \
+      | tail -n 40 | sed 's/^/  | /'
   } >&2
   exit 125
 fi

@@ -81,13 +81,13 @@ fn ipip_body() {
     let release = nix::sys::utsname::uname().unwrap();
     let release = release.release().to_string_lossy();
     println!("RAN in_vm={} kernel={release}", vm::in_vm());
+    assert!(vm::kernel_has_link_kind("ipip"), "the probe misses ipip");
     if vm::in_vm() {
         // The guest's kernel is the user-mode-linux one, whose modules it uses.
         assert!(Path::new("/usr/lib/uml/modules").join(&*release).is_dir());
     }
     let ns = testkit::Namespaces::new("vm-ipip");
     let n = ns.add("a");
-    let links = testkit::ip_json(&n, &["-d", "link", "show"]);
     testkit::ip(
         &n,
         &[
@@ -100,19 +100,16 @@ fn ipip_body() {
             "192.0.2.1",
         ],
     );
-    let links_after = testkit::ip_json(&n, &["-d", "link", "show", "cnkt-ipip"]);
-    assert_eq!(links_after[0]["linkinfo"]["info_kind"], "ipip");
-    // The module's fallback device is in every namespace once it is loaded.
-    assert!(
+    let links = testkit::ip_json(&n, &["-d", "link", "show"]);
+    let kind = |name: &str| {
         links
             .iter()
-            .chain(&links_after)
-            .any(|l| l["ifname"] == "tunl0")
-            || testkit::ip_json(&n, &["link", "show"])
-                .iter()
-                .any(|l| l["ifname"] == "tunl0"),
-        "no tunl0"
-    );
+            .find(|l| l["ifname"] == name)
+            .map(|l| l["linkinfo"]["info_kind"].clone())
+    };
+    assert_eq!(kind("cnkt-ipip"), Some("ipip".into()), "{links:?}");
+    // The module's fallback device, in every namespace once it is loaded.
+    assert_eq!(kind("tunl0"), Some("ipip".into()), "{links:?}");
     assert!(
         std::env::var("CNIKIT_VMTEST_FAIL").is_err(),
         "failing as asked (CNIKIT_VMTEST_FAIL)"
@@ -153,6 +150,17 @@ fn a_test_needing_ipip_runs_in_the_vm_when_the_kernel_lacks_it() {
     } else {
         assert!(ran.starts_with("in_vm=true kernel="), "{ran}");
         assert_ne!(ran, format!("in_vm=true kernel={host}"));
+        // The body's namespaces lived in the guest's kernel and /run, never here.
+        let here: Vec<_> = std::fs::read_dir(testkit::NETNS_RUN_DIR)
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|name| name.starts_with("cnkt-vm-ipip-"))
+            .collect();
+        assert!(
+            here.is_empty(),
+            "namespaces of the body on the host: {here:?}"
+        );
         // A body that fails in the VM fails the test that sent it there.
         let out = run_ipip_body(&[("CNIKIT_VMTEST_FAIL", "1")]);
         let stdout = String::from_utf8_lossy(&out.stdout);
