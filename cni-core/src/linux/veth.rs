@@ -19,6 +19,15 @@ pub const MIN_MTU: u32 = 68;
 /// The largest MTU a veth takes.
 pub const MAX_MTU: u32 = 65535;
 
+/// Checks a configured MTU: from [`MIN_MTU`] (the IPv4 minimum) to [`MAX_MTU`] (the veth
+/// maximum).
+pub fn valid_mtu(mtu: u32) -> std::result::Result<(), String> {
+    if !(MIN_MTU..=MAX_MTU).contains(&mtu) {
+        return Err(format!("{mtu} is outside {MIN_MTU}..={MAX_MTU}"));
+    }
+    Ok(())
+}
+
 /// FNV-1a, 64 bits: a small, stable hash for deterministic device names.
 pub fn fnv1a64(bytes: &[u8]) -> u64 {
     const OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
