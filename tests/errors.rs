@@ -255,11 +255,12 @@ fn malformed_input_fails_with_its_code_and_creates_nothing() {
             && node_now == node_before
             && pod_now == pod_before;
         println!(
-            "{:<45} -> {code:>3} (want {:>3}) {:?}{}",
+            "{:<45} -> {code:>3} (want {:>3}) {:?}{} {}",
             c.what,
             c.code,
             out.elapsed,
-            if ok { "" } else { "  <-- WRONG" }
+            if ok { "" } else { "  <-- WRONG" },
+            out.json().map(|j| j["msg"].to_string()).unwrap_or_default()
         );
         if !ok {
             failures.push(format!(

@@ -21,8 +21,8 @@ use crate::error::{Error, Result};
 use crate::linux::netns::open_netns_file;
 use crate::runner::Request;
 use crate::spec::{
-    CniResult, Command, ConfList, ErrorOutput, GcAttachment, VALID_ATTACHMENTS_KEY, Version,
-    VersionInfo, is_plugin_name,
+    CniResult, Command, ConfList, ErrorOutput, GcAttachment, LEGACY_ATTACHMENTS_KEY,
+    VALID_ATTACHMENTS_KEY, Version, VersionInfo, is_plugin_name,
 };
 
 /// How often a start that fails with `ETXTBSY` (the executable was just written, and another
@@ -448,8 +448,9 @@ pub async fn del_list(
     Error::collect(errors)
 }
 
-/// GC for a whole list: every plugin gets the list's configuration with
-/// `cni.dev/valid-attachments` set to `valid`, and no container, netns or interface. Does
+/// GC for a whole list: every plugin gets the list's configuration with `valid` under both
+/// `cni.dev/valid-attachments` and `cni.dev/attachments` (as libcni 1.2.3 and later send
+/// it), and no container, netns or interface. Does
 /// nothing when the list sets `disableGC` or its version is before 1.1.0 (as libcni).
 /// Every plugin is run; the failures are returned together.
 pub async fn gc_list(list: &ConfList, cni_path: &[PathBuf], valid: &[GcAttachment]) -> Result<()> {
@@ -468,6 +469,7 @@ pub async fn gc_list(list: &ConfList, cni_path: &[PathBuf], valid: &[GcAttachmen
         let mut config = list.plugin_config(i, version, None, &Map::new())?;
         if let Value::Object(map) = &mut config {
             map.insert(VALID_ATTACHMENTS_KEY.into(), valid.clone());
+            map.insert(LEGACY_ATTACHMENTS_KEY.into(), valid.clone());
         }
         if let Err(e) = invocation
             .exec(&plugin.plugin_type, &config_bytes(&config))
