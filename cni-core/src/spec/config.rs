@@ -325,6 +325,36 @@ pub(crate) fn decode_value<T: DeserializeOwned>(value: Value, what: &'static str
     })
 }
 
+/// serde's words for what it expected, in the words of a JSON configuration: the Rust types
+/// it names (`u32`, `struct IpamConf`) mean nothing to whoever wrote the JSON.
+fn in_json_words(message: &str) -> String {
+    const INTEGERS: [(&str, &str); 8] = [
+        ("u8", "0 to 255"),
+        ("u16", "0 to 65535"),
+        ("u32", "0 to 4294967295"),
+        ("u64", "0 to 18446744073709551615"),
+        ("i8", "-128 to 127"),
+        ("i16", "-32768 to 32767"),
+        ("i32", "-2147483648 to 2147483647"),
+        ("i64", "-9223372036854775808 to 9223372036854775807"),
+    ];
+    let Some((head, expected)) = message.rsplit_once(", expected ") else {
+        return message.to_owned();
+    };
+    let words = if let Some((_, range)) = INTEGERS.iter().find(|(ty, _)| *ty == expected) {
+        format!("a whole number from {range}")
+    } else if expected.starts_with("struct ") || expected.starts_with("a map") {
+        "a JSON object".to_owned()
+    } else if expected == "a sequence" {
+        "a JSON array".to_owned()
+    } else if expected == "f32" || expected == "f64" {
+        "a number".to_owned()
+    } else {
+        return message.to_owned();
+    };
+    format!("{head}, expected {words}")
+}
+
 /// Decodes a plugin's own keys into `T`, mapping errors to code 7 with the key path.
 fn decode_config<T: DeserializeOwned>(keys: &Map<String, Value>, prefix: &str) -> Result<T> {
     serde_path_to_error::deserialize(keys).map_err(|e| {
@@ -340,7 +370,7 @@ fn decode_config<T: DeserializeOwned>(keys: &Map<String, Value>, prefix: &str) -
             } else {
                 field
             },
-            reason: e.into_inner().to_string(),
+            reason: in_json_words(&e.into_inner().to_string()),
         }
     })
 }
@@ -348,9 +378,9 @@ fn decode_config<T: DeserializeOwned>(keys: &Map<String, Value>, prefix: &str) -
 /// Folds the path of a `serde_path_to_error` failure into the error's message.
 pub(crate) fn with_path(e: serde_path_to_error::Error<serde_json::Error>) -> serde_json::Error {
     let path = e.path().to_string();
-    let inner = e.into_inner();
+    let inner = in_json_words(&e.into_inner().to_string());
     if path == "." {
-        inner
+        serde::de::Error::custom(inner)
     } else {
         serde::de::Error::custom(format!("{path}: {inner}"))
     }
@@ -689,6 +719,59 @@ mod tests {
         assert_eq!(conf.plugin["bridge"], "cni0");
         assert_eq!(conf.ipam.as_ref().unwrap().config["subnet"], "10.1.0.0/16");
         assert_eq!(conf.to_value(), raw);
+    }
+
+    /// Messages name JSON types, never the Rust types behind them.
+    #[test]
+    fn decode_errors_speak_json() {
+        let e = NetConf::from_value(json!({
+            "cniVersion": "1.0.0", "name": "n", "type": "x", "ipam": "cnikit-ipam"
+        }))
+        .unwrap_err();
+        assert_eq!(e.code().0, 6);
+        assert!(e.to_string().ends_with("expected a JSON object"), "{e}");
+        let e = NetConf::from_value(json!({
+            "cniVersion": "1.0.0", "name": "n", "type": "x",
+            "runtimeConfig": {"portMappings": ["80:80"]}
+        }))
+        .unwrap_err();
+        assert!(e.to_string().ends_with("expected a JSON object"), "{e}");
+        let e = NetConf::from_value(json!({
+            "cniVersion": "1.0.0", "name": "n", "type": "x",
+            "runtimeConfig": {"portMappings": "80:80"}
+        }))
+        .unwrap_err();
+        assert!(e.to_string().ends_with("expected a JSON array"), "{e}");
+
+        #[derive(Debug, Deserialize)]
+        #[allow(dead_code)]
+        struct Own {
+            mtu: u32,
+            port: u16,
+        }
+        let conf = |mtu: Value, port: Value| {
+            NetConf::from_value(json!({
+                "cniVersion": "1.0.0", "name": "n", "type": "x", "mtu": mtu, "port": port
+            }))
+            .unwrap()
+        };
+        let e = conf(json!("1500"), json!(1))
+            .plugin_config::<Own>()
+            .unwrap_err();
+        assert!(
+            e.to_string().ends_with(
+                "mtu: invalid type: string \"1500\", expected a whole number from 0 to 4294967295"
+            ),
+            "{e}"
+        );
+        let e = conf(json!(1500), json!(70000))
+            .plugin_config::<Own>()
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .ends_with("expected a whole number from 0 to 65535"),
+            "{e}"
+        );
     }
 
     #[test]
