@@ -484,9 +484,9 @@ pub async fn del_list(
 
 /// GC for a whole list: every plugin gets the list's configuration with `valid` under both
 /// `cni.dev/valid-attachments` and `cni.dev/attachments` (as libcni 1.2.3 and later send
-/// it), and no container, netns or interface. Does
-/// nothing when the list sets `disableGC` or its version is before 1.1.0 (as libcni).
-/// Every plugin is run; the failures are returned together.
+/// it), and no container, netns or interface. Does nothing when the list sets `disableGC`
+/// or its version is before 1.1.0 (as libcni). Every plugin is run; the failures are
+/// returned together.
 pub async fn gc_list(list: &ConfList, cni_path: &[PathBuf], valid: &[GcAttachment]) -> Result<()> {
     list.validate()?;
     let version = list.negotiate()?;
