@@ -10,6 +10,7 @@ CNIKIT_DEBS=(
   podman runc busybox-static                       # a real CNI client and a local image
   protobuf-compiler libprotobuf-dev                # etcd-client build
   user-mode-linux kmod                             # scripts/vm.sh: kernel tests needing ipip
+  tcpdump                                          # what the ipip tests see on the underlay
 )
 
 missing=()

@@ -10,6 +10,9 @@
 //!   "vxlan": { "vni": 1, "port": 4789, "directRouting": false } }
 //! ```
 //!
+//! `"routing": "ipip"` reads its keys from `"ipip": { "mode": "always" | "crossSubnet",
+//! "device": "cnikit.ipip", "mtu": … }`.
+//!
 //! The node registry lives in the same datastore as the IPAM: the file store (shared by
 //! nodes that share a filesystem, such as the lab's namespaces) or etcd.
 
@@ -126,21 +129,34 @@ async fn routing(mode: &str, conf: &NetConf, netns: &Path) -> Result<Box<dyn Cro
             NetNs::open(netns).await?,
         ))),
         #[cfg(feature = "vxlan")]
-        backend_vxlan::TYPE => {
-            let config: backend_vxlan::Config = match conf.plugin.get("vxlan") {
-                None => backend_vxlan::Config::default(),
-                Some(v) => serde_json::from_value(v.clone())
-                    .map_err(|e| Error::invalid_config("vxlan", e.to_string()))?,
-            };
-            Ok(Box::new(backend_vxlan::Vxlan::new(
-                config,
-                NetNs::open(netns).await?,
-            )?))
-        }
+        backend_vxlan::TYPE => Ok(Box::new(backend_vxlan::Vxlan::new(
+            mode_config(conf, backend_vxlan::TYPE)?,
+            NetNs::open(netns).await?,
+        )?)),
+        #[cfg(feature = "ipip")]
+        backend_ipip::TYPE => Ok(Box::new(backend_ipip::Ipip::new(
+            mode_config(conf, backend_ipip::TYPE)?,
+            NetNs::open(netns).await?,
+        )?)),
         other => Err(Error::invalid_config(
             "routing",
             format!("unknown routing mode {other:?} (or not in this build)"),
         )),
+    }
+}
+
+/// A mode's configuration from the entry's key named after the mode (its defaults when
+/// the key is absent). Errors: 7.
+#[cfg(any(feature = "vxlan", feature = "ipip"))]
+fn mode_config<T>(conf: &NetConf, key: &'static str) -> Result<T>
+where
+    T: serde::de::DeserializeOwned + Default,
+{
+    match conf.plugin.get(key) {
+        None => Ok(T::default()),
+        Some(v) => {
+            serde_json::from_value(v.clone()).map_err(|e| Error::invalid_config(key, e.to_string()))
+        }
     }
 }
 
@@ -165,4 +181,46 @@ async fn registry(
     Ok(Arc::new(cni_core::registry::StoreRegistry::with_prefix(
         store, key_prefix,
     )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(extra: serde_json::Value) -> NetConf {
+        let mut conf = serde_json::json!({
+            "cniVersion": "1.1.0", "name": "net", "type": "cnikit",
+        });
+        if let (Some(conf), Some(extra)) = (conf.as_object_mut(), extra.as_object()) {
+            conf.extend(extra.clone());
+        }
+        NetConf::from_slice(conf.to_string().as_bytes()).unwrap()
+    }
+
+    /// Building a mode validates its keys and opens a netlink socket in the given
+    /// namespace; it changes nothing there.
+    #[cfg(feature = "ipip")]
+    #[tokio::test]
+    async fn ipip_is_built_from_its_keys() {
+        let own = Path::new("/proc/self/ns/net");
+        let conf = entry(serde_json::json!({"ipip": {"mode": "crossSubnet"}}));
+        let mode = routing("ipip", &conf, own).await.unwrap();
+        assert_eq!(mode.mode(), "ipip");
+        assert_eq!(mode.mtu_overhead(), 20);
+        assert!(mode.needs_tunnel_address());
+        for bad in [
+            serde_json::json!({"ipip": {"mode": "never"}}),
+            serde_json::json!({"ipip": {"device": "tunl0"}}),
+            serde_json::json!({"ipip": "always"}),
+        ] {
+            let Err(e) = routing("ipip", &entry(bad.clone()), own).await else {
+                panic!("{bad} was accepted");
+            };
+            assert_eq!(e.code().0, 7, "{bad}: {e}");
+        }
+        let Err(e) = routing("ipipx", &conf, own).await else {
+            panic!("an unknown mode was accepted");
+        };
+        assert_eq!(e.code().0, 7);
+    }
 }

@@ -12,6 +12,7 @@
 //! | `etcd` | datastore and node registry on etcd v3 ([`etcd`]) |
 //! | `host-gw` | cross-node routing: static routes to on-link peers' blocks ([`hostgw`]) |
 //! | `vxlan` | cross-node routing: a VXLAN overlay ([`vxlan`]) |
+//! | `ipip` | cross-node routing: IP-in-IP tunnels, always or only across subnets ([`ipip`]) |
 //!
 //! ## Quick start: your own CNI binary
 //! The whole `main` of a plugin binary:
@@ -34,6 +35,9 @@ pub use ipam_etcd as etcd;
 /// Cross-node routing by static routes to on-link peers (feature `host-gw`).
 #[cfg(feature = "host-gw")]
 pub use backend_hostgw as hostgw;
+/// Cross-node routing over IP-in-IP tunnels, Calico's `ipipMode` (feature `ipip`).
+#[cfg(feature = "ipip")]
+pub use backend_ipip as ipip;
 /// Cross-node routing over a VXLAN overlay (feature `vxlan`).
 #[cfg(feature = "vxlan")]
 pub use backend_vxlan as vxlan;

@@ -2,6 +2,12 @@
 //! `nodeName` and `logFile` pointed at the test's own places) through ADD, CHECK and DEL,
 //! chained with the reference `portmap` and `tuning`, as a runtime runs them.
 //!
+//! The version is the one libcni 1.2 and later pick: the newest of `cniVersions` and
+//! `cniVersion` that libcni itself speaks, whatever the plugins say. A list that advertises
+//! a version one of its plugins does not speak (the reference plugins of this machine speak
+//! up to 1.0.0) fails there, so every plugin is asked with VERSION first and must speak the
+//! version the list negotiates.
+//!
 //! Needs root; each test builds its own node and pod namespaces.
 #![cfg(all(feature = "bridge", feature = "routed"))]
 
@@ -23,17 +29,102 @@ fn conflist_path(file: &str) -> PathBuf {
         .join(file)
 }
 
-/// The versions every plugin of `list` speaks, as a version-aware runtime finds out with
-/// VERSION.
-async fn spoken_by_all(list: &ConfList, cni_path: &[PathBuf]) -> Vec<Version> {
-    let mut common = Version::ALL.to_vec();
+/// The newest spec version libcni 1.2 speaks (`version.Current()`).
+const LIBCNI_CURRENT: (u32, u32, u32) = (1, 1, 0);
+
+/// `major.minor.patch` as numbers; `None` when it is not such a version.
+fn semver(v: &str) -> Option<(u32, u32, u32)> {
+    let mut parts = v.split('.').map(|p| p.parse::<u32>().ok());
+    let version = (parts.next()??, parts.next()??, parts.next()??);
+    parts.next().is_none().then_some(version)
+}
+
+/// The version libcni 1.2 and later run a list with (`NetworkConfFromBytes`): every entry of
+/// `cniVersions` plus `cniVersion`, those newer than libcni's own dropped, the newest of the
+/// rest. It does not ask the plugins.
+fn libcni_negotiate(list: &ConfList) -> Version {
+    let newest = list
+        .cni_versions
+        .iter()
+        .chain(std::iter::once(&list.cni_version))
+        .filter(|v| !v.is_empty())
+        .map(|v| {
+            (
+                semver(v).unwrap_or_else(|| panic!("{v:?} is not a version")),
+                v,
+            )
+        })
+        .filter(|(n, _)| *n <= LIBCNI_CURRENT)
+        .max()
+        .map(|(_, v)| v.clone())
+        .unwrap_or_else(|| "0.1.0".to_owned());
+    newest.parse().unwrap_or_else(|_| {
+        panic!(
+            "libcni would run {} at {newest}, which cnikit does not speak",
+            list.name
+        )
+    })
+}
+
+#[test]
+fn libcni_negotiation_picks_the_newest_it_speaks() {
+    let list = |version: &str, versions: &[&str]| ConfList {
+        cni_version: version.into(),
+        cni_versions: versions.iter().map(|v| v.to_string()).collect(),
+        ..ConfList::default()
+    };
+    assert_eq!(libcni_negotiate(&list("1.0.0", &[])), Version::V1_0_0);
+    assert_eq!(
+        libcni_negotiate(&list("1.0.0", &["1.0.0", "1.1.0"])),
+        Version::V1_1_0
+    );
+    assert_eq!(
+        libcni_negotiate(&list("0.4.0", &["1.0.0", "1.2.0"])),
+        Version::V1_0_0
+    );
+}
+
+/// Asks every plugin of `list` with VERSION, as `ValidateNetworkList` does, and panics
+/// unless each speaks `version`.
+async fn every_plugin_speaks(list: &ConfList, cni_path: &[PathBuf], version: Version, file: &str) {
     for plugin in &list.plugins {
         let info = plugin_version(&plugin.plugin_type, cni_path, Version::V1_0_0)
             .await
             .unwrap_or_else(|e| panic!("VERSION of {}: {e}", plugin.plugin_type));
-        common.retain(|v| info.supports(*v));
+        assert!(
+            info.supports(version),
+            "{file}: libcni runs it at {version}, but {} here speaks only {:?}: a shipped list \
+             must advertise only versions every plugin in it speaks",
+            plugin.plugin_type,
+            info.supported_versions
+        );
     }
-    common
+}
+
+/// The sample lists shipped in `examples/conf/`.
+fn shipped() -> Vec<String> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/conf");
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("read {}: {e}", dir.display()))
+        .map(|e| {
+            e.expect("dir entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .filter(|n| n.ends_with(".conflist"))
+        .collect();
+    names.sort();
+    names
+}
+
+/// Each shipped list has a test below.
+#[test]
+fn every_shipped_list_is_run() {
+    assert_eq!(
+        shipped(),
+        ["10-cnikit-bridge.conflist", "10-cnikit-routed.conflist"]
+    );
 }
 
 async fn run_sample(file: &str, tag: &str, pod_network: &str) {
@@ -49,26 +140,23 @@ async fn run_sample(file: &str, tag: &str, pod_network: &str) {
 
     let bytes = std::fs::read(conflist_path(file)).expect("read the sample");
     let mut list = ConfList::from_slice(&bytes).expect("the sample is a valid list");
+    let version = libcni_negotiate(&list);
+    every_plugin_speaks(&list, &env.cni_path(), version, file).await;
+    // cnikit's own runner (the exec module) runs the list at the same version.
+    assert_eq!(list.negotiate().unwrap(), version, "{file}");
+    println!("{file}: libcni runs it at {version}; every plugin speaks it");
     let types: Vec<&str> = list
         .plugins
         .iter()
         .map(|p| p.plugin_type.as_str())
         .collect();
     assert_eq!(types, ["cnikit", "portmap", "tuning"], "{file}");
-    assert_eq!(list.cni_version, "1.0.0", "{file}");
-    assert_eq!(list.cni_versions, ["1.0.0", "1.1.0"], "{file}");
     assert_eq!(list.plugins[0].plugin["podNetwork"], pod_network, "{file}");
     assert!(list.plugins[1].has_capability("portMappings"), "{file}");
-    // A runtime that honours `cniVersions` alone picks 1.1.0; the reference plugins here
-    // speak up to 1.0.0, so a runtime that asks them (as this test does) runs the list at
-    // 1.0.0, the version `cniVersion` names for runtimes that predate `cniVersions`.
-    assert_eq!(list.negotiate().unwrap(), Version::V1_1_0);
-    let spoken = spoken_by_all(&list, &env.cni_path()).await;
-    list.cni_versions
-        .retain(|v| v.parse::<Version>().is_ok_and(|v| spoken.contains(&v)));
-    let version = list.negotiate().expect("a version every plugin speaks");
-    println!("{file}: versions all plugins speak: {spoken:?}; running at {version}");
-    assert!(version >= Version::V1_0_0);
+    assert!(
+        version >= Version::V1_0_0,
+        "{file}: CHECK and prevResult on DEL"
+    );
 
     let own = &mut list.plugins[0].plugin;
     own.insert("dataDir".into(), json!(data));
@@ -164,7 +252,8 @@ async fn run_sample(file: &str, tag: &str, pod_network: &str) {
     let logged = std::fs::read_to_string(&log).expect("the plugin wrote its log file");
     assert!(logged.contains("CNI request"), "log: {logged}");
 
-    // STATUS is spec 1.1.0: ask the cnikit entry in the version `cniVersions` offers.
+    // STATUS is spec 1.1.0: ask the cnikit entry at 1.1.0, as a runtime does once the list
+    // is raised to 1.1.0 (see the README).
     let runtime = Runtime::new(&env, &lab, &node);
     let status_conf = list
         .plugin_config(0, Version::V1_1_0, None, &serde_json::Map::new())

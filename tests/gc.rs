@@ -5,6 +5,10 @@
 //! (CHECK passes, it still answers), the other network's pod keeps its own, and six new
 //! pods get exactly the freed addresses.
 //!
+//! Every GC is sent exactly as libcni 1.2.3 and later send it (`GCNetworkList`): the valid
+//! attachments under both `cni.dev/valid-attachments` and `cni.dev/attachments`. A GC whose
+//! two keys list different attachments is refused (code 7) and releases nothing.
+//!
 //! Needs root; the test builds its own namespaces.
 #![cfg(all(feature = "bridge", feature = "routed"))]
 
@@ -29,6 +33,68 @@ fn conf(network: &str, data: &Path) -> Value {
         "nodeName": "node-g",
         "ipam": {"type": "cnikit-ipam", "pool": POOL, "blockSize": 29}
     })
+}
+
+/// `value` as Go's `encoding/json` writes a `map[string]interface{}`: keys sorted at every
+/// level, no spaces.
+fn go_json(value: &Value) -> String {
+    fn sorted(value: &Value) -> Value {
+        match value {
+            Value::Object(map) => {
+                let keys: BTreeSet<&String> = map.keys().collect();
+                Value::Object(
+                    keys.into_iter()
+                        .map(|k| (k.clone(), sorted(&map[k])))
+                        .collect(),
+                )
+            }
+            Value::Array(items) => Value::Array(items.iter().map(sorted).collect()),
+            other => other.clone(),
+        }
+    }
+    sorted(value).to_string()
+}
+
+/// GC of the list whose plugin entry is `entry`, as libcni 1.2.3 and later run it
+/// (`GCNetworkList`): the entry with `name`, `cniVersion` and the valid attachments injected
+/// under both keys (`legacy` under `cni.dev/attachments`; libcni puts the same list there),
+/// re-marshalled by Go; all six `CNI_*` variables set, the attachment ones empty.
+fn libcni_gc(rt: &Runtime, entry: &Value, valid: &[&str], legacy: &[&str]) -> Outcome {
+    let list = |ids: &[&str]| -> Value {
+        ids.iter()
+            .map(|id| json!({"containerID": id, "ifname": "eth0"}))
+            .collect()
+    };
+    let mut conf = entry.clone();
+    conf["cni.dev/valid-attachments"] = list(valid);
+    conf["cni.dev/attachments"] = list(legacy);
+    let path = rt.env.cni_path_var();
+    let vars = [
+        ("CNI_COMMAND", "GC"),
+        ("CNI_CONTAINERID", ""),
+        ("CNI_NETNS", ""),
+        ("CNI_ARGS", ""),
+        ("CNI_IFNAME", ""),
+        ("CNI_PATH", path.as_str()),
+    ];
+    run_raw(
+        &rt.env.plugin,
+        &rt.node.path,
+        &vars,
+        go_json(&conf).as_bytes(),
+        &rt.cwd,
+    )
+}
+
+#[test]
+fn go_json_sorts_keys_like_go() {
+    let text = go_json(
+        &json!({"type": "cnikit", "cniVersion": "1.1.0", "cni.dev/valid-attachments": [{"ifname": "eth0", "containerID": "c"}], "cni.dev/attachments": []}),
+    );
+    assert_eq!(
+        text,
+        r#"{"cni.dev/attachments":[],"cni.dev/valid-attachments":[{"containerID":"c","ifname":"eth0"}],"cniVersion":"1.1.0","type":"cnikit"}"#
+    );
 }
 
 #[test]
@@ -72,9 +138,19 @@ fn gc_releases_the_stale_and_keeps_the_valid() {
     for pod in &pods[1..] {
         lab.remove(pod);
     }
-    let mut gc = net.clone();
-    gc["cni.dev/valid-attachments"] = json!([{"containerID": "gc-0", "ifname": "eth0"}]);
-    let out = rt.global("GC", &gc).ok("GC");
+
+    // A GC whose two keys disagree is refused and releases nothing.
+    let used_before = StoreView::read(&data).used_ips();
+    let out = libcni_gc(&rt, &net, &["gc-0"], &["gc-0", "gc-1"]);
+    assert_eq!(out.error_code("GC with keys that disagree"), 7);
+    let msg = out.json().unwrap()["msg"].to_string();
+    assert!(
+        msg.contains("cni.dev/attachments") && msg.contains("cni.dev/valid-attachments"),
+        "{msg}"
+    );
+    assert_eq!(StoreView::read(&data).used_ips(), used_before);
+
+    let out = libcni_gc(&rt, &net, &["gc-0"], &["gc-0"]).ok("GC");
     println!("GC took {:?}", out.elapsed);
 
     let store = StoreView::read(&data);
@@ -120,12 +196,10 @@ fn gc_releases_the_stale_and_keeps_the_valid() {
     assert_eq!(out.error_code("ADD into the full pool again"), 100);
 
     // GC with every attachment valid releases nothing.
-    let mut keep_all = net.clone();
-    let valid: Vec<Value> = std::iter::once("gc-0".to_owned())
+    let valid: Vec<String> = std::iter::once("gc-0".to_owned())
         .chain((0..6).map(|i| format!("gc-new-{i}")))
-        .map(|id| json!({"containerID": id, "ifname": "eth0"}))
         .collect();
-    keep_all["cni.dev/valid-attachments"] = json!(valid);
-    rt.global("GC", &keep_all).ok("GC keeping all");
+    let valid: Vec<&str> = valid.iter().map(String::as_str).collect();
+    libcni_gc(&rt, &net, &valid, &valid).ok("GC keeping all");
     assert_eq!(StoreView::read(&data).used_ips(), all);
 }

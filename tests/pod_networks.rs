@@ -93,17 +93,28 @@ fn two_pods(kind: &str, tag: &str, pool: &str) {
     )
     .ok("CHECK b");
 
-    // A repeated ADD of a running attachment (a runtime bug, or a retry) may fail, but must
-    // not take the address away from the pod that holds it.
+    // A repeated ADD of a running attachment (a runtime bug, or a retry) fails, says that
+    // the attachment is set up already and which interface exists, and does not take the
+    // address away from the pod that holds it.
     let again = rt.call("ADD", &ca, Some(&pod_a.path), "eth0", &conf);
     println!(
         "{kind}: repeated ADD exit {:?}: {}",
         again.code,
         again.brief()
     );
-    if again.code == Some(0) {
-        assert_eq!(result_ip(&again.json().unwrap()), ip_a);
+    assert_eq!(again.error_code("repeated ADD"), 101);
+    let msg = again.json().unwrap()["msg"].as_str().unwrap().to_owned();
+    for part in [
+        format!("container {ca} interface eth0 is already set up"),
+        ip_a.to_string(),
+        format!(
+            "interface eth0 already exists in the pod's network namespace {}",
+            pod_a.path.display()
+        ),
+    ] {
+        assert!(msg.contains(&part), "{kind}: {msg:?} does not say {part:?}");
     }
+    assert!(!msg.contains("os error"), "{kind}: {msg:?}");
     assert!(
         StoreView::read(&data).used_ips().contains(&ip_a),
         "the repeated ADD released {ip_a} of the running pod"

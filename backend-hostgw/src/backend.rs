@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use async_trait::async_trait;
 use cni_core::linux::NetNs;
-use cni_core::linux::kernel::{Desired, Kernel, Netlink, Ownership, Underlay};
+use cni_core::linux::kernel::{Desired, Kernel, Netlink, Ownership, Underlay, remove_owned};
 use cni_core::registry::NodeRecord;
 use cni_core::routing::{CrossNodeRouting, LocalNode, ReconcileReport};
 
@@ -102,10 +102,7 @@ impl<K: Kernel> HostGw<K> {
     }
 
     async fn teardown_inner(&mut self) -> Result<()> {
-        // Wanting nothing deletes every route with our protocol, and nothing else.
-        Desired::new()
-            .apply(&self.kernel, &Ownership::default())
-            .await?;
+        remove_owned(&self.kernel, None).await?;
         self.node = None;
         Ok(())
     }
@@ -178,7 +175,10 @@ mod tests {
 
     fn kernel() -> Recording {
         let k = Recording::new();
-        assert_eq!(k.add_link("eth0", 1500, &[net("192.168.1.2/24")]), ETH0);
+        assert_eq!(
+            k.add_plain_link("eth0", 1500, &[net("192.168.1.2/24")]),
+            ETH0
+        );
         k
     }
 

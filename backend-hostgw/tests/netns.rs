@@ -8,10 +8,9 @@ mod lab;
 use std::net::IpAddr;
 
 use backend_hostgw::HostGw;
-use cni_core::linux::NetNs;
 use cni_core::registry::NodeRecord;
 use cni_core::routing::CrossNodeRouting;
-use lab::{Lab, NodeSpec, cnikit_routes, local, ping, ping_once};
+use lab::{Lab, NodeDef, NodeSpec, cnikit_routes, ping, ping_once};
 use testkit::ip_json;
 
 fn addr(s: &str) -> IpAddr {
@@ -22,33 +21,9 @@ fn addr(s: &str) -> IpAddr {
 /// initialized, and their records.
 async fn cluster(
     lab: &Lab,
-    nodes: &[(&str, &str, &str, Option<&str>)],
+    nodes: &[NodeDef<'_>],
 ) -> (Vec<NodeSpec>, Vec<String>, Vec<HostGw>, Vec<NodeRecord>) {
-    let (mut specs, mut pods, mut backends, mut records) = (vec![], vec![], vec![], vec![]);
-    for (i, (name, switch, cidr, gw)) in nodes.iter().enumerate() {
-        let n = i + 1;
-        let ns = lab.node(name, switch, cidr, *gw);
-        let pod = lab
-            .pod(
-                &ns,
-                &format!("{name}-pod"),
-                &format!("10.244.{n}.2/24"),
-                &format!("10.244.{n}.1"),
-                1500,
-            )
-            .await;
-        let spec = NodeSpec {
-            local: local(name, cidr, &format!("10.244.{n}.0/24")),
-            ns,
-        };
-        let mut backend = HostGw::new(NetNs::named(&spec.ns).await.expect("open node"));
-        backend.init(&spec.local).await.expect("init");
-        records.push(spec.record(backend.node_data()));
-        specs.push(spec);
-        pods.push(pod);
-        backends.push(backend);
-    }
-    (specs, pods, backends, records)
+    lab::cluster(lab, nodes, HostGw::new).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,7 +6,8 @@ use std::net::{IpAddr, Ipv4Addr};
 use async_trait::async_trait;
 use cni_core::linux::NetNs;
 use cni_core::linux::kernel::{
-    Desired, FdbEntry, Kernel, Neighbour, Netlink, Ownership, Underlay, VxlanSpec,
+    Desired, FdbEntry, Kernel, LinkKind, LinkSpec, Neighbour, Netlink, Ownership, Underlay,
+    configure_device, ensure_device, remove_owned,
 };
 use cni_core::registry::NodeRecord;
 use cni_core::routing::{CrossNodeRouting, LocalNode, ReconcileReport};
@@ -95,55 +96,29 @@ impl<K: Kernel> Vxlan<K> {
     async fn init_inner(&mut self, local: &LocalNode) -> Result<()> {
         let underlay = Underlay::resolve(&self.kernel, local).await?;
         let overhead = Self::overhead_for(underlay.address);
-        let max = local.underlay_mtu.saturating_sub(overhead);
-        let mtu = self.config.mtu.unwrap_or(max);
-        if mtu > max {
-            return Err(Error::InvalidConfig {
+        let mtu = underlay
+            .tunnel_mtu(self.config.mtu, overhead, "VXLAN")
+            .map_err(|reason| Error::InvalidConfig {
                 field: "mtu",
-                reason: format!(
-                    "{mtu} is more than the underlay MTU {} minus {overhead} bytes of VXLAN \
-                     encapsulation",
-                    local.underlay_mtu
-                ),
-            });
-        }
-        if mtu < cni_core::linux::veth::MIN_MTU {
-            return Err(Error::InvalidConfig {
-                field: "mtu",
-                reason: format!(
-                    "the underlay MTU {} leaves {mtu} bytes after encapsulation",
-                    local.underlay_mtu
-                ),
-            });
-        }
-        let tunnel = match local.tunnel_address {
-            Some(std::net::IpAddr::V4(a)) => Some(a),
-            _ => None,
-        };
-        let vtep_addr = tunnel
-            .or_else(|| {
-                local.blocks.iter().find_map(|b| match b {
-                    ipnet::IpNet::V4(v4) => Some(v4.network()),
-                    ipnet::IpNet::V6(_) => None,
-                })
-            })
-            .ok_or_else(|| Error::NoVtepAddress {
-                node: local.name.clone(),
+                reason,
             })?;
+        let vtep_addr = local.tunnel_ipv4().ok_or_else(|| Error::NoVtepAddress {
+            node: local.name.clone(),
+        })?;
 
-        let spec = VxlanSpec {
+        let spec = LinkSpec {
             name: self.config.device.clone(),
-            params: device::params(
+            kind: LinkKind::Vxlan(device::params(
                 self.config.vni,
                 self.config.port,
                 underlay.address,
                 underlay.ifindex,
-            ),
+            )),
             mtu,
             mac: Some(device::vtep_mac(&local.name, self.config.vni)),
         };
-        let dev = device::ensure(&self.kernel, &spec).await?;
-        device::configure(&self.kernel, &dev, mtu, IpAddr::V4(vtep_addr)).await?;
+        let dev = ensure_device(&self.kernel, &spec).await?;
+        configure_device(&self.kernel, &dev, mtu, IpAddr::V4(vtep_addr)).await?;
         let vtep = Vtep {
             ifindex: dev.link.index,
             addr: vtep_addr,
@@ -267,28 +242,8 @@ impl<K: Kernel> Vxlan<K> {
     }
 
     async fn teardown_inner(&mut self) -> Result<()> {
-        let mut errors = Vec::new();
-        let name = &self.config.device;
-        // Only a VXLAN device is ours to delete; its routes, neighbour and FDB entries go
-        // with it.
-        match self.kernel.device(name).await {
-            Ok(Some(d)) if d.vxlan.is_some() => {
-                if let Err(e) = self.kernel.delete_link(name).await {
-                    errors.push(e);
-                }
-            }
-            Ok(_) => {}
-            Err(e) => errors.push(e),
-        }
-        // The DirectRouting routes through the underlay device (and any route of ours a
-        // failed deletion left behind): wanting nothing deletes them all.
-        if let Err(e) = Desired::new()
-            .apply(&self.kernel, &Ownership::default())
-            .await
-        {
-            errors.push(e);
-        }
-        cni_core::Error::collect(errors)?;
+        // Only a device of our kind is ours to delete; what goes through it goes with it.
+        remove_owned(&self.kernel, Some((&self.config.device, crate::TYPE))).await?;
         self.node = None;
         Ok(())
     }
@@ -394,7 +349,10 @@ mod tests {
 
     fn kernel() -> Recording {
         let k = Recording::new();
-        assert_eq!(k.add_link("eth0", 1500, &[net("192.168.1.2/24")]), ETH0);
+        assert_eq!(
+            k.add_plain_link("eth0", 1500, &[net("192.168.1.2/24")]),
+            ETH0
+        );
         k
     }
 
@@ -465,15 +423,15 @@ mod tests {
         assert_eq!(
             k.take_writes(),
             vec![
-                Write::AddVxlan(VxlanSpec {
+                Write::AddLink(LinkSpec {
                     name: "cnikit.vxlan".into(),
-                    params: cni_core::linux::kernel::VxlanParams {
+                    kind: LinkKind::Vxlan(cni_core::linux::kernel::VxlanParams {
                         vni: 1,
                         port: 4789,
                         local: Some(ip("192.168.1.2")),
                         underlay: Some(ETH0),
                         learning: false,
-                    },
+                    }),
                     mtu: 1450,
                     mac: Some(mac),
                 }),
@@ -538,7 +496,9 @@ mod tests {
                 name: "cnikit.vxlan".into()
             }
         );
-        assert!(matches!(&writes[1], Write::AddVxlan(s) if s.params.vni == 9));
+        assert!(
+            matches!(&writes[1], Write::AddLink(LinkSpec { kind: LinkKind::Vxlan(p), .. }) if p.vni == 9)
+        );
         // Another MTU and block: changed in place.
         let mut v = Vxlan::with_kernel(
             Config {
@@ -579,7 +539,7 @@ mod tests {
     #[tokio::test]
     async fn init_refuses_what_it_cannot_use() {
         let k = kernel();
-        k.add_link("taken0", 1500, &[]);
+        k.add_plain_link("taken0", 1500, &[]);
         let cases = [
             (
                 Config {
@@ -876,7 +836,7 @@ mod tests {
     #[tokio::test]
     async fn teardown_leaves_a_device_that_is_not_vxlan() {
         let k = kernel();
-        k.add_link("cnikit.vxlan", 1500, &[]);
+        k.add_plain_link("cnikit.vxlan", 1500, &[]);
         let mut v = Vxlan::with_kernel(Config::default(), k.clone()).unwrap();
         v.teardown().await.unwrap();
         assert!(k.link("cnikit.vxlan").is_some());
@@ -886,7 +846,7 @@ mod tests {
     #[tokio::test]
     async fn an_ipv6_underlay_costs_70_bytes() {
         let k = Recording::new();
-        k.add_link("eth0", 1500, &[net("fd00:1::2/64")]);
+        k.add_plain_link("eth0", 1500, &[net("fd00:1::2/64")]);
         let mut v = Vxlan::with_kernel(Config::default(), k.clone()).unwrap();
         v.init(&LocalNode {
             address: ip("fd00:1::2"),

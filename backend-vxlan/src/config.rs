@@ -52,23 +52,9 @@ impl Config {
         if self.port == 0 {
             return Err(invalid("port", "UDP port 0 cannot be used".into()));
         }
-        link::valid_name(&self.device).map_err(|r| invalid("device", r))?;
-        if self.device.starts_with(veth::HOST_PREFIX) {
-            return Err(invalid(
-                "device",
-                format!(
-                    "names starting with {:?} are cnikit's host veths",
-                    veth::HOST_PREFIX
-                ),
-            ));
-        }
-        if let Some(mtu) = self.mtu
-            && !(veth::MIN_MTU..=veth::MAX_MTU).contains(&mtu)
-        {
-            return Err(invalid(
-                "mtu",
-                format!("{mtu} is outside {}..={}", veth::MIN_MTU, veth::MAX_MTU),
-            ));
+        link::valid_device_name(&self.device).map_err(|r| invalid("device", r))?;
+        if let Some(mtu) = self.mtu {
+            veth::valid_mtu(mtu).map_err(|r| invalid("mtu", r))?;
         }
         Ok(())
     }

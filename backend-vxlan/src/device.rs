@@ -1,11 +1,12 @@
-//! The VXLAN device: made once, adopted when it is there already.
+//! The VXLAN device's parameters and MAC (made, adopted and configured by
+//! [`ensure_device`](cni_core::linux::kernel::ensure_device) and
+//! [`configure_device`](cni_core::linux::kernel::configure_device)).
 
 use std::net::IpAddr;
 
-use cni_core::linux::kernel::{Device, Kernel, VxlanParams, VxlanSpec};
+use cni_core::linux::kernel::{Device, VxlanParams};
 use cni_core::linux::veth::fnv1a64;
 use cni_core::spec::HwAddr;
-use ipnet::IpNet;
 
 use crate::error::{Error, Result};
 
@@ -22,74 +23,6 @@ pub(crate) fn vtep_mac(node: &str, vni: u32) -> [u8; 6] {
     mac.copy_from_slice(&bits[..6]);
     mac[0] = (mac[0] & 0xfe) | 0x02;
     mac
-}
-
-/// Makes sure the device of `spec` exists with its parameters, and returns it (down if
-/// new). A VXLAN device of that name with other parameters is deleted and made again;
-/// anything else of that name is left alone and refused.
-pub(crate) async fn ensure<K: Kernel + ?Sized>(kernel: &K, spec: &VxlanSpec) -> Result<Device> {
-    match kernel.device(&spec.name).await? {
-        Some(d) if d.vxlan == Some(spec.params) => {
-            tracing::debug!(device = %spec.name, "vxlan: adopting the existing device");
-            return Ok(d);
-        }
-        Some(Device {
-            vxlan: Some(old), ..
-        }) => {
-            tracing::info!(
-                device = %spec.name,
-                have = ?old,
-                want = ?spec.params,
-                "vxlan: the device has other parameters, making it again"
-            );
-            kernel.delete_link(&spec.name).await?;
-        }
-        Some(d) => {
-            return Err(Error::DeviceConflict {
-                name: spec.name.clone(),
-                found: match d.link.kind {
-                    Some(kind) => format!("a {kind} device"),
-                    None => "a plain device".into(),
-                },
-            });
-        }
-        None => {}
-    }
-    kernel.add_vxlan(spec).await?;
-    let made = kernel.device(&spec.name).await?.ok_or_else(|| {
-        cni_core::Error::kernel(
-            spec.describe(),
-            cni_core::linux::Mismatch::new("the new device", "no such device"),
-        )
-    })?;
-    tracing::info!(device = %spec.name, "vxlan: created {}", spec.describe());
-    Ok(made)
-}
-
-/// Sets the device's MTU, its one IPv4 address (the VTEP address) and brings it up,
-/// writing only what differs. IPv6 addresses (the kernel's link-local one) are left.
-pub(crate) async fn configure<K: Kernel + ?Sized>(
-    kernel: &K,
-    device: &Device,
-    mtu: u32,
-    vtep: IpAddr,
-) -> Result<()> {
-    let index = device.link.index;
-    if device.link.mtu != Some(mtu) {
-        kernel.set_mtu(index, mtu).await?;
-    }
-    let want = IpNet::from(vtep);
-    let have = kernel.addresses(index).await?;
-    for stale in have.iter().filter(|a| a.addr().is_ipv4() && **a != want) {
-        kernel.delete_address(index, *stale).await?;
-    }
-    if !have.contains(&want) {
-        kernel.add_address(index, want).await?;
-    }
-    if !device.link.up {
-        kernel.set_up(index).await?;
-    }
-    Ok(())
 }
 
 /// The device's MAC as six bytes.

@@ -23,14 +23,6 @@ pub enum Error {
         /// The node.
         node: String,
     },
-    /// A device with the configured name exists and is not a VXLAN device.
-    #[error("device {name} exists and is {found}, not a VXLAN device: choose another name")]
-    DeviceConflict {
-        /// The device name.
-        name: String,
-        /// What it is.
-        found: String,
-    },
     /// `reconcile` was called before `init` succeeded.
     #[error("vxlan is not initialized: init must succeed before reconcile")]
     NotInitialized,
@@ -44,9 +36,7 @@ impl Error {
     /// else the code of the cause (101 for kernel failures).
     pub fn code(&self) -> ErrorCode {
         match self {
-            Error::InvalidConfig { .. }
-            | Error::NoVtepAddress { .. }
-            | Error::DeviceConflict { .. } => ErrorCode::INVALID_CONFIG,
+            Error::InvalidConfig { .. } | Error::NoVtepAddress { .. } => ErrorCode::INVALID_CONFIG,
             Error::NotInitialized => ErrorCode::NOT_AVAILABLE,
             Error::Core(e) => e.code(),
         }

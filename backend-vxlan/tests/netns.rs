@@ -13,7 +13,7 @@ use backend_vxlan::{Config, Vxlan};
 use cni_core::linux::NetNs;
 use cni_core::registry::NodeRecord;
 use cni_core::routing::CrossNodeRouting;
-use lab::{Lab, NodeSpec, cnikit_routes, local, ping, ping_once};
+use lab::{Lab, NodeDef, NodeSpec, cnikit_routes, ping, ping_once};
 use serde_json::Value;
 use testkit::{bridge_json, ip_json};
 
@@ -28,38 +28,12 @@ fn addr(s: &str) -> IpAddr {
 async fn cluster(
     lab: &Lab,
     config: &Config,
-    nodes: &[(&str, &str, &str, Option<&str>)],
+    nodes: &[NodeDef<'_>],
 ) -> (Vec<NodeSpec>, Vec<String>, Vec<Vxlan>, Vec<NodeRecord>) {
-    let (mut specs, mut pods, mut backends, mut records) = (vec![], vec![], vec![], vec![]);
-    for (i, (name, switch, cidr, gw)) in nodes.iter().enumerate() {
-        let n = i + 1;
-        let ns = lab.node(name, switch, cidr, *gw);
-        let spec = NodeSpec {
-            local: local(name, cidr, &format!("10.244.{n}.0/24")),
-            ns,
-        };
-        let mut backend = Vxlan::new(
-            config.clone(),
-            NetNs::named(&spec.ns).await.expect("open node"),
-        )
-        .expect("config");
-        backend.init(&spec.local).await.expect("init");
-        let pod_mtu = spec.local.underlay_mtu - backend.mtu_overhead();
-        let pod = lab
-            .pod(
-                &spec.ns,
-                &format!("{name}-pod"),
-                &format!("10.244.{n}.2/24"),
-                &format!("10.244.{n}.1"),
-                pod_mtu,
-            )
-            .await;
-        records.push(spec.record(backend.node_data()));
-        specs.push(spec);
-        pods.push(pod);
-        backends.push(backend);
-    }
-    (specs, pods, backends, records)
+    lab::cluster(lab, nodes, |ns| {
+        Vxlan::new(config.clone(), ns).expect("config")
+    })
+    .await
 }
 
 /// `(vtep address, MAC)` of the permanent neighbour entries on the VXLAN device.

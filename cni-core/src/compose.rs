@@ -8,7 +8,8 @@
 //!    (nothing touched yet);
 //! 2. allocate addresses (idempotent per attachment);
 //! 3. plug the pod in; if that fails, release the addresses again (unless the attachment
-//!    held them before this ADD) and return the error;
+//!    held them before this ADD) and return the error ([`Error::AlreadySetUp`] when the
+//!    attachment held its addresses and its interface exists: a repeated ADD);
 //! 4. return the result with the configuration's `dns` when the IPAM gave none.
 //!
 //! DEL releases and then unplugs (the order of the reference plugins), running both steps
@@ -124,6 +125,21 @@ impl<P: Parts> Plugin for Composed<P> {
                         error = %err,
                         "ADD failed; the addresses the attachment held before are kept"
                     );
+                    // Its addresses held and its interface there: this ADD repeats one
+                    // that worked. Say so, rather than only what the kernel said.
+                    if matches!(err, Error::LinkExists { .. }) {
+                        return Err(Error::AlreadySetUp {
+                            container_id: pod.attachment.container_id.clone(),
+                            ifname: pod.attachment.ifname.clone(),
+                            addresses: allocation
+                                .ips
+                                .iter()
+                                .map(|ip| ip.address.to_string())
+                                .collect::<Vec<_>>()
+                                .join(", "),
+                            source: Box::new(err),
+                        });
+                    }
                     return Err(err);
                 }
                 if let Err(release) = ipam.release(&pod.attachment).await {

@@ -205,6 +205,31 @@ pub enum Error {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// ADD was to create an interface whose name is taken where it goes.
+    #[error("interface {name} already exists in {place}")]
+    LinkExists {
+        /// The interface name.
+        name: String,
+        /// Where: the pod's network namespace (with its path) or the node's.
+        place: String,
+    },
+    /// ADD of an attachment that already holds its addresses and whose interface exists: it
+    /// is set up already (a repeated ADD). Its addresses stay allocated.
+    #[error(
+        "container {container_id} interface {ifname} is already set up (it holds \
+         {addresses}): {source}; DEL it before adding it again"
+    )]
+    AlreadySetUp {
+        /// `CNI_CONTAINERID`.
+        container_id: String,
+        /// `CNI_IFNAME`.
+        ifname: String,
+        /// The addresses the attachment holds, comma-separated.
+        addresses: String,
+        /// What the pod network found (an [`Error::LinkExists`]).
+        #[source]
+        source: Box<Error>,
+    },
     /// `CNI_NETNS` does not name a network namespace.
     #[error("{path} is not a network namespace: {reason}")]
     NotANetns {
@@ -232,6 +257,19 @@ pub enum Error {
         plugin: String,
         /// What went wrong.
         reason: String,
+    },
+    /// A plugin to exec is this process's own executable: running it with the same
+    /// configuration would make it exec itself again, without end.
+    #[error(
+        "plugin {plugin} is {}, this plugin's own executable: it would exec itself \
+         recursively (name another plugin)",
+        .path.display()
+    )]
+    ExecSelf {
+        /// The plugin type asked for.
+        plugin: String,
+        /// Where it was found in `CNI_PATH`.
+        path: PathBuf,
     },
     /// STATUS: the plugin cannot take ADDs yet.
     #[error("not ready: {reason}")]
@@ -267,10 +305,12 @@ impl Error {
             Error::InvalidEnv { .. } | Error::NotANetns { .. } => ErrorCode::INVALID_ENV,
             Error::Io { .. } => ErrorCode::IO_FAILURE,
             Error::Decode { .. } => ErrorCode::DECODE_FAILURE,
-            Error::InvalidConfig { .. } => ErrorCode::INVALID_CONFIG,
+            Error::InvalidConfig { .. } | Error::ExecSelf { .. } => ErrorCode::INVALID_CONFIG,
             Error::Store(e) => e.code(),
             Error::NoAddress { .. } => ErrorCode::NO_ADDRESS,
-            Error::Kernel { .. } => ErrorCode::KERNEL,
+            Error::Kernel { .. } | Error::LinkExists { .. } | Error::AlreadySetUp { .. } => {
+                ErrorCode::KERNEL
+            }
             Error::Delegate { code, .. } => ErrorCode(*code),
             Error::DelegateExec { .. } => ErrorCode::DELEGATE,
             Error::NotReady { .. } => ErrorCode::NOT_AVAILABLE,

@@ -8,7 +8,9 @@
 //!
 //! Errors: a plugin that is not in `CNI_PATH`, cannot be started, or prints something that is
 //! neither a result nor an error object gives [`Error::DelegateExec`] (code 102); a plugin
-//! that fails with an error object gives [`Error::Delegate`] carrying its code.
+//! that fails with an error object gives [`Error::Delegate`] carrying its code. A plugin
+//! whose executable is this process's own is never started: [`Error::ExecSelf`] (code 7),
+//! since a plugin that runs itself with its own configuration recurses without end.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -21,8 +23,8 @@ use crate::error::{Error, Result};
 use crate::linux::netns::open_netns_file;
 use crate::runner::Request;
 use crate::spec::{
-    CniResult, Command, ConfList, ErrorOutput, GcAttachment, VALID_ATTACHMENTS_KEY, Version,
-    VersionInfo, is_plugin_name,
+    CniResult, Command, ConfList, ErrorOutput, GcAttachment, LEGACY_ATTACHMENTS_KEY,
+    VALID_ATTACHMENTS_KEY, Version, VersionInfo, is_plugin_name,
 };
 
 /// How often a start that fails with `ETXTBSY` (the executable was just written, and another
@@ -207,6 +209,35 @@ pub fn find_plugin(plugin_type: &str, cni_path: &[PathBuf]) -> Result<PathBuf> {
         })
 }
 
+/// Whether `binary` is the executable this process runs: the same file as `/proc/self/exe`
+/// (by canonical path, or by device and inode, which also catches hard links). `false` when
+/// either cannot be looked at.
+pub fn is_own_executable(binary: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    const OWN: &str = "/proc/self/exe";
+    if let (Ok(own), Ok(other)) = (std::fs::canonicalize(OWN), std::fs::canonicalize(binary))
+        && own == other
+    {
+        return true;
+    }
+    match (std::fs::metadata(OWN), std::fs::metadata(binary)) {
+        (Ok(own), Ok(other)) => own.dev() == other.dev() && own.ino() == other.ino(),
+        _ => false,
+    }
+}
+
+/// Refuses `binary` when it is this process's own executable (see [`is_own_executable`]).
+/// Errors: 7.
+pub fn refuse_own_executable(plugin: &str, binary: &Path) -> Result<()> {
+    if is_own_executable(binary) {
+        return Err(Error::ExecSelf {
+            plugin: plugin.to_owned(),
+            path: binary.to_path_buf(),
+        });
+    }
+    Ok(())
+}
+
 /// Runs `binary` with `env` added to this process's environment and `stdin` as its input,
 /// and returns its stdout when it exits with 0.
 ///
@@ -222,17 +253,20 @@ pub async fn exec_plugin(binary: &Path, env: &[(String, String)], stdin: &[u8]) 
 /// [`exec_plugin`], with the plugin process started in the network namespace at `netns`
 /// (`None`: the caller's). Errors as [`exec_plugin`]; a `netns` that cannot be opened or is
 /// not a network namespace gives [`Error::NotANetns`] (code 4), and no process is started.
+/// Every exec of this module goes through here, so none starts this process's own
+/// executable ([`Error::ExecSelf`], code 7).
 pub async fn exec_plugin_in(
     binary: &Path,
     env: &[(String, String)],
     stdin: &[u8],
     netns: Option<&Path>,
 ) -> Result<Vec<u8>> {
-    let netns_file = netns.map(open_netns_file).transpose()?;
     let plugin = binary
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| binary.display().to_string());
+    refuse_own_executable(&plugin, binary)?;
+    let netns_file = netns.map(open_netns_file).transpose()?;
     let fail = |reason: String| Error::DelegateExec {
         plugin: plugin.clone(),
         reason,
@@ -448,10 +482,11 @@ pub async fn del_list(
     Error::collect(errors)
 }
 
-/// GC for a whole list: every plugin gets the list's configuration with
-/// `cni.dev/valid-attachments` set to `valid`, and no container, netns or interface. Does
-/// nothing when the list sets `disableGC` or its version is before 1.1.0 (as libcni).
-/// Every plugin is run; the failures are returned together.
+/// GC for a whole list: every plugin gets the list's configuration with `valid` under both
+/// `cni.dev/valid-attachments` and `cni.dev/attachments` (as libcni 1.2.3 and later send
+/// it), and no container, netns or interface. Does nothing when the list sets `disableGC`
+/// or its version is before 1.1.0 (as libcni). Every plugin is run; the failures are
+/// returned together.
 pub async fn gc_list(list: &ConfList, cni_path: &[PathBuf], valid: &[GcAttachment]) -> Result<()> {
     list.validate()?;
     let version = list.negotiate()?;
@@ -468,6 +503,7 @@ pub async fn gc_list(list: &ConfList, cni_path: &[PathBuf], valid: &[GcAttachmen
         let mut config = list.plugin_config(i, version, None, &Map::new())?;
         if let Value::Object(map) = &mut config {
             map.insert(VALID_ATTACHMENTS_KEY.into(), valid.clone());
+            map.insert(LEGACY_ATTACHMENTS_KEY.into(), valid.clone());
         }
         if let Err(e) = invocation
             .exec(&plugin.plugin_type, &config_bytes(&config))

@@ -1,7 +1,7 @@
 //! Cross-node routing: how pod traffic reaches pods on other nodes.
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use async_trait::async_trait;
 use ipnet::IpNet;
@@ -29,6 +29,23 @@ pub struct LocalNode {
     /// falls back to the network address of the first block, which only a block IPAM that
     /// reserves network addresses (the bridge pod network) leaves free.
     pub tunnel_address: Option<IpAddr>,
+}
+
+impl LocalNode {
+    /// The IPv4 address of the node's tunnel device: [`tunnel_address`] when it is IPv4,
+    /// else the network address of the first IPv4 block (see [`tunnel_address`] for when
+    /// that is safe). `None` without either.
+    ///
+    /// [`tunnel_address`]: LocalNode::tunnel_address
+    pub fn tunnel_ipv4(&self) -> Option<Ipv4Addr> {
+        match self.tunnel_address {
+            Some(IpAddr::V4(a)) => Some(a),
+            _ => self.blocks.iter().find_map(|b| match b {
+                IpNet::V4(v4) => Some(v4.network()),
+                IpNet::V6(_) => None,
+            }),
+        }
+    }
 }
 
 /// What one reconcile pass found and did.

@@ -54,8 +54,8 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 use crate::ipam::Attachment;
 use crate::spec::{
-    CniArgs, CniResult, Command, ErrorOutput, NetConf, Version, VersionInfo, parse_object,
-    validate_container_id, validate_ifname, version_of,
+    CniArgs, CniResult, Command, ErrorOutput, NetConf, VALID_ATTACHMENTS_KEY, Version, VersionInfo,
+    parse_object, validate_container_id, validate_ifname, version_of,
 };
 
 /// A CNI plugin: one method per CNI verb. VERSION is answered by [`run`].
@@ -174,7 +174,7 @@ impl Request {
         let value = parse_object(stdin, "network configuration")?;
         let version = version_of(&value)?;
         command.require_version(version)?;
-        let config = NetConf::from_value(value)?;
+        let mut config = NetConf::from_value(value)?;
         config.validate()?;
         let prev_result = config.prev_result()?;
         if command == Command::Check && prev_result.is_none() {
@@ -183,11 +183,16 @@ impl Request {
                 "CHECK needs the result of ADD in prevResult",
             ));
         }
-        if command == Command::Gc && config.valid_attachments.is_none() {
-            return Err(Error::invalid_config(
-                "cni.dev/valid-attachments",
-                "GC needs the list of valid attachments (an empty list if none is valid)",
-            ));
+        if command == Command::Gc {
+            // Either key, or both with the same list (libcni 1.2.3 and later): from here on
+            // the list is `valid_attachments`.
+            let valid = config.gc_attachments()?.ok_or_else(|| {
+                Error::invalid_config(
+                    VALID_ATTACHMENTS_KEY,
+                    "GC needs the list of valid attachments (an empty list if none is valid)",
+                )
+            })?;
+            config.valid_attachments = Some(valid);
         }
         Ok(Request {
             command,
@@ -208,11 +213,14 @@ impl Request {
         Attachment::new(&self.config.name, &self.container_id, &self.ifname)
     }
 
-    /// GC: the attachments still valid, as attachments of this network.
+    /// GC: the attachments still valid, as attachments of this network (either key of the
+    /// request; [`Request::from_env`] refuses a GC whose two keys disagree).
     pub fn valid_attachments(&self) -> Vec<Attachment> {
         self.config
             .valid_attachments
-            .iter()
+            .as_ref()
+            .or(self.config.legacy_attachments.as_ref())
+            .into_iter()
             .flatten()
             .map(|a| Attachment::new(&self.config.name, &a.container_id, &a.ifname))
             .collect()

@@ -31,11 +31,22 @@ async fn handle_sees_only_its_own_namespace() {
     // A fresh namespace has exactly one link: lo.
     assert_eq!(links.len(), 1, "fresh netns should only have lo");
 
-    // A sysctl written in the namespace is visible there and not in ours.
-    ns.set_sysctl("net.ipv4.ip_forward", "1")
+    // A sysctl written in the namespace is visible there and not in ours. The value written
+    // is the opposite of ours (a new namespace starts from our IPv4 settings), so a write
+    // that reached our namespace would show; ours is only ever read.
+    let ours = || {
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward")
+            .expect("read our ip_forward")
+            .trim()
+            .to_owned()
+    };
+    let before = ours();
+    let other = if before == "1" { "0" } else { "1" };
+    ns.set_sysctl("net.ipv4.ip_forward", other)
         .await
         .expect("sysctl");
-    assert_eq!(ns.get_sysctl("net.ipv4.ip_forward").await.unwrap(), "1");
+    assert_eq!(ns.get_sysctl("net.ipv4.ip_forward").await.unwrap(), other);
+    assert_eq!(ours(), before, "the namespace's sysctl changed ours");
     drop(ns);
     drop(guard);
     assert!(!path.exists());

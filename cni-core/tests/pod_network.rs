@@ -192,7 +192,22 @@ fn pod_ips(result: &CniResult) -> Vec<IpAddr> {
     result.ips.iter().map(|i| i.address.addr()).collect()
 }
 
+/// This process's (the machine's) IPv4 and IPv6 forwarding switches, read from /proc.
+fn our_forwarding() -> [String; 2] {
+    [
+        "/proc/sys/net/ipv4/ip_forward",
+        "/proc/sys/net/ipv6/conf/all/forwarding",
+    ]
+    .map(|path| {
+        std::fs::read_to_string(path)
+            .unwrap_or_else(|e| panic!("read {path}: {e}"))
+            .trim()
+            .to_owned()
+    })
+}
+
 async fn two_pods_reach_each_other_and_the_node(kind: Kind, tag: &str) {
+    let forwarding_before = our_forwarding();
     let lab = Lab::new(tag);
     let node = lab.node();
     let net = kind.network(&node, 1400).await;
@@ -296,6 +311,12 @@ async fn two_pods_reach_each_other_and_the_node(kind: Kind, tag: &str) {
             ] {
                 assert_eq!(node_ns.get_sysctl(&key).await.unwrap(), value, "{key}");
             }
+            // Set in the node's namespace only: ours is as it was (only read here).
+            assert_eq!(
+                our_forwarding(),
+                forwarding_before,
+                "the routed network changed this machine's forwarding"
+            );
         }
     }
 

@@ -368,3 +368,53 @@ async fn gc_is_delegated_with_this_networks_valid_attachments() {
     assert_eq!(sent["ipam"]["type"], "gc-ipam");
     assert_eq!(env_line.trim(), "|", "GC carries no container or interface");
 }
+
+/// An `ipam.type` that names the plugin itself, by its `type` or by an executable in
+/// `CNI_PATH` that is this very process, is refused at once (code 7): the delegate would get
+/// the same configuration and delegate to itself again, without end. Every exec of the
+/// `exec` module refuses this process's own executable too.
+#[tokio::test]
+async fn an_ipam_type_that_is_the_plugin_itself_is_code_7() {
+    let bin = tempfile::tempdir().unwrap();
+    let own = std::env::current_exe().unwrap();
+    std::os::unix::fs::symlink(&own, bin.path().join("self-ipam")).unwrap();
+    let request = |plugin_type: &str, ipam_type: &str| {
+        let conf = json!({
+            "cniVersion": "1.0.0", "name": "cnkt-self", "type": plugin_type,
+            "ipam": {"type": ipam_type}
+        });
+        let env = [
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", "ctr-self"),
+            ("CNI_NETNS", "/var/run/netns/cnkt-unused"),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_PATH", bin.path().to_str().unwrap()),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned()));
+        Request::from_env(env, conf.to_string().as_bytes(), &[]).unwrap()
+    };
+
+    // By name: the configuration's own type.
+    let e = DelegatedIpam::new(&request("cnikit", "cnikit")).unwrap_err();
+    assert_eq!(e.code(), ErrorCode::INVALID_CONFIG, "{e}");
+    assert!(
+        e.to_string().contains("ipam.type") && e.to_string().contains("itself"),
+        "{e}"
+    );
+    // By path: another name whose executable is this process's (a symlink here).
+    let e = DelegatedIpam::new(&request("bridge", "self-ipam")).unwrap_err();
+    assert_eq!(e.code(), ErrorCode::INVALID_CONFIG, "{e}");
+    assert!(e.to_string().contains("own executable"), "{e}");
+    // Any other exec of this process's executable, whatever the path leading to it.
+    for path in [own.clone(), bin.path().join("self-ipam")] {
+        let e = cni_core::exec::exec_plugin(&path, &[], b"{}")
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::ExecSelf { .. }), "{path:?}: {e:?}");
+        assert_eq!(e.code(), ErrorCode::INVALID_CONFIG);
+    }
+    // Another executable is still a delegate.
+    std::os::unix::fs::symlink("/bin/true", bin.path().join("other-ipam")).unwrap();
+    let other = DelegatedIpam::new(&request("bridge", "other-ipam")).unwrap();
+    assert_eq!(other.plugin(), "other-ipam");
+}

@@ -442,10 +442,14 @@ async fn gc_and_status_lists() {
     let log = bin.log();
     assert_eq!(log.len(), 2);
     assert!(log[0].starts_with("step1 GC id= if= ns= args="), "{log:?}");
-    assert_eq!(
-        bin.stdin(0)["cni.dev/valid-attachments"],
-        json!([{"containerID": "ctr-1", "ifname": "eth0"}])
-    );
+    // Under both keys, as libcni 1.2.3 and later send it.
+    for key in ["cni.dev/valid-attachments", "cni.dev/attachments"] {
+        assert_eq!(
+            bin.stdin(0)[key],
+            json!([{"containerID": "ctr-1", "ifname": "eth0"}]),
+            "{key}"
+        );
+    }
     assert_eq!(bin.stdin(1)["cniVersion"], "1.1.0");
 
     // Nothing to do before 1.1.0 or with disableGC.

@@ -322,14 +322,19 @@ fn newest_prev_result_and_gc_attachments() {
     assert_eq!(prev.routes[0].scope, Some(253));
 
     let gc = NetConf::from_value(fixture("configs/gc-1.1.0.json")).unwrap();
-    let valid = gc.valid_attachments.unwrap();
+    let valid = gc.gc_attachments().unwrap().unwrap();
     assert_eq!(valid.len(), 3);
     assert_eq!(valid[2].ifname, "net1");
     let legacy = NetConf::from_value(fixture("configs/gc-legacy-key-1.1.0.json")).unwrap();
     assert_eq!(
-        legacy.valid_attachments.unwrap()[0].container_id,
+        legacy.gc_attachments().unwrap().unwrap()[0].container_id,
         "3f1c0a9b2e7d4c58a6b1f0e9d8c7b6a5"
     );
+    // As libcni 1.2.3 and later write it: both keys, the same list, Go's key order.
+    let both = NetConf::from_value(fixture("configs/gc-libcni-1.2.3.json")).unwrap();
+    let valid = both.gc_attachments().unwrap().unwrap();
+    assert_eq!(valid.len(), 2);
+    assert_eq!(valid[1].ifname, "net1");
 }
 
 fn conflist(rel: &str) -> cni_core::Result<ConfList> {

@@ -57,6 +57,27 @@ pub const MODES: &[Mode] = &[
             keys
         },
     },
+    Mode {
+        name: cnikit::ipip::TYPE,
+        about: "ipip: pod packets to another node get a second IPv4 header (IP protocol 4) \
+                from the device cnikit.ipip (local = the node's underlay address, MTU 20 \
+                bytes under the underlay's), whose address comes from the node's own block. \
+                Per peer one route `BLOCK via PEER_UNDERLAY_IP dev cnikit.ipip onlink`: the \
+                gateway is the outer destination, on-link because the tunnel has no \
+                neighbours. With --direct-routing (Calico's CrossSubnet) only peers behind \
+                a router are tunnelled; the others get host-gw routes. Needs a kernel with \
+                the ipip module.",
+        keys: |lab| {
+            let mut keys = Map::new();
+            let mode = if lab.direct_routing {
+                cnikit::ipip::Mode::CrossSubnet
+            } else {
+                cnikit::ipip::Mode::Always
+            };
+            keys.insert("ipip".into(), json!({ "mode": mode.as_str() }));
+            keys
+        },
+    },
 ];
 
 /// The row of `mode`, if the lab knows it.

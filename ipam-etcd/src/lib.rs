@@ -13,9 +13,13 @@
 //! - [`error`]: [`Error`] and its CNI codes.
 //!
 //! ## Configuration
+//! The `store` object of the block IPAM's `ipam` section (`"type": "cnikit-ipam"`, served
+//! in-process by the `cnikit` plugin; its own type, `cnikit`, is refused there: the plugin
+//! would exec itself as its IPAM plugin):
 //! ```json
 //! "ipam": {
-//!   "type": "cnikit",
+//!   "type": "cnikit-ipam",
+//!   "pool": "10.244.0.0/16",
 //!   "store": {
 //!     "type": "etcd",
 //!     "endpoints": ["https://10.0.0.1:2379"],
@@ -41,10 +45,14 @@
 //!
 //! ## Key layout
 //! Keys arrive at the store already prefixed: the block IPAM engine owns this layout (with
-//! `<prefix>` the configured prefix); the registry owns `registry/`.
+//! `<prefix>` the configured prefix, and `<block>` written `10.244.0.64-26`); the registry
+//! owns `registry/`.
 //! ```text
 //! <prefix>/pool                                            the pool configuration
 //! <prefix>/blocks/<block>                                  a block and its owner (affinity)
+//! <prefix>/nodes/<node>/claim                              rewritten by each block claim of
+//!                                                          the node: two racing claims of
+//!                                                          one node conflict on it
 //! <prefix>/nodes/<node>/blocks/<block>                     the blocks a node holds
 //! <prefix>/nodes/<node>/used/<ip>                          an allocated address
 //! <prefix>/nodes/<node>/free/<ip>                          a released address of the node

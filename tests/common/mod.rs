@@ -430,6 +430,44 @@ pub fn run_raw(
     }
 }
 
+/// Runs the plugin like [`run_raw`], in a process group of its own; when it has not exited
+/// after `limit`, kills the whole group (the plugin and every process it started) and
+/// returns `None`. For plugins that might never exit: `limit` bounds a hang, it is no
+/// measure of speed.
+pub fn run_bounded(
+    plugin: &Path,
+    node: &Path,
+    env: &[(&str, &str)],
+    stdin: &[u8],
+    cwd: &Path,
+    limit: Duration,
+) -> Option<Outcome> {
+    let start = Instant::now();
+    let child = spawn_in(plugin, node, env, stdin, cwd, true);
+    let group = nix::unistd::Pid::from_raw(child.id() as i32);
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done_tx.send(child.wait_with_output());
+    });
+    match done_rx.recv_timeout(limit) {
+        Ok(out) => {
+            let out = out.expect("wait for the plugin");
+            Some(Outcome {
+                code: out.status.code(),
+                stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+                elapsed: start.elapsed(),
+            })
+        }
+        Err(_) => {
+            // The group is the plugin's own (process_group(0) below), never the test's.
+            let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
+            let _ = done_rx.recv();
+            None
+        }
+    }
+}
+
 /// Starts the plugin like [`run_raw`] and returns at once, stdin written and closed.
 pub fn spawn_raw(
     plugin: &Path,
@@ -437,6 +475,18 @@ pub fn spawn_raw(
     env: &[(&str, &str)],
     stdin: &[u8],
     cwd: &Path,
+) -> std::process::Child {
+    spawn_in(plugin, node, env, stdin, cwd, false)
+}
+
+/// [`spawn_raw`], in a new process group led by the plugin when `own_group`.
+fn spawn_in(
+    plugin: &Path,
+    node: &Path,
+    env: &[(&str, &str)],
+    stdin: &[u8],
+    cwd: &Path,
+    own_group: bool,
 ) -> std::process::Child {
     let ns = File::open(node).unwrap_or_else(|e| panic!("open {}: {e}", node.display()));
     let fd = ns.as_raw_fd();
@@ -449,6 +499,9 @@ pub fn spawn_raw(
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+    if own_group {
+        command.process_group(0);
+    }
     // SAFETY: setns is a plain system call, safe between fork and exec; `ns` outlives the
     // spawn below.
     unsafe {

@@ -1,5 +1,5 @@
 //! A virtual underlay made of network namespaces, for the routing backends' tests (needs
-//! root). Shared by backend-hostgw and backend-vxlan (included with `#[path]`).
+//! root). Shared by backend-hostgw, backend-vxlan and backend-ipip (included with `#[path]`).
 //!
 //! Everything lives in namespaces named `cnkt-<tag>-<pid>-<suffix>`: "switches" (a
 //! namespace holding a bridge `br0`), "nodes" joined to a switch by a veth (`eth0` in the
@@ -17,7 +17,7 @@ use cni_core::ipam::{Allocation, Attachment};
 use cni_core::linux::{BridgeConfig, BridgeNetwork, NetNs};
 use cni_core::network::{Pod, PodNetwork};
 use cni_core::registry::NodeRecord;
-use cni_core::routing::LocalNode;
+use cni_core::routing::{CrossNodeRouting, LocalNode};
 use cni_core::spec::IpConfig;
 use testkit::{Namespaces, ip, ip_json};
 
@@ -174,6 +174,44 @@ impl NodeSpec {
             backend: data,
         }
     }
+}
+
+/// A node of [`cluster`]: its name, switch, underlay address/prefix, default gateway.
+pub type NodeDef<'a> = (&'a str, &'a str, &'a str, Option<&'a str>);
+
+/// The nodes, each with a pod (`10.244.N.2` in block `10.244.N.0/24`, pod MTU = underlay MTU
+/// − the backend's overhead) and a backend made by `backend` in its namespace and
+/// initialized; returns their specs, pod namespaces, backends and records.
+pub async fn cluster<B: CrossNodeRouting>(
+    lab: &Lab,
+    nodes: &[NodeDef<'_>],
+    backend: impl Fn(NetNs) -> B,
+) -> (Vec<NodeSpec>, Vec<String>, Vec<B>, Vec<NodeRecord>) {
+    let (mut specs, mut pods, mut backends, mut records) = (vec![], vec![], vec![], vec![]);
+    for (i, (name, switch, cidr, gw)) in nodes.iter().enumerate() {
+        let n = i + 1;
+        let spec = NodeSpec {
+            local: local(name, cidr, &format!("10.244.{n}.0/24")),
+            ns: lab.node(name, switch, cidr, *gw),
+        };
+        let mut b = backend(NetNs::named(&spec.ns).await.expect("open node"));
+        b.init(&spec.local).await.expect("init");
+        let pod_mtu = spec.local.underlay_mtu - b.mtu_overhead();
+        let pod = lab
+            .pod(
+                &spec.ns,
+                &format!("{name}-pod"),
+                &format!("10.244.{n}.2/24"),
+                &format!("10.244.{n}.1"),
+                pod_mtu,
+            )
+            .await;
+        records.push(spec.record(b.node_data()));
+        specs.push(spec);
+        pods.push(pod);
+        backends.push(b);
+    }
+    (specs, pods, backends, records)
 }
 
 /// The `LocalNode` of a lab node: underlay `eth0` with `cidr`, MTU 1500, one block.

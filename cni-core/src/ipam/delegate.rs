@@ -18,7 +18,7 @@ use async_trait::async_trait;
 use serde_json::Value;
 
 use crate::error::{Error, Result};
-use crate::exec::{Invocation, plugin_version};
+use crate::exec::{Invocation, find_plugin, is_own_executable, plugin_version};
 use crate::ipam::{Allocation, Attachment, GcReport, Ipam};
 use crate::runner::Request;
 use crate::spec::{
@@ -42,8 +42,11 @@ pub struct DelegatedIpam {
 impl DelegatedIpam {
     /// The delegate of `request`: its `ipam.type`, `CNI_*` parameters and stdin.
     ///
-    /// Errors: 7 when the configuration has no `ipam` section or its `type` is not a plugin
-    /// name.
+    /// Errors: 7 when the configuration has no `ipam` section, its `type` is not a plugin
+    /// name, or it names the plugin itself: the configuration's own `type`, or a name whose
+    /// executable in `CNI_PATH` is this process's own. The delegate gets this very
+    /// configuration, so it would delegate to itself again, without end. (A delegate missing
+    /// from `CNI_PATH` is reported when it is run: 102.)
     pub fn new(request: &Request) -> Result<Self> {
         let ipam = request
             .config
@@ -51,6 +54,29 @@ impl DelegatedIpam {
             .as_ref()
             .ok_or_else(|| Error::invalid_config("ipam", "missing: nothing to delegate to"))?;
         validate_plugin_type("ipam.type", &ipam.ipam_type)?;
+        if ipam.ipam_type == request.config.plugin_type {
+            return Err(Error::invalid_config(
+                "ipam.type",
+                format!(
+                    "{:?} is this plugin's own type: it would exec itself as its IPAM plugin, \
+                     recursively (name an IPAM plugin)",
+                    ipam.ipam_type
+                ),
+            ));
+        }
+        if let Ok(binary) = find_plugin(&ipam.ipam_type, &request.cni_path)
+            && is_own_executable(&binary)
+        {
+            return Err(Error::invalid_config(
+                "ipam.type",
+                format!(
+                    "{:?} is {}, this plugin's own executable: it would exec itself as its \
+                     IPAM plugin, recursively (name an IPAM plugin)",
+                    ipam.ipam_type,
+                    binary.display()
+                ),
+            ));
+        }
         Ok(DelegatedIpam {
             plugin: ipam.ipam_type.clone(),
             network: request.config.name.clone(),

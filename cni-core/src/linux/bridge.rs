@@ -60,16 +60,7 @@ impl Default for BridgeConfig {
 impl BridgeConfig {
     /// Checks the configuration without touching the system. Errors: code 7.
     pub fn validate(&self) -> Result<()> {
-        link::valid_name(&self.bridge).map_err(|r| Error::invalid_config("bridge", r))?;
-        if self.bridge.starts_with(veth::HOST_PREFIX) {
-            return Err(Error::invalid_config(
-                "bridge",
-                format!(
-                    "names starting with {:?} are cnikit's host veths",
-                    veth::HOST_PREFIX
-                ),
-            ));
-        }
+        link::valid_device_name(&self.bridge).map_err(|r| Error::invalid_config("bridge", r))?;
         pod::validate_mtu(self.mtu)
     }
 }

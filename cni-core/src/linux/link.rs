@@ -1,12 +1,15 @@
-//! Links: look up, bring up, delete, and the bridge device.
+//! Links: look up, bring up, delete, the bridge device, and tunnel devices made from a
+//! [`LinkSpec`] (its [`LinkKind`] says which: VXLAN, IPIP).
 
 use std::hash::{BuildHasher, Hasher};
 
 use futures::TryStreamExt;
-use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
+use rtnetlink::packet_route::link::{InfoData, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
 use rtnetlink::{LinkBridge, LinkBridgePort, LinkUnspec};
 
-use super::{Mismatch, NetNs, errno, kernel};
+use super::ipip::IpipParams;
+use super::vxlan::VxlanParams;
+use super::{Mismatch, NetNs, errno, ipip, kernel, vxlan};
 use crate::error::{Error, Result};
 use crate::spec::HwAddr;
 
@@ -67,6 +70,158 @@ impl Link {
     }
 }
 
+/// The kind of a device a [`LinkSpec`] makes, with the parameters of that kind: the
+/// ones that decide where its packets go, which [`device`] reads back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum LinkKind {
+    /// A VXLAN device (`type vxlan`).
+    Vxlan(VxlanParams),
+    /// An IP-in-IP tunnel device (`type ipip`).
+    Ipip(IpipParams),
+}
+
+impl LinkKind {
+    /// The kernel's name of the kind (`IFLA_INFO_KIND`), as `ip -d link` shows it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            LinkKind::Vxlan(_) => "vxlan",
+            LinkKind::Ipip(_) => "ipip",
+        }
+    }
+
+    /// The `type …` part of an `ip link add` command.
+    pub fn describe(&self) -> String {
+        match self {
+            LinkKind::Vxlan(p) => p.describe(),
+            LinkKind::Ipip(p) => p.describe(),
+        }
+    }
+}
+
+/// How [`add`] makes a device: its name, MTU, hardware address and kind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkSpec {
+    /// Device name.
+    pub name: String,
+    /// MTU.
+    pub mtu: u32,
+    /// Hardware address; the kernel's choice when `None`. Only for kinds with an Ethernet
+    /// address (VXLAN); an IPIP device's link-layer address is its `local` address.
+    pub mac: Option<[u8; 6]>,
+    /// Kind and its parameters.
+    pub kind: LinkKind,
+}
+
+impl LinkSpec {
+    /// Checks what the kernel would not say itself: a hardware address on a kind without
+    /// an Ethernet address (IPIP), which the kernel takes and ignores. Errors: 7.
+    pub fn validate(&self) -> Result<()> {
+        match (&self.kind, self.mac) {
+            (LinkKind::Ipip(_), Some(mac)) => Err(Error::invalid_config(
+                "mac",
+                format!(
+                    "{}: an ipip device has no Ethernet address (its link-layer address is \
+                     its local address)",
+                    HwAddr::from(mac)
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// The `ip link add` command this spec equals, for messages.
+    pub fn describe(&self) -> String {
+        let mut s = format!("ip link add {}", self.name);
+        if let Some(mac) = self.mac {
+            s.push_str(&format!(" address {}", HwAddr::from(mac)));
+        }
+        s.push_str(&format!(" mtu {} {}", self.mtu, self.kind.describe()));
+        s
+    }
+}
+
+/// A link with, if it is of a kind cnikit makes, the parameters of that kind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Device {
+    /// The link.
+    pub link: Link,
+    /// The kind's parameters, when the link is of a [`LinkKind`] (`None` for a veth, a
+    /// bridge, a plain device).
+    pub kind: Option<LinkKind>,
+}
+
+impl Device {
+    /// The VXLAN parameters, when the link is a VXLAN device.
+    pub fn vxlan(&self) -> Option<&VxlanParams> {
+        match &self.kind {
+            Some(LinkKind::Vxlan(p)) => Some(p),
+            _ => None,
+        }
+    }
+
+    /// The IPIP parameters, when the link is an IPIP device.
+    pub fn ipip(&self) -> Option<&IpipParams> {
+        match &self.kind {
+            Some(LinkKind::Ipip(p)) => Some(p),
+            _ => None,
+        }
+    }
+
+    fn from_message(m: LinkMessage) -> Self {
+        let data = m
+            .attributes
+            .iter()
+            .filter_map(|attr| match attr {
+                LinkAttribute::LinkInfo(infos) => Some(infos),
+                _ => None,
+            })
+            .flatten()
+            .find_map(|info| match info {
+                LinkInfo::Data(data) => Some(data.clone()),
+                _ => None,
+            });
+        let link = Link::from_message(m);
+        let kind = match (link.kind.as_deref(), data) {
+            (Some("vxlan"), data) => Some(LinkKind::Vxlan(vxlan::parse(match &data {
+                Some(InfoData::Vxlan(d)) => d,
+                _ => &[],
+            }))),
+            (Some("ipip"), data) => Some(LinkKind::Ipip(ipip::parse(match &data {
+                Some(InfoData::IpTunnel(d)) => d,
+                _ => &[],
+            }))),
+            _ => None,
+        };
+        Device { link, kind }
+    }
+}
+
+/// Creates a device (down), like `ip link add NAME [address MAC] mtu MTU type KIND …`.
+/// Fails with `EEXIST` (code 101) if the name is taken, or, for an IPIP device, if another
+/// IPIP device has the same `local`, `remote` and `dev` (the kernel keys tunnels by them);
+/// with code 7 when [`LinkSpec::validate`] refuses the spec.
+pub async fn add(ns: &NetNs, spec: &LinkSpec) -> Result<()> {
+    spec.validate()?;
+    let message = match &spec.kind {
+        LinkKind::Vxlan(p) => vxlan::message(spec, p),
+        LinkKind::Ipip(p) => ipip::message(spec, p),
+    };
+    ns.handle()
+        .link()
+        .add(message)
+        .execute()
+        .await
+        .map_err(|e| kernel(spec.describe(), e))
+}
+
+/// Looks a link up by name with the parameters of its kind, like
+/// `ip -d link show dev NAME`. `Ok(None)` if there is none.
+pub async fn device(ns: &NetNs, name: &str) -> Result<Option<Device>> {
+    let reply = get_message(ns, name, "ip -d link show").await?;
+    Ok(reply.map(Device::from_message))
+}
+
 /// Checks that `name` is usable as an interface name: 1 to 15 bytes, no `/`, `:` or
 /// whitespace, not `.` or `..` (the kernel's `dev_valid_name`, plus `:` for aliases).
 pub fn valid_name(name: &str) -> std::result::Result<(), String> {
@@ -87,6 +242,20 @@ pub fn valid_name(name: &str) -> std::result::Result<(), String> {
     {
         return Err(format!(
             "interface name {name:?} contains '/', ':' or whitespace"
+        ));
+    }
+    Ok(())
+}
+
+/// Checks the name of a device cnikit makes (a bridge, a tunnel device): usable as an
+/// interface name ([`valid_name`]) and not in the namespace of cnikit's host veths
+/// ([`veth::HOST_PREFIX`](super::veth::HOST_PREFIX)).
+pub fn valid_device_name(name: &str) -> std::result::Result<(), String> {
+    valid_name(name)?;
+    let prefix = super::veth::HOST_PREFIX;
+    if name.starts_with(prefix) {
+        return Err(format!(
+            "names starting with {prefix:?} are cnikit's host veths"
         ));
     }
     Ok(())

@@ -5,8 +5,8 @@
 //! [`Error::Kernel`] (CNI code 101) with the command as `what`.
 //!
 //! - [`netns`]: namespace handles.
-//! - [`link`], [`veth`], [`vxlan`], [`addr`], [`route`], [`neigh`], [`fdb`], [`sysctl`]: one
-//!   kernel object each.
+//! - [`link`], [`veth`], [`vxlan`], [`ipip`], [`addr`], [`route`], [`neigh`], [`fdb`],
+//!   [`sysctl`]: one kernel object each.
 //! - [`kernel`]: the kernel traits of the cross-node routing backends, their netlink
 //!   implementation, a recording fake for unit tests, and the diff that reconciles.
 //! - [`bridge`] (feature `bridge`) and [`routed`] (feature `routed`): the built-in
@@ -20,6 +20,7 @@ pub mod addr;
 #[cfg(feature = "bridge")]
 pub mod bridge;
 pub mod fdb;
+pub mod ipip;
 pub mod kernel;
 pub mod link;
 pub mod neigh;

@@ -165,7 +165,13 @@ pub(crate) fn open_netns_file(path: &Path) -> Result<File> {
         path: path.to_path_buf(),
         reason,
     };
-    let file = File::open(path).map_err(|e| not_netns(e.to_string()))?;
+    let file = File::open(path).map_err(|e| {
+        not_netns(match e.kind() {
+            std::io::ErrorKind::NotFound => "no such file".into(),
+            std::io::ErrorKind::PermissionDenied => "permission denied".into(),
+            _ => e.to_string(),
+        })
+    })?;
     let fs = fstatfs(&file).map_err(|e| not_netns(e.to_string()))?;
     if fs.filesystem_type() != NSFS_MAGIC {
         return Err(not_netns("not a namespace file (nsfs)".into()));

@@ -78,13 +78,7 @@ pub(crate) async fn open_netns(pod: &Pod, command: &str) -> Result<NetNs> {
 /// Checks a configured MTU (code 7): from 68 (the IPv4 minimum) to 65535 (the veth
 /// maximum).
 pub(crate) fn validate_mtu(mtu: u32) -> Result<()> {
-    if !(veth::MIN_MTU..=veth::MAX_MTU).contains(&mtu) {
-        return Err(Error::invalid_config(
-            "mtu",
-            format!("{mtu} is outside {}..={}", veth::MIN_MTU, veth::MAX_MTU),
-        ));
-    }
-    Ok(())
+    veth::valid_mtu(mtu).map_err(|r| Error::invalid_config("mtu", r))
 }
 
 /// Checks the MTU against what the addresses need.

@@ -123,13 +123,26 @@ pub(crate) async fn dump(
     ns: &NetNs,
     ipv6: bool,
 ) -> std::result::Result<Vec<RouteMessage>, rtnetlink::Error> {
-    let mut query = RouteMessage::default();
-    query.header.address_family = if ipv6 {
+    let family = if ipv6 {
         AddressFamily::Inet6
     } else {
         AddressFamily::Inet
     };
-    ns.handle().route().get(query).execute().try_collect().await
+    let mut query = RouteMessage::default();
+    query.header.address_family = family;
+    let messages: Vec<RouteMessage> = ns
+        .handle()
+        .route()
+        .get(query)
+        .execute()
+        .try_collect()
+        .await?;
+    // A kernel without IPv6 has no AF_INET6 dump and answers it as AF_UNSPEC, with the
+    // routes of every family: keep the asked one only, or the IPv4 routes come twice.
+    Ok(messages
+        .into_iter()
+        .filter(|m| m.header.address_family == family)
+        .collect())
 }
 
 /// The `ip` flag of an address family.

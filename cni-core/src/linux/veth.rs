@@ -8,8 +8,8 @@ use std::os::fd::AsRawFd;
 use rtnetlink::packet_route::link::{InfoData, InfoKind, InfoVeth};
 use rtnetlink::{LinkMessageBuilder, LinkUnspec, LinkVeth};
 
-use super::{NetNs, kernel};
-use crate::error::Result;
+use super::{NetNs, errno, kernel, link};
+use crate::error::{Error, Result};
 
 /// Prefix of the host-side veth names cnikit creates.
 pub const HOST_PREFIX: &str = "cnk";
@@ -18,6 +18,15 @@ pub const HOST_PREFIX: &str = "cnk";
 pub const MIN_MTU: u32 = 68;
 /// The largest MTU a veth takes.
 pub const MAX_MTU: u32 = 65535;
+
+/// Checks a configured MTU: from [`MIN_MTU`] (the IPv4 minimum) to [`MAX_MTU`] (the veth
+/// maximum).
+pub fn valid_mtu(mtu: u32) -> std::result::Result<(), String> {
+    if !(MIN_MTU..=MAX_MTU).contains(&mtu) {
+        return Err(format!("{mtu} is outside {MIN_MTU}..={MAX_MTU}"));
+    }
+    Ok(())
+}
 
 /// FNV-1a, 64 bits: a small, stable hash for deterministic device names.
 pub fn fnv1a64(bytes: &[u8]) -> u64 {
@@ -63,8 +72,8 @@ pub struct VethSpec<'a> {
 /// `ip link add HOST [address MAC] mtu MTU [master BRIDGE] [up] type veth peer name POD
 /// mtu MTU netns PODNS` run in `host`.
 ///
-/// Fails with `EEXIST` (code 101) if either name is taken in its namespace; then nothing
-/// was created.
+/// Fails with [`Error::LinkExists`] (code 101) naming the interface and its namespace if
+/// either name is taken in its namespace; then nothing was created.
 pub async fn create(host: &NetNs, pod: &NetNs, spec: &VethSpec<'_>) -> Result<()> {
     let peer = LinkUnspec::new_with_name(spec.pod_name)
         .mtu(spec.mtu)
@@ -84,22 +93,40 @@ pub async fn create(host: &NetNs, pod: &NetNs, spec: &VethSpec<'_>) -> Result<()
     }
     // The fd in IFLA_NET_NS_FD is resolved by the kernel while the request is sent; `pod`
     // is borrowed until the reply, so the fd stays open.
-    host.handle()
-        .link()
-        .add(builder.build())
-        .execute()
-        .await
-        .map_err(|e| {
-            kernel(
-                format!(
-                    "ip link add {} type veth peer name {} netns {}",
-                    spec.host_name,
-                    spec.pod_name,
-                    pod.path().display()
-                ),
-                e,
-            )
-        })
+    let added = host.handle().link().add(builder.build()).execute().await;
+    let what = || {
+        format!(
+            "ip link add {} type veth peer name {} netns {}",
+            spec.host_name,
+            spec.pod_name,
+            pod.path().display()
+        )
+    };
+    match added {
+        Ok(()) => Ok(()),
+        Err(e) if errno(&e) == Some(libc::EEXIST) => Err(taken(host, pod, spec)
+            .await
+            .unwrap_or_else(|| kernel(what(), e))),
+        Err(e) => Err(kernel(what(), e)),
+    }
+}
+
+/// After `EEXIST`: which of the two names is taken, as an [`Error::LinkExists`]. `None`
+/// when neither is (any more), or the lookup fails.
+async fn taken(host: &NetNs, pod: &NetNs, spec: &VethSpec<'_>) -> Option<Error> {
+    if let Ok(Some(_)) = link::get(pod, spec.pod_name).await {
+        return Some(Error::LinkExists {
+            name: spec.pod_name.to_owned(),
+            place: format!("the pod's network namespace {}", pod.path().display()),
+        });
+    }
+    if let Ok(Some(_)) = link::get(host, spec.host_name).await {
+        return Some(Error::LinkExists {
+            name: spec.host_name.to_owned(),
+            place: "the node's network namespace (the host end of a pod's veth)".to_owned(),
+        });
+    }
+    None
 }
 
 #[cfg(test)]

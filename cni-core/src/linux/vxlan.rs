@@ -1,14 +1,13 @@
-//! VXLAN devices: create one, and read back what an existing one is.
+//! VXLAN devices: their parameters, the request that makes one and what a dump says.
+//! [`link::add`](super::link::add) and [`link::device`](super::link::device) use them
+//! for a [`LinkKind::Vxlan`](super::link::LinkKind::Vxlan).
 
 use std::net::IpAddr;
 
 use rtnetlink::LinkVxlan;
-use rtnetlink::packet_route::link::{InfoData, InfoVxlan, LinkAttribute, LinkInfo, LinkMessage};
+use rtnetlink::packet_route::link::{InfoVxlan, LinkMessage};
 
-use super::link::{self, Link};
-use super::{NetNs, kernel};
-use crate::error::Result;
-use crate::spec::HwAddr;
+use super::link::LinkSpec;
 
 /// The largest VXLAN network identifier (24 bits).
 pub const MAX_VNI: u32 = (1 << 24) - 1;
@@ -31,38 +30,17 @@ pub struct VxlanParams {
     pub learning: bool,
 }
 
-/// How [`create`] makes a VXLAN device.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VxlanSpec {
-    /// Device name.
-    pub name: String,
-    /// VNI, port, local address, underlay device, learning.
-    pub params: VxlanParams,
-    /// MTU.
-    pub mtu: u32,
-    /// Hardware address; random when `None`.
-    pub mac: Option<[u8; 6]>,
-}
-
-impl VxlanSpec {
-    /// The `ip link add` command this spec equals, for messages.
+impl VxlanParams {
+    /// The `type vxlan …` part of an `ip link add` command.
     pub fn describe(&self) -> String {
-        let p = &self.params;
-        let mut s = format!("ip link add {}", self.name);
-        if let Some(mac) = self.mac {
-            s.push_str(&format!(" address {}", HwAddr::from(mac)));
-        }
-        s.push_str(&format!(
-            " mtu {} type vxlan id {} dstport {}",
-            self.mtu, p.vni, p.port
-        ));
-        if let Some(local) = p.local {
+        let mut s = format!("type vxlan id {} dstport {}", self.vni, self.port);
+        if let Some(local) = self.local {
             s.push_str(&format!(" local {local}"));
         }
-        if let Some(dev) = p.underlay {
+        if let Some(dev) = self.underlay {
             s.push_str(&format!(" dev #{dev}"));
         }
-        s.push_str(if p.learning {
+        s.push_str(if self.learning {
             " learning"
         } else {
             " nolearning"
@@ -71,11 +49,10 @@ impl VxlanSpec {
     }
 }
 
-/// Creates a VXLAN device (down), like
+/// The request that creates the VXLAN device of `spec`, like
 /// `ip link add NAME [address MAC] mtu MTU type vxlan id VNI dstport PORT local IP dev DEV
-/// nolearning`. Fails with `EEXIST` (code 101) if the name is taken.
-pub async fn create(ns: &NetNs, spec: &VxlanSpec) -> Result<()> {
-    let p = &spec.params;
+/// nolearning`.
+pub(super) fn message(spec: &LinkSpec, p: &VxlanParams) -> LinkMessage {
     let mut builder = LinkVxlan::new(&spec.name, p.vni)
         .port(p.port)
         .learning(p.learning)
@@ -91,28 +68,7 @@ pub async fn create(ns: &NetNs, spec: &VxlanSpec) -> Result<()> {
     if let Some(mac) = spec.mac {
         builder = builder.address(mac.to_vec());
     }
-    ns.handle()
-        .link()
-        .add(builder.build())
-        .execute()
-        .await
-        .map_err(|e| kernel(spec.describe(), e))
-}
-
-/// A link with, if it is a VXLAN device, its parameters.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Device {
-    /// The link.
-    pub link: Link,
-    /// The VXLAN parameters, when the link is of kind `vxlan`.
-    pub vxlan: Option<VxlanParams>,
-}
-
-/// Looks a link up by name with its VXLAN parameters, like `ip -d link show dev NAME`.
-/// `Ok(None)` if there is none.
-pub async fn get(ns: &NetNs, name: &str) -> Result<Option<Device>> {
-    let reply = link::get_message(ns, name, "ip -d link show").await?;
-    Ok(reply.map(parse))
+    builder.build()
 }
 
 /// What the kernel assumes for attributes a dump leaves out.
@@ -124,31 +80,21 @@ const KERNEL_DEFAULTS: VxlanParams = VxlanParams {
     learning: true,
 };
 
-fn parse(m: LinkMessage) -> Device {
+/// The parameters in a VXLAN device's `IFLA_INFO_DATA`.
+pub(super) fn parse(data: &[InfoVxlan]) -> VxlanParams {
     let mut params = KERNEL_DEFAULTS;
-    let infos = m.attributes.iter().filter_map(|attr| match attr {
-        LinkAttribute::LinkInfo(infos) => Some(infos),
-        _ => None,
-    });
-    for info in infos.flatten() {
-        let LinkInfo::Data(InfoData::Vxlan(data)) = info else {
-            continue;
-        };
-        for d in data {
-            match *d {
-                InfoVxlan::Id(v) => params.vni = v,
-                InfoVxlan::Port(v) => params.port = v,
-                InfoVxlan::Local(v) => params.local = Some(IpAddr::V4(v)),
-                InfoVxlan::Local6(v) => params.local = Some(IpAddr::V6(v)),
-                InfoVxlan::Link(v) => params.underlay = Some(v),
-                InfoVxlan::Learning(v) => params.learning = v,
-                _ => {}
-            }
+    for d in data {
+        match *d {
+            InfoVxlan::Id(v) => params.vni = v,
+            InfoVxlan::Port(v) => params.port = v,
+            InfoVxlan::Local(v) => params.local = Some(IpAddr::V4(v)),
+            InfoVxlan::Local6(v) => params.local = Some(IpAddr::V6(v)),
+            InfoVxlan::Link(v) => params.underlay = Some(v),
+            InfoVxlan::Learning(v) => params.learning = v,
+            _ => {}
         }
     }
-    let link = Link::from_message(m);
-    let vxlan = (link.kind.as_deref() == Some("vxlan")).then_some(params);
-    Device { link, vxlan }
+    params
 }
 
 /// Checks a VNI: 24 bits.
@@ -165,15 +111,15 @@ mod tests {
 
     #[test]
     fn describe_reads_like_ip_link_add() {
-        let spec = VxlanSpec {
+        let spec = LinkSpec {
             name: "cnikit.vxlan".into(),
-            params: VxlanParams {
+            kind: super::super::link::LinkKind::Vxlan(VxlanParams {
                 vni: 1,
                 port: 4789,
                 local: Some("192.168.1.2".parse().unwrap()),
                 underlay: Some(2),
                 learning: false,
-            },
+            }),
             mtu: 1450,
             mac: Some([2, 0, 0, 0, 0, 1]),
         };

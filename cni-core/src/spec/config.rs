@@ -20,7 +20,8 @@ use crate::spec::{CniResult, Dns, Version};
 
 /// The key under which a GC request lists the attachments that are still valid.
 pub const VALID_ATTACHMENTS_KEY: &str = "cni.dev/valid-attachments";
-/// The key early drafts of spec 1.1.0 used instead of [`VALID_ATTACHMENTS_KEY`].
+/// The key the text of spec 1.1.0 first named instead of [`VALID_ATTACHMENTS_KEY`]. libcni
+/// 1.2.3 and later send both keys with the same list; see [`NetConf::gc_attachments`].
 pub const LEGACY_ATTACHMENTS_KEY: &str = "cni.dev/attachments";
 
 /// How a configuration without `cniVersion` is reported: libcni takes it as 0.1.0.
@@ -62,16 +63,27 @@ pub struct NetConf {
     /// The `args` convention (`args.cni.ips`…), raw.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub args: Option<Value>,
-    /// GC: the attachments that are still valid. `None` when the key is absent; JSON `null`
-    /// reads as an empty list.
+    /// GC: the attachments that are still valid, under [`VALID_ATTACHMENTS_KEY`]. `None`
+    /// when the key is absent; JSON `null` reads as an empty list. Read the list a GC
+    /// request carries with [`NetConf::gc_attachments`], which also looks at
+    /// [`legacy_attachments`](NetConf::legacy_attachments).
     #[serde(
         default,
         rename = "cni.dev/valid-attachments",
-        alias = "cni.dev/attachments",
         deserialize_with = "null_as_empty",
         skip_serializing_if = "Option::is_none"
     )]
     pub valid_attachments: Option<Vec<GcAttachment>>,
+    /// GC: the same list under [`LEGACY_ATTACHMENTS_KEY`]; libcni 1.2.3 and later set it
+    /// next to [`VALID_ATTACHMENTS_KEY`]. Kept apart, so that a request carrying both keys
+    /// decodes and serializes back with both.
+    #[serde(
+        default,
+        rename = "cni.dev/attachments",
+        deserialize_with = "null_as_empty",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub legacy_attachments: Option<Vec<GcAttachment>>,
     /// Every other key: the plugin's own configuration.
     #[serde(flatten)]
     pub plugin: Map<String, Value>,
@@ -136,28 +148,92 @@ impl RuntimeConfig {
 /// A host port forwarded to a container port (`portMappings` capability).
 ///
 /// Reads both the camelCase keys of the CNI conventions (`hostPort`) and the capitalised keys
-/// containerd sends (`HostPort`). An empty `hostIP` means "every address".
+/// containerd sends (`HostPort`). A mapping may carry both spellings of a key when they
+/// agree; when they disagree it does not decode (code 6, naming both keys). An empty
+/// `hostIP` means "every address".
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", try_from = "WirePortMapping")]
 pub struct PortMapping {
     /// Port on the host.
-    #[serde(alias = "HostPort")]
     pub host_port: u16,
     /// Port in the container.
-    #[serde(alias = "ContainerPort")]
     pub container_port: u16,
     /// Transport protocol; `tcp` when absent.
-    #[serde(default, alias = "Protocol")]
     pub protocol: Protocol,
     /// Host address to bind, if any.
-    #[serde(
-        default,
-        rename = "hostIP",
-        alias = "HostIP",
-        deserialize_with = "empty_ip_as_none",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "hostIP", skip_serializing_if = "Option::is_none")]
     pub host_ip: Option<IpAddr>,
+}
+
+/// A port mapping as runtimes write it: every key in both spellings, each optional, so that
+/// a mapping carrying both decodes (serde's `alias` refuses that as a duplicate field).
+#[derive(Deserialize)]
+struct WirePortMapping {
+    #[serde(rename = "hostPort")]
+    host_port: Option<u16>,
+    #[serde(rename = "HostPort")]
+    host_port_capitalised: Option<u16>,
+    #[serde(rename = "containerPort")]
+    container_port: Option<u16>,
+    #[serde(rename = "ContainerPort")]
+    container_port_capitalised: Option<u16>,
+    #[serde(rename = "protocol")]
+    protocol: Option<Protocol>,
+    #[serde(rename = "Protocol")]
+    protocol_capitalised: Option<Protocol>,
+    #[serde(rename = "hostIP", default, deserialize_with = "present_ip")]
+    host_ip: Option<Option<IpAddr>>,
+    #[serde(rename = "HostIP", default, deserialize_with = "present_ip")]
+    host_ip_capitalised: Option<Option<IpAddr>>,
+}
+
+/// The value of a key a port mapping may spell two ways: either spelling, or both when they
+/// agree.
+fn either_spelling<T: PartialEq + std::fmt::Debug>(
+    (key, value): (&str, Option<T>),
+    (other_key, other): (&str, Option<T>),
+) -> std::result::Result<Option<T>, String> {
+    match (value, other) {
+        (Some(a), Some(b)) if a != b => Err(format!(
+            "{key} {a:?} and {other_key} {b:?} disagree (both spellings may be given only \
+             with the same value)"
+        )),
+        (a, b) => Ok(a.or(b)),
+    }
+}
+
+impl TryFrom<WirePortMapping> for PortMapping {
+    type Error = String;
+
+    fn try_from(wire: WirePortMapping) -> std::result::Result<Self, String> {
+        let port = |key: &str, a, other: &str, b| {
+            either_spelling((key, a), (other, b))?.ok_or_else(|| format!("missing field `{key}`"))
+        };
+        Ok(PortMapping {
+            host_port: port(
+                "hostPort",
+                wire.host_port,
+                "HostPort",
+                wire.host_port_capitalised,
+            )?,
+            container_port: port(
+                "containerPort",
+                wire.container_port,
+                "ContainerPort",
+                wire.container_port_capitalised,
+            )?,
+            protocol: either_spelling(
+                ("protocol", wire.protocol),
+                ("Protocol", wire.protocol_capitalised),
+            )?
+            .unwrap_or_default(),
+            host_ip: either_spelling(
+                ("hostIP", wire.host_ip),
+                ("HostIP", wire.host_ip_capitalised),
+            )?
+            .flatten(),
+        })
+    }
 }
 
 /// A port mapping's protocol, read case-insensitively.
@@ -203,12 +279,17 @@ where
     Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
 }
 
-fn empty_ip_as_none<'de, D: Deserializer<'de>>(
+/// A present `hostIP`: `Some(None)` for `null` or `""` (every address), `Some(Some(ip))`
+/// for an address. An absent key is `None` through `#[serde(default)]`.
+fn present_ip<'de, D: Deserializer<'de>>(
     d: D,
-) -> std::result::Result<Option<IpAddr>, D::Error> {
+) -> std::result::Result<Option<Option<IpAddr>>, D::Error> {
     match Option::<String>::deserialize(d)?.as_deref() {
-        None | Some("") => Ok(None),
-        Some(s) => s.parse().map(Some).map_err(serde::de::Error::custom),
+        None | Some("") => Ok(Some(None)),
+        Some(s) => s
+            .parse()
+            .map(|ip| Some(Some(ip)))
+            .map_err(|_| serde::de::Error::custom(format!("{s:?} is not an IP address"))),
     }
 }
 
@@ -244,6 +325,36 @@ pub(crate) fn decode_value<T: DeserializeOwned>(value: Value, what: &'static str
     })
 }
 
+/// serde's words for what it expected, in the words of a JSON configuration: the Rust types
+/// it names (`u32`, `struct IpamConf`) mean nothing to whoever wrote the JSON.
+fn in_json_words(message: &str) -> String {
+    const INTEGERS: [(&str, &str); 8] = [
+        ("u8", "0 to 255"),
+        ("u16", "0 to 65535"),
+        ("u32", "0 to 4294967295"),
+        ("u64", "0 to 18446744073709551615"),
+        ("i8", "-128 to 127"),
+        ("i16", "-32768 to 32767"),
+        ("i32", "-2147483648 to 2147483647"),
+        ("i64", "-9223372036854775808 to 9223372036854775807"),
+    ];
+    let Some((head, expected)) = message.rsplit_once(", expected ") else {
+        return message.to_owned();
+    };
+    let words = if let Some((_, range)) = INTEGERS.iter().find(|(ty, _)| *ty == expected) {
+        format!("a whole number from {range}")
+    } else if expected.starts_with("struct ") || expected.starts_with("a map") {
+        "a JSON object".to_owned()
+    } else if expected == "a sequence" {
+        "a JSON array".to_owned()
+    } else if expected == "f32" || expected == "f64" {
+        "a number".to_owned()
+    } else {
+        return message.to_owned();
+    };
+    format!("{head}, expected {words}")
+}
+
 /// Decodes a plugin's own keys into `T`, mapping errors to code 7 with the key path.
 fn decode_config<T: DeserializeOwned>(keys: &Map<String, Value>, prefix: &str) -> Result<T> {
     serde_path_to_error::deserialize(keys).map_err(|e| {
@@ -259,7 +370,7 @@ fn decode_config<T: DeserializeOwned>(keys: &Map<String, Value>, prefix: &str) -
             } else {
                 field
             },
-            reason: e.into_inner().to_string(),
+            reason: in_json_words(&e.into_inner().to_string()),
         }
     })
 }
@@ -267,9 +378,9 @@ fn decode_config<T: DeserializeOwned>(keys: &Map<String, Value>, prefix: &str) -
 /// Folds the path of a `serde_path_to_error` failure into the error's message.
 pub(crate) fn with_path(e: serde_path_to_error::Error<serde_json::Error>) -> serde_json::Error {
     let path = e.path().to_string();
-    let inner = e.into_inner();
+    let inner = in_json_words(&e.into_inner().to_string());
     if path == "." {
-        inner
+        serde::de::Error::custom(inner)
     } else {
         serde::de::Error::custom(format!("{path}: {inner}"))
     }
@@ -400,6 +511,49 @@ impl NetConf {
     /// Errors: 7, naming the key path.
     pub fn plugin_config<T: DeserializeOwned>(&self) -> Result<T> {
         decode_config(&self.plugin, "")
+    }
+
+    /// The attachments a GC request lists as still valid: [`valid_attachments`]
+    /// (`cni.dev/valid-attachments`) or [`legacy_attachments`] (`cni.dev/attachments`),
+    /// whichever is present. libcni 1.2.3 and later send both with the same list: the same
+    /// attachments, in any order, are that list. `None` when neither key is present.
+    ///
+    /// Errors: 7 when both keys are present with different lists. A request that
+    /// contradicts itself is refused rather than merged: nothing is released on the strength
+    /// of a list that another part of the same request contradicts.
+    ///
+    /// [`valid_attachments`]: NetConf::valid_attachments
+    /// [`legacy_attachments`]: NetConf::legacy_attachments
+    pub fn gc_attachments(&self) -> Result<Option<Vec<GcAttachment>>> {
+        match (&self.valid_attachments, &self.legacy_attachments) {
+            (Some(valid), Some(legacy)) => {
+                let as_set = |list: &[GcAttachment]| {
+                    list.iter()
+                        .cloned()
+                        .collect::<std::collections::BTreeSet<_>>()
+                };
+                if as_set(valid) != as_set(legacy) {
+                    let show = |list: &[GcAttachment]| {
+                        list.iter()
+                            .map(|a| format!("{}/{}", a.container_id, a.ifname))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    };
+                    return Err(Error::invalid_config(
+                        LEGACY_ATTACHMENTS_KEY,
+                        format!(
+                            "lists [{}] but {VALID_ATTACHMENTS_KEY} lists [{}]: a GC request \
+                             may carry both keys only with the same attachments",
+                            show(legacy),
+                            show(valid)
+                        ),
+                    ));
+                }
+                Ok(Some(valid.clone()))
+            }
+            (Some(list), None) | (None, Some(list)) => Ok(Some(list.clone())),
+            (None, None) => Ok(None),
+        }
     }
 
     /// Whether the plugin declares `capability` (`"capabilities": {"portMappings": true}`).
@@ -567,6 +721,59 @@ mod tests {
         assert_eq!(conf.to_value(), raw);
     }
 
+    /// Messages name JSON types, never the Rust types behind them.
+    #[test]
+    fn decode_errors_speak_json() {
+        let e = NetConf::from_value(json!({
+            "cniVersion": "1.0.0", "name": "n", "type": "x", "ipam": "cnikit-ipam"
+        }))
+        .unwrap_err();
+        assert_eq!(e.code().0, 6);
+        assert!(e.to_string().ends_with("expected a JSON object"), "{e}");
+        let e = NetConf::from_value(json!({
+            "cniVersion": "1.0.0", "name": "n", "type": "x",
+            "runtimeConfig": {"portMappings": ["80:80"]}
+        }))
+        .unwrap_err();
+        assert!(e.to_string().ends_with("expected a JSON object"), "{e}");
+        let e = NetConf::from_value(json!({
+            "cniVersion": "1.0.0", "name": "n", "type": "x",
+            "runtimeConfig": {"portMappings": "80:80"}
+        }))
+        .unwrap_err();
+        assert!(e.to_string().ends_with("expected a JSON array"), "{e}");
+
+        #[derive(Debug, Deserialize)]
+        #[allow(dead_code)]
+        struct Own {
+            mtu: u32,
+            port: u16,
+        }
+        let conf = |mtu: Value, port: Value| {
+            NetConf::from_value(json!({
+                "cniVersion": "1.0.0", "name": "n", "type": "x", "mtu": mtu, "port": port
+            }))
+            .unwrap()
+        };
+        let e = conf(json!("1500"), json!(1))
+            .plugin_config::<Own>()
+            .unwrap_err();
+        assert!(
+            e.to_string().ends_with(
+                "mtu: invalid type: string \"1500\", expected a whole number from 0 to 4294967295"
+            ),
+            "{e}"
+        );
+        let e = conf(json!(1500), json!(70000))
+            .plugin_config::<Own>()
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .ends_with("expected a whole number from 0 to 65535"),
+            "{e}"
+        );
+    }
+
     #[test]
     fn plugin_config_errors_name_the_key() {
         #[derive(Debug, Deserialize)]
@@ -594,27 +801,148 @@ mod tests {
         }
     }
 
+    fn attachment(container_id: &str) -> GcAttachment {
+        GcAttachment {
+            container_id: container_id.into(),
+            ifname: "eth0".into(),
+        }
+    }
+
     #[test]
-    fn attachments_under_both_keys() {
+    fn attachments_under_either_key() {
         for key in [VALID_ATTACHMENTS_KEY, LEGACY_ATTACHMENTS_KEY] {
             let conf = NetConf::from_value(json!({
                 "cniVersion": "1.1.0", "name": "n", "type": "x",
                 key: [{"containerID": "c1", "ifname": "eth0"}]
             }))
             .unwrap();
-            assert_eq!(
-                conf.valid_attachments,
-                Some(vec![GcAttachment {
-                    container_id: "c1".into(),
-                    ifname: "eth0".into()
-                }])
-            );
+            assert_eq!(conf.gc_attachments().unwrap(), Some(vec![attachment("c1")]));
         }
         let null = NetConf::from_value(json!({
             "cniVersion": "1.1.0", "name": "n", "type": "x", VALID_ATTACHMENTS_KEY: null
         }))
         .unwrap();
-        assert_eq!(null.valid_attachments, Some(vec![]));
+        assert_eq!(null.gc_attachments().unwrap(), Some(vec![]));
+        let none = NetConf::from_value(json!({"cniVersion": "1.1.0", "name": "n", "type": "x"}));
+        assert_eq!(none.unwrap().gc_attachments().unwrap(), None);
+    }
+
+    /// libcni 1.2.3 and later set both keys with the same list: it decodes, reads as that
+    /// list (in either order), and serializes back with both keys.
+    #[test]
+    fn attachments_under_both_keys() {
+        let list = json!([
+            {"containerID": "c1", "ifname": "eth0"},
+            {"containerID": "c2", "ifname": "eth0"}
+        ]);
+        let reversed = json!([
+            {"containerID": "c2", "ifname": "eth0"},
+            {"containerID": "c1", "ifname": "eth0"}
+        ]);
+        for legacy in [&list, &reversed] {
+            let raw = json!({
+                "cniVersion": "1.1.0", "name": "n", "type": "x",
+                LEGACY_ATTACHMENTS_KEY: legacy, VALID_ATTACHMENTS_KEY: list
+            });
+            let conf = NetConf::from_value(raw.clone()).unwrap();
+            assert_eq!(
+                conf.gc_attachments().unwrap(),
+                Some(vec![attachment("c1"), attachment("c2")])
+            );
+            assert_eq!(conf.to_value(), raw);
+        }
+    }
+
+    #[test]
+    fn attachments_that_disagree_are_code_7() {
+        let conf = NetConf::from_value(json!({
+            "cniVersion": "1.1.0", "name": "n", "type": "x",
+            LEGACY_ATTACHMENTS_KEY: [{"containerID": "c1", "ifname": "eth0"}],
+            VALID_ATTACHMENTS_KEY: [{"containerID": "c2", "ifname": "eth0"}]
+        }))
+        .unwrap();
+        let e = conf.gc_attachments().unwrap_err();
+        assert_eq!(e.code().0, 7);
+        let text = e.to_string();
+        assert!(
+            text.contains(LEGACY_ATTACHMENTS_KEY) && text.contains(VALID_ATTACHMENTS_KEY),
+            "{text}"
+        );
+        assert!(
+            text.contains("c1/eth0") && text.contains("c2/eth0"),
+            "{text}"
+        );
+    }
+
+    /// Every key of a port mapping may come in both spellings when the values agree.
+    #[test]
+    fn port_mappings_with_both_spellings() {
+        let conf = NetConf::from_value(json!({
+            "cniVersion": "1.0.0", "name": "n", "type": "portmap",
+            "runtimeConfig": {"portMappings": [{
+                "hostPort": 8080, "HostPort": 8080,
+                "containerPort": 80, "ContainerPort": 80,
+                "protocol": "udp", "Protocol": "UDP",
+                "hostIP": "192.0.2.1", "HostIP": "192.0.2.1"
+            }, {"HostPort": 53, "ContainerPort": 53, "HostIP": ""}]}
+        }))
+        .unwrap();
+        let mappings = conf.runtime_config.unwrap().port_mappings;
+        assert_eq!(
+            mappings,
+            [
+                PortMapping {
+                    host_port: 8080,
+                    container_port: 80,
+                    protocol: Protocol::Udp,
+                    host_ip: Some("192.0.2.1".parse().unwrap()),
+                },
+                PortMapping {
+                    host_port: 53,
+                    container_port: 53,
+                    protocol: Protocol::Tcp,
+                    host_ip: None,
+                }
+            ]
+        );
+    }
+
+    #[test]
+    fn port_mappings_whose_spellings_disagree_name_both_keys() {
+        for (mapping, keys) in [
+            (
+                json!({"hostPort": 80, "HostPort": 81, "containerPort": 80}),
+                ["hostPort", "HostPort"],
+            ),
+            (
+                json!({"hostPort": 80, "containerPort": 80, "ContainerPort": 8080}),
+                ["containerPort", "ContainerPort"],
+            ),
+            (
+                json!({"hostPort": 80, "containerPort": 80, "protocol": "tcp", "Protocol": "udp"}),
+                ["protocol", "Protocol"],
+            ),
+            (
+                json!({"hostPort": 80, "containerPort": 80, "hostIP": "", "HostIP": "192.0.2.1"}),
+                ["hostIP", "HostIP"],
+            ),
+        ] {
+            let e = NetConf::from_value(json!({
+                "cniVersion": "1.0.0", "name": "n", "type": "portmap",
+                "runtimeConfig": {"portMappings": [mapping]}
+            }))
+            .unwrap_err();
+            assert_eq!(e.code().0, 6);
+            let text = e.to_string();
+            assert!(text.contains("runtimeConfig.portMappings[0]"), "{text}");
+            assert!(keys.iter().all(|k| text.contains(k)), "{text}");
+        }
+        let e = NetConf::from_value(json!({
+            "cniVersion": "1.0.0", "name": "n", "type": "portmap",
+            "runtimeConfig": {"portMappings": [{"containerPort": 80}]}
+        }))
+        .unwrap_err();
+        assert!(e.to_string().contains("missing field `hostPort`"), "{e}");
     }
 
     #[test]

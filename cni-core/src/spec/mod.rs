@@ -6,8 +6,10 @@
 //!   [`CniResult::to_json`] and read from any version with [`CniResult::from_json`].
 //! - [`ErrorOutput`] and [`VersionInfo`]: the error object and the VERSION answer.
 //! - [`Command`], [`CniArgs`] and the `CNI_CONTAINERID` / `CNI_IFNAME` rules.
+//! - [`cidr`]: `address/prefix` strings read with messages that say which part is wrong.
 
 mod args;
+pub mod cidr;
 mod config;
 mod output;
 mod result;

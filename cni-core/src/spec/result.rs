@@ -125,6 +125,7 @@ pub struct Interface {
 #[serde(rename_all = "camelCase")]
 pub struct IpConfig {
     /// Address with its prefix length, for example `10.244.0.5/26`.
+    #[serde(deserialize_with = "crate::spec::cidr::deserialize")]
     pub address: IpNet,
     /// Gateway of the subnet, if there is one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -139,6 +140,7 @@ pub struct IpConfig {
 #[serde(rename_all = "camelCase")]
 pub struct Route {
     /// Destination.
+    #[serde(deserialize_with = "crate::spec::cidr::deserialize")]
     pub dst: IpNet,
     /// Next hop; absent means the plugin's default gateway.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -327,6 +329,7 @@ struct LegacyResult {
 
 #[derive(Deserialize)]
 struct LegacyIp {
+    #[serde(deserialize_with = "crate::spec::cidr::deserialize")]
     ip: IpNet,
     #[serde(default)]
     gateway: Option<IpAddr>,

@@ -25,7 +25,7 @@ use std::io::{ErrorKind, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::os::unix::fs::{FileExt as _, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -53,12 +53,15 @@ pub const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(10);
 /// A [`Store`] in one JSON file, safe for many processes at once. See the [module
 /// docs](self) for the file layout and the locking.
 ///
-/// Cloning is cheap and shares the parsed-table cache.
+/// Cloning is cheap and shares the parsed-table cache and the [`backed_off`] count.
+///
+/// [`backed_off`]: FileStore::backed_off
 #[derive(Debug, Clone)]
 pub struct FileStore {
     paths: Arc<Paths>,
     cache: Arc<Mutex<Option<Cached>>>,
     lock_timeout: Duration,
+    backed_off: Arc<AtomicU64>,
 }
 
 #[derive(Debug)]
@@ -117,6 +120,7 @@ impl FileStore {
             }),
             cache: Arc::new(Mutex::new(None)),
             lock_timeout: DEFAULT_LOCK_TIMEOUT,
+            backed_off: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -124,6 +128,13 @@ impl FileStore {
     pub fn with_lock_timeout(mut self, timeout: Duration) -> Self {
         self.lock_timeout = timeout;
         self
+    }
+
+    /// How many operations of this handle (and its clones) got the lock only after their
+    /// caller had given up on them (the lock timeout) and so released it without reading or
+    /// writing anything. Each such operation failed with code 11 and never applies.
+    pub fn backed_off(&self) -> u64 {
+        self.backed_off.load(Ordering::Acquire)
     }
 
     /// The store directory.
@@ -146,6 +157,7 @@ impl FileStore {
         let cache = Arc::clone(&self.cache);
         let progress = Arc::new(AtomicU8::new(WAITING));
         let thread_progress = Arc::clone(&progress);
+        let backed_off = Arc::clone(&self.backed_off);
         let mut task = tokio::task::spawn_blocking(move || {
             let lock = open_lock(&paths)?;
             let taken = if exclusive {
@@ -159,6 +171,7 @@ impl FileStore {
                 .is_err()
             {
                 // The caller gave up; closing `lock` releases it.
+                backed_off.fetch_add(1, Ordering::AcqRel);
                 return Err(StoreError::Timeout {
                     endpoint: paths.data.display().to_string(),
                     op,
@@ -512,11 +525,26 @@ mod tests {
             "{err:?}"
         );
         assert_eq!(err.code().0, 11);
+        assert_eq!(s.backed_off(), 0, "the commit still waits for the lock");
         drop(holder);
-        // The abandoned commit got the lock when it was released, and must have backed off.
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        // The abandoned commit gets the lock now that it is released: wait until it has,
+        // and has backed off, then look. (The bound only keeps a broken store from hanging
+        // the test.)
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while s.backed_off() == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the abandoned commit never took the lock and backed off"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert_eq!(s.backed_off(), 1);
         let kv = s.get("/a").await.unwrap().unwrap();
         assert_eq!((kv.value.as_slice(), kv.mod_revision), (&b"1"[..], 1));
+        // A commit that gets the lock in time is not counted, and applies.
+        committed(s.commit(Txn::new().put("/a", "3")).await.unwrap());
+        assert_eq!(s.backed_off(), 1);
+        assert_eq!(s.get("/a").await.unwrap().unwrap().value, b"3");
     }
 
     #[tokio::test]

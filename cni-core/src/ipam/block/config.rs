@@ -61,6 +61,7 @@ pub struct BlockIpamConfig {
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct RawConfig {
+    #[serde(deserialize_with = "crate::spec::cidr::deserialize")]
     pool: IpNet,
     #[serde(default)]
     block_size: Option<u8>,

@@ -948,25 +948,34 @@ mod properties {
     }
 }
 
+/// Sixteen clients on four nodes and two networks race on one store from two threads: the
+/// store stays consistent, every client gets work done (an engine that answered every
+/// call with code 11 would leave an empty store that audits clean), and once the race is
+/// over every client still gets an address of its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_clients_on_threads_stay_consistent() {
+    const ROUNDS: u64 = 40;
     let store = Arc::new(MemoryStore::with_interleaving(99, 2));
+    let client = |i: u64| {
+        let mut cfg = config("10.30.0.0/25", 28, &format!("node{}", i % 4));
+        cfg.network = format!("net{}", i % 2);
+        BlockIpam::new(Arc::clone(&store), cfg)
+            .unwrap()
+            .with_seed(i)
+    };
     let tasks: Vec<_> = (0..16u64)
         .map(|i| {
-            let store = Arc::clone(&store);
+            let ipam = client(i);
             tokio::spawn(async move {
-                let mut cfg = config("10.30.0.0/25", 28, &format!("node{}", i % 4));
-                cfg.network = format!("net{}", i % 2);
-                let ipam = BlockIpam::new(store, cfg).unwrap().with_seed(i);
-                let mut errors = 0;
-                for round in 0..40u64 {
+                let (mut allocated, mut failed) = (0u32, 0u32);
+                for round in 0..ROUNDS {
                     let a = Attachment::new(
                         format!("net{}", i % 2),
                         format!("c{}", (round * 7 + i) % 9),
                         "eth0",
                     );
                     let r = match round % 5 {
-                        0..=2 => ipam.allocate(&a).await.map(drop),
+                        0..=2 => ipam.allocate(&a).await.map(|_| allocated += 1),
                         3 => ipam.release(&a).await,
                         _ if round % 10 == 4 => ipam.release_empty_blocks().await.map(drop),
                         _ => ipam.gc(&[a]).await.map(drop),
@@ -976,17 +985,55 @@ async fn many_clients_on_threads_stay_consistent() {
                             matches!(e.code(), ErrorCode::NO_ADDRESS | ErrorCode::TRY_AGAIN_LATER),
                             "{e}"
                         );
-                        errors += 1;
+                        failed += 1;
                     }
                 }
-                errors
+                (allocated, failed)
             })
         })
         .collect();
+    let mut outcomes = Vec::new();
     for t in tasks {
-        t.await.unwrap();
+        outcomes.push(t.await.unwrap());
+    }
+    println!("(allocated, failed) per client: {outcomes:?}");
+    // 24 of the 40 rounds allocate: most of them must succeed for every client.
+    let attempts = ROUNDS * 3 / 5;
+    for (i, (allocated, failed)) in outcomes.iter().enumerate() {
+        assert!(
+            u64::from(*allocated) * 2 > attempts,
+            "client {i} allocated only {allocated} times of {attempts} ({failed} calls failed)"
+        );
     }
     let auditor = engine(&store, config("10.30.0.0/25", 28, "node0"));
+    assert_consistent(&auditor).await;
+
+    // After the race: one more attachment per client, all at once; each gets its own
+    // address, and its node holds it for that attachment.
+    let last: Vec<_> = (0..16u64)
+        .map(|i| {
+            let ipam = client(i);
+            tokio::spawn(async move {
+                let a = Attachment::new(format!("net{}", i % 2), format!("last{i}"), "eth0");
+                let ip = ipam.allocate(&a).await.unwrap().ips[0].address.addr();
+                (a, ip)
+            })
+        })
+        .collect();
+    let mut addresses = BTreeSet::new();
+    let mut handed_out = Vec::new();
+    for t in last {
+        let (a, ip) = t.await.unwrap();
+        assert!(addresses.insert(ip), "{ip} handed out twice");
+        handed_out.push((a, ip));
+    }
+    for (i, (a, ip)) in handed_out.iter().enumerate() {
+        let held = client(i as u64).allocations().await.unwrap();
+        assert!(
+            held.contains(&(a.clone(), *ip)),
+            "{a:?} got {ip}, but its node holds {held:?}"
+        );
+    }
     assert_consistent(&auditor).await;
 }
 

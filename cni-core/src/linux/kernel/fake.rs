@@ -7,7 +7,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use async_trait::async_trait;
 use ipnet::IpNet;
 
-use super::{Device, Fdb, FdbEntry, GatewayRoute, Links, Neighbour, Neighbours, Routes, VxlanSpec};
+use super::{
+    Device, Fdb, FdbEntry, GatewayRoute, LinkKind, LinkSpec, Links, Neighbour, Neighbours, Routes,
+};
 use crate::error::{Error, Result};
 use crate::linux::link::Link;
 use crate::spec::HwAddr;
@@ -16,8 +18,8 @@ use crate::spec::HwAddr;
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Write {
-    /// [`Links::add_vxlan`].
-    AddVxlan(VxlanSpec),
+    /// [`Links::add_link`].
+    AddLink(LinkSpec),
     /// [`Links::set_mtu`].
     SetMtu {
         /// Link index.
@@ -180,7 +182,7 @@ impl Recording {
     /// An empty kernel with `lo` (index 1).
     pub fn new() -> Self {
         let k = Recording::default();
-        k.add_link("lo", 65536, &[]);
+        k.add_plain_link("lo", 65536, &[]);
         k
     }
 
@@ -191,7 +193,7 @@ impl Recording {
 
     /// Adds a plain, up device with addresses (an underlay interface) and returns its
     /// index. Not recorded as a write.
-    pub fn add_link(&self, name: &str, mtu: u32, addresses: &[IpNet]) -> u32 {
+    pub fn add_plain_link(&self, name: &str, mtu: u32, addresses: &[IpNet]) -> u32 {
         let mut s = self.lock();
         s.next_index += 1;
         let index = s.next_index;
@@ -209,7 +211,7 @@ impl Recording {
                     peer_index: None,
                     kind: None,
                 },
-                vxlan: None,
+                kind: None,
             },
         );
         s.addresses.insert(index, addresses.to_vec());
@@ -307,36 +309,56 @@ impl Links for Recording {
         Ok(self.link(name))
     }
 
-    async fn add_vxlan(&self, spec: &VxlanSpec) -> Result<()> {
+    async fn add_link(&self, spec: &LinkSpec) -> Result<()> {
         let mut s = self.lock();
-        s.record(Write::AddVxlan(spec.clone()))?;
+        s.record(Write::AddLink(spec.clone()))?;
+        spec.validate()?;
+        let what = spec.describe();
         if s.links.contains_key(&spec.name) {
-            return Err(os_error(spec.describe(), libc::EEXIST));
+            return Err(os_error(what, libc::EEXIST));
         }
-        if let Some(u) = spec.params.underlay
+        let underlay = match spec.kind {
+            LinkKind::Vxlan(p) => p.underlay,
+            LinkKind::Ipip(p) => p.underlay,
+        };
+        if let Some(u) = underlay
             && !s.index_exists(u)
         {
-            return Err(os_error(spec.describe(), libc::ENODEV));
+            return Err(os_error(what, libc::ENODEV));
         }
         s.next_index += 1;
         let index = s.next_index;
-        let mac = spec
-            .mac
-            .unwrap_or([0x02, 0xff, 0, 0, (index >> 8) as u8, index as u8]);
+        let mac = match spec.kind {
+            LinkKind::Vxlan(_) => spec
+                .mac
+                .unwrap_or([0x02, 0xff, 0, 0, (index >> 8) as u8, index as u8])
+                .to_vec(),
+            LinkKind::Ipip(p) => {
+                // The kernel keys IPIP devices by local address and device.
+                let key = |q: &crate::linux::ipip::IpipParams| (q.local, q.underlay);
+                if s.links.values().any(|d| d.ipip().map(key) == Some(key(&p))) {
+                    return Err(os_error(what, libc::EEXIST));
+                }
+                p.local
+                    .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED)
+                    .octets()
+                    .to_vec()
+            }
+        };
         s.links.insert(
             spec.name.clone(),
             Device {
                 link: Link {
                     index,
                     name: spec.name.clone(),
-                    mac: Some(HwAddr::from(mac)),
+                    mac: Some(HwAddr::new(mac)),
                     mtu: Some(spec.mtu),
                     up: false,
                     controller: None,
                     peer_index: None,
-                    kind: Some("vxlan".into()),
+                    kind: Some(spec.kind.name().into()),
                 },
-                vxlan: Some(spec.params),
+                kind: Some(spec.kind),
             },
         );
         s.addresses.insert(index, Vec::new());
@@ -490,7 +512,7 @@ impl Fdb for Recording {
         })?;
         match s.device_by_index(ifindex) {
             None => return Err(os_error("bridge fdb replace", libc::ENODEV)),
-            Some(d) if d.vxlan.is_none() => {
+            Some(d) if d.vxlan().is_none() => {
                 return Err(os_error("bridge fdb replace", libc::EOPNOTSUPP));
             }
             Some(_) => {}

@@ -1,12 +1,13 @@
 //! Kernel access for the cross-node routing backends, through small traits.
 //!
 //! A backend programs four kinds of objects: links ([`Links`]: the underlay device, a
-//! VXLAN device and its address), gateway routes ([`Routes`]), permanent neighbour entries
+//! tunnel device described by a [`LinkSpec`], its address), gateway routes ([`Routes`]), permanent neighbour entries
 //! ([`Neighbours`]) and VXLAN forwarding entries ([`Fdb`]). [`Kernel`] is all four.
 //! [`Netlink`] implements them over a [`NetNs`](super::NetNs) with rtnetlink;
 //! [`Recording`] is an in-memory fake that records every write, for unit tests.
-//! [`Underlay`] checks the node's underlay interface; [`Desired`] turns a backend's wanted
-//! entries into the fewest writes.
+//! [`Underlay`] checks the node's underlay interface; [`ensure_device`] and
+//! [`configure_device`] keep a backend's tunnel device as its [`LinkSpec`] says;
+//! [`Desired`] turns a backend's wanted entries into the fewest writes.
 //!
 //! ## Which entries are whose
 //! Reconciling must never touch what cnikit did not make. Routes carry a protocol number
@@ -23,15 +24,19 @@ use ipnet::IpNet;
 
 use crate::error::Result;
 
+mod device;
 mod fake;
 mod netlink;
 mod sync;
 mod underlay;
 
 pub use super::fdb::FdbEntry;
+pub use super::ipip::IpipParams;
+pub use super::link::{Device, LinkKind, LinkSpec};
 pub use super::neigh::Neighbour;
 pub use super::route::GatewayRoute;
-pub use super::vxlan::{Device, VxlanParams, VxlanSpec};
+pub use super::vxlan::VxlanParams;
+pub use device::{configure_device, delete_device, ensure_device, remove_owned};
 pub use fake::{Recording, Write};
 pub use netlink::Netlink;
 pub use sync::{Desired, Ownership};
@@ -45,16 +50,18 @@ pub use underlay::Underlay;
 /// `/etc/iproute2/rt_protos.d/cnikit.conf`.
 pub const ROUTE_PROTOCOL: u8 = 0x6b;
 
-/// Links: look up, create a VXLAN device, set MTU and up, addresses, delete.
+/// Links: look up, create a device of a [`LinkKind`], set MTU and up, addresses, delete.
 #[async_trait]
 pub trait Links: Send + Sync {
-    /// Looks a link up by name with its VXLAN parameters, like `ip -d link show dev NAME`.
-    /// `Ok(None)` if there is none.
+    /// Looks a link up by name with the parameters of its kind, like
+    /// `ip -d link show dev NAME`. `Ok(None)` if there is none.
     async fn device(&self, name: &str) -> Result<Option<Device>>;
 
-    /// Creates a VXLAN device (down), like `ip link add NAME type vxlan id VNI …`.
-    /// Fails with `EEXIST` if the name is taken.
-    async fn add_vxlan(&self, spec: &VxlanSpec) -> Result<()>;
+    /// Creates the device of `spec` (down), like `ip link add NAME mtu MTU type KIND …`.
+    /// Fails with `EEXIST` if the name is taken (for IPIP also when another IPIP device
+    /// has the same `local` and `dev`); with code 7 when [`LinkSpec::validate`] refuses
+    /// the spec (a MAC for a kind without one). Not idempotent: callers look first.
+    async fn add_link(&self, spec: &LinkSpec) -> Result<()>;
 
     /// Sets the MTU, like `ip link set dev DEV mtu MTU`.
     async fn set_mtu(&self, ifindex: u32, mtu: u32) -> Result<()>;

@@ -6,11 +6,11 @@ use async_trait::async_trait;
 use ipnet::IpNet;
 
 use super::{
-    Device, Fdb, FdbEntry, GatewayRoute, Links, Neighbour, Neighbours, ROUTE_PROTOCOL, Routes,
-    VxlanSpec,
+    Device, Fdb, FdbEntry, GatewayRoute, LinkSpec, Links, Neighbour, Neighbours, ROUTE_PROTOCOL,
+    Routes,
 };
 use crate::error::Result;
-use crate::linux::{NetNs, addr, fdb, link, neigh, route, vxlan};
+use crate::linux::{NetNs, addr, fdb, link, neigh, route};
 
 /// The kernel of one network namespace, through its netlink connection.
 #[derive(Debug)]
@@ -44,11 +44,11 @@ impl Netlink {
 #[async_trait]
 impl Links for Netlink {
     async fn device(&self, name: &str) -> Result<Option<Device>> {
-        vxlan::get(&self.ns, name).await
+        link::device(&self.ns, name).await
     }
 
-    async fn add_vxlan(&self, spec: &VxlanSpec) -> Result<()> {
-        vxlan::create(&self.ns, spec).await
+    async fn add_link(&self, spec: &LinkSpec) -> Result<()> {
+        link::add(&self.ns, spec).await
     }
 
     async fn set_mtu(&self, ifindex: u32, mtu: u32) -> Result<()> {

@@ -418,7 +418,7 @@ mod tests {
     #[tokio::test]
     async fn entries_on_devices_not_owned_are_written_but_nothing_there_is_deleted() {
         let k = Recording::new();
-        let eth0 = k.add_link("eth0", 1500, &[net("192.0.2.1/24")]);
+        let eth0 = k.add_plain_link("eth0", 1500, &[net("192.0.2.1/24")]);
         let theirs = Neighbour {
             ip: ip("192.0.2.9"),
             mac: [2, 0, 0, 0, 0, 9],

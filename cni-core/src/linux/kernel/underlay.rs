@@ -82,6 +82,34 @@ impl Underlay {
         })
     }
 
+    /// The MTU of a tunnel device over this underlay that adds `overhead` bytes of
+    /// encapsulation (`what`, for messages): `wanted`, else the most that fits, the
+    /// underlay MTU minus the overhead. `Err(reason)` when `wanted` does not fit or the
+    /// underlay leaves less than the smallest MTU.
+    pub fn tunnel_mtu(
+        &self,
+        wanted: Option<u32>,
+        overhead: u32,
+        what: &str,
+    ) -> std::result::Result<u32, String> {
+        let max = self.mtu.saturating_sub(overhead);
+        let mtu = wanted.unwrap_or(max);
+        if mtu > max {
+            return Err(format!(
+                "{mtu} is more than the underlay MTU {} minus {overhead} bytes of {what} \
+                 encapsulation",
+                self.mtu
+            ));
+        }
+        if mtu < crate::linux::veth::MIN_MTU {
+            return Err(format!(
+                "the underlay MTU {} leaves {mtu} bytes after encapsulation",
+                self.mtu
+            ));
+        }
+        Ok(mtu)
+    }
+
     /// Whether `ip` is in the underlay subnet (reachable without a router).
     pub fn on_link(&self, ip: IpAddr) -> bool {
         self.subnet.contains(&ip)
