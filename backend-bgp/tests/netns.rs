@@ -1,0 +1,246 @@
+//! cnikit's own speakers against each other and against bad peers, in private namespaces
+//! (needs root; skips loudly).
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use cni_core::linux::NetNs;
+use cni_core::routing::CrossNodeRouting;
+use common::*;
+use rustbgpd_wire::{
+    Afi, Capability, Message, OpenMessage, Safi, decode_message, encode_message,
+    peek_message_length,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+const SECS: Duration = Duration::from_secs(15);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_speakers_mesh_and_a_removed_node_vanishes_at_once() {
+    if !root("bgp full mesh") {
+        return;
+    }
+    let net = Net::new("bgpm");
+    let nodes = [
+        ("a", "192.168.70.11/24", "10.244.1.0/26"),
+        ("b", "192.168.70.12/24", "10.244.2.0/26"),
+        ("c", "192.168.70.13/24", "10.244.3.0/26"),
+    ];
+    let mut speakers = Vec::new();
+    let mut namespaces = Vec::new();
+    for (name, cidr, block) in nodes {
+        let ns = net.node(name, cidr);
+        speakers.push(speaker(&ns, config(10179), &local(name, cidr, &[block])).await);
+        namespaces.push(ns);
+    }
+    let records: Vec<_> = nodes
+        .iter()
+        .map(|(n, cidr, _)| record(n, &addr(cidr).to_string()))
+        .collect();
+    for s in &mut speakers {
+        s.reconcile(&records).await.expect("reconcile");
+    }
+    let all = |me: usize| {
+        nodes
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != me)
+            .map(|(_, (_, cidr, block))| r(block, &addr(cidr).to_string()))
+            .collect::<Vec<_>>()
+    };
+    for (i, ns) in namespaces.iter().enumerate() {
+        let want = all(i);
+        wait_routes(ns, "107", SECS, |now| now == want).await;
+    }
+    for (i, s) in speakers.iter().enumerate() {
+        let summary = s.summary();
+        assert_eq!(summary.len(), 2, "{summary:?}");
+        for p in &summary {
+            assert_eq!(p.state, "established", "{} on {i}: {p:?}", p.name);
+            assert_eq!((p.prefixes_sent, p.prefixes_received), (1, 1), "{p:?}");
+            assert_eq!(p.hold_time, Some(9));
+            assert!(p.established_at.is_some());
+        }
+        let report = s.report().expect("bgp reports");
+        assert_eq!(report["asNumber"], 64512);
+        assert_eq!(report["peers"].as_array().map(Vec::len), Some(2));
+        assert_eq!(report["installed"].as_object().map(|o| o.len()), Some(2));
+    }
+
+    // c leaves the registry (its lease expired): on a and b its session closes and its
+    // route is gone when reconcile returns, not a hold time later.
+    for s in &mut speakers[..2] {
+        s.reconcile(&records[..2]).await.expect("reconcile");
+    }
+    assert_eq!(
+        routes(&namespaces[0], "107"),
+        vec![r("10.244.2.0/26", "192.168.70.12")]
+    );
+    assert_eq!(
+        routes(&namespaces[1], "107"),
+        vec![r("10.244.1.0/26", "192.168.70.11")]
+    );
+    assert!(speakers[0].summary().iter().all(|p| p.name != "c"));
+    // c sees a and b close their sessions, and forgets their routes.
+    wait_routes(&namespaces[2], "107", SECS, |now| now.is_empty()).await;
+
+    // a's blocks change: b follows (withdraw + announce).
+    speakers[0]
+        .init(&local(
+            "a",
+            "192.168.70.11/24",
+            &["10.244.1.64/26", "10.244.11.0/26"],
+        ))
+        .await
+        .expect("init with new blocks");
+    wait_routes(&namespaces[1], "107", SECS, |now| {
+        now == [
+            r("10.244.1.64/26", "192.168.70.11"),
+            r("10.244.11.0/26", "192.168.70.11"),
+        ]
+    })
+    .await;
+
+    // a stops cleanly: b drops its routes on the Cease, not after the hold time; a
+    // removes what it installed.
+    speakers[0].teardown().await.expect("teardown");
+    assert!(routes(&namespaces[0], "107").is_empty());
+    wait_routes(&namespaces[1], "107", Duration::from_secs(3), |now| {
+        now.is_empty()
+    })
+    .await;
+    speakers[0].teardown().await.expect("teardown again");
+    for s in &mut speakers[1..] {
+        s.teardown().await.expect("teardown");
+    }
+}
+
+/// A raw TCP connection to `to`, from a socket made in the namespace `ns`.
+async fn connect_from(ns: &str, to: SocketAddr) -> TcpStream {
+    let socket = NetNs::named(ns)
+        .await
+        .expect("netns")
+        .run(|| TcpSocket::new_v4())
+        .await
+        .expect("run in netns")
+        .expect("socket");
+    socket.connect(to).await.expect("connect")
+}
+
+/// Reads messages until a NOTIFICATION; its (code, subcode). Panics if the stream ends
+/// first.
+async fn notification(stream: &mut TcpStream) -> (u8, u8) {
+    let mut buf = BytesMut::new();
+    loop {
+        if let Some(len) = peek_message_length(&buf, 4096).expect("well-formed")
+            && buf.len() >= usize::from(len)
+        {
+            let mut bytes: Bytes = buf.split_to(usize::from(len)).freeze();
+            if let Message::Notification(n) = decode_message(&mut bytes, 4096).expect("decode") {
+                return (n.code.as_u8(), n.subcode);
+            }
+            continue;
+        }
+        let read = tokio::time::timeout(SECS, stream.read_buf(&mut buf))
+            .await
+            .expect("an answer in time")
+            .expect("read");
+        assert!(read > 0, "closed without a NOTIFICATION");
+    }
+}
+
+fn open(asn: u32, hold: u16) -> Vec<u8> {
+    encode_message(&Message::Open(OpenMessage {
+        version: 4,
+        my_as: u16::try_from(asn).unwrap_or(23456),
+        hold_time: hold,
+        bgp_identifier: "192.168.71.13".parse().unwrap(),
+        capabilities: vec![
+            Capability::MultiProtocol {
+                afi: Afi::Ipv4,
+                safi: Safi::Unicast,
+            },
+            Capability::FourOctetAs { asn },
+        ],
+    }))
+    .unwrap()
+    .to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_peers_get_the_right_notification_and_good_sessions_stay() {
+    if !root("bgp bad peers") {
+        return;
+    }
+    let net = Net::new("bgpx");
+    let ours = net.node("ours", "192.168.71.11/24");
+    let good = net.node("good", "192.168.71.12/24");
+    let bad = net.node("bad", "192.168.71.13/24");
+    let stranger = net.node("stranger", "192.168.71.14/24");
+    let mut a = speaker(
+        &ours,
+        config(179),
+        &local("ours", "192.168.71.11/24", &["10.244.1.0/26"]),
+    )
+    .await;
+    let mut b = speaker(
+        &good,
+        config(179),
+        &local("good", "192.168.71.12/24", &["10.244.2.0/26"]),
+    )
+    .await;
+    let peers = [
+        record("ours", "192.168.71.11"),
+        record("good", "192.168.71.12"),
+        record("bad", "192.168.71.13"),
+    ];
+    a.reconcile(&peers).await.unwrap();
+    b.reconcile(&peers[..2]).await.unwrap();
+    wait_routes(&ours, "107", SECS, |now| {
+        now == [r("10.244.2.0/26", "192.168.71.12")]
+    })
+    .await;
+    let since = a
+        .summary()
+        .into_iter()
+        .find(|p| p.name == "good")
+        .and_then(|p| p.established_at);
+    assert!(since.is_some());
+
+    let to: SocketAddr = "192.168.71.11:179".parse().unwrap();
+    // Garbage: Message Header Error / Connection Not Synchronized.
+    let mut s = connect_from(&bad, to).await;
+    s.write_all(&[0x55; 64]).await.unwrap();
+    assert_eq!(notification(&mut s).await, (1, 1));
+    // A wrong AS: OPEN Message Error / Bad Peer AS.
+    let mut s = connect_from(&bad, to).await;
+    s.write_all(&open(65001, 90)).await.unwrap();
+    assert_eq!(notification(&mut s).await, (2, 2));
+    // A hold time of 1 or 2: OPEN Message Error / Unacceptable Hold Time.
+    for hold in [1, 2] {
+        let mut s = connect_from(&bad, to).await;
+        s.write_all(&open(64512, hold)).await.unwrap();
+        assert_eq!(notification(&mut s).await, (2, 6), "hold time {hold}");
+    }
+    // An address that is no peer: Cease / Connection Rejected.
+    let mut s = connect_from(&stranger, to).await;
+    assert_eq!(notification(&mut s).await, (6, 5));
+
+    let bad_peer = a.summary().into_iter().find(|p| p.name == "bad").unwrap();
+    assert_ne!(bad_peer.state, "established");
+    assert!(bad_peer.last_error.is_some(), "{bad_peer:?}");
+    // The good session never noticed.
+    let good_peer = a.summary().into_iter().find(|p| p.name == "good").unwrap();
+    assert_eq!(good_peer.state, "established");
+    assert_eq!(good_peer.established_at, since);
+    assert_eq!(
+        routes(&ours, "107"),
+        vec![r("10.244.2.0/26", "192.168.71.12")]
+    );
+    a.teardown().await.unwrap();
+    b.teardown().await.unwrap();
+}
