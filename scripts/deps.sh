@@ -11,6 +11,7 @@ CNIKIT_DEBS=(
   protobuf-compiler libprotobuf-dev                # etcd-client build
   user-mode-linux kmod                             # scripts/vm.sh: kernel tests needing ipip
   tcpdump                                          # what the ipip tests see on the underlay
+  bird2 gobgpd                                     # BGP peers of the bgp interop tests
 )
 
 missing=()

@@ -1,0 +1,313 @@
+//! cnikit's speaker against Debian's bird2 and gobgpd, each in its own test namespace
+//! (needs root and the `bird2` and `gobgpd` packages; skips loudly).
+//!
+//! The daemons run with a configuration file and control socket in a temporary directory
+//! and are ended by PID.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use cni_core::routing::CrossNodeRouting;
+use common::*;
+
+const SECS: Duration = Duration::from_secs(20);
+
+fn tools(test: &str, tools: &[(&str, &str)]) -> bool {
+    if !root(test) {
+        return false;
+    }
+    for (tool, package) in tools {
+        if !testkit::on_path(tool) {
+            testkit::skip(
+                test,
+                format_args!("needs {tool} (Debian package {package})"),
+            );
+            return false;
+        }
+    }
+    true
+}
+
+/// Runs `args` in `ns`; its stdout, or `None` when it fails.
+fn try_in(ns: &str, args: &[String]) -> Option<String> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns])
+        .args(args)
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Polls `args` in `ns` until its output satisfies `want`; panics with the last output.
+async fn wait_output(ns: &str, args: &[String], within: Duration, want: impl Fn(&str) -> bool) {
+    let deadline = Instant::now() + within;
+    loop {
+        let out = try_in(ns, args).unwrap_or_default();
+        if want(&out) {
+            return;
+        }
+        if Instant::now() > deadline {
+            panic!("{args:?} in {ns} never matched; last output:\n{out}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn bird_conf(dir: &Path) -> std::path::PathBuf {
+    let conf = dir.join("bird.conf");
+    std::fs::write(
+        &conf,
+        r#"
+router id 192.168.72.12;
+protocol device { scan time 1; }
+# Learned routes into this namespace's kernel (proto bird).
+protocol kernel {
+    ipv4 { import none; export where source = RTS_BGP; };
+}
+protocol static pods {
+    ipv4;
+    route 10.244.20.0/26 blackhole;
+}
+protocol bgp ours {
+    local 192.168.72.12 as 64512;
+    neighbor 192.168.72.11 as 64512;
+    # iBGP next hops on the shared segment: on-link (DESIGN.md).
+    direct;
+    hold time 9;
+    connect delay time 1;
+    connect retry time 1;
+    error wait time 1, 2;
+    ipv4 { gateway direct; import all; export where proto = "pods"; next hop self; };
+}
+"#,
+    )
+    .expect("write bird.conf");
+    conf
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_bird2_routes_go_both_ways_and_are_withdrawn() {
+    if !tools(
+        "bgp interop with bird2",
+        &[("bird", "bird2"), ("birdc", "bird2")],
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let net = Net::new("bgpb");
+    let ours = net.node("ours", "192.168.72.11/24");
+    let peer = net.node("bird", "192.168.72.12/24");
+    let conf = bird_conf(dir.path());
+    let sock = dir.path().join("bird.ctl");
+    let (conf, sock) = (conf.to_str().unwrap(), sock.to_str().unwrap());
+    let _bird = Daemon::spawn(
+        "bird",
+        &peer,
+        &["bird", "-f", "-c", conf, "-s", sock],
+        &dir.path().join("bird.log"),
+    );
+    let birdc = |args: &[&'static str]| -> Vec<String> {
+        ["birdc", "-s", sock]
+            .iter()
+            .chain(args)
+            .map(|s| s.to_string())
+            .collect()
+    };
+
+    let mut bgp = speaker(
+        &ours,
+        config(179),
+        &local("ours", "192.168.72.11/24", &["10.244.1.0/26"]),
+    )
+    .await;
+    bgp.reconcile(&[record("bird", "192.168.72.12")])
+        .await
+        .unwrap();
+
+    // Established; bird's block in our kernel, ours in bird's.
+    wait_routes(&ours, "107", SECS, |now| {
+        now == [r("10.244.20.0/26", "192.168.72.12")]
+    })
+    .await;
+    wait_routes(&peer, "bird", SECS, |now| {
+        now == [r("10.244.1.0/26", "192.168.72.11")]
+    })
+    .await;
+    wait_output(&peer, &birdc(&["show", "protocols", "ours"]), SECS, |o| {
+        o.contains("Established")
+    })
+    .await;
+    let summary = bgp.summary();
+    assert_eq!(summary[0].state, "established", "{summary:?}");
+    assert_eq!(
+        (summary[0].prefixes_sent, summary[0].prefixes_received),
+        (1, 1)
+    );
+
+    // Our block changes: bird follows.
+    bgp.init(&local("ours", "192.168.72.11/24", &["10.244.1.64/26"]))
+        .await
+        .unwrap();
+    wait_routes(&peer, "bird", SECS, |now| {
+        now == [r("10.244.1.64/26", "192.168.72.11")]
+    })
+    .await;
+
+    // bird withdraws its block: it leaves our kernel; and comes back.
+    try_in(&peer, &birdc(&["disable", "pods"])).expect("birdc disable");
+    wait_routes(&ours, "107", SECS, |now| now.is_empty()).await;
+    try_in(&peer, &birdc(&["enable", "pods"])).expect("birdc enable");
+    wait_routes(&ours, "107", SECS, |now| {
+        now == [r("10.244.20.0/26", "192.168.72.12")]
+    })
+    .await;
+
+    // We stop cleanly: bird drops our route at once (Cease), long before its hold time.
+    bgp.teardown().await.unwrap();
+    assert!(routes(&ours, "107").is_empty());
+    wait_routes(&peer, "bird", Duration::from_secs(3), |now| now.is_empty()).await;
+    wait_output(&peer, &birdc(&["show", "protocols", "ours"]), SECS, |o| {
+        o.contains("ours") && !o.contains("Established")
+    })
+    .await;
+}
+
+fn gobgp_conf(dir: &Path) -> std::path::PathBuf {
+    let conf = dir.join("gobgpd.toml");
+    std::fs::write(
+        &conf,
+        r#"
+[global.config]
+  as = 64512
+  router-id = "192.168.73.12"
+  port = 179
+  local-address-list = ["192.168.73.12"]
+
+[[neighbors]]
+  [neighbors.config]
+    neighbor-address = "192.168.73.11"
+    peer-as = 64512
+  [neighbors.timers.config]
+    connect-retry = 1
+    hold-time = 9
+    keepalive-interval = 3
+  [[neighbors.afi-safis]]
+    [neighbors.afi-safis.config]
+      afi-safi-name = "ipv4-unicast"
+"#,
+    )
+    .expect("write gobgpd.toml");
+    conf
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_gobgpd_routes_go_both_ways_and_are_withdrawn() {
+    if !tools(
+        "bgp interop with gobgpd",
+        &[("gobgpd", "gobgpd"), ("gobgp", "gobgpd")],
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let net = Net::new("bgpg");
+    let ours = net.node("ours", "192.168.73.11/24");
+    let peer = net.node("gobgp", "192.168.73.12/24");
+    let conf = gobgp_conf(dir.path());
+    let _gobgpd = Daemon::spawn(
+        "gobgpd",
+        &peer,
+        &[
+            "gobgpd",
+            "-f",
+            conf.to_str().unwrap(),
+            "-t",
+            "toml",
+            "-p",
+            "--api-hosts",
+            "127.0.0.1:50051",
+            "--pprof-disable",
+        ],
+        &dir.path().join("gobgpd.log"),
+    );
+    let gobgp = |args: &[&'static str]| -> Vec<String> {
+        ["gobgp", "-u", "127.0.0.1", "-p", "50051"]
+            .iter()
+            .chain(args)
+            .map(|s| s.to_string())
+            .collect()
+    };
+
+    // A route injected into gobgpd (it has no kernel of its own to take it from).
+    let add = gobgp(&[
+        "global",
+        "rib",
+        "add",
+        "-a",
+        "ipv4",
+        "10.244.30.0/26",
+        "nexthop",
+        "192.168.73.12",
+    ]);
+    let deadline = Instant::now() + SECS;
+    while try_in(&peer, &add).is_none() {
+        assert!(Instant::now() < deadline, "gobgpd never answered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let mut bgp = speaker(
+        &ours,
+        config(179),
+        &local("ours", "192.168.73.11/24", &["10.244.1.0/26"]),
+    )
+    .await;
+    bgp.reconcile(&[record("gobgp", "192.168.73.12")])
+        .await
+        .unwrap();
+
+    let rib = gobgp(&["global", "rib", "-a", "ipv4"]);
+    wait_routes(&ours, "107", SECS, |now| {
+        now == [r("10.244.30.0/26", "192.168.73.12")]
+    })
+    .await;
+    wait_output(&peer, &gobgp(&["neighbor"]), SECS, |o| o.contains("Establ")).await;
+    wait_output(&peer, &rib, SECS, |o| {
+        o.lines()
+            .any(|l| l.contains("10.244.1.0/26") && l.contains("192.168.73.11"))
+    })
+    .await;
+    assert!(established(&bgp, "gobgp"));
+
+    // Our block changes: gobgpd follows.
+    bgp.init(&local("ours", "192.168.73.11/24", &["10.244.1.64/26"]))
+        .await
+        .unwrap();
+    wait_output(&peer, &rib, SECS, |o| {
+        o.contains("10.244.1.64/26") && !o.contains("10.244.1.0/26")
+    })
+    .await;
+
+    // gobgpd withdraws its route: it leaves our kernel.
+    try_in(
+        &peer,
+        &gobgp(&["global", "rib", "del", "-a", "ipv4", "10.244.30.0/26"]),
+    )
+    .expect("gobgp del");
+    wait_routes(&ours, "107", SECS, |now| now.is_empty()).await;
+    assert_eq!(bgp.summary()[0].prefixes_received, 0);
+
+    // We stop cleanly: gobgpd drops our route at once.
+    bgp.teardown().await.unwrap();
+    wait_output(&peer, &rib, Duration::from_secs(3), |o| {
+        !o.contains("10.244.1.64/26")
+    })
+    .await;
+    wait_output(&peer, &gobgp(&["neighbor"]), SECS, |o| {
+        o.contains("192.168.73.11") && !o.contains("Establ")
+    })
+    .await;
+}
