@@ -22,5 +22,10 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "cnikit: installing ${missing[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -q
-  apt-get install -y -q --no-install-recommends "${missing[@]}"
+  # Daemons installed for the tests (bird2, gobgpd) run only inside test namespaces: their
+  # packaged services must not start in the machine's own network namespace.
+  RUNLEVEL=1 apt-get install -y -q --no-install-recommends "${missing[@]}"
+  if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
+    systemctl disable --now bird.service gobgpd.service 2>/dev/null || true
+  fi
 fi

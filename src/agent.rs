@@ -11,7 +11,9 @@
 //! ```
 //!
 //! `"routing": "ipip"` reads its keys from `"ipip": { "mode": "always" | "crossSubnet",
-//! "device": "cnikit.ipip", "mtu": … }`.
+//! "device": "cnikit.ipip", "mtu": … }`; `"routing": "bgp"` from `"bgp": { "asNumber":
+//! 64512, "port": 179, "holdTime": 90, "connectRetry": 2, "listenAddress": … }` (see
+//! [`backend_bgp::Config`] when the `bgp` feature is on).
 //!
 //! The node registry lives in the same datastore as the IPAM: the file store (shared by
 //! nodes that share a filesystem, such as the lab's namespaces) or etcd.
@@ -138,6 +140,10 @@ async fn routing(mode: &str, conf: &NetConf, netns: &Path) -> Result<Box<dyn Cro
             mode_config(conf, backend_ipip::TYPE)?,
             NetNs::open(netns).await?,
         )?)),
+        #[cfg(feature = "bgp")]
+        backend_bgp::TYPE => Ok(Box::new(
+            backend_bgp::Bgp::open(mode_config(conf, backend_bgp::TYPE)?, netns).await?,
+        )),
         other => Err(Error::invalid_config(
             "routing",
             format!("unknown routing mode {other:?} (or not in this build)"),
@@ -147,7 +153,7 @@ async fn routing(mode: &str, conf: &NetConf, netns: &Path) -> Result<Box<dyn Cro
 
 /// A mode's configuration from the entry's key named after the mode (its defaults when
 /// the key is absent). Errors: 7.
-#[cfg(any(feature = "vxlan", feature = "ipip"))]
+#[cfg(any(feature = "vxlan", feature = "ipip", feature = "bgp"))]
 fn mode_config<T>(conf: &NetConf, key: &'static str) -> Result<T>
 where
     T: serde::de::DeserializeOwned + Default,
@@ -222,5 +228,33 @@ mod tests {
             panic!("an unknown mode was accepted");
         };
         assert_eq!(e.code().0, 7);
+    }
+
+    /// The bgp mode validates its keys when it is built; nothing listens before init.
+    #[cfg(feature = "bgp")]
+    #[tokio::test]
+    async fn bgp_is_built_from_its_keys() {
+        let own = Path::new("/proc/self/ns/net");
+        let conf =
+            entry(serde_json::json!({"bgp": {"asNumber": 65000, "port": 1179, "holdTime": 9}}));
+        let mode = routing("bgp", &conf, own).await.unwrap();
+        assert_eq!(mode.mode(), "bgp");
+        assert_eq!(mode.mtu_overhead(), 0);
+        assert_eq!(mode.report(), None, "nothing to report before init");
+        let mode = routing("bgp", &entry(serde_json::json!({})), own)
+            .await
+            .unwrap();
+        assert_eq!(mode.mode(), "bgp");
+        for bad in [
+            serde_json::json!({"bgp": {"holdTime": 2}}),
+            serde_json::json!({"bgp": {"asNumber": 0}}),
+            serde_json::json!({"bgp": {"asnumber": 65000}}),
+            serde_json::json!({"bgp": 179}),
+        ] {
+            let Err(e) = routing("bgp", &entry(bad.clone()), own).await else {
+                panic!("{bad} was accepted");
+            };
+            assert_eq!(e.code().0, 7, "{bad}: {e}");
+        }
     }
 }

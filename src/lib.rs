@@ -13,6 +13,7 @@
 //! | `host-gw` | cross-node routing: static routes to on-link peers' blocks ([`hostgw`]) |
 //! | `vxlan` | cross-node routing: a VXLAN overlay ([`vxlan`]) |
 //! | `ipip` | cross-node routing: IP-in-IP tunnels, always or only across subnets ([`ipip`]) |
+//! | `bgp` | cross-node routing: blocks distributed over BGP by an in-process speaker ([`bgp`]) |
 //!
 //! ## Quick start: your own CNI binary
 //! The whole `main` of a plugin binary:
@@ -32,6 +33,9 @@ pub mod plugin;
 #[cfg(feature = "etcd")]
 pub use ipam_etcd as etcd;
 
+/// Cross-node routing over BGP: an in-process speaker per node (feature `bgp`).
+#[cfg(feature = "bgp")]
+pub use backend_bgp as bgp;
 /// Cross-node routing by static routes to on-link peers (feature `host-gw`).
 #[cfg(feature = "host-gw")]
 pub use backend_hostgw as hostgw;

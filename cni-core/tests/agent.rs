@@ -109,6 +109,10 @@ impl CrossNodeRouting for StandIn {
         self.torn_down.store(true, Ordering::SeqCst);
         Ok(())
     }
+    /// What it was told, as a mode that learns routes reports what it learned.
+    fn report(&self) -> Option<serde_json::Value> {
+        Some(serde_json::json!({ "blocks": *self.blocks.lock().unwrap() }))
+    }
 }
 
 /// The registry over the test's store, with failures to order, as a datastore that went
@@ -429,6 +433,14 @@ async fn the_node_state_follows_the_peers() {
     until_up(s.data.path()).await;
     let peers = || NodeState::read(s.data.path()).unwrap().map(|st| st.peers);
     assert_eq!(peers(), Some(vec![]));
+    // The mode's own report lands in the state file.
+    let state = NodeState::read(s.data.path()).unwrap().unwrap();
+    assert_eq!(
+        state.routing,
+        Some(serde_json::json!({ "blocks": state.blocks })),
+        "{state:?}"
+    );
+    assert!(!state.blocks.is_empty());
 
     // The stand-in mode reports nothing routed either way: only the peer list changes.
     let peer = NodeRecord {
