@@ -124,7 +124,7 @@ async fn connect_from(ns: &str, to: SocketAddr) -> TcpStream {
     let socket = NetNs::named(ns)
         .await
         .expect("netns")
-        .run(|| TcpSocket::new_v4())
+        .run(TcpSocket::new_v4)
         .await
         .expect("run in netns")
         .expect("socket");
