@@ -45,8 +45,10 @@ pub struct Report {
 pub struct Bgp<K = Netlink> {
     config: Config,
     kernel: Arc<K>,
-    /// The namespace the speaker's sockets are made in, until the speaker starts.
+    /// The namespace the speaker's sockets are made in, until the speaker starts (then
+    /// opened again from its path for a speaker started after a teardown).
     sockets: Option<NetNs>,
+    sockets_path: std::path::PathBuf,
     running: Option<Running>,
     /// The last install pass (reported by [`CrossNodeRouting::report`]).
     last: Arc<std::sync::Mutex<ReconcileReport>>,
@@ -88,6 +90,7 @@ impl<K: Kernel + 'static> Bgp<K> {
         Bgp {
             config,
             kernel: Arc::new(kernel),
+            sockets_path: sockets.path().to_path_buf(),
             sockets: Some(sockets),
             running: None,
             last: Arc::default(),
@@ -161,7 +164,10 @@ impl<K: Kernel + 'static> Bgp<K> {
             running.speaker.set_blocks(blocks);
             return Ok(());
         }
-        let sockets = self.sockets.take().ok_or(Error::NotInitialized)?;
+        let sockets = match self.sockets.take() {
+            Some(ns) => ns,
+            None => NetNs::open(&self.sockets_path).await?,
+        };
         let speaker = Speaker::start(self.config.clone(), sockets, router_id).await?;
         speaker.set_blocks(blocks);
         let (node, node_rx) = watch::channel(Node {
@@ -358,5 +364,122 @@ impl<K> Drop for Bgp<K> {
         if let Some(running) = &self.running {
             running.installer.abort();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use cni_core::linux::kernel::{GatewayRoute, Recording};
+
+    use super::*;
+
+    const ETH0: u32 = 2;
+
+    fn node() -> Node {
+        Node {
+            local: LocalNode {
+                name: "a".into(),
+                address: "192.168.1.2".parse().unwrap(),
+                prefix_len: 24,
+                interface: "eth0".into(),
+                underlay_mtu: 1500,
+                blocks: vec!["10.244.0.0/26".parse().unwrap()],
+                tunnel_address: None,
+            },
+            underlay: Underlay {
+                ifindex: ETH0,
+                name: "eth0".into(),
+                address: "192.168.1.2".parse().unwrap(),
+                subnet: "192.168.1.0/24".parse().unwrap(),
+                mtu: 1500,
+            },
+            unusable: BTreeMap::new(),
+        }
+    }
+
+    fn learned(name: &str, routes: &[(&str, &str)]) -> (String, BTreeMap<Ipv4Net, Ipv4Addr>) {
+        (
+            name.into(),
+            routes
+                .iter()
+                .map(|(p, nh)| (p.parse().unwrap(), nh.parse().unwrap()))
+                .collect(),
+        )
+    }
+
+    fn route(dst: &str, via: &str) -> GatewayRoute {
+        GatewayRoute {
+            dst: dst.parse().unwrap(),
+            via: via.parse().unwrap(),
+            oif: ETH0,
+            onlink: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn learned_routes_are_installed_via_their_next_hop_and_bad_ones_reported() {
+        let k = Recording::new();
+        assert_eq!(
+            k.add_plain_link("eth0", 1500, &["192.168.1.2/24".parse().unwrap()]),
+            ETH0
+        );
+        let mut node = node();
+        node.unusable.insert("v6".into(), "fd00::9 is IPv6".into());
+        let peers = [
+            learned(
+                "b",
+                &[
+                    ("10.244.1.0/26", "192.168.1.3"),
+                    ("10.244.9.0/26", "192.168.1.3"),
+                ],
+            ),
+            // Claims b's prefix, one inside this node's block, and one via a far next hop.
+            learned(
+                "c",
+                &[
+                    ("10.244.1.0/26", "192.168.1.4"),
+                    ("10.244.0.0/27", "192.168.1.4"),
+                    ("10.244.2.0/26", "192.168.1.4"),
+                    ("10.244.3.0/26", "192.168.7.4"),
+                ],
+            ),
+            // Points at this node.
+            learned("d", &[("10.244.4.0/26", "192.168.1.2")]),
+            // Established, nothing announced.
+            learned("e", &[]),
+        ];
+        let report = desired(&node, &peers)
+            .apply(&k, &Ownership::default())
+            .await
+            .unwrap();
+        assert_eq!(
+            k.routes(),
+            vec![
+                route("10.244.1.0/26", "192.168.1.3"),
+                route("10.244.2.0/26", "192.168.1.4"),
+                route("10.244.9.0/26", "192.168.1.3"),
+            ]
+        );
+        assert_eq!(report.writes, 3);
+        assert_eq!(report.routed, 2, "b and e: {report:?}");
+        let why = &report.unroutable;
+        assert!(why["c"].contains("claimed by node b"), "{why:?}");
+        assert!(why["c"].contains("overlaps this node's block"), "{why:?}");
+        assert!(
+            why["c"].contains("192.168.7.4 is not in the underlay subnet"),
+            "{why:?}"
+        );
+        assert!(why["d"].contains("is this node"), "{why:?}");
+        assert!(why["v6"].contains("IPv6"), "{why:?}");
+
+        // b withdraws one prefix, c's session drops: exactly their routes go.
+        let peers = [learned("b", &[("10.244.1.0/26", "192.168.1.3")])];
+        k.take_writes();
+        let report = desired(&node, &peers)
+            .apply(&k, &Ownership::default())
+            .await
+            .unwrap();
+        assert_eq!(report.writes, 2);
+        assert_eq!(k.routes(), vec![route("10.244.1.0/26", "192.168.1.3")]);
     }
 }

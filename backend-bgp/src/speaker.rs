@@ -43,6 +43,16 @@ pub struct PeerSummary {
     pub last_error: Option<String>,
 }
 
+impl PeerSummary {
+    /// How long the session has been Established.
+    pub fn uptime(&self) -> Option<Duration> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()?;
+        Some(now.saturating_sub(Duration::from_secs(self.established_at?)))
+    }
+}
+
 /// A peer's entry in the speaker's table.
 #[derive(Debug, Default)]
 pub(crate) struct PeerView {

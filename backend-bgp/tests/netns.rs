@@ -114,6 +114,24 @@ async fn three_speakers_mesh_and_a_removed_node_vanishes_at_once() {
     })
     .await;
     speakers[0].teardown().await.expect("teardown again");
+    // And comes back: a new speaker, the sessions again, the routes again.
+    speakers[0]
+        .init(&local("a", "192.168.70.11/24", &["10.244.1.0/26"]))
+        .await
+        .expect("init after teardown");
+    speakers[0]
+        .reconcile(&records[..2])
+        .await
+        .expect("reconcile");
+    wait_routes(&namespaces[1], "107", SECS, |now| {
+        now == [r("10.244.1.0/26", "192.168.70.11")]
+    })
+    .await;
+    wait_routes(&namespaces[0], "107", SECS, |now| {
+        now == [r("10.244.2.0/26", "192.168.70.12")]
+    })
+    .await;
+    speakers[0].teardown().await.expect("teardown");
     for s in &mut speakers[1..] {
         s.teardown().await.expect("teardown");
     }
