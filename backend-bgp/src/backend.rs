@@ -31,7 +31,8 @@ pub struct Report {
     pub listen: String,
     /// One entry per peer.
     pub peers: Vec<PeerSummary>,
-    /// Learned routes in the kernel, `PREFIX via NEXT_HOP`, by peer.
+    /// Learned routes put in the kernel, `PREFIX via NEXT_HOP`, by peer (a write that
+    /// failed lists its peer in `unroutable` with the error).
     pub installed: BTreeMap<String, Vec<String>>,
     /// Peers or routes that are not installed, with why.
     pub unroutable: BTreeMap<String, String>,
@@ -51,7 +52,7 @@ pub struct Bgp<K = Netlink> {
     sockets_path: std::path::PathBuf,
     running: Option<Running>,
     /// The last install pass (reported by [`CrossNodeRouting::report`]).
-    last: Arc<std::sync::Mutex<ReconcileReport>>,
+    last: Arc<std::sync::Mutex<Installed>>,
 }
 
 #[derive(Debug)]
@@ -61,6 +62,13 @@ struct Running {
     /// Serialises install passes (the installer task's and reconcile's).
     install: Arc<Mutex<()>>,
     installer: JoinHandle<()>,
+}
+
+/// What an install pass did: its report, and the routes it wanted, by peer.
+#[derive(Debug, Clone, Default)]
+struct Installed {
+    report: ReconcileReport,
+    routes: BTreeMap<String, Vec<String>>,
 }
 
 #[derive(Debug, Clone)]
@@ -116,28 +124,13 @@ impl<K: Kernel + 'static> Bgp<K> {
     pub fn typed_report(&self) -> Option<Report> {
         let running = self.running.as_ref()?;
         let last = self.last.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let mut installed: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        let node = running.node.borrow();
-        for (peer, routes) in running.speaker.routes() {
-            if last.unroutable.contains_key(&peer) && routes.is_empty() {
-                continue;
-            }
-            let list: Vec<String> = routes
-                .iter()
-                .filter(|(p, _)| !overlaps(&node.local.blocks, **p))
-                .map(|(p, nh)| format!("{p} via {nh}"))
-                .collect();
-            if !list.is_empty() {
-                installed.insert(peer, list);
-            }
-        }
         Some(Report {
             as_number: self.config.as_number,
             router_id: running.speaker.router_id(),
             listen: running.speaker.listen_address().to_string(),
             peers: running.speaker.summary(),
-            installed,
-            unroutable: last.unroutable,
+            installed: last.routes,
+            unroutable: last.report.unroutable,
         })
     }
 
@@ -217,8 +210,9 @@ impl<K: Kernel + 'static> Bgp<K> {
         running.speaker.set_peers(&wanted);
         let _guard = running.install.lock().await;
         let node = running.node.borrow().clone();
-        let report = install(&*self.kernel, running.speaker.shared(), &node).await?;
-        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = report.clone();
+        let installed = install(&*self.kernel, running.speaker.shared(), &node).await?;
+        let report = installed.report.clone();
+        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = installed;
         Ok(report)
     }
 
@@ -234,25 +228,20 @@ impl<K: Kernel + 'static> Bgp<K> {
     }
 }
 
-fn overlaps(blocks: &[IpNet], prefix: Ipv4Net) -> bool {
-    let p = IpNet::V4(prefix);
-    blocks.iter().any(|b| b.contains(&p) || p.contains(b))
-}
-
 /// Installs the routes again whenever a peer's routes change.
 async fn installer<K: Kernel>(
     shared: Arc<Shared>,
     kernel: Arc<K>,
     node: watch::Receiver<Node>,
     lock: Arc<Mutex<()>>,
-    last: Arc<std::sync::Mutex<ReconcileReport>>,
+    last: Arc<std::sync::Mutex<Installed>>,
 ) {
     loop {
         shared.changed.notified().await;
         let _guard = lock.lock().await;
         let current = node.borrow().clone();
         match install(&*kernel, &shared, &current).await {
-            Ok(report) => *last.lock().unwrap_or_else(|e| e.into_inner()) = report,
+            Ok(installed) => *last.lock().unwrap_or_else(|e| e.into_inner()) = installed,
             Err(e) => tracing::warn!(error = %e, "bgp: installing learned routes failed"),
         }
     }
@@ -263,15 +252,24 @@ async fn install<K: Kernel + ?Sized>(
     kernel: &K,
     shared: &Shared,
     node: &Node,
-) -> Result<ReconcileReport> {
+) -> Result<Installed> {
     let desired = desired(node, &crate::speaker::routes_of(shared));
+    let mut routes: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for route in desired.routes() {
+        if let Some(peer) = desired.route_owner(&route.dst) {
+            routes
+                .entry(peer.to_owned())
+                .or_default()
+                .push(format!("{} via {}", route.dst, route.via));
+        }
+    }
     let report = desired.apply(kernel, &Ownership::default()).await?;
     tracing::debug!(
         writes = report.writes,
         routed = report.routed,
         "bgp: routes installed"
     );
-    Ok(report)
+    Ok(Installed { report, routes })
 }
 
 /// The routes the table calls for. Pure. Peers sorted by name: a prefix two peers announce

@@ -70,6 +70,12 @@ async fn three_speakers_mesh_and_a_removed_node_vanishes_at_once() {
         assert_eq!(report["peers"].as_array().map(Vec::len), Some(2));
         assert_eq!(report["installed"].as_object().map(|o| o.len()), Some(2));
     }
+    let report = speakers[0].report().unwrap();
+    assert_eq!(
+        report["installed"]["b"],
+        serde_json::json!(["10.244.2.0/26 via 192.168.70.12"])
+    );
+    assert_eq!(report["routerId"], "192.168.70.11");
 
     // c leaves the registry (its lease expired): on a and b its session closes and its
     // route is gone when reconcile returns, not a hold time later.
