@@ -9,8 +9,8 @@
 //!
 //! The rest is the harness the namespace tests share: [`Namespaces`] (named network
 //! namespaces deleted on drop, also on panic), [`ip`]/[`ip_json`] and [`bridge`]/
-//! [`bridge_json`] inside them, and the example binaries of the end-to-end tests
-//! ([`examples_dir`], [`assert_fresh`]).
+//! [`bridge_json`] inside them, [`Segment`] (an L2 switch that namespaces plug into), and
+//! the example binaries of the end-to-end tests ([`examples_dir`], [`assert_fresh`]).
 //!
 //! [`vm`] runs kernel tests inside a user-mode-linux VM when the running kernel lacks a link
 //! kind they need (ipip here): [`vm::here_or_in_vm`].
@@ -19,6 +19,7 @@
 
 mod example;
 mod netns;
+mod segment;
 pub mod vm;
 
 use std::io::Write;
@@ -28,6 +29,7 @@ pub use example::{assert_fresh, examples_dir, sources_of, stale};
 pub use netns::{
     NETNS_RUN_DIR, Namespaces, bridge, bridge_json, exec_in, ip, ip_json, netns_path, run_in,
 };
+pub use segment::Segment;
 
 /// Set to a non-empty value other than `0` to turn every [`skip`] into a test failure.
 pub const REQUIRE_ALL: &str = "CNIKIT_REQUIRE_ALL";

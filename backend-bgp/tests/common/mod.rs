@@ -3,13 +3,12 @@
 #![allow(dead_code)]
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use backend_bgp::{Bgp, Config};
 use cni_core::registry::NodeRecord;
 use cni_core::routing::{CrossNodeRouting, LocalNode};
-use testkit::{Namespaces, ip, ip_json};
+use testkit::{Namespaces, Segment, ip_json};
 
 /// Whether the test can run here; says loudly why not.
 pub fn root(what: &str) -> bool {
@@ -19,38 +18,24 @@ pub fn root(what: &str) -> bool {
 /// A switch namespace (`br0`) and the nodes plugged into it.
 pub struct Net {
     pub namespaces: Namespaces,
-    switch: String,
-    ports: AtomicU32,
+    segment: Segment,
 }
 
 impl Net {
     /// Namespaces named `cnkt-TAG-PID-…`, a switch among them.
     pub fn new(tag: &str) -> Self {
         let namespaces = Namespaces::new(tag);
-        let switch = namespaces.add("sw");
-        ip(&switch, &["link", "add", "br0", "type", "bridge"]);
-        ip(&switch, &["link", "set", "br0", "up"]);
+        let segment = Segment::new(&namespaces, "sw");
         Net {
             namespaces,
-            switch,
-            ports: AtomicU32::new(0),
+            segment,
         }
     }
 
     /// A node namespace with `eth0` (`cidr`) on the switch and `lo` up.
     pub fn node(&self, suffix: &str, cidr: &str) -> String {
         let ns = self.namespaces.add(suffix);
-        let port = format!("p{}", self.ports.fetch_add(1, Ordering::Relaxed));
-        ip(
-            &self.switch,
-            &[
-                "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns,
-            ],
-        );
-        ip(&self.switch, &["link", "set", &port, "master", "br0", "up"]);
-        ip(&ns, &["addr", "add", cidr, "dev", "eth0"]);
-        ip(&ns, &["link", "set", "eth0", "up"]);
-        ip(&ns, &["link", "set", "lo", "up"]);
+        self.segment.plug(&ns, "eth0", cidr);
         ns
     }
 }
