@@ -14,11 +14,14 @@ pub const DEFAULT_PORT: u16 = 179;
 pub const DEFAULT_HOLD_TIME: u16 = 90;
 /// Seconds between connection attempts to a peer with no session.
 pub const DEFAULT_CONNECT_RETRY: u16 = 2;
+/// The restart time advertised for graceful restart, seconds (as bird's default).
+pub const DEFAULT_RESTART_TIME: u16 = 120;
 
 /// How the speaker runs: the configuration list's `"bgp"` object.
 ///
 /// ```json
-/// "bgp": { "asNumber": 64512, "port": 179, "holdTime": 90, "connectRetry": 2 }
+/// "bgp": { "asNumber": 64512, "port": 179, "holdTime": 90, "connectRetry": 2,
+///          "gracefulRestart": true, "restartTime": 120 }
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -38,6 +41,21 @@ pub struct Config {
     /// `connectRetry`: seconds between connection attempts to a peer. Default 2.
     #[serde(default = "default_connect_retry")]
     pub connect_retry: u16,
+    /// `gracefulRestart`: advertise graceful restart (RFC 4724) and keep the routes of a
+    /// restarting peer that does it. Default true.
+    #[serde(default = "default_true")]
+    pub graceful_restart: bool,
+    /// `restartTime`: how long peers keep this node's routes while it restarts, seconds
+    /// (at most 4095). Default 120.
+    #[serde(default = "default_restart_time")]
+    pub restart_time: u16,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_restart_time() -> u16 {
+    DEFAULT_RESTART_TIME
 }
 
 fn default_as() -> u32 {
@@ -61,6 +79,8 @@ impl Default for Config {
             listen_address: None,
             hold_time: DEFAULT_HOLD_TIME,
             connect_retry: DEFAULT_CONNECT_RETRY,
+            graceful_restart: true,
+            restart_time: DEFAULT_RESTART_TIME,
         }
     }
 }
@@ -82,6 +102,12 @@ impl Config {
             return bad(
                 "bgp.holdTime",
                 format!("{} s: must be 0 or at least 3 (RFC 4271)", self.hold_time),
+            );
+        }
+        if self.restart_time > 4095 {
+            return bad(
+                "bgp.restartTime",
+                format!("{} s: at most 4095 (12 bits, RFC 4724)", self.restart_time),
             );
         }
         if self.connect_retry == 0 {
@@ -131,6 +157,10 @@ mod tests {
             },
             Config {
                 connect_retry: 0,
+                ..Config::default()
+            },
+            Config {
+                restart_time: 4096,
                 ..Config::default()
             },
         ] {

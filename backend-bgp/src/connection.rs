@@ -65,7 +65,12 @@ pub(crate) enum ConnEvent {
     Established {
         /// The negotiated hold time, seconds.
         hold_time: u16,
+        /// The peer's restart time when it does graceful restart (RFC 4724) for IPv4
+        /// unicast: how long its routes are kept when the session drops.
+        restart_time: Option<u16>,
     },
+    /// The peer sent all its routes (End-of-RIB: an empty UPDATE, RFC 4724).
+    EndOfRib,
     /// Routes the peer announced (prefix, next hop) and withdrew.
     Routes {
         /// Announced or replaced.
@@ -76,7 +81,14 @@ pub(crate) enum ConnEvent {
     /// How many of the node's prefixes the peer now has from this connection.
     Sent(usize),
     /// The connection is over; why, when it ended on an error.
-    Down(Option<String>),
+    Down {
+        /// Why, when it ended on an error.
+        why: Option<String>,
+        /// Whether a NOTIFICATION was sent or received: a session that ends without one
+        /// (the TCP connection dropped, the hold timer expired) is a restart the peer's
+        /// routes are kept for, when it does graceful restart.
+        notified: bool,
+    },
 }
 
 /// Events of a connection, tagged with its id.
@@ -109,6 +121,8 @@ pub(crate) async fn run<S>(
         events: events.clone(),
         closed: false,
         why: None,
+        notified: false,
+        sent_all: false,
     };
     conn.handle(Event::ManualStart).await;
     conn.handle(if params.outgoing {
@@ -129,6 +143,11 @@ pub(crate) async fn run<S>(
             },
             order = ctl.recv() => match order {
                 Some(Ctl::Stop) | None => {
+                    if conn.fsm.state() == SessionState::Established {
+                        // Withdraw first: a peer that keeps routes across a NOTIFICATION
+                        // (graceful restart, RFC 8538) must not keep these.
+                        conn.advertise(&BTreeSet::new()).await;
+                    }
                     conn.handle(Event::ManualStop { reason: None }).await;
                     // ManualStop in Connect/Active closes without a NOTIFICATION.
                     conn.closed = true;
@@ -140,6 +159,7 @@ pub(crate) async fn run<S>(
                         bytes::Bytes::new(),
                     );
                     conn.send(&Message::Notification(n)).await;
+                    conn.notified = true;
                     conn.closed = true;
                 }
             },
@@ -154,16 +174,20 @@ pub(crate) async fn run<S>(
                 }
             }
         }
-        if conn.fsm.state() == SessionState::Established && conn.advertised.is_empty() {
-            // Just established: everything the node has, once.
+        if conn.fsm.state() == SessionState::Established && !conn.sent_all {
+            // Just established: everything the node has, then End-of-RIB.
+            conn.sent_all = true;
             let want: BTreeSet<Ipv4Net> = blocks.borrow_and_update().iter().copied().collect();
-            if !want.is_empty() {
-                conn.advertise(&want).await;
-            }
+            conn.advertise(&want).await;
+            conn.send_update(&[], &[], &[]).await;
         }
     }
     let _ = conn.writer.shutdown().await;
-    let _ = events.send((params.id, ConnEvent::Down(conn.why)));
+    let down = ConnEvent::Down {
+        why: conn.why,
+        notified: conn.notified,
+    };
+    let _ = events.send((params.id, down));
 }
 
 async fn sleep_until(deadline: Option<Instant>) {
@@ -197,6 +221,10 @@ struct Conn<W> {
     events: Events,
     closed: bool,
     why: Option<String>,
+    /// A NOTIFICATION went either way.
+    notified: bool,
+    /// The first full advertisement and End-of-RIB went out.
+    sent_all: bool,
 }
 
 impl<W: AsyncRead + AsyncWrite> Conn<W> {
@@ -211,6 +239,7 @@ impl<W: AsyncRead + AsyncWrite> Conn<W> {
                 Action::SendOpen(open) => self.send(&Message::Open(open)).await,
                 Action::SendKeepalive => self.send(&Message::Keepalive).await,
                 Action::SendNotification(n) => {
+                    self.notified = true;
                     self.why.get_or_insert_with(|| {
                         format!("sent NOTIFICATION {}/{}", n.code.as_u8(), n.subcode)
                     });
@@ -240,8 +269,12 @@ impl<W: AsyncRead + AsyncWrite> Conn<W> {
                     if negotiated.peer_extended_message {
                         self.max_len = u16::MAX;
                     }
+                    let restart_time = negotiated
+                        .peer_gr_capable
+                        .then_some(negotiated.peer_restart_time);
                     self.emit(ConnEvent::Established {
                         hold_time: negotiated.hold_time,
+                        restart_time,
                     });
                 }
                 // Connection attempts are the peer task's; the rest is telemetry.
@@ -321,6 +354,7 @@ impl<W: AsyncRead + AsyncWrite> Conn<W> {
             }
             Message::Keepalive => self.handle(Event::KeepaliveReceived).await,
             Message::Notification(n) => {
+                self.notified = true;
                 self.why.get_or_insert_with(|| {
                     format!("peer sent NOTIFICATION {}/{}", n.code.as_u8(), n.subcode)
                 });
@@ -347,6 +381,14 @@ impl<W: AsyncRead + AsyncWrite> Conn<W> {
         if self.fsm.state() != SessionState::Established {
             // An UPDATE before Established: the state machine's FSM error.
             self.handle(Event::UpdateReceived).await;
+            return;
+        }
+        if update.withdrawn_routes.is_empty()
+            && update.path_attributes.is_empty()
+            && update.nlri.is_empty()
+        {
+            self.handle(Event::UpdateReceived).await;
+            self.emit(ConnEvent::EndOfRib);
             return;
         }
         // RFC 7606 revised error handling: a malformed attribute withdraws the routes of

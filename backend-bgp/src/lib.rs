@@ -53,7 +53,10 @@ mod peer;
 mod speaker;
 
 pub use backend::{Bgp, Report};
-pub use config::{Config, DEFAULT_AS, DEFAULT_CONNECT_RETRY, DEFAULT_HOLD_TIME, DEFAULT_PORT};
+pub use config::{
+    Config, DEFAULT_AS, DEFAULT_CONNECT_RETRY, DEFAULT_HOLD_TIME, DEFAULT_PORT,
+    DEFAULT_RESTART_TIME,
+};
 pub use error::{Error, Result};
 pub use speaker::{PeerSummary, Speaker};
 

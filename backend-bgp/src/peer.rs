@@ -9,11 +9,12 @@
 //! is Established is the one closed. The routes of the Established connection are the
 //! peer's routes in the speaker's table; they go when it goes.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use ipnet::Ipv4Net;
 use rustbgpd_fsm::{PeerConfig, SessionState};
 use rustbgpd_wire::{Afi, Safi};
 use tokio::net::TcpStream;
@@ -55,6 +56,9 @@ impl PeerHandle {
             conns: BTreeMap::new(),
             next_id: 1,
             live: None,
+            restart_time: None,
+            stale: BTreeSet::new(),
+            stale_until: None,
             events,
         };
         PeerHandle {
@@ -80,7 +84,24 @@ struct Peer {
     next_id: u64,
     /// The Established connection.
     live: Option<u64>,
+    /// The peer's restart time, when the live session does graceful restart.
+    restart_time: Option<u16>,
+    /// Routes kept from a session that dropped (RFC 4724): removed when the peer's new
+    /// session ends its routes with End-of-RIB without them, or at the deadline.
+    stale: BTreeSet<Ipv4Net>,
+    stale_until: Option<Instant>,
     events: connection::Events,
+}
+
+impl Drop for Peer {
+    /// A peer task that is aborted (the speaker dropped without a teardown: a restart)
+    /// drops its connections without a NOTIFICATION, so that peers doing graceful restart
+    /// keep this node's routes until it is back.
+    fn drop(&mut self) {
+        for slot in self.conns.values() {
+            slot.task.abort();
+        }
+    }
 }
 
 impl Peer {
@@ -109,6 +130,12 @@ impl Peer {
                 {
                     retry_at = None;
                     self.spawn_conn(None);
+                }
+                () = tokio::time::sleep_until(self.stale_until.unwrap_or_else(Instant::now)),
+                    if self.stale_until.is_some() =>
+                {
+                    tracing::info!(peer = %self.name, "graceful restart timer expired");
+                    self.drop_stale();
                 }
             }
         }
@@ -144,6 +171,8 @@ impl Peer {
         peer.hold_time = config.hold_time;
         peer.families = vec![(Afi::Ipv4, Safi::Unicast)];
         peer.connect_retry_secs = u32::from(config.connect_retry);
+        peer.graceful_restart = config.graceful_restart;
+        peer.gr_restart_time = config.restart_time;
         let params = ConnParams {
             id,
             peer,
@@ -161,7 +190,11 @@ impl Peer {
                 None => match shared.connect(remote).await {
                     Ok(s) => s,
                     Err(e) => {
-                        let _ = events.send((id, ConnEvent::Down(Some(e))));
+                        let down = ConnEvent::Down {
+                            why: Some(e),
+                            notified: false,
+                        };
+                        let _ = events.send((id, down));
                         return;
                     }
                 },
@@ -195,11 +228,20 @@ impl Peer {
                 self.publish_state();
             }
             ConnEvent::OpenReceived(remote_id) => self.collision(id, remote_id),
-            ConnEvent::Established { hold_time } => {
+            ConnEvent::Established {
+                hold_time,
+                restart_time,
+            } => {
                 if self.conns.get(&id).is_none_or(|s| s.closing) {
                     return;
                 }
                 self.live = Some(id);
+                self.restart_time = restart_time;
+                if restart_time.is_none() {
+                    // No graceful restart on the new session: nothing will confirm the
+                    // kept routes.
+                    self.drop_stale();
+                }
                 tracing::info!(peer = %self.name, address = %self.address, hold_time, "BGP session established");
                 let since = SystemTime::now()
                     .duration_since(UNIX_EPOCH)
@@ -215,6 +257,9 @@ impl Peer {
                 announced,
                 withdrawn,
             } if self.live == Some(id) => {
+                for (prefix, _) in &announced {
+                    self.stale.remove(prefix);
+                }
                 self.shared.update_peer(&self.name, |p| {
                     for prefix in withdrawn {
                         p.routes.remove(&prefix);
@@ -228,8 +273,9 @@ impl Peer {
                 self.shared
                     .update_peer(&self.name, |p| p.summary.prefixes_sent = n);
             }
-            ConnEvent::Routes { .. } | ConnEvent::Sent(_) => {}
-            ConnEvent::Down(why) => {
+            ConnEvent::EndOfRib if self.live == Some(id) => self.drop_stale(),
+            ConnEvent::Routes { .. } | ConnEvent::Sent(_) | ConnEvent::EndOfRib => {}
+            ConnEvent::Down { why, notified } => {
                 self.conns.remove(&id);
                 if let Some(why) = &why {
                     tracing::info!(peer = %self.name, address = %self.address, why, "BGP connection down");
@@ -238,24 +284,55 @@ impl Peer {
                 if was_live {
                     self.live = None;
                 }
+                // RFC 4724: a session of a peer that does graceful restart ending without a
+                // NOTIFICATION keeps its routes, stale, for the peer's restart time.
+                let keep = match self.restart_time.take() {
+                    Some(secs) if was_live && !notified && secs > 0 => Some(secs),
+                    _ => None,
+                };
+                let mut kept = BTreeSet::new();
                 self.shared.update_peer(&self.name, |p| {
                     if let Some(why) = why {
                         p.summary.last_error = Some(why);
                     }
                     if was_live {
-                        p.routes.clear();
                         p.summary.established_at = None;
                         p.summary.hold_time = None;
-                        p.summary.prefixes_received = 0;
                         p.summary.prefixes_sent = 0;
+                        if keep.is_some() {
+                            kept = p.routes.keys().copied().collect();
+                        } else {
+                            p.routes.clear();
+                            p.summary.prefixes_received = 0;
+                        }
                     }
                 });
-                if was_live {
+                if let Some(secs) = keep {
+                    tracing::info!(peer = %self.name, routes = kept.len(), secs, "peer restarting: its routes are kept");
+                    self.stale = kept;
+                    self.stale_until = Some(Instant::now() + Duration::from_secs(u64::from(secs)));
+                } else if was_live {
+                    self.stale.clear();
+                    self.stale_until = None;
                     self.shared.changed.notify_one();
                 }
                 self.publish_state();
             }
         }
+    }
+
+    /// Removes the routes kept across a restart that the peer did not announce again.
+    fn drop_stale(&mut self) {
+        self.stale_until = None;
+        if self.stale.is_empty() {
+            return;
+        }
+        let stale = std::mem::take(&mut self.stale);
+        self.shared.update_peer(&self.name, |p| {
+            p.routes.retain(|prefix, _| !stale.contains(prefix));
+            p.summary.prefixes_received = p.routes.len();
+        });
+        self.shared.changed.notify_one();
     }
 
     /// RFC 4271 §6.8: of two connections to the same neighbour, the one opened by the

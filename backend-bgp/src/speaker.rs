@@ -268,10 +268,13 @@ impl Speaker {
 }
 
 impl Drop for Speaker {
+    /// A speaker dropped without [`stop`](Speaker::stop) is restarting (an agent that
+    /// keeps its routes on exit): its connections close without a NOTIFICATION, so that
+    /// peers doing graceful restart keep its routes until it is back.
     fn drop(&mut self) {
         self.listener.abort();
         for (_, h) in self.shared.table().values() {
-            let _ = h.cmds.send(PeerCmd::Stop);
+            h.task.abort();
         }
     }
 }

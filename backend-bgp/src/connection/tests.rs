@@ -161,15 +161,27 @@ impl Harness {
         assert_eq!(
             self.event_where(|e| matches!(e, ConnEvent::Established { .. }))
                 .await,
-            ConnEvent::Established { hold_time: hold }
+            ConnEvent::Established {
+                hold_time: hold,
+                restart_time: None
+            }
         );
-        loop {
+        let first = loop {
             match self.recv().await {
-                Some(Message::Update(u)) => return u,
+                Some(Message::Update(u)) => break u,
                 Some(Message::Keepalive) => continue,
                 other => panic!("expected an UPDATE, got {other:?}"),
             }
+        };
+        // Then End-of-RIB: an empty UPDATE.
+        match self.recv().await {
+            Some(Message::Update(eor)) => {
+                assert!(eor.withdrawn_routes.is_empty() && eor.path_attributes.is_empty());
+                assert!(eor.nlri.is_empty());
+            }
+            other => panic!("expected End-of-RIB, got {other:?}"),
         }
+        first
     }
 }
 
@@ -207,6 +219,13 @@ async fn establishes_announces_and_learns() {
             withdrawn: vec![]
         }
     );
+    h.send(&Message::Update(UpdateMessage {
+        withdrawn_routes: Bytes::new(),
+        path_attributes: Bytes::new(),
+        nlri: Bytes::new(),
+    }))
+    .await;
+    assert_eq!(h.event().await, ConnEvent::EndOfRib);
     h.send(&update(&[], &["10.244.3.0/26"], THEM)).await;
     assert_eq!(
         h.event().await,
@@ -229,13 +248,24 @@ async fn establishes_announces_and_learns() {
     });
     assert_eq!(ann, vec![net("10.244.9.0/26")]);
 
-    // Administrative stop: Cease / Administrative Shutdown, then the stream closes.
+    // Administrative stop: every block withdrawn (a peer keeping routes across a
+    // NOTIFICATION must not keep these), Cease / Administrative Shutdown, then the stream
+    // closes.
     h.ctl.send(Ctl::Stop).unwrap();
+    let (ann, wd, _) = announced(&match h.recv().await {
+        Some(Message::Update(u)) => u,
+        other => panic!("{other:?}"),
+    });
+    assert!(ann.is_empty());
+    assert_eq!(wd, vec![net("10.244.9.0/26")]);
     assert_eq!(h.notification().await, (6, 2));
     assert_eq!(h.recv().await, None);
     assert_eq!(
-        h.event_where(|e| matches!(e, ConnEvent::Down(_))).await,
-        ConnEvent::Down(Some("sent NOTIFICATION 6/2".into()))
+        h.event_where(|e| matches!(e, ConnEvent::Down { .. })).await,
+        ConnEvent::Down {
+            why: Some("sent NOTIFICATION 6/2".into()),
+            notified: true
+        }
     );
 }
 
@@ -253,8 +283,11 @@ async fn keepalives_flow_and_a_silent_peer_expires() {
     tokio::time::advance(Duration::from_secs(10)).await;
     assert_eq!(h.notification().await, (4, 0));
     assert_eq!(
-        h.event_where(|e| matches!(e, ConnEvent::Down(_))).await,
-        ConnEvent::Down(Some("hold timer expired".into()))
+        h.event_where(|e| matches!(e, ConnEvent::Down { .. })).await,
+        ConnEvent::Down {
+            why: Some("hold timer expired".into()),
+            notified: true
+        }
     );
 }
 
@@ -270,8 +303,8 @@ async fn garbage_is_a_header_error() {
     );
     assert_eq!(h.recv().await, None);
     assert!(matches!(
-        h.event_where(|e| matches!(e, ConnEvent::Down(_))).await,
-        ConnEvent::Down(Some(why)) if why.contains("marker")
+        h.event_where(|e| matches!(e, ConnEvent::Down { .. })).await,
+        ConnEvent::Down { why: Some(why), notified: true } if why.contains("marker")
     ));
 }
 
@@ -345,8 +378,11 @@ async fn malformed_updates_withdraw_or_reset_as_rfc_7606_says() {
     h.send(&Message::Update(bad)).await;
     assert_eq!(h.notification().await, (3, 10), "Invalid Network Field");
     assert!(matches!(
-        h.event_where(|e| matches!(e, ConnEvent::Down(_))).await,
-        ConnEvent::Down(Some(_))
+        h.event_where(|e| matches!(e, ConnEvent::Down { .. })).await,
+        ConnEvent::Down {
+            why: Some(_),
+            notified: true
+        }
     ));
 }
 
@@ -372,7 +408,10 @@ async fn the_peer_closing_ends_the_connection() {
     let (_, stub) = tokio::io::duplex(1);
     drop(std::mem::replace(&mut h.peer, stub));
     assert_eq!(
-        h.event_where(|e| matches!(e, ConnEvent::Down(_))).await,
-        ConnEvent::Down(Some("connection closed by the peer".into()))
+        h.event_where(|e| matches!(e, ConnEvent::Down { .. })).await,
+        ConnEvent::Down {
+            why: Some("connection closed by the peer".into()),
+            notified: false
+        }
     );
 }
