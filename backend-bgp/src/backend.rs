@@ -14,6 +14,7 @@ use ipnet::{IpNet, Ipv4Net};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Mutex, watch};
 use tokio::task::JoinHandle;
+use tokio::time::{Duration, Instant};
 
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -62,6 +63,8 @@ struct Running {
     /// Serialises install passes (the installer task's and reconcile's).
     install: Arc<Mutex<()>>,
     installer: JoinHandle<()>,
+    /// End of the restart deferral (see [`install`]).
+    defer_until: Instant,
 }
 
 /// What an install pass did: its report, and the routes it wanted, by peer.
@@ -169,12 +172,19 @@ impl<K: Kernel + 'static> Bgp<K> {
             unusable: BTreeMap::new(),
         });
         let install = Arc::new(Mutex::new(()));
+        let defer_until = Instant::now()
+            + if self.config.graceful_restart {
+                Duration::from_secs(u64::from(self.config.restart_time))
+            } else {
+                Duration::ZERO
+            };
         let installer = tokio::spawn(installer(
             speaker.shared().clone(),
             self.kernel.clone(),
             node_rx,
             install.clone(),
             self.last.clone(),
+            defer_until,
         ));
         tracing::info!(node = %local.name, %router_id, as_number = self.config.as_number, "bgp: ready");
         self.running = Some(Running {
@@ -182,6 +192,7 @@ impl<K: Kernel + 'static> Bgp<K> {
             node,
             install,
             installer,
+            defer_until,
         });
         Ok(())
     }
@@ -210,7 +221,13 @@ impl<K: Kernel + 'static> Bgp<K> {
         running.speaker.set_peers(&wanted);
         let _guard = running.install.lock().await;
         let node = running.node.borrow().clone();
-        let installed = install(&*self.kernel, running.speaker.shared(), &node).await?;
+        let installed = install(
+            &*self.kernel,
+            running.speaker.shared(),
+            &node,
+            running.defer_until,
+        )
+        .await?;
         let report = installed.report.clone();
         *self.last.lock().unwrap_or_else(|e| e.into_inner()) = installed;
         Ok(report)
@@ -235,12 +252,21 @@ async fn installer<K: Kernel>(
     node: watch::Receiver<Node>,
     lock: Arc<Mutex<()>>,
     last: Arc<std::sync::Mutex<Installed>>,
+    defer_until: Instant,
 ) {
+    let mut deferral = Some(defer_until);
     loop {
-        shared.changed.notified().await;
+        tokio::select! {
+            () = shared.changed.notified() => {}
+            () = tokio::time::sleep_until(deferral.unwrap_or_else(Instant::now)),
+                if deferral.is_some() =>
+            {
+                deferral = None;
+            }
+        }
         let _guard = lock.lock().await;
         let current = node.borrow().clone();
-        match install(&*kernel, &shared, &current).await {
+        match install(&*kernel, &shared, &current, defer_until).await {
             Ok(installed) => *last.lock().unwrap_or_else(|e| e.into_inner()) = installed,
             Err(e) => tracing::warn!(error = %e, "bgp: installing learned routes failed"),
         }
@@ -248,12 +274,30 @@ async fn installer<K: Kernel>(
 }
 
 /// Makes the kernel hold exactly the learned routes: `PREFIX via NEXT_HOP dev UNDERLAY`.
+///
+/// Until `defer_until`, a route already in the kernel via a peer that has not sent all its
+/// routes yet stays (RFC 4724's deferral, for a node whose agent restarted: the routes of
+/// the previous run keep forwarding until the peers have told again what they have).
 async fn install<K: Kernel + ?Sized>(
     kernel: &K,
     shared: &Shared,
     node: &Node,
+    defer_until: Instant,
 ) -> Result<Installed> {
-    let desired = desired(node, &crate::speaker::routes_of(shared));
+    let mut desired = desired(node, &crate::speaker::routes_of(shared));
+    if Instant::now() < defer_until {
+        let unsynced = crate::speaker::unsynced(shared);
+        if !unsynced.is_empty() {
+            for route in kernel.owned_routes().await? {
+                let IpAddr::V4(via) = route.via else { continue };
+                if let Some(peer) = unsynced.get(&via)
+                    && desired.route_owner(&route.dst).is_none()
+                {
+                    desired.route(peer, route);
+                }
+            }
+        }
+    }
     let mut routes: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for route in desired.routes() {
         if let Some(peer) = desired.route_owner(&route.dst) {

@@ -250,6 +250,8 @@ impl Peer {
                 self.shared.update_peer(&self.name, |p| {
                     p.summary.established_at = Some(since);
                     p.summary.hold_time = Some(hold_time);
+                    // Without graceful restart no End-of-RIB is promised.
+                    p.synced |= restart_time.is_none();
                 });
                 self.publish_state();
             }
@@ -273,7 +275,11 @@ impl Peer {
                 self.shared
                     .update_peer(&self.name, |p| p.summary.prefixes_sent = n);
             }
-            ConnEvent::EndOfRib if self.live == Some(id) => self.drop_stale(),
+            ConnEvent::EndOfRib if self.live == Some(id) => {
+                self.shared.update_peer(&self.name, |p| p.synced = true);
+                self.drop_stale();
+                self.shared.changed.notify_one();
+            }
             ConnEvent::Routes { .. } | ConnEvent::Sent(_) | ConnEvent::EndOfRib => {}
             ConnEvent::Down { why, notified } => {
                 self.conns.remove(&id);

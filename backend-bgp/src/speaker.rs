@@ -59,6 +59,9 @@ pub(crate) struct PeerView {
     pub summary: PeerSummary,
     /// Prefix → next hop, from the Established connection (Adj-RIB-In).
     pub routes: BTreeMap<Ipv4Net, Ipv4Addr>,
+    /// The peer has sent all its routes once (End-of-RIB, or a session without graceful
+    /// restart came up).
+    pub synced: bool,
 }
 
 /// What the listener, the peer tasks and the installer share.
@@ -118,6 +121,17 @@ impl Shared {
             .find(|(view, _)| view.summary.address.map(IpAddr::V4) == Some(ip))
             .map(|(_, handle)| handle.cmds.clone())
     }
+}
+
+/// The peers that have not sent all their routes yet since the speaker started: address →
+/// name.
+pub(crate) fn unsynced(shared: &Shared) -> BTreeMap<Ipv4Addr, String> {
+    shared
+        .table()
+        .iter()
+        .filter(|(_, (v, _))| !v.synced)
+        .filter_map(|(name, (v, _))| Some((v.summary.address?, name.clone())))
+        .collect()
 }
 
 /// The routes learned, by peer name (sorted): prefix → next hop.
@@ -229,6 +243,7 @@ impl Speaker {
                     ..PeerSummary::default()
                 },
                 routes: BTreeMap::new(),
+                synced: false,
             };
             let handle = PeerHandle::spawn(self.shared.clone(), name.clone(), *address);
             table.insert(name.clone(), (view, handle));
