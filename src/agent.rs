@@ -12,7 +12,8 @@
 //!
 //! `"routing": "ipip"` reads its keys from `"ipip": { "mode": "always" | "crossSubnet",
 //! "device": "cnikit.ipip", "mtu": … }`; `"routing": "bgp"` from `"bgp": { "asNumber":
-//! 64512, "port": 179, "holdTime": 90, "connectRetry": 2, "listenAddress": … }` (see
+//! 64512, "port": 179, "holdTime": 90, "connectRetry": 2, "gracefulRestart": true,
+//! "restartTime": 120, "listenAddress": … }` (see
 //! [`backend_bgp::Config`] when the `bgp` feature is on).
 //!
 //! The node registry lives in the same datastore as the IPAM: the file store (shared by

@@ -12,7 +12,8 @@
 //! - [`Speaker`]: the speaker on its own: a listening socket, a session per peer
 //!   (RFC 4271 state machine of `rustbgpd-fsm`, messages of `rustbgpd-wire`: OPEN with the
 //!   4-octet AS and IPv4 unicast multiprotocol capabilities, UPDATE with ORIGIN, AS_PATH,
-//!   NEXT_HOP and LOCAL_PREF, KEEPALIVE, NOTIFICATION, ROUTE-REFRESH answered), connection
+//!   NEXT_HOP and LOCAL_PREF, End-of-RIB, KEEPALIVE, NOTIFICATION, ROUTE-REFRESH answered,
+//!   malformed UPDATEs handled as RFC 7606 says), connection
 //!   collisions resolved by BGP identifier (RFC 4271 §6.8), [`PeerSummary`] per peer.
 //! - [`Config`]: the `"bgp"` keys. [`Error`]: what can go wrong, with its CNI code.
 //!
@@ -38,6 +39,17 @@
 //! host-gw does, with no BFD daemon. A peer that closes its session (Cease, a crashed
 //! speaker whose TCP connection resets) loses its routes when the connection ends; only a
 //! silent peer that stays in the registry waits for the hold timer.
+//!
+//! ## Graceful restart (RFC 4724)
+//! The speaker advertises graceful restart (`gracefulRestart`, `restartTime`), sends
+//! End-of-RIB after its blocks and reads the peers'. A peer that does graceful restart and
+//! whose session ends without a NOTIFICATION (its speaker died or restarts) keeps its
+//! routes, stale, until its new session's End-of-RIB (then the ones it did not announce
+//! again go) or until its restart time ends. The other way round: a [`Bgp`] dropped
+//! without `teardown` (an agent restarting with `keepOnExit`) closes its sessions without
+//! a NOTIFICATION, so peers keep its routes; the new one keeps the routes of the previous
+//! run in the kernel until their peers have sent End-of-RIB (at most the restart time). A
+//! `teardown` withdraws the node's blocks before its Cease, so no peer keeps them.
 //!
 //! ## What it owns
 //! The routes with protocol [`ROUTE_PROTOCOL`](cni_core::linux::kernel::ROUTE_PROTOCOL)

@@ -160,15 +160,26 @@ impl Speaker {
         config.validate()?;
         let ip = config.listen_address.unwrap_or(IpAddr::V4(router_id));
         let address = SocketAddr::new(ip, config.port);
-        let listener = ns
-            .run(move || {
-                let l = std::net::TcpListener::bind(address)?;
-                l.set_nonblocking(true)?;
-                Ok(l)
-            })
-            .await?
-            .and_then(TcpListener::from_std)
-            .map_err(|source| Error::Listen { address, source })?;
+        // A speaker of this node that was just dropped (a restart) may still hold the
+        // port for a moment: try again for up to a second.
+        let mut attempts = 0;
+        let listener = loop {
+            let bound = ns
+                .run(move || {
+                    let l = std::net::TcpListener::bind(address)?;
+                    l.set_nonblocking(true)?;
+                    Ok(l)
+                })
+                .await?
+                .and_then(TcpListener::from_std);
+            match bound {
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && attempts < 20 => {
+                    attempts += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                other => break other.map_err(|source| Error::Listen { address, source })?,
+            }
+        };
         let listen = listener
             .local_addr()
             .map_err(|source| Error::Listen { address, source })?;

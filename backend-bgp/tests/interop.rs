@@ -10,6 +10,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use backend_bgp::Config;
 use cni_core::routing::CrossNodeRouting;
 use common::*;
 
@@ -58,33 +59,37 @@ async fn wait_output(ns: &str, args: &[String], within: Duration, want: impl Fn(
     }
 }
 
-fn bird_conf(dir: &Path) -> std::path::PathBuf {
+/// bird's configuration: router `bird` peering with `ours` over iBGP, announcing
+/// 10.244.20.0/26 (protocol `pods`), learned routes into its kernel (proto bird).
+fn bird_conf(dir: &Path, ours: &str, bird: &str, graceful: &str) -> std::path::PathBuf {
     let conf = dir.join("bird.conf");
     std::fs::write(
         &conf,
-        r#"
-router id 192.168.72.12;
-protocol device { scan time 1; }
-# Learned routes into this namespace's kernel (proto bird).
-protocol kernel {
-    ipv4 { import none; export where source = RTS_BGP; };
-}
-protocol static pods {
+        format!(
+            r#"
+router id {bird};
+protocol device {{ scan time 1; }}
+protocol kernel {{
+    ipv4 {{ import none; export where source = RTS_BGP; }};
+}}
+protocol static pods {{
     ipv4;
     route 10.244.20.0/26 blackhole;
-}
-protocol bgp ours {
-    local 192.168.72.12 as 64512;
-    neighbor 192.168.72.11 as 64512;
+}}
+protocol bgp ours {{
+    local {bird} as 64512;
+    neighbor {ours} as 64512;
     # iBGP next hops on the shared segment: on-link (DESIGN.md).
     direct;
     hold time 9;
     connect delay time 1;
     connect retry time 1;
     error wait time 1, 2;
-    ipv4 { gateway direct; import all; export where proto = "pods"; next hop self; };
-}
-"#,
+    {graceful}
+    ipv4 {{ gateway direct; import all; export where proto = "pods"; next hop self; }};
+}}
+"#
+        ),
     )
     .expect("write bird.conf");
     conf
@@ -102,7 +107,7 @@ async fn with_bird2_routes_go_both_ways_and_are_withdrawn() {
     let net = Net::new("bgpb");
     let ours = net.node("ours", "192.168.72.11/24");
     let peer = net.node("bird", "192.168.72.12/24");
-    let conf = bird_conf(dir.path());
+    let conf = bird_conf(dir.path(), "192.168.72.11", "192.168.72.12", "");
     let sock = dir.path().join("bird.ctl");
     let (conf, sock) = (conf.to_str().unwrap(), sock.to_str().unwrap());
     let _bird = Daemon::spawn(
@@ -310,4 +315,106 @@ async fn with_gobgpd_routes_go_both_ways_and_are_withdrawn() {
         o.contains("192.168.73.11") && !o.contains("Establ")
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_restart_with_bird2_both_ways() {
+    if !tools(
+        "bgp graceful restart with bird2",
+        &[("bird", "bird2"), ("birdc", "bird2")],
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let net = Net::new("bgpr");
+    let ours = net.node("ours", "192.168.75.11/24");
+    let peer = net.node("bird", "192.168.75.12/24");
+    let graceful = "graceful restart on; graceful restart time 30;";
+    let conf = bird_conf(dir.path(), "192.168.75.11", "192.168.75.12", graceful);
+    let sock = dir.path().join("bird.ctl");
+    let (conf, sock) = (conf.to_str().unwrap(), sock.to_str().unwrap());
+    let bird_args = ["bird", "-f", "-c", conf, "-s", sock];
+    let mut bird = Some(Daemon::spawn(
+        "bird",
+        &peer,
+        &bird_args,
+        &dir.path().join("bird.log"),
+    ));
+    let config = || Config {
+        restart_time: 30,
+        ..config(179)
+    };
+    let node = local("ours", "192.168.75.11/24", &["10.244.1.0/26"]);
+    let peers = [record("bird", "192.168.75.12")];
+    let mut bgp = speaker(&ours, config(), &node).await;
+    bgp.reconcile(&peers).await.unwrap();
+    let birds_route = [r("10.244.20.0/26", "192.168.75.12")];
+    let our_route = [r("10.244.1.0/26", "192.168.75.11")];
+    wait_routes(&ours, "107", SECS, |now| now == birds_route).await;
+    wait_routes(&peer, "bird", SECS, |now| now == our_route).await;
+
+    // bird dies (no NOTIFICATION): its route stays in our kernel while it restarts, and
+    // is confirmed by its new session.
+    drop(bird.take());
+    wait_for("the session to drop", SECS, || !established(&bgp, "bird")).await;
+    assert_eq!(
+        routes(&ours, "107"),
+        birds_route,
+        "kept while bird restarts"
+    );
+    assert_eq!(bgp.summary()[0].prefixes_received, 1);
+    bird = Some(Daemon::spawn(
+        "bird",
+        &peer,
+        &bird_args,
+        &dir.path().join("bird2.log"),
+    ));
+    wait_for("the session back", SECS, || established(&bgp, "bird")).await;
+    assert_eq!(routes(&ours, "107"), birds_route);
+
+    // Our speaker restarts (dropped without teardown, as an agent that keeps its routes on
+    // exit): bird keeps our route meanwhile, we keep bird's, and both stay once we are
+    // back.
+    wait_routes(&peer, "bird", SECS, |now| now == our_route).await;
+    drop(bgp);
+    wait_output(
+        &peer,
+        &birdc_args(sock, &["show", "protocols", "ours"]),
+        SECS,
+        |o| !o.contains("Established"),
+    )
+    .await;
+    assert_eq!(
+        routes(&peer, "bird"),
+        our_route,
+        "bird keeps our route while we restart"
+    );
+    assert_eq!(routes(&ours, "107"), birds_route, "we keep bird's");
+    // Back with another block: the new session's End-of-RIB makes bird drop the old one.
+    let moved = local("ours", "192.168.75.11/24", &["10.244.1.64/26"]);
+    let mut bgp = speaker(&ours, config(), &moved).await;
+    bgp.reconcile(&peers).await.unwrap();
+    assert_eq!(
+        routes(&ours, "107"),
+        birds_route,
+        "kept until bird has spoken"
+    );
+    wait_for("the session back", SECS, || established(&bgp, "bird")).await;
+    wait_routes(&peer, "bird", SECS, |now| {
+        now == [r("10.244.1.64/26", "192.168.75.11")]
+    })
+    .await;
+    assert_eq!(routes(&ours, "107"), birds_route);
+
+    bgp.teardown().await.unwrap();
+    wait_routes(&peer, "bird", Duration::from_secs(3), |now| now.is_empty()).await;
+    drop(bird);
+}
+
+fn birdc_args(sock: &str, args: &[&str]) -> Vec<String> {
+    ["birdc", "-s", sock]
+        .iter()
+        .chain(args)
+        .map(|s| s.to_string())
+        .collect()
 }
