@@ -94,6 +94,42 @@ impl PodNetwork {
     }
 }
 
+/// The values of `--ipip-mode`: `always`, `cross-subnet` (the command-line spelling of the
+/// backend's `always` and `crossSubnet`).
+pub fn ipip_mode_parser() -> impl clap::builder::TypedValueParser<Value = cnikit::ipip::Mode> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(["always", "cross-subnet"]).map(|v| match v.as_str() {
+        "cross-subnet" => cnikit::ipip::Mode::CrossSubnet,
+        _ => cnikit::ipip::Mode::Always,
+    })
+}
+
+/// The IPIP mode `up` gives a lab of routing `mode`: `--ipip-mode`, else `cross-subnet`
+/// with `--direct-routing` (the same idea: same-subnet peers get plain routes), else
+/// `always`; `None` for other modes, which refuse `--ipip-mode`.
+pub fn ipip_mode(
+    mode: &str,
+    ipip_mode: Option<cnikit::ipip::Mode>,
+    direct_routing: bool,
+) -> Result<Option<cnikit::ipip::Mode>> {
+    use cnikit::ipip::Mode;
+    if mode != cnikit::ipip::TYPE {
+        if ipip_mode.is_some() {
+            bail!("--ipip-mode is for --mode ipip, not {mode}");
+        }
+        return Ok(None);
+    }
+    Ok(Some(match (ipip_mode, direct_routing) {
+        (Some(Mode::Always), true) => bail!(
+            "--direct-routing means --ipip-mode cross-subnet for ipip; it contradicts \
+             --ipip-mode always"
+        ),
+        (Some(m), _) => m,
+        (None, true) => Mode::CrossSubnet,
+        (None, false) => Mode::Always,
+    }))
+}
+
 /// A process the lab started and must stop: identified by PID *and* start time, so that a
 /// recycled PID is never signalled.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -233,6 +269,9 @@ pub struct Lab {
     /// VXLAN DirectRouting (only for `vxlan`).
     #[serde(default)]
     pub direct_routing: bool,
+    /// Which peers IPIP tunnels to (only for `ipip`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipip_mode: Option<cnikit::ipip::Mode>,
     /// Pod network.
     pub pod_network: PodNetwork,
     /// Datastore.
@@ -264,6 +303,17 @@ pub struct Lab {
 }
 
 impl Lab {
+    /// The routing mode as printed: `ipip (crossSubnet)`, `vxlan (DirectRouting)`, `host-gw`.
+    pub fn mode_label(&self) -> String {
+        match self.ipip_mode {
+            Some(m) => format!("{} ({})", self.mode, m.as_str()),
+            None if self.direct_routing && self.mode == cnikit::vxlan::TYPE => {
+                format!("{} (DirectRouting)", self.mode)
+            }
+            None => self.mode.clone(),
+        }
+    }
+
     /// The state directory.
     pub fn dir(&self) -> PathBuf {
         state_dir(&self.name)
