@@ -1,6 +1,6 @@
 //! The routing modes the lab knows: what each adds to the conflist and how `show` explains
-//! it. A mode is a string passed through to the conflist's `routing`; a new mode (ipip,
-//! bgp, ebpf) is one more row in [`MODES`], plus explanations for its own devices in
+//! it. A mode is a string passed through to the conflist's `routing`; a new mode (bgp,
+//! ebpf) is one more row in [`MODES`], plus explanations for its own devices in
 //! `show.rs` if it makes any.
 
 use serde_json::{Map, Value, json};

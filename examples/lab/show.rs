@@ -174,9 +174,7 @@ impl Cluster {
 /// device's VTEP and its MAC; an IPIP device's tunnel address (and its local underlay
 /// address, which `ip` prints as its link-layer address).
 async fn device_address(ns: &str, dev: &str) -> Option<(IpAddr, String)> {
-    let links = ip_json(ns, &["addr", "show", "dev", dev])
-        .await
-        .ok()?;
+    let links = ip_json(ns, &["addr", "show", "dev", dev]).await.ok()?;
     let link = links.first()?;
     let mac = link["address"].as_str()?.to_owned();
     let addr = link["addr_info"]
@@ -281,12 +279,14 @@ fn explain_route(c: &Cluster, me: &NodeView, r: &Value) -> String {
                 (Some(cnikit::ipip::Mode::CrossSubnet), None) => {
                     "crossSubnet tunnels it: not on this node's subnet".into()
                 }
-                _ => "mode always: every peer goes through the tunnel, on this segment or not"
-                    .into(),
+                _ => {
+                    "mode always: every peer goes through the tunnel, on this segment or not".into()
+                }
             };
             return format!(
                 "IPIP route to {owner}'s block via {owner}'s underlay address {gw}: the packet \
-                 gets an outer IPv4 header {} -> {gw} (IP protocol 4) and leaves by {NODE_NIC}. \
+                 gets an outer IPv4 header {} -> {gw} (IP protocol 4) and leaves by {NODE_NIC} \
+                 along the underlay's route to {gw}. \
                  onlink: {gw} is in no subnet of {dev} (its only address is a /32), so without \
                  it the kernel refuses the gateway as unreachable; the tunnel has no link \
                  layer, nothing is resolved, the gateway only becomes the outer destination. \
@@ -298,7 +298,7 @@ fn explain_route(c: &Cluster, me: &NodeView, r: &Value) -> String {
             return format!(
                 "crossSubnet, not tunnelled: {owner} shares this node's underlay subnet {}, so \
                  its block goes straight to its underlay address {gw}, as host-gw does: no \
-                 outer header, full MTU on the wire (proto 107: the agent's)",
+                 outer header on the wire (proto 107: the agent's)",
                 me.subnet
             );
         }

@@ -396,3 +396,44 @@ impl Lab {
         std::fs::rename(&tmp, &path).with_context(|| format!("rename to {}", path.display()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::builder::TypedValueParser;
+    use cnikit::ipip::Mode;
+
+    use super::*;
+
+    #[test]
+    fn ipip_mode_follows_the_flags() {
+        assert_eq!(ipip_mode("ipip", None, false).unwrap(), Some(Mode::Always));
+        assert_eq!(
+            ipip_mode("ipip", None, true).unwrap(),
+            Some(Mode::CrossSubnet),
+            "--direct-routing means cross-subnet for ipip"
+        );
+        assert_eq!(
+            ipip_mode("ipip", Some(Mode::CrossSubnet), true).unwrap(),
+            Some(Mode::CrossSubnet)
+        );
+        assert_eq!(
+            ipip_mode("ipip", Some(Mode::CrossSubnet), false).unwrap(),
+            Some(Mode::CrossSubnet)
+        );
+        let e = ipip_mode("ipip", Some(Mode::Always), true).unwrap_err();
+        assert!(e.to_string().contains("contradicts"), "{e}");
+        assert_eq!(ipip_mode("vxlan", None, true).unwrap(), None);
+        let e = ipip_mode("host-gw", Some(Mode::Always), false).unwrap_err();
+        assert!(e.to_string().contains("--mode ipip"), "{e}");
+    }
+
+    #[test]
+    fn ipip_mode_flag_values() {
+        let cmd = clap::Command::new("lab");
+        let parse = |v: &str| ipip_mode_parser().parse_ref(&cmd, None, std::ffi::OsStr::new(v));
+        assert_eq!(parse("always").unwrap(), Mode::Always);
+        assert_eq!(parse("cross-subnet").unwrap(), Mode::CrossSubnet);
+        assert!(parse("crossSubnet").is_err());
+        assert!(parse("never").is_err());
+    }
+}
