@@ -582,47 +582,19 @@ fn hand_built_path(lab: &mut Lab, args: &Args, mode: &str) -> Result<PathUnderTe
                         "permanent",
                     ],
                 )?;
-                ip_in(
-                    n,
-                    &[
-                        "route",
-                        "add",
-                        &block(j),
-                        "via",
-                        &vtep_ip(j),
-                        "dev",
-                        "vx0",
-                        "onlink",
-                    ],
-                )?;
-            } else if ipip {
-                ip_in(
-                    n,
-                    &[
-                        "route",
-                        "add",
-                        &block(j),
-                        "via",
-                        &peer.address.to_string(),
-                        "dev",
-                        "ipip0",
-                        "onlink",
-                    ],
-                )?;
-            } else {
-                ip_in(
-                    n,
-                    &[
-                        "route",
-                        "add",
-                        &block(j),
-                        "via",
-                        &peer.address.to_string(),
-                        "dev",
-                        "eth0",
-                    ],
-                )?;
             }
+            // Through the tunnel devices the gateway is on no subnet of theirs: onlink.
+            let (via, dev) = match mode {
+                "vxlan" => (vtep_ip(j), "vx0"),
+                "ipip" => (peer.address.to_string(), "ipip0"),
+                _ => (peer.address.to_string(), "eth0"),
+            };
+            let dst = block(j);
+            let mut route = vec!["route", "add", &dst, "via", &via, "dev", dev];
+            if dev != "eth0" {
+                route.push("onlink");
+            }
+            ip_in(n, &route)?;
         }
     }
     Ok(PathUnderTest {

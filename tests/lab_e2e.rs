@@ -535,25 +535,7 @@ fn two_subnets_ipip_cross_subnet_tunnels_only_across() {
         return;
     }
     let mut lab = Lab::new(bin, "tsi");
-    lab.ok(&[
-        "up",
-        "--mode",
-        "ipip",
-        "--ipip-mode",
-        "cross-subnet",
-        "--topology",
-        "two-subnets",
-        "--nodes",
-        "3",
-        "--pods",
-        "2",
-    ]);
-    let (report, ok) = lab.check();
-    assert_eq!(assert_all_ok(&report, "podToPod"), 30);
-    assert_all_ok(&report, "nodeToPod");
-    assert!(ok, "check exits 0 when every probe answers");
-
-    let status = lab.status();
+    let status = two_subnets_every_pair(&lab, &["--mode", "ipip", "--ipip-mode", "cross-subnet"]);
     assert_eq!(status["ipipMode"], "crossSubnet");
     let subnets: Vec<&str> = status["nodes"]
         .as_array()
@@ -566,13 +548,6 @@ fn two_subnets_ipip_cross_subnet_tunnels_only_across() {
         ["172.30.1.0/24", "172.30.2.0/24", "172.30.1.0/24"],
         "nodes alternate between the segments"
     );
-    for n in status["nodes"].as_array().unwrap() {
-        assert_eq!(
-            n["nodeState"]["unroutable"],
-            serde_json::json!({}),
-            "ipip routes every peer"
-        );
-    }
     // node1 <-> node2 and node3 <-> node2 cross the router; node1 <-> node3 do not.
     assert_eq!(assert_ipip_routes(&status), 4, "tunnel routes");
 
@@ -662,6 +637,29 @@ fn two_subnets_host_gw_reports_off_link_peers() {
     lab.down_and_verify();
 }
 
+/// `up` of 3 nodes x 2 pods on two subnets joined by a router with the `mode` flags; asserts
+/// that every pod reaches every pod and node and that every node routes every peer.
+/// Returns `status --json`.
+fn two_subnets_every_pair(lab: &Lab, mode: &[&str]) -> Value {
+    let mut up = vec!["up"];
+    up.extend_from_slice(mode);
+    up.extend(["--topology", "two-subnets", "--nodes", "3", "--pods", "2"]);
+    lab.ok(&up);
+    let (report, ok) = lab.check();
+    assert_eq!(assert_all_ok(&report, "podToPod"), 30);
+    assert_all_ok(&report, "nodeToPod");
+    assert!(ok, "check exits 0 when every probe answers");
+    let status = lab.status();
+    for n in status["nodes"].as_array().unwrap() {
+        assert_eq!(
+            n["nodeState"]["unroutable"],
+            serde_json::json!({}),
+            "{mode:?} routes every peer"
+        );
+    }
+    status
+}
+
 /// Two subnets joined by a router: VXLAN carries every pair across.
 #[test]
 fn two_subnets_vxlan_routes_across() {
@@ -669,28 +667,7 @@ fn two_subnets_vxlan_routes_across() {
         return;
     };
     let mut lab = Lab::new(bin, "tsv");
-    lab.ok(&[
-        "up",
-        "--mode",
-        "vxlan",
-        "--topology",
-        "two-subnets",
-        "--nodes",
-        "3",
-        "--pods",
-        "2",
-    ]);
-    let (report, ok) = lab.check();
-    assert_eq!(assert_all_ok(&report, "podToPod"), 30);
-    assert!(ok);
-    let status = lab.status();
-    for n in status["nodes"].as_array().unwrap() {
-        assert_eq!(
-            n["nodeState"]["unroutable"],
-            serde_json::json!({}),
-            "vxlan routes every peer"
-        );
-    }
+    two_subnets_every_pair(&lab, &["--mode", "vxlan"]);
     println!("vxlan two subnets: 30/30 pod pairs across the router");
     lab.down_and_verify();
 }
