@@ -19,6 +19,14 @@
 //! sudo target/release/examples/lab show
 //! sudo target/release/examples/lab down
 //! ```
+//!
+//! `--mode ipip` (`--ipip-mode always|cross-subnet`) needs a kernel with the ipip module;
+//! where the machine's has none loaded, run every command in one run of the test VM (the
+//! lab's state in `/run` lives as long as the VM), as `scripts/lab.sh --mode ipip` does:
+//!
+//! ```text
+//! sudo scripts/vm.sh --mem 2G -- sh -c 'L=target/release/examples/lab; $L up --mode ipip && $L check && $L show; $L down'
+//! ```
 
 mod check;
 mod cni;
