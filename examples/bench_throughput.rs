@@ -2,14 +2,17 @@
 //! another, through the path cnikit builds, against two baselines built in the same run:
 //!
 //! - **cnikit**: two node namespaces on an underlay bridge, the real `cnikit-agent` in each
-//!   (host-gw or vxlan), pods plugged in by the real `cnikit` plugin exec'd as a runtime does
+//!   (host-gw, vxlan or ipip), pods plugged in by the real `cnikit` plugin exec'd as a runtime does
 //!   (in the node's namespace, with `CNI_NETNS` the pod's), MTU as the agent computes it;
 //! - **hand-built**: the same path (pod veth → node → underlay bridge → node → pod) made
 //!   with `ip` and `bridge` commands as a careful admin would: the same pod network shape
 //!   (routed: /32 pod address, gateway 169.254.1.1 with a permanent neighbour entry, proxy
 //!   ARP, host route; or bridge with netfilter calls off, the gateway on the bridge), MTU
 //!   1500 for host-gw; for vxlan a VXLAN device (VNI 1, port 4789, nolearning) with MTU 1450,
-//!   static neighbour, FDB entry and `onlink` route per peer, and pod MTU 1450;
+//!   static neighbour, FDB entry and `onlink` route per peer, and pod MTU 1450; for ipip an
+//!   IPIP device (`local` the node's address, `dev eth0`, `ttl inherit pmtudisc`) with MTU
+//!   1480, a /32 address, an `onlink` route per peer via its underlay address, and pod MTU
+//!   1480;
 //! - **plain veth**: one veth pair between two namespaces, the machine's limit.
 //!
 //! The runs alternate (cnikit, hand-built, plain, cnikit, …; each cycle starts one path
@@ -19,11 +22,14 @@
 //! measurements, to inspect them (`ip netns list | grep cnkb-tput`).
 //!
 //! Needs root and iperf3. Everything happens in namespaces the benchmark creates and removes,
-//! also on failure or ctrl-c.
+//! also on failure or ctrl-c. ipip needs a kernel with the ipip module: where the machine's
+//! has none loaded, run the benchmark inside the test VM (one CPU: compare the ratios, not
+//! the figures, with the other modes').
 //!
 //! ```text
-//! cargo build --release --example cnikit-agent --example cnikit
-//! cargo run --release --example bench_throughput -- --seconds 5 --repeats 3
+//! cargo build --release --examples
+//! sudo target/release/examples/bench_throughput --seconds 5 --repeats 3
+//! sudo scripts/vm.sh --mem 2G -- target/release/examples/bench_throughput --mode ipip
 //! ```
 
 #[path = "bench_support/mod.rs"]
@@ -44,8 +50,9 @@ use support::{Lab, Node, Stats, ip_in, ns_path, sysctl_in};
 
 #[derive(Parser)]
 struct Args {
-    /// Routing modes to measure.
-    #[arg(long, value_delimiter = ',', default_value = "host-gw,vxlan")]
+    /// Routing modes to measure (host-gw, vxlan, ipip).
+    #[arg(long, alias = "mode", value_delimiter = ',', default_value = "host-gw,vxlan",
+          value_parser = ["host-gw", "vxlan", "ipip"])]
     modes: Vec<String>,
     /// Pod network of the cnikit path (and the shape of the hand-built one).
     #[arg(long, default_value = "routed", value_parser = ["routed", "bridge"])]
@@ -365,10 +372,16 @@ async fn add_pod(node: &Node, conflist: &Value, pod: &str, plugin_dir: &Path) ->
 fn hand_built_path(lab: &mut Lab, args: &Args, mode: &str) -> Result<PathUnderTest> {
     let underlay = lab.underlay("h", 2)?;
     let vxlan = mode == "vxlan";
-    let mtu: u32 = if vxlan { 1450 } else { 1500 };
+    let ipip = mode == "ipip";
+    let mtu: u32 = match mode {
+        "vxlan" => 1450,
+        "ipip" => 1480,
+        _ => 1500,
+    };
     let mtu_s = mtu.to_string();
     let block = |i: usize| format!("10.244.{i}.0/26");
     let pod_ip = |i: usize| format!("10.244.{i}.2");
+    // The VTEP, or the IPIP device's address.
     let vtep_ip = |i: usize| format!("10.244.{i}.0");
     let vtep_mac = |i: usize| format!("02:aa:00:00:00:{:02x}", i + 1);
     let mut pods = Vec::new();
@@ -504,6 +517,32 @@ fn hand_built_path(lab: &mut Lab, args: &Args, mode: &str) -> Result<PathUnderTe
             )?;
             ip_in(n, &["link", "set", "vx0", "up"])?;
         }
+        if ipip {
+            ip_in(
+                n,
+                &[
+                    "link",
+                    "add",
+                    "ipip0",
+                    "mtu",
+                    &mtu_s,
+                    "type",
+                    "ipip",
+                    "local",
+                    &node.address.to_string(),
+                    "dev",
+                    "eth0",
+                    "ttl",
+                    "inherit",
+                    "pmtudisc",
+                ],
+            )?;
+            ip_in(
+                n,
+                &["addr", "add", &format!("{}/32", vtep_ip(i)), "dev", "ipip0"],
+            )?;
+            ip_in(n, &["link", "set", "ipip0", "up"])?;
+        }
         pods.push(pod);
     }
     for (i, node) in underlay.nodes.iter().enumerate() {
@@ -543,33 +582,19 @@ fn hand_built_path(lab: &mut Lab, args: &Args, mode: &str) -> Result<PathUnderTe
                         "permanent",
                     ],
                 )?;
-                ip_in(
-                    n,
-                    &[
-                        "route",
-                        "add",
-                        &block(j),
-                        "via",
-                        &vtep_ip(j),
-                        "dev",
-                        "vx0",
-                        "onlink",
-                    ],
-                )?;
-            } else {
-                ip_in(
-                    n,
-                    &[
-                        "route",
-                        "add",
-                        &block(j),
-                        "via",
-                        &peer.address.to_string(),
-                        "dev",
-                        "eth0",
-                    ],
-                )?;
             }
+            // Through the tunnel devices the gateway is on no subnet of theirs: onlink.
+            let (via, dev) = match mode {
+                "vxlan" => (vtep_ip(j), "vx0"),
+                "ipip" => (peer.address.to_string(), "ipip0"),
+                _ => (peer.address.to_string(), "eth0"),
+            };
+            let dst = block(j);
+            let mut route = vec!["route", "add", &dst, "via", &via, "dev", dev];
+            if dev != "eth0" {
+                route.push("onlink");
+            }
+            ip_in(n, &route)?;
         }
     }
     Ok(PathUnderTest {

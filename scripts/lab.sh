@@ -6,23 +6,32 @@
 # fails, the lab is torn down all the same. Needs root; nothing is done in the machine's own
 # network namespace.
 #
-#   sudo scripts/lab.sh                          # vxlan, then host-gw
+#   sudo scripts/lab.sh                          # vxlan, host-gw, then ipip
 #   sudo scripts/lab.sh --mode host-gw           # one mode
+#   sudo scripts/lab.sh --mode ipip --ipip-mode cross-subnet --topology two-subnets
 #   sudo scripts/lab.sh --store etcd --topology two-subnets --pod-network routed
 #   sudo LAB_NODES=4 LAB_PODS=3 scripts/lab.sh
+#
+# ipip needs the kernel's ipip module. When it is not loaded, the ipip run (up, check, show,
+# down) happens inside the test VM (scripts/vm.sh, one boot for the whole run), so that
+# loading it never adds tunl0 to the machine's own namespace; lab.sh says so. --ipip-mode
+# (always, cross-subnet) is for ipip only; --direct-routing is vxlan's DirectRouting and,
+# for ipip, cross-subnet.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-modes=(vxlan host-gw)
+modes=(vxlan host-gw ipip)
 extra=()
+ipip_extra=()
 topology=flat
 while [ $# -gt 0 ]; do
   case "$1" in
     --mode) modes=("$2"); shift 2 ;;
     --topology) topology="$2"; extra+=("$1" "$2"); shift 2 ;;
     --store|--pod-network) extra+=("$1" "$2"); shift 2 ;;
+    --ipip-mode) ipip_extra+=("$1" "$2"); shift 2 ;;
     --direct-routing) extra+=("$1"); shift ;;
-    -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "scripts/lab.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -35,10 +44,20 @@ if ! command -v cargo >/dev/null 2>&1; then
   echo "scripts/lab.sh: cargo is missing: install Rust (https://rustup.rs) first" >&2
   exit 1
 fi
-bash scripts/deps.sh
+if [ ${#ipip_extra[@]} -gt 0 ] && ! [[ " ${modes[*]} " == *" ipip "* ]]; then
+  echo "scripts/lab.sh: --ipip-mode is for --mode ipip" >&2
+  exit 2
+fi
 
-export CARGO_TERM_COLOR=never
-cargo build --release --examples
+# Inside the test VM (the run below re-enters this script there), everything is built and
+# installed already: the host's root is the guest's, read-only.
+in_vm=0
+grep -qw cnikit.vm=1 /proc/cmdline 2>/dev/null && in_vm=1
+if [ "$in_vm" = 0 ]; then
+  bash scripts/deps.sh
+  export CARGO_TERM_COLOR=never
+  cargo build --release --examples
+fi
 LAB="${CARGO_TARGET_DIR:-target}/release/examples/lab"
 NAME="${LAB_NAME:-lab}"
 NODES="${LAB_NODES:-3}"
@@ -60,10 +79,28 @@ trap 'exit 130' INT TERM
 "$LAB" --name "$NAME" down >/dev/null
 
 for mode in "${modes[@]}"; do
+  mode_extra=()
+  if [ "$mode" = ipip ]; then
+    mode_extra=("${ipip_extra[@]}")
+    # The same rule as the tests' (testkit::vm): a loaded (or built-in) ipip module, or the
+    # VM. Never load a tunnel module here: it would add tunl0 to the root namespace.
+    if [ "$in_vm" = 0 ] && ! [ -d /sys/module/ipip ]; then
+      echo
+      echo "################ mode ipip, in the test VM ################"
+      echo "scripts/lab.sh: this kernel has no ipip module loaded; running the ipip lab"
+      echo "inside the user-mode-linux VM (scripts/vm.sh: Linux 6.1 with ipip, one CPU, the"
+      echo "host's root read-only): up, check, show and down in one boot"
+      started=$(date +%s)
+      bash scripts/vm.sh --mem 2G -- bash scripts/lab.sh --mode ipip "${extra[@]}" "${mode_extra[@]}"
+      echo "scripts/lab.sh: the ipip lab in the VM took $(($(date +%s) - started)) s, boot included"
+      continue
+    fi
+  fi
   echo
   echo "################ mode $mode ################"
   active=1
-  "$LAB" --name "$NAME" up --mode "$mode" --nodes "$NODES" --pods "$PODS" "${extra[@]}"
+  "$LAB" --name "$NAME" up --mode "$mode" --nodes "$NODES" --pods "$PODS" "${extra[@]}" \
+    "${mode_extra[@]}"
   echo
   if [ "$mode" = host-gw ] && [ "$topology" = two-subnets ]; then
     # host-gw routes only peers on the same segment: pods across the router cannot answer.

@@ -25,4 +25,4 @@ cargo check -q -p cnikit --no-default-features
 cargo build -q --workspace --examples --all-features
 # Every prerequisite is installed now: a test that would skip is a failure here.
 export CNIKIT_REQUIRE_ALL=1
-cargo test --workspace --all-features
+cargo test --workspace --all-features --no-fail-fast

@@ -10,15 +10,14 @@ fn read(rel: &str) -> String {
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
 }
 
-/// The `members` of `[workspace]` in the root `Cargo.toml` (one line or several).
+/// The `members` of `[workspace]` in the root `Cargo.toml` (`members = [ … ]`, on one line
+/// or several).
 fn workspace_members() -> Vec<String> {
     let manifest = read("Cargo.toml");
     let start = manifest
-        .lines()
-        .position(|l| l.trim_start().starts_with("members"))
-        .expect("a members line in [workspace]");
-    let rest: String = manifest.lines().skip(start).collect::<Vec<_>>().join("\n");
-    let list = rest
+        .find("\nmembers")
+        .expect("a members key in [workspace]");
+    let list = manifest[start..]
         .split_once('[')
         .and_then(|(_, rest)| rest.split_once(']'));
     let (items, _) = list.expect("members = [ … ]");

@@ -6,7 +6,9 @@
 //!
 //! Needs root and the example binaries in `<target>/debug/examples` (build them with
 //! `cargo build -p cnikit --examples --all-features`: `cargo test` builds the lab only as a
-//! test harness); skips loudly otherwise. The etcd test needs the `etcd` binary (Debian
+//! test harness); skips loudly otherwise. The ipip tests run in the test VM
+//! (`testkit::vm::here_or_in_vm`) when this kernel has no ipip module loaded: there the
+//! same test binary drives the lab binaries read from the host's filesystem. The etcd test needs the `etcd` binary (Debian
 //! `etcd-server`). With `CNIKIT_REQUIRE_ALL=1` (set by `scripts/test.sh`) a skip fails.
 
 use std::collections::BTreeSet;
@@ -328,6 +330,23 @@ fn lifecycle(test: &str, tag: &str, mode: &str) {
             assert!(show.contains(needle), "show lacks {needle:?}");
         }
     }
+    if mode == "ipip" {
+        for needle in [
+            "IPIP device: local 172.30.1.",
+            "MTU 1480 = underlay MTU 1500 - 20",
+            "this node's tunnel address",
+            "IPIP route to node",
+            "onlink: ",
+            "ENCAPSULATED through cnikit.ipip: mode always",
+        ] {
+            assert!(show.contains(needle), "show lacks {needle:?}:\n{show}");
+        }
+        // Mode always: every peer's block through the tunnel, none through eth0.
+        let status = lab.status();
+        assert_eq!(status["ipipMode"], "always");
+        let tunnelled = assert_ipip_routes(&status);
+        assert_eq!(tunnelled, 6, "each of 3 nodes tunnels to its 2 peers");
+    }
 
     // node-del node3: its entries must vanish from node1 and node2.
     let before = lab.status();
@@ -418,6 +437,71 @@ fn lifecycle(test: &str, tag: &str, mode: &str) {
     lab.down_and_verify();
 }
 
+/// Checks the agents' routes (protocol 107) on every node of an ipip lab against the
+/// topology: a route per peer block, through `cnikit.ipip` (`onlink`, via the peer's
+/// underlay address) when the lab's IPIP mode is `always` or the peer is on another
+/// underlay subnet, else through `eth0` without `onlink`; no other route of the agent.
+/// Returns the number of tunnel routes.
+fn assert_ipip_routes(status: &Value) -> usize {
+    let cross_subnet = status["ipipMode"] == "crossSubnet";
+    let nodes = status["nodes"].as_array().expect("nodes");
+    let mut tunnelled = 0;
+    for me in nodes {
+        let ns = me["ns"].as_str().unwrap();
+        let routes: Vec<Value> = ip_json(ns, &["route", "show"])
+            .into_iter()
+            .filter(|r| r["protocol"] == "107")
+            .collect();
+        let mut expected = 0;
+        for peer in nodes.iter().filter(|p| p["name"] != me["name"]) {
+            let tunnel = !cross_subnet || peer["subnet"] != me["subnet"];
+            for block in peer["nodeState"]["blocks"].as_array().expect("blocks") {
+                expected += 1;
+                let found: Vec<&Value> = routes.iter().filter(|r| r["dst"] == *block).collect();
+                assert_eq!(
+                    found.len(),
+                    1,
+                    "{}: one route to {}'s block {block}: {routes:?}",
+                    me["name"],
+                    peer["name"]
+                );
+                let r = found[0];
+                let onlink = r["flags"]
+                    .as_array()
+                    .is_some_and(|f| f.iter().any(|x| x == "onlink"));
+                assert_eq!(r["gateway"], peer["address"], "{}: {r}", me["name"]);
+                if tunnel {
+                    tunnelled += 1;
+                    assert!(
+                        r["dev"] == "cnikit.ipip" && onlink,
+                        "{} -> {} ({} -> {}): a tunnel route `via PEER dev cnikit.ipip \
+                         onlink`, not {r}",
+                        me["name"],
+                        peer["name"],
+                        me["subnet"],
+                        peer["subnet"]
+                    );
+                } else {
+                    assert!(
+                        r["dev"] == "eth0" && !onlink,
+                        "{} -> {} (both on {}): crossSubnet routes directly via eth0, not {r}",
+                        me["name"],
+                        peer["name"],
+                        me["subnet"]
+                    );
+                }
+            }
+        }
+        assert_eq!(
+            routes.len(),
+            expected,
+            "{}: only the peers' block routes are the agent's: {routes:?}",
+            me["name"]
+        );
+    }
+    tunnelled
+}
+
 #[test]
 fn host_gw_lifecycle() {
     lifecycle("host_gw_lifecycle", "hg", "host-gw");
@@ -426,6 +510,60 @@ fn host_gw_lifecycle() {
 #[test]
 fn vxlan_lifecycle() {
     lifecycle("vxlan_lifecycle", "vx", "vxlan");
+}
+
+/// IPIP (mode always), 3 nodes x 2 pods; in the VM when this kernel has no ipip module.
+#[test]
+fn ipip_lifecycle() {
+    let test = "ipip_lifecycle";
+    if lab_binary(test).is_none() || !testkit::vm::here_or_in_vm(test, "ipip") {
+        return;
+    }
+    lifecycle(test, "ip", "ipip");
+}
+
+/// Two subnets joined by a router, IPIP crossSubnet: every pair pings, and the tunnel
+/// routes are exactly those to the peers across the router; the same-subnet peers get
+/// plain routes via eth0.
+#[test]
+fn two_subnets_ipip_cross_subnet_tunnels_only_across() {
+    let test = "two_subnets_ipip_cross_subnet_tunnels_only_across";
+    let Some(bin) = lab_binary(test) else {
+        return;
+    };
+    if !testkit::vm::here_or_in_vm(test, "ipip") {
+        return;
+    }
+    let mut lab = Lab::new(bin, "tsi");
+    let status = two_subnets_every_pair(&lab, &["--mode", "ipip", "--ipip-mode", "cross-subnet"]);
+    assert_eq!(status["ipipMode"], "crossSubnet");
+    let subnets: Vec<&str> = status["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["subnet"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        subnets,
+        ["172.30.1.0/24", "172.30.2.0/24", "172.30.1.0/24"],
+        "nodes alternate between the segments"
+    );
+    // node1 <-> node2 and node3 <-> node2 cross the router; node1 <-> node3 do not.
+    assert_eq!(assert_ipip_routes(&status), 4, "tunnel routes");
+
+    let show = lab.ok(&["show", "--node", "node1"]);
+    for needle in [
+        "IPIP per peer (mode crossSubnet)",
+        "ENCAPSULATED through cnikit.ipip: another subnet",
+        "crossSubnet tunnels node2 because it is on 172.30.2.0/24",
+        "direct via eth0, no encapsulation",
+        "crossSubnet, not tunnelled: node3 shares",
+    ] {
+        assert!(show.contains(needle), "show lacks {needle:?}:\n{show}");
+    }
+    assert!(!show.contains("UNEXPECTED"), "{show}");
+    println!("ipip crossSubnet, two subnets: 30/30 pod pairs; 4 tunnel routes, 2 direct");
+    lab.down_and_verify();
 }
 
 /// Two subnets joined by a router: host-gw reports the off-link peers, routes only the
@@ -499,6 +637,29 @@ fn two_subnets_host_gw_reports_off_link_peers() {
     lab.down_and_verify();
 }
 
+/// `up` of 3 nodes x 2 pods on two subnets joined by a router with the `mode` flags; asserts
+/// that every pod reaches every pod and node and that every node routes every peer.
+/// Returns `status --json`.
+fn two_subnets_every_pair(lab: &Lab, mode: &[&str]) -> Value {
+    let mut up = vec!["up"];
+    up.extend_from_slice(mode);
+    up.extend(["--topology", "two-subnets", "--nodes", "3", "--pods", "2"]);
+    lab.ok(&up);
+    let (report, ok) = lab.check();
+    assert_eq!(assert_all_ok(&report, "podToPod"), 30);
+    assert_all_ok(&report, "nodeToPod");
+    assert!(ok, "check exits 0 when every probe answers");
+    let status = lab.status();
+    for n in status["nodes"].as_array().unwrap() {
+        assert_eq!(
+            n["nodeState"]["unroutable"],
+            serde_json::json!({}),
+            "{mode:?} routes every peer"
+        );
+    }
+    status
+}
+
 /// Two subnets joined by a router: VXLAN carries every pair across.
 #[test]
 fn two_subnets_vxlan_routes_across() {
@@ -506,28 +667,7 @@ fn two_subnets_vxlan_routes_across() {
         return;
     };
     let mut lab = Lab::new(bin, "tsv");
-    lab.ok(&[
-        "up",
-        "--mode",
-        "vxlan",
-        "--topology",
-        "two-subnets",
-        "--nodes",
-        "3",
-        "--pods",
-        "2",
-    ]);
-    let (report, ok) = lab.check();
-    assert_eq!(assert_all_ok(&report, "podToPod"), 30);
-    assert!(ok);
-    let status = lab.status();
-    for n in status["nodes"].as_array().unwrap() {
-        assert_eq!(
-            n["nodeState"]["unroutable"],
-            serde_json::json!({}),
-            "vxlan routes every peer"
-        );
-    }
+    two_subnets_every_pair(&lab, &["--mode", "vxlan"]);
     println!("vxlan two subnets: 30/30 pod pairs across the router");
     lab.down_and_verify();
 }

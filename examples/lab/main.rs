@@ -19,6 +19,14 @@
 //! sudo target/release/examples/lab show
 //! sudo target/release/examples/lab down
 //! ```
+//!
+//! `--mode ipip` (`--ipip-mode always|cross-subnet`) needs a kernel with the ipip module;
+//! where the machine's has none loaded, run every command in one run of the test VM (the
+//! lab's state in `/run` lives as long as the VM), as `scripts/lab.sh --mode ipip` does:
+//!
+//! ```text
+//! sudo scripts/vm.sh --mem 2G -- sh -c 'L=target/release/examples/lab; $L up --mode ipip && $L check && $L show; $L down'
+//! ```
 
 mod check;
 mod cni;
@@ -96,7 +104,7 @@ enum Cmd {
 
 #[derive(Args, Clone)]
 pub struct UpArgs {
-    /// Routing mode, the conflist's `routing` (host-gw, vxlan).
+    /// Routing mode, the conflist's `routing` (host-gw, vxlan, ipip).
     #[arg(long)]
     pub mode: String,
     /// Number of nodes.
@@ -114,9 +122,15 @@ pub struct UpArgs {
     /// Underlay wiring.
     #[arg(long, value_enum, default_value_t = Topology::Flat)]
     pub topology: Topology,
-    /// VXLAN DirectRouting: same-subnet peers get plain routes, others the tunnel.
+    /// VXLAN DirectRouting: same-subnet peers get plain routes, others the tunnel. With
+    /// `--mode ipip` the same idea under Calico's name: `--ipip-mode cross-subnet`.
     #[arg(long)]
     pub direct_routing: bool,
+    /// IPIP mode (`--mode ipip` only): `always` tunnels to every peer; `cross-subnet` only
+    /// to peers on another underlay subnet (Calico's CrossSubnet). Default `always`, or
+    /// `cross-subnet` with `--direct-routing`.
+    #[arg(long, value_parser = state::ipip_mode_parser())]
+    pub ipip_mode: Option<cnikit::ipip::Mode>,
     /// Agent: lifetime of a node record without refresh, seconds.
     #[arg(long, default_value_t = 10)]
     pub ttl: u64,

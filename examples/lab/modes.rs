@@ -1,6 +1,6 @@
 //! The routing modes the lab knows: what each adds to the conflist and how `show` explains
-//! it. A mode is a string passed through to the conflist's `routing`; a new mode (ipip,
-//! bgp, ebpf) is one more row in [`MODES`], plus explanations for its own devices in
+//! it. A mode is a string passed through to the conflist's `routing`; a new mode (bgp,
+//! ebpf) is one more row in [`MODES`], plus explanations for its own devices in
 //! `show.rs` if it makes any.
 
 use serde_json::{Map, Value, json};
@@ -13,6 +13,9 @@ pub const VXLAN_DEVICE: &str = cnikit::vxlan::DEFAULT_DEVICE;
 pub const VXLAN_VNI: u32 = cnikit::vxlan::DEFAULT_VNI;
 /// The VXLAN UDP port of the lab (the backend's default, IANA's 4789).
 pub const VXLAN_PORT: u16 = cnikit::vxlan::DEFAULT_PORT;
+
+/// The IPIP device name the lab configures (the backend's default).
+pub const IPIP_DEVICE: &str = cnikit::ipip::DEFAULT_DEVICE;
 
 /// One routing mode.
 pub struct Mode {
@@ -61,20 +64,22 @@ pub const MODES: &[Mode] = &[
         name: cnikit::ipip::TYPE,
         about: "ipip: pod packets to another node get a second IPv4 header (IP protocol 4) \
                 from the device cnikit.ipip (local = the node's underlay address, MTU 20 \
-                bytes under the underlay's), whose address comes from the node's own block. \
-                Per peer one route `BLOCK via PEER_UNDERLAY_IP dev cnikit.ipip onlink`: the \
-                gateway is the outer destination, on-link because the tunnel has no \
-                neighbours. With --direct-routing (Calico's CrossSubnet) only peers behind \
-                a router are tunnelled; the others get host-gw routes. Needs a kernel with \
-                the ipip module.",
+                bytes under the underlay's), whose /32 address comes from the node's own \
+                block. Per peer one route `BLOCK via PEER_UNDERLAY_IP dev cnikit.ipip \
+                onlink`: the gateway is the outer destination, on-link because the tunnel \
+                has no neighbours and no subnet the gateway is in. --ipip-mode always (the \
+                default) tunnels to every peer; --ipip-mode cross-subnet (Calico's \
+                CrossSubnet; also what --direct-routing means here) only to peers behind a \
+                router, the others get host-gw routes `BLOCK via PEER dev eth0`. Needs a \
+                kernel with the ipip module.",
         keys: |lab| {
             let mut keys = Map::new();
-            let mode = if lab.direct_routing {
-                cnikit::ipip::Mode::CrossSubnet
-            } else {
-                cnikit::ipip::Mode::Always
-            };
-            keys.insert("ipip".into(), json!({ "mode": mode.as_str() }));
+            // `up` sets it for every ipip lab (see `state::ipip_mode`).
+            let mode = lab.ipip_mode.unwrap_or_default();
+            keys.insert(
+                "ipip".into(),
+                json!({ "mode": mode.as_str(), "device": IPIP_DEVICE }),
+            );
             keys
         },
     },

@@ -3,7 +3,8 @@
 //!
 //! The explanations come from matching every entry against what the lab knows about the
 //! cluster: each node's underlay address, blocks (its node state file), VTEP (the address
-//! and MAC of its VXLAN device) and pods (their addresses, MACs and host-side veths).
+//! and MAC of its VXLAN device), tunnel address (of its IPIP device) and pods (their
+//! addresses, MACs and host-side veths).
 
 use std::net::IpAddr;
 
@@ -47,6 +48,8 @@ pub struct NodeView {
     pub state: Option<NodeState>,
     /// VTEP address and MAC, when it has a VXLAN device.
     pub vtep: Option<(IpAddr, String)>,
+    /// The address of its IPIP device (its tunnel address), when it has one.
+    pub tunnel: Option<IpAddr>,
     /// Its pods.
     pub pods: Vec<PodView>,
 }
@@ -62,6 +65,8 @@ pub struct Cluster {
     pub routers: Vec<IpAddr>,
     /// Whether the pod network is the routed one.
     pub routed: bool,
+    /// Which peers IPIP tunnels to, in `ipip` mode.
+    pub ipip_mode: Option<cnikit::ipip::Mode>,
 }
 
 impl Cluster {
@@ -70,7 +75,10 @@ impl Cluster {
         let mut nodes = Vec::new();
         for node in &lab.nodes {
             let state = NodeState::read(&node.data_dir()).ok().flatten();
-            let vtep = vtep_of(&node.ns).await;
+            let vtep = device_address(&node.ns, modes::VXLAN_DEVICE).await;
+            let tunnel = device_address(&node.ns, modes::IPIP_DEVICE)
+                .await
+                .map(|(addr, _)| addr);
             let pods = node
                 .pods
                 .iter()
@@ -89,12 +97,14 @@ impl Cluster {
                 blocks: state.as_ref().map(|s| s.blocks.clone()).unwrap_or_default(),
                 state,
                 vtep,
+                tunnel,
                 pods,
             });
         }
         Cluster {
             mode: lab.mode.clone(),
             routed: lab.pod_network == state::PodNetwork::Routed,
+            ipip_mode: lab.ipip_mode,
             routers: if lab.router.is_some() {
                 lab.underlays
                     .iter()
@@ -160,11 +170,11 @@ impl Cluster {
     }
 }
 
-/// The VTEP (address, MAC) of the VXLAN device in `ns`, if there is one.
-async fn vtep_of(ns: &str) -> Option<(IpAddr, String)> {
-    let links = ip_json(ns, &["addr", "show", "dev", modes::VXLAN_DEVICE])
-        .await
-        .ok()?;
+/// The IPv4 address and link-layer address of device `dev` in `ns`, if it exists: a VXLAN
+/// device's VTEP and its MAC; an IPIP device's tunnel address (and its local underlay
+/// address, which `ip` prints as its link-layer address).
+async fn device_address(ns: &str, dev: &str) -> Option<(IpAddr, String)> {
+    let links = ip_json(ns, &["addr", "show", "dev", dev]).await.ok()?;
     let link = links.first()?;
     let mac = link["address"].as_str()?.to_owned();
     let addr = link["addr_info"]
@@ -258,6 +268,40 @@ fn explain_route(c: &Cluster, me: &NodeView, r: &Value) -> String {
                  MAC, the FDB entry where to send the UDP packet (proto 107: the agent's)"
             );
         }
+        if dev == modes::IPIP_DEVICE {
+            let owner_view = c.node_of_block(dst);
+            let why = match (c.ipip_mode, owner_view) {
+                (Some(cnikit::ipip::Mode::CrossSubnet), Some(o)) => format!(
+                    "crossSubnet tunnels {owner} because it is on {}, not on this node's {}: \
+                     only the router joins them",
+                    o.subnet, me.subnet
+                ),
+                (Some(cnikit::ipip::Mode::CrossSubnet), None) => {
+                    "crossSubnet tunnels it: not on this node's subnet".into()
+                }
+                _ => {
+                    "mode always: every peer goes through the tunnel, on this segment or not".into()
+                }
+            };
+            return format!(
+                "IPIP route to {owner}'s block via {owner}'s underlay address {gw}: the packet \
+                 gets an outer IPv4 header {} -> {gw} (IP protocol 4) and leaves by {NODE_NIC} \
+                 along the underlay's route to {gw}. \
+                 onlink: {gw} is in no subnet of {dev} (its only address is a /32), so without \
+                 it the kernel refuses the gateway as unreachable; the tunnel has no link \
+                 layer, nothing is resolved, the gateway only becomes the outer destination. \
+                 {why} (proto 107: the agent's)",
+                me.address
+            );
+        }
+        if c.mode == cnikit::ipip::TYPE {
+            return format!(
+                "crossSubnet, not tunnelled: {owner} shares this node's underlay subnet {}, so \
+                 its block goes straight to its underlay address {gw}, as host-gw does: no \
+                 outer header on the wire (proto 107: the agent's)",
+                me.subnet
+            );
+        }
         if c.mode == "vxlan" {
             return format!(
                 "DirectRouting: {owner} shares this segment, so its block goes straight to its \
@@ -292,6 +336,7 @@ fn explain_route(c: &Cluster, me: &NodeView, r: &Value) -> String {
             match c.mode.as_str() {
                 "host-gw" => " (host-gw cannot route their blocks: reported unroutable)",
                 "vxlan" => " (VXLAN's UDP packets to them take this route)",
+                "ipip" => " (IPIP's outer packets to them take this route)",
                 _ => "",
             }
         );
@@ -342,10 +387,10 @@ fn explain_neigh(c: &Cluster, n: &Value) -> String {
             "ARP entry for {}'s underlay address, learned by the kernel: the next hop of {} to \
              {}",
             peer.name,
-            if c.mode == "vxlan" {
-                "VXLAN's UDP packets"
-            } else {
-                "host-gw routes"
+            match c.mode.as_str() {
+                "vxlan" => "VXLAN's UDP packets",
+                "ipip" => "IPIP's outer packets (and crossSubnet's direct routes)",
+                _ => "host-gw routes",
             },
             peer.name
         );
@@ -421,8 +466,8 @@ fn fdb_line(f: &Value) -> String {
     out.join(" ")
 }
 
-/// What a device is for.
-fn explain_link(c: &Cluster, me: &NodeView, l: &Value) -> String {
+/// What a device is for; `underlay_mtu` is the MTU of the node's underlay NIC.
+fn explain_link(c: &Cluster, me: &NodeView, l: &Value, underlay_mtu: Option<u64>) -> String {
     let name = s(l, "ifname");
     let kind = l["linkinfo"]["info_kind"].as_str().unwrap_or("");
     let master = s(l, "master");
@@ -435,10 +480,10 @@ fn explain_link(c: &Cluster, me: &NodeView, l: &Value) -> String {
              {} here",
             me.subnet,
             me.name,
-            if c.mode == "vxlan" {
-                "node-to-node traffic and VXLAN's UDP packets leave"
-            } else {
-                "node-to-node traffic leaves"
+            match c.mode.as_str() {
+                "vxlan" => "node-to-node traffic and VXLAN's UDP packets leave",
+                "ipip" => "node-to-node traffic and IPIP's outer packets leave",
+                _ => "node-to-node traffic leaves",
             }
         );
     }
@@ -463,6 +508,14 @@ fn explain_link(c: &Cluster, me: &NodeView, l: &Value) -> String {
                 l["mtu"]
             )
         }
+        "ipip" if name == modes::IPIP_DEVICE => explain_ipip_device(me, l, underlay_mtu),
+        "ipip" if name == cnikit::ipip::FALLBACK_DEVICE => "the ipip module's fallback device: \
+             the module makes it in every namespace when it loads, and it takes the IPIP \
+             packets no other device claims. cnikit leaves it alone (down, no address): its \
+             parameters cannot be changed and it cannot be deleted, so no one could tell whose \
+             it is (Calico uses it); cnikit.ipip takes the packets for this node's address \
+             ahead of it"
+            .into(),
         "veth" => match c.pod_by_veth(name) {
             Some(pod) => {
                 let ip = pod.ip.map(|i| i.to_string()).unwrap_or_default();
@@ -487,6 +540,98 @@ fn explain_link(c: &Cluster, me: &NodeView, l: &Value) -> String {
     }
 }
 
+/// What the IPIP device and its address are for.
+fn explain_ipip_device(me: &NodeView, l: &Value, underlay_mtu: Option<u64>) -> String {
+    let d = &l["linkinfo"]["info_data"];
+    let mtu = l["mtu"].as_u64().unwrap_or(0);
+    let underlay = match underlay_mtu {
+        Some(u) => format!("underlay MTU {u} - 20"),
+        None => "underlay MTU - 20".into(),
+    };
+    let address = match me.tunnel {
+        Some(addr) => {
+            let block = me
+                .blocks
+                .iter()
+                .find(|b| b.contains(&addr))
+                .map(|b| format!(" {b}"))
+                .unwrap_or_default();
+            format!(
+                "Its /32 address {addr} is this node's tunnel address, taken from the node's \
+                 own block{block} (the agent allocates it, so no pod gets it): what the node \
+                 itself sends to a remote pod (a ping from the node, a health check) leaves \
+                 with it as source, an address of this node's block that every peer routes \
+                 back through its own tunnel. Without it the source would be the underlay \
+                 address and the answer would come back unencapsulated, or not at all across \
+                 a network that carries only node-to-node IPIP."
+            )
+        }
+        None => "It has no address yet.".into(),
+    };
+    format!(
+        "IPIP device: local {} (this node's underlay address, the outer source), underlay \
+         link {}, remote any (each route's gateway is the outer destination), ttl inherit, \
+         pmtudisc {} (outer packets carry don't-fragment: too big means an ICMP error to the \
+         sender, never fragments); it also takes in the IPIP packets sent to {}. MTU {mtu} = \
+         {underlay} bytes of the outer IPv4 header; the pods get the same MTU, so a full-size \
+         pod packet still fits the underlay once wrapped. {address}",
+        d["local"].as_str().unwrap_or("?"),
+        d["link"].as_str().unwrap_or("?"),
+        if d["pmtudisc"] == true { "on" } else { "OFF" },
+        d["local"].as_str().unwrap_or("?"),
+    )
+}
+
+/// Per peer: whether IPIP encapsulates its traffic and why, from the routes in `routes`.
+fn ipip_peers(c: &Cluster, me: &NodeView, routes: &[Value]) {
+    let mode = c.ipip_mode.unwrap_or_default();
+    println!("IPIP per peer (mode {}):", mode.as_str());
+    for peer in c.nodes.iter().filter(|n| n.name != me.name) {
+        let blocks: Vec<String> = peer.blocks.iter().map(|b| b.to_string()).collect();
+        let devs: Vec<&str> = routes
+            .iter()
+            .filter(|r| s(r, "protocol") == "107" && blocks.iter().any(|b| b == s(r, "dst")))
+            .map(|r| s(r, "dev"))
+            .collect();
+        let same = peer.subnet == me.subnet;
+        let line = format!(
+            "{} {} on {}",
+            peer.name,
+            peer.address,
+            if same {
+                "this node's subnet".to_owned()
+            } else {
+                peer.subnet.clone()
+            }
+        );
+        let why = if devs.is_empty() {
+            "no route to its blocks (yet): see the node state below".to_owned()
+        } else if devs.iter().all(|d| *d == modes::IPIP_DEVICE) {
+            format!(
+                "ENCAPSULATED through {}: {}",
+                modes::IPIP_DEVICE,
+                match (mode, same) {
+                    (cnikit::ipip::Mode::Always, _) => "mode always tunnels every peer",
+                    (_, false) => "another subnet, reached through the router",
+                    (_, true) => "UNEXPECTED for crossSubnet: it shares this node's subnet",
+                }
+            )
+        } else if devs.iter().all(|d| *d == NODE_NIC) {
+            format!(
+                "direct via {NODE_NIC}, no encapsulation: {}",
+                if same {
+                    "crossSubnet, and it shares this node's subnet (one L2 segment)"
+                } else {
+                    "UNEXPECTED: it is behind the router"
+                }
+            )
+        } else {
+            format!("routes through {}", devs.join(", "))
+        };
+        item(&line, &why);
+    }
+}
+
 fn link_line(l: &Value) -> String {
     let addrs: Vec<String> = l["addr_info"]
         .as_array()
@@ -503,7 +648,11 @@ fn link_line(l: &Value) -> String {
     if !s(l, "master").is_empty() {
         out.push_str(&format!("master {} ", s(l, "master")));
     }
-    out.push_str(&format!("mac {} mtu {}", s(l, "address"), l["mtu"]));
+    if s(l, "link_type") == "ipip" {
+        out.push_str(&format!("mtu {}", l["mtu"]));
+    } else {
+        out.push_str(&format!("mac {} mtu {}", s(l, "address"), l["mtu"]));
+    }
     if !addrs.is_empty() {
         out.push_str(&format!(" addr {}", addrs.join(" ")));
     }
@@ -523,7 +672,7 @@ pub async fn show(lab: &Lab, only: Option<&str>) -> Result<()> {
     println!(
         "lab {}: mode {}, {} pod network, pool {} in /{} blocks",
         lab.name,
-        lab.mode,
+        lab.mode_label(),
         lab.pod_network.as_str(),
         state::POOL,
         state::BLOCK_SIZE
@@ -583,12 +732,21 @@ async fn show_node(c: &Cluster, node: &Node, me: &NodeView) -> Result<()> {
         }
     }
     println!("devices:");
-    for l in ip_json(ns, &["-d", "addr", "show"]).await? {
-        item(&link_line(&l), &explain_link(c, me, &l));
+    let links = ip_json(ns, &["-d", "addr", "show"]).await?;
+    let underlay_mtu = links
+        .iter()
+        .find(|l| s(l, "ifname") == NODE_NIC)
+        .and_then(|l| l["mtu"].as_u64());
+    for l in &links {
+        item(&link_line(l), &explain_link(c, me, l, underlay_mtu));
     }
     println!("routes (main table):");
-    for r in ip_json(ns, &["-d", "route", "show"]).await? {
-        item(&route_line(&r), &explain_route(c, me, &r));
+    let routes = ip_json(ns, &["-d", "route", "show"]).await?;
+    for r in &routes {
+        item(&route_line(r), &explain_route(c, me, r));
+    }
+    if c.mode == cnikit::ipip::TYPE {
+        ipip_peers(c, me, &routes);
     }
     println!("neighbours:");
     let neighbours = ip_json(ns, &["neigh", "show"]).await?;

@@ -94,6 +94,42 @@ impl PodNetwork {
     }
 }
 
+/// The values of `--ipip-mode`: `always`, `cross-subnet` (the command-line spelling of the
+/// backend's `always` and `crossSubnet`).
+pub fn ipip_mode_parser() -> impl clap::builder::TypedValueParser<Value = cnikit::ipip::Mode> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(["always", "cross-subnet"]).map(|v| match v.as_str() {
+        "cross-subnet" => cnikit::ipip::Mode::CrossSubnet,
+        _ => cnikit::ipip::Mode::Always,
+    })
+}
+
+/// The IPIP mode `up` gives a lab of routing `mode`: `--ipip-mode`, else `cross-subnet`
+/// with `--direct-routing` (the same idea: same-subnet peers get plain routes), else
+/// `always`; `None` for other modes, which refuse `--ipip-mode`.
+pub fn ipip_mode(
+    mode: &str,
+    ipip_mode: Option<cnikit::ipip::Mode>,
+    direct_routing: bool,
+) -> Result<Option<cnikit::ipip::Mode>> {
+    use cnikit::ipip::Mode;
+    if mode != cnikit::ipip::TYPE {
+        if ipip_mode.is_some() {
+            bail!("--ipip-mode is for --mode ipip, not {mode}");
+        }
+        return Ok(None);
+    }
+    Ok(Some(match (ipip_mode, direct_routing) {
+        (Some(Mode::Always), true) => bail!(
+            "--direct-routing means --ipip-mode cross-subnet for ipip; it contradicts \
+             --ipip-mode always"
+        ),
+        (Some(m), _) => m,
+        (None, true) => Mode::CrossSubnet,
+        (None, false) => Mode::Always,
+    }))
+}
+
 /// A process the lab started and must stop: identified by PID *and* start time, so that a
 /// recycled PID is never signalled.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -233,6 +269,9 @@ pub struct Lab {
     /// VXLAN DirectRouting (only for `vxlan`).
     #[serde(default)]
     pub direct_routing: bool,
+    /// Which peers IPIP tunnels to (only for `ipip`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipip_mode: Option<cnikit::ipip::Mode>,
     /// Pod network.
     pub pod_network: PodNetwork,
     /// Datastore.
@@ -264,6 +303,17 @@ pub struct Lab {
 }
 
 impl Lab {
+    /// The routing mode as printed: `ipip (crossSubnet)`, `vxlan (DirectRouting)`, `host-gw`.
+    pub fn mode_label(&self) -> String {
+        match self.ipip_mode {
+            Some(m) => format!("{} ({})", self.mode, m.as_str()),
+            None if self.direct_routing && self.mode == cnikit::vxlan::TYPE => {
+                format!("{} (DirectRouting)", self.mode)
+            }
+            None => self.mode.clone(),
+        }
+    }
+
     /// The state directory.
     pub fn dir(&self) -> PathBuf {
         state_dir(&self.name)
@@ -344,5 +394,46 @@ impl Lab {
         std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)
             .with_context(|| format!("write {}", tmp.display()))?;
         std::fs::rename(&tmp, &path).with_context(|| format!("rename to {}", path.display()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::builder::TypedValueParser;
+    use cnikit::ipip::Mode;
+
+    use super::*;
+
+    #[test]
+    fn ipip_mode_follows_the_flags() {
+        assert_eq!(ipip_mode("ipip", None, false).unwrap(), Some(Mode::Always));
+        assert_eq!(
+            ipip_mode("ipip", None, true).unwrap(),
+            Some(Mode::CrossSubnet),
+            "--direct-routing means cross-subnet for ipip"
+        );
+        assert_eq!(
+            ipip_mode("ipip", Some(Mode::CrossSubnet), true).unwrap(),
+            Some(Mode::CrossSubnet)
+        );
+        assert_eq!(
+            ipip_mode("ipip", Some(Mode::CrossSubnet), false).unwrap(),
+            Some(Mode::CrossSubnet)
+        );
+        let e = ipip_mode("ipip", Some(Mode::Always), true).unwrap_err();
+        assert!(e.to_string().contains("contradicts"), "{e}");
+        assert_eq!(ipip_mode("vxlan", None, true).unwrap(), None);
+        let e = ipip_mode("host-gw", Some(Mode::Always), false).unwrap_err();
+        assert!(e.to_string().contains("--mode ipip"), "{e}");
+    }
+
+    #[test]
+    fn ipip_mode_flag_values() {
+        let cmd = clap::Command::new("lab");
+        let parse = |v: &str| ipip_mode_parser().parse_ref(&cmd, None, std::ffi::OsStr::new(v));
+        assert_eq!(parse("always").unwrap(), Mode::Always);
+        assert_eq!(parse("cross-subnet").unwrap(), Mode::CrossSubnet);
+        assert!(parse("crossSubnet").is_err());
+        assert!(parse("never").is_err());
     }
 }

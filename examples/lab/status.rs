@@ -45,6 +45,7 @@ pub async fn status(name: &str, as_json: bool) -> Result<()> {
     let report = json!({
         "name": lab.name,
         "mode": lab.mode,
+        "ipipMode": lab.ipip_mode,
         "podNetwork": lab.pod_network,
         "store": lab.store,
         "topology": lab.topology,
@@ -60,7 +61,7 @@ pub async fn status(name: &str, as_json: bool) -> Result<()> {
     println!(
         "lab {}: mode {}, {} pod network, {} store, {} topology, state in {}",
         lab.name,
-        lab.mode,
+        lab.mode_label(),
         lab.pod_network.as_str(),
         report["store"].as_str().unwrap_or("?"),
         report["topology"].as_str().unwrap_or("?"),

@@ -32,6 +32,7 @@ pub async fn up(name: &str, args: &UpArgs) -> Result<()> {
             modes::names()
         );
     }
+    let ipip_mode = state::ipip_mode(&args.mode, args.ipip_mode, args.direct_routing)?;
     if args.store == StoreKind::Etcd && which("etcd").is_err() {
         bail!("--store etcd needs the etcd server: apt-get install -y etcd-server");
     }
@@ -39,6 +40,7 @@ pub async fn up(name: &str, args: &UpArgs) -> Result<()> {
         name: name.to_owned(),
         mode: args.mode.clone(),
         direct_routing: args.direct_routing,
+        ipip_mode,
         pod_network: args.pod_network,
         store: args.store,
         topology: args.topology,
@@ -66,7 +68,7 @@ pub async fn up(name: &str, args: &UpArgs) -> Result<()> {
                 started.elapsed().as_secs_f64(),
                 lab.nodes.len(),
                 lab.pods().count(),
-                lab.mode,
+                lab.mode_label(),
                 lab.pod_network.as_str(),
                 serde_json::to_value(lab.store)?.as_str().unwrap_or("?"),
                 serde_json::to_value(lab.topology)?.as_str().unwrap_or("?"),
