@@ -14,7 +14,7 @@ use std::net::Ipv4Addr;
 use bytes::BytesMut;
 use ipnet::Ipv4Net;
 use rustbgpd_fsm::{Action, Event, PeerConfig, Session, SessionState, TimerType};
-use rustbgpd_wire::notification::{NotificationCode, cease_subcode};
+use rustbgpd_wire::notification::NotificationCode;
 use rustbgpd_wire::validate::validate_update_attributes;
 use rustbgpd_wire::{
     AsPath, ErrorDisposition, Ipv4NlriEntry, Ipv4Prefix, Ipv4UnicastMode, Message,
@@ -46,12 +46,13 @@ pub(crate) struct ConnParams {
 }
 
 /// Orders from the peer task.
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 pub(crate) enum Ctl {
     /// Close administratively (Cease / Administrative Shutdown, RFC 4271 ManualStop).
     Stop,
-    /// Lost a connection collision (Cease / Connection Collision Resolution).
-    Collision,
+    /// Close with a Cease of this subcode: Connection Collision Resolution (a lost
+    /// collision), Peer De-configured (the peer left the peer set).
+    Cease(u8),
 }
 
 /// What a connection reports to its peer task.
@@ -152,10 +153,10 @@ pub(crate) async fn run<S>(
                     // ManualStop in Connect/Active closes without a NOTIFICATION.
                     conn.closed = true;
                 }
-                Some(Ctl::Collision) => {
+                Some(Ctl::Cease(subcode)) => {
                     let n = NotificationMessage::new(
                         NotificationCode::Cease,
-                        cease_subcode::CONNECTION_COLLISION_RESOLUTION,
+                        subcode,
                         bytes::Bytes::new(),
                     );
                     conn.send(&Message::Notification(n)).await;

@@ -33,12 +33,14 @@
 //!
 //! ## Failure detection
 //! A peer whose node leaves the registry (it deregistered, or its lease expired because
-//! it died) has its session closed and its routes removed in the `reconcile` that no
-//! longer lists it, not after the hold time (90 s by default): the registry's lease is
-//! the liveness signal every mode already trusts, so BGP forgets a dead node as fast as
-//! host-gw does, with no BFD daemon. A peer that closes its session (Cease, a crashed
-//! speaker whose TCP connection resets) loses its routes when the connection ends; only a
-//! silent peer that stays in the registry waits for the hold timer.
+//! it died) has its session closed (Cease / Peer De-configured) and its routes removed in
+//! the `reconcile` that no longer lists it, not after the hold time (90 s by default) or
+//! a graceful-restart timer: the registry's lease is the liveness signal every mode
+//! already trusts, so BGP forgets a dead node as fast as host-gw does (within the
+//! registry's TTL, at once on a clean deregistration), with no BFD daemon to run. A peer
+//! that closes its session with a NOTIFICATION loses its routes when the connection ends;
+//! one whose connection just drops while it stays in the registry (a restarting speaker)
+//! keeps them for its graceful-restart time, bounded by its lease all the same.
 //!
 //! ## Graceful restart (RFC 4724)
 //! The speaker advertises graceful restart (`gracefulRestart`, `restartTime`), sends

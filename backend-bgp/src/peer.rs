@@ -16,6 +16,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ipnet::Ipv4Net;
 use rustbgpd_fsm::{PeerConfig, SessionState};
+use rustbgpd_wire::notification::cease_subcode;
 use rustbgpd_wire::{Afi, Safi};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -33,8 +34,11 @@ const STOP_GRACE: Duration = Duration::from_secs(1);
 pub(crate) enum PeerCmd {
     /// The neighbour connected to us.
     Incoming(TcpStream),
-    /// Close every connection (Cease) and end.
+    /// Close every connection (Cease / Administrative Shutdown) and end.
     Stop,
+    /// The peer left the peer set: close every connection (Cease / Peer De-configured)
+    /// and end.
+    Remove,
 }
 
 /// A running peer task.
@@ -112,12 +116,15 @@ impl Peer {
     ) {
         let retry = Duration::from_secs(u64::from(self.shared.config.connect_retry));
         let mut retry_at = Some(Instant::now());
-        loop {
+        let how = loop {
             let idle = self.conns.is_empty();
             tokio::select! {
                 cmd = cmds.recv() => match cmd {
                     Some(PeerCmd::Incoming(stream)) => self.spawn_conn(Some(stream)),
-                    Some(PeerCmd::Stop) | None => break,
+                    Some(PeerCmd::Stop) | None => break Ctl::Stop,
+                    Some(PeerCmd::Remove) => {
+                        break Ctl::Cease(cease_subcode::PEER_DECONFIGURED);
+                    }
                 },
                 Some((id, event)) = events.recv() => {
                     self.on_event(id, event);
@@ -138,14 +145,14 @@ impl Peer {
                     self.drop_stale();
                 }
             }
-        }
-        self.stop(&mut events).await;
+        };
+        self.stop(how, &mut events).await;
     }
 
-    /// Closes every connection with a Cease and waits (briefly) for them to end.
-    async fn stop(&mut self, events: &mut mpsc::UnboundedReceiver<(u64, ConnEvent)>) {
+    /// Closes every connection (`how`: a Cease) and waits (briefly) for them to end.
+    async fn stop(&mut self, how: Ctl, events: &mut mpsc::UnboundedReceiver<(u64, ConnEvent)>) {
         for slot in self.conns.values() {
-            let _ = slot.ctl.send(Ctl::Stop);
+            let _ = slot.ctl.send(how);
         }
         let _ = tokio::time::timeout(STOP_GRACE, async {
             while !self.conns.is_empty() {
@@ -369,7 +376,9 @@ impl Peer {
             tracing::debug!(peer = %self.name, loser, "BGP connection collision");
             if let Some(slot) = self.conns.get_mut(&loser) {
                 slot.closing = true;
-                let _ = slot.ctl.send(Ctl::Collision);
+                let _ = slot
+                    .ctl
+                    .send(Ctl::Cease(cease_subcode::CONNECTION_COLLISION_RESOLUTION));
             }
             if loser == id {
                 return;

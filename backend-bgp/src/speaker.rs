@@ -226,7 +226,8 @@ impl Speaker {
 
     /// Makes the peer set `peers` (name → address): new peers get a session, peers gone
     /// or moved lose theirs, with their routes removed from the table right away (the
-    /// Cease NOTIFICATION goes out in the background). Returns whether routes went.
+    /// Cease / Peer De-configured NOTIFICATION goes out in the background). Returns
+    /// whether routes went.
     pub fn set_peers(&self, peers: &BTreeMap<String, Ipv4Addr>) -> bool {
         let mut table = self.shared.table();
         let stale: Vec<String> = table
@@ -238,7 +239,7 @@ impl Speaker {
         for name in stale {
             if let Some((view, handle)) = table.remove(&name) {
                 routes_gone |= !view.routes.is_empty();
-                let _ = handle.cmds.send(PeerCmd::Stop);
+                let _ = handle.cmds.send(PeerCmd::Remove);
                 tracing::info!(peer = %name, "BGP peer removed");
             }
         }

@@ -91,8 +91,16 @@ async fn three_speakers_mesh_and_a_removed_node_vanishes_at_once() {
         vec![r("10.244.1.0/26", "192.168.70.11")]
     );
     assert!(speakers[0].summary().iter().all(|p| p.name != "c"));
-    // c sees a and b close their sessions, and forgets their routes.
+    // c sees a and b close their sessions (Cease / Peer De-configured), and forgets
+    // their routes.
     wait_routes(&namespaces[2], "107", SECS, |now| now.is_empty()).await;
+    for p in speakers[2].summary() {
+        assert_eq!(
+            p.last_error.as_deref(),
+            Some("peer sent NOTIFICATION 6/3"),
+            "{p:?}"
+        );
+    }
 
     // a's blocks change: b follows (withdraw + announce).
     speakers[0]

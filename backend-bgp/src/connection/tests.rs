@@ -392,7 +392,11 @@ async fn a_lost_collision_sends_cease_7() {
     assert!(matches!(h.recv().await, Some(Message::Open(_))));
     h.send(&open(64512, 90)).await;
     assert_eq!(h.recv().await, Some(Message::Keepalive));
-    h.ctl.send(Ctl::Collision).unwrap();
+    h.ctl
+        .send(Ctl::Cease(
+            rustbgpd_wire::notification::cease_subcode::CONNECTION_COLLISION_RESOLUTION,
+        ))
+        .unwrap();
     assert_eq!(h.notification().await, (6, 7));
     assert_eq!(h.recv().await, None);
 }
