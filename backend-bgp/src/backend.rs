@@ -18,7 +18,7 @@ use tokio::time::{Duration, Instant};
 
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::speaker::{PeerSummary, Shared, Speaker};
+use crate::speaker::{Neighbor, PeerSummary, Shared, Speaker};
 
 /// What the mode reports to the agent (the node state file's `routing`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -204,8 +204,9 @@ impl<K: Kernel + 'static> Bgp<K> {
         let mut unusable = BTreeMap::new();
         for peer in peers.iter().filter(|p| p.name != local_name) {
             match peer.address {
-                IpAddr::V4(v4) => {
-                    wanted.insert(peer.name.clone(), v4);
+                IpAddr::V4(address) => {
+                    let as_number = self.config.as_number;
+                    wanted.insert(peer.name.clone(), Neighbor { address, as_number });
                 }
                 IpAddr::V6(v6) => {
                     unusable.insert(
@@ -214,6 +215,13 @@ impl<K: Kernel + 'static> Bgp<K> {
                     );
                 }
             }
+        }
+        for global in &self.config.global_peers {
+            let neighbor = Neighbor {
+                address: global.address,
+                as_number: global.as_number,
+            };
+            wanted.insert(global.name(), neighbor);
         }
         running.node.send_modify(|n| n.unusable = unusable);
         // A peer gone from the registry (its lease expired: the node died) loses its

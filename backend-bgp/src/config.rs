@@ -49,6 +49,32 @@ pub struct Config {
     /// (at most 4095). Default 120.
     #[serde(default = "default_restart_time")]
     pub restart_time: u16,
+    /// `globalPeers`: routers outside the cluster every node peers with (a top-of-rack
+    /// router), as Calico's global BGPPeer: eBGP when their AS differs from the nodes'.
+    #[serde(default)]
+    pub global_peers: Vec<GlobalPeer>,
+}
+
+/// A router every node peers with: `{"address": "192.168.1.1", "asNumber": 65000}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GlobalPeer {
+    /// Its IPv4 address.
+    pub address: std::net::Ipv4Addr,
+    /// Its AS.
+    pub as_number: u32,
+    /// The name it is reported under. Default `global-ADDRESS`.
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+impl GlobalPeer {
+    /// The name it is reported under.
+    pub fn name(&self) -> String {
+        self.name
+            .clone()
+            .unwrap_or_else(|| format!("global-{}", self.address))
+    }
 }
 
 fn default_true() -> bool {
@@ -81,6 +107,7 @@ impl Default for Config {
             connect_retry: DEFAULT_CONNECT_RETRY,
             graceful_restart: true,
             restart_time: DEFAULT_RESTART_TIME,
+            global_peers: Vec::new(),
         }
     }
 }
@@ -110,6 +137,14 @@ impl Config {
                 format!("{} s: at most 4095 (12 bits, RFC 4724)", self.restart_time),
             );
         }
+        for peer in &self.global_peers {
+            if peer.as_number == 0 || peer.as_number == 23456 {
+                return bad(
+                    "bgp.globalPeers",
+                    format!("{}: AS {} is reserved", peer.address, peer.as_number),
+                );
+            }
+        }
         if self.connect_retry == 0 {
             return bad("bgp.connectRetry", "must be at least 1 second".into());
         }
@@ -128,9 +163,11 @@ mod tests {
         assert_eq!((c.as_number, c.port, c.hold_time), (64512, 179, 90));
         let c: Config = serde_json::from_str(
             r#"{"asNumber": 65001, "port": 1179, "holdTime": 9, "connectRetry": 1,
-                "listenAddress": "0.0.0.0"}"#,
+                "listenAddress": "0.0.0.0",
+                "globalPeers": [{"address": "192.168.1.1", "asNumber": 65000}]}"#,
         )
         .unwrap();
+        assert_eq!(c.global_peers[0].name(), "global-192.168.1.1");
         c.validate().unwrap();
         assert_eq!((c.as_number, c.port, c.hold_time), (65001, 1179, 9));
         assert!(serde_json::from_str::<Config>(r#"{"asnumber": 1}"#).is_err());
@@ -161,6 +198,14 @@ mod tests {
             },
             Config {
                 restart_time: 4096,
+                ..Config::default()
+            },
+            Config {
+                global_peers: vec![GlobalPeer {
+                    address: "192.168.1.1".parse().unwrap(),
+                    as_number: 0,
+                    name: None,
+                }],
                 ..Config::default()
             },
         ] {

@@ -17,7 +17,7 @@ use rustbgpd_fsm::{Action, Event, PeerConfig, Session, SessionState, TimerType};
 use rustbgpd_wire::notification::NotificationCode;
 use rustbgpd_wire::validate::validate_update_attributes;
 use rustbgpd_wire::{
-    AsPath, ErrorDisposition, Ipv4NlriEntry, Ipv4Prefix, Ipv4UnicastMode, Message,
+    AsPath, AsPathSegment, ErrorDisposition, Ipv4NlriEntry, Ipv4Prefix, Ipv4UnicastMode, Message,
     NotificationMessage, Origin, PathAttribute, UpdateMessage, decode_message,
     encode_message_with_limit, peek_message_length,
 };
@@ -110,8 +110,12 @@ pub(crate) async fn run<S>(
 {
     let (reader, writer) = tokio::io::split(stream);
     let mut reader = reader;
+    let local_as = params.peer.local_asn;
+    let ebgp = params.peer.remote_asn != local_as;
     let mut conn = Conn {
         id: params.id,
+        local_as,
+        ebgp,
         fsm: Session::new(params.peer.clone()),
         writer,
         next_hop: params.next_hop,
@@ -210,6 +214,10 @@ fn timer_index(t: TimerType) -> Option<usize> {
 
 struct Conn<W> {
     id: u64,
+    /// The node's AS.
+    local_as: u32,
+    /// The peer is in another AS.
+    ebgp: bool,
     fsm: Session,
     writer: WriteHalf<W>,
     next_hop: Ipv4Addr,
@@ -395,7 +403,7 @@ impl<W: AsyncRead + AsyncWrite> Conn<W> {
         // RFC 7606 revised error handling: a malformed attribute withdraws the routes of
         // its UPDATE (or is dropped) and the session stays, unless the NLRI itself cannot
         // be trusted.
-        let revised = match update.parse_revised(self.four_octet_as, true, false, &[]) {
+        let revised = match update.parse_revised(self.four_octet_as, !self.ebgp, false, &[]) {
             Ok(r) => r,
             Err(e) => {
                 self.why
@@ -423,32 +431,44 @@ impl<W: AsyncRead + AsyncWrite> Conn<W> {
                 return;
             }
             Some(m) => Some(m.disposition),
-            None => match validate_update_attributes(&parsed.attributes, has_nlri, has_nlri, false)
-            {
-                Ok(()) => None,
-                Err(e) if e.disposition == ErrorDisposition::SessionReset => {
-                    self.why
-                        .get_or_insert_with(|| format!("invalid UPDATE, subcode {}", e.subcode));
-                    let n = NotificationMessage::new(
-                        NotificationCode::UpdateMessage,
-                        e.subcode,
-                        bytes::Bytes::from(e.data),
-                    );
-                    self.handle(Event::UpdateValidationError(n)).await;
-                    return;
+            None => {
+                match validate_update_attributes(&parsed.attributes, has_nlri, has_nlri, self.ebgp)
+                {
+                    Ok(()) => None,
+                    Err(e) if e.disposition == ErrorDisposition::SessionReset => {
+                        self.why.get_or_insert_with(|| {
+                            format!("invalid UPDATE, subcode {}", e.subcode)
+                        });
+                        let n = NotificationMessage::new(
+                            NotificationCode::UpdateMessage,
+                            e.subcode,
+                            bytes::Bytes::from(e.data),
+                        );
+                        self.handle(Event::UpdateValidationError(n)).await;
+                        return;
+                    }
+                    Err(e) => Some(e.disposition),
                 }
-                Err(e) => Some(e.disposition),
-            },
+            }
         };
         let next_hop = parsed.attributes.iter().find_map(|a| match a {
             PathAttribute::NextHop(nh) => Some(*nh),
             _ => None,
         });
+        // A path that went through this AS already is a loop (RFC 4271 §9.1.2).
+        let looped = parsed.attributes.iter().any(|a| match a {
+            PathAttribute::AsPath(path) => path.segments.iter().any(|seg| match seg {
+                AsPathSegment::AsSequence(list) | AsPathSegment::AsSet(list) => {
+                    list.contains(&self.local_as)
+                }
+            }),
+            _ => false,
+        });
         let mut announced = Vec::new();
         match next_hop {
             // NEXT_HOP is mandatory with NLRI, on iBGP sessions too (RFC 4271 §5.1.3);
             // a missing one is a missing well-known attribute: treat-as-withdraw.
-            Some(nh) if disposition != Some(ErrorDisposition::TreatAsWithdraw) => {
+            Some(nh) if disposition != Some(ErrorDisposition::TreatAsWithdraw) && !looped => {
                 announced = parsed
                     .announced
                     .iter()
@@ -486,13 +506,24 @@ impl<W: AsyncRead + AsyncWrite> Conn<W> {
         for chunk in gone.chunks(PREFIXES_PER_UPDATE) {
             self.send_update(&[], chunk, &[]).await;
         }
-        let attributes = [
-            PathAttribute::Origin(Origin::Igp),
-            // Originated here, iBGP: an empty AS_PATH.
-            PathAttribute::AsPath(AsPath { segments: vec![] }),
-            PathAttribute::NextHop(self.next_hop),
-            PathAttribute::LocalPref(LOCAL_PREF),
-        ];
+        let attributes = if self.ebgp {
+            // To another AS: this AS in the path, no LOCAL_PREF (RFC 4271 §5.1.5).
+            vec![
+                PathAttribute::Origin(Origin::Igp),
+                PathAttribute::AsPath(AsPath {
+                    segments: vec![AsPathSegment::AsSequence(vec![self.local_as])],
+                }),
+                PathAttribute::NextHop(self.next_hop),
+            ]
+        } else {
+            vec![
+                PathAttribute::Origin(Origin::Igp),
+                // Originated here, iBGP: an empty AS_PATH.
+                PathAttribute::AsPath(AsPath { segments: vec![] }),
+                PathAttribute::NextHop(self.next_hop),
+                PathAttribute::LocalPref(LOCAL_PREF),
+            ]
+        };
         for chunk in new.chunks(PREFIXES_PER_UPDATE) {
             self.send_update(chunk, &[], &attributes).await;
         }

@@ -69,10 +69,10 @@ mod speaker;
 pub use backend::{Bgp, Report};
 pub use config::{
     Config, DEFAULT_AS, DEFAULT_CONNECT_RETRY, DEFAULT_HOLD_TIME, DEFAULT_PORT,
-    DEFAULT_RESTART_TIME,
+    DEFAULT_RESTART_TIME, GlobalPeer,
 };
 pub use error::{Error, Result};
-pub use speaker::{PeerSummary, Speaker};
+pub use speaker::{Neighbor, PeerSummary, Speaker};
 
 /// The mode name and configuration `type`.
 pub const TYPE: &str = "bgp";

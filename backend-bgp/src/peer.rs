@@ -24,7 +24,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::connection::{self, ConnEvent, ConnParams, Ctl};
-use crate::speaker::Shared;
+use crate::speaker::{Neighbor, Shared};
 
 /// How long a stopping peer waits for its connections to send their NOTIFICATION.
 const STOP_GRACE: Duration = Duration::from_secs(1);
@@ -50,13 +50,14 @@ pub(crate) struct PeerHandle {
 
 impl PeerHandle {
     /// Starts the task of the peer `name` at `address`.
-    pub fn spawn(shared: Arc<Shared>, name: String, address: Ipv4Addr) -> Self {
+    pub fn spawn(shared: Arc<Shared>, name: String, neighbor: Neighbor) -> Self {
         let (cmds, rx) = mpsc::unbounded_channel();
         let (events, events_rx) = mpsc::unbounded_channel();
         let task = Peer {
             shared,
             name,
-            address,
+            address: neighbor.address,
+            as_number: neighbor.as_number,
             conns: BTreeMap::new(),
             next_id: 1,
             live: None,
@@ -84,6 +85,7 @@ struct Peer {
     shared: Arc<Shared>,
     name: String,
     address: Ipv4Addr,
+    as_number: u32,
     conns: BTreeMap<u64, Slot>,
     next_id: u64,
     /// The Established connection.
@@ -174,7 +176,7 @@ impl Peer {
         self.next_id += 1;
         let outgoing = stream.is_none();
         let config = &self.shared.config;
-        let mut peer = PeerConfig::new(config.as_number, config.as_number, self.shared.router_id);
+        let mut peer = PeerConfig::new(config.as_number, self.as_number, self.shared.router_id);
         peer.hold_time = config.hold_time;
         peer.families = vec![(Afi::Ipv4, Safi::Unicast)];
         peer.connect_retry_secs = u32::from(config.connect_retry);

@@ -19,6 +19,17 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::peer::{PeerCmd, PeerHandle};
 
+/// A neighbour to keep a session with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Neighbor {
+    /// Its address.
+    pub address: Ipv4Addr,
+    /// Its AS: the node's own for iBGP (the other nodes), another for eBGP (a top-of-rack
+    /// router).
+    pub as_number: u32,
+}
+
 /// One peer as the speaker reports it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -27,6 +38,8 @@ pub struct PeerSummary {
     pub name: String,
     /// Its address.
     pub address: Option<Ipv4Addr>,
+    /// Its AS.
+    pub as_number: u32,
     /// The most advanced RFC 4271 state of its connections (`idle`, `connect`, `active`,
     /// `open_sent`, `open_confirm`, `established`).
     pub state: String,
@@ -228,11 +241,14 @@ impl Speaker {
     /// or moved lose theirs, with their routes removed from the table right away (the
     /// Cease / Peer De-configured NOTIFICATION goes out in the background). Returns
     /// whether routes went.
-    pub fn set_peers(&self, peers: &BTreeMap<String, Ipv4Addr>) -> bool {
+    pub fn set_peers(&self, peers: &BTreeMap<String, Neighbor>) -> bool {
         let mut table = self.shared.table();
         let stale: Vec<String> = table
             .iter()
-            .filter(|(name, (view, _))| peers.get(*name).copied() != view.summary.address)
+            .filter(|(name, (view, _))| {
+                peers.get(*name).map(|n| (Some(n.address), n.as_number))
+                    != Some((view.summary.address, view.summary.as_number))
+            })
             .map(|(name, _)| name.clone())
             .collect();
         let mut routes_gone = false;
@@ -243,21 +259,22 @@ impl Speaker {
                 tracing::info!(peer = %name, "BGP peer removed");
             }
         }
-        for (name, address) in peers {
+        for (name, neighbor) in peers {
             if table.contains_key(name) {
                 continue;
             }
             let view = PeerView {
                 summary: PeerSummary {
                     name: name.clone(),
-                    address: Some(*address),
+                    address: Some(neighbor.address),
+                    as_number: neighbor.as_number,
                     state: "idle".into(),
                     ..PeerSummary::default()
                 },
                 routes: BTreeMap::new(),
                 synced: false,
             };
-            let handle = PeerHandle::spawn(self.shared.clone(), name.clone(), *address);
+            let handle = PeerHandle::spawn(self.shared.clone(), name.clone(), *neighbor);
             table.insert(name.clone(), (view, handle));
         }
         routes_gone
