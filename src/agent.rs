@@ -13,7 +13,7 @@
 //! `"routing": "ipip"` reads its keys from `"ipip": { "mode": "always" | "crossSubnet",
 //! "device": "cnikit.ipip", "mtu": … }`; `"routing": "bgp"` from `"bgp": { "asNumber":
 //! 64512, "port": 179, "holdTime": 90, "connectRetry": 2, "gracefulRestart": true,
-//! "restartTime": 120, "listenAddress": … }` (see
+//! "restartTime": 120, "listenAddress": …, "globalPeers": [{"address": …, "asNumber": …}] }` (see
 //! [`backend_bgp::Config`] when the `bgp` feature is on).
 //!
 //! The node registry lives in the same datastore as the IPAM: the file store (shared by

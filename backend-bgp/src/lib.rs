@@ -4,7 +4,10 @@
 //! the node's pod blocks to its peers and installs the blocks the peers announce, `BLOCK
 //! via PEER dev UNDERLAY proto 107`, as Calico's BIRD does. By default every node is in AS
 //! 64512 and peers with every other node (iBGP full mesh); the peer set comes from the
-//! node registry, the routes come over BGP.
+//! node registry, the routes come over BGP. Routers outside the cluster (a top-of-rack
+//! router in its own AS) are configured as [`GlobalPeer`]s: every node peers with them over
+//! eBGP, announces its blocks with its AS in the path, and installs what they announce.
+//! Route reflection and the BIRD engine are not here yet.
 //!
 //! ## Modules
 //! - [`Bgp`]: the [`CrossNodeRouting`](cni_core::routing::CrossNodeRouting)

@@ -418,3 +418,143 @@ fn birdc_args(sock: &str, args: &[&str]) -> Vec<String> {
         .map(|s| s.to_string())
         .collect()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gobgpd_top_of_rack_router_peers_over_ebgp() {
+    if !tools(
+        "bgp eBGP with gobgpd",
+        &[("gobgpd", "gobgpd"), ("gobgp", "gobgpd")],
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let net = Net::new("bgpe");
+    let tor = net.node("tor", "192.168.76.1/24");
+    let conf = dir.path().join("gobgpd.toml");
+    let mut toml = String::from(
+        r#"
+[global.config]
+  as = 65000
+  router-id = "192.168.76.1"
+  port = 179
+  local-address-list = ["192.168.76.1"]
+"#,
+    );
+    for n in ["192.168.76.11", "192.168.76.12"] {
+        toml.push_str(&format!(
+            r#"
+[[neighbors]]
+  [neighbors.config]
+    neighbor-address = "{n}"
+    peer-as = 64512
+  [neighbors.timers.config]
+    connect-retry = 1
+    hold-time = 9
+    keepalive-interval = 3
+  [[neighbors.afi-safis]]
+    [neighbors.afi-safis.config]
+      afi-safi-name = "ipv4-unicast"
+"#
+        ));
+    }
+    std::fs::write(&conf, toml).unwrap();
+    let _gobgpd = Daemon::spawn(
+        "gobgpd",
+        &tor,
+        &[
+            "gobgpd",
+            "-f",
+            conf.to_str().unwrap(),
+            "-t",
+            "toml",
+            "-p",
+            "--api-hosts",
+            "127.0.0.1:50051",
+            "--pprof-disable",
+        ],
+        &dir.path().join("gobgpd.log"),
+    );
+    let gobgp = |args: &[&'static str]| -> Vec<String> {
+        ["gobgp", "-u", "127.0.0.1", "-p", "50051"]
+            .iter()
+            .chain(args)
+            .map(|s| s.to_string())
+            .collect()
+    };
+    // The rack's own prefix, announced by the router.
+    let add = gobgp(&["global", "rib", "add", "-a", "ipv4", "10.99.0.0/16"]);
+    let deadline = Instant::now() + SECS;
+    while try_in(&tor, &add).is_none() {
+        assert!(Instant::now() < deadline, "gobgpd never answered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let config = || backend_bgp::Config {
+        global_peers: vec![backend_bgp::GlobalPeer {
+            address: "192.168.76.1".parse().unwrap(),
+            as_number: 65000,
+            name: Some("tor".into()),
+        }],
+        ..config(179)
+    };
+    let nodes = [
+        ("a", "192.168.76.11/24", "10.244.1.0/26"),
+        ("b", "192.168.76.12/24", "10.244.2.0/26"),
+    ];
+    let records = [record("a", "192.168.76.11"), record("b", "192.168.76.12")];
+    let mut speakers = Vec::new();
+    let mut namespaces = Vec::new();
+    for (name, cidr, block) in nodes {
+        let ns = net.node(name, cidr);
+        let mut bgp = speaker(&ns, config(), &local(name, cidr, &[block])).await;
+        bgp.reconcile(&records).await.unwrap();
+        speakers.push(bgp);
+        namespaces.push(ns);
+    }
+    // Each node: the rack's prefix via the router (eBGP), the other node's block straight
+    // to it (iBGP); the copy of its own or the other's block the router sends back carries
+    // AS 64512 in its path and is ignored.
+    wait_routes(&namespaces[0], "107", SECS, |now| {
+        now == [
+            r("10.244.2.0/26", "192.168.76.12"),
+            r("10.99.0.0/16", "192.168.76.1"),
+        ]
+    })
+    .await;
+    wait_routes(&namespaces[1], "107", SECS, |now| {
+        now == [
+            r("10.244.1.0/26", "192.168.76.11"),
+            r("10.99.0.0/16", "192.168.76.1"),
+        ]
+    })
+    .await;
+    // The router learns every block, each from its node, with AS path 64512.
+    let rib = gobgp(&["global", "rib", "-a", "ipv4"]);
+    wait_output(&tor, &rib, SECS, |o| {
+        let line = |block: &str, via: &str| {
+            o.lines()
+                .any(|l| l.contains(block) && l.contains(via) && l.contains("64512"))
+        };
+        line("10.244.1.0/26", "192.168.76.11") && line("10.244.2.0/26", "192.168.76.12")
+    })
+    .await;
+    for bgp in &speakers {
+        let tor = bgp.summary().into_iter().find(|p| p.name == "tor").unwrap();
+        assert_eq!((tor.state.as_str(), tor.as_number), ("established", 65000));
+        assert_eq!(
+            (tor.prefixes_sent, tor.prefixes_received),
+            (1, 1),
+            "{tor:?}"
+        );
+        let report = bgp.typed_report().unwrap();
+        assert!(report.unroutable.is_empty(), "{report:?}");
+    }
+
+    // A node stops: the router forgets its block.
+    speakers[0].teardown().await.unwrap();
+    wait_output(&tor, &rib, Duration::from_secs(3), |o| {
+        !o.contains("10.244.1.0/26")
+    })
+    .await;
+    speakers[1].teardown().await.unwrap();
+}

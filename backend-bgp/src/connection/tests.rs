@@ -25,8 +25,13 @@ struct Harness {
 }
 
 fn start(outgoing: bool) -> Harness {
+    start_with(outgoing, 64512)
+}
+
+/// A connection to a peer in AS `remote_as` (eBGP when it is not 64512).
+fn start_with(outgoing: bool, remote_as: u32) -> Harness {
     let (ours, peer) = tokio::io::duplex(64 * 1024);
-    let mut config = PeerConfig::new(64512, 64512, US);
+    let mut config = PeerConfig::new(64512, remote_as, US);
     config.hold_time = 90;
     config.families = vec![(Afi::Ipv4, Safi::Unicast)];
     let params = ConnParams {
@@ -416,6 +421,69 @@ async fn the_peer_closing_ends_the_connection() {
         ConnEvent::Down {
             why: Some("connection closed by the peer".into()),
             notified: false
+        }
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn ebgp_prepends_our_as_and_ignores_paths_through_it() {
+    let mut h = start_with(true, 65000);
+    let Some(Message::Open(_)) = h.recv().await else {
+        panic!("expected our OPEN");
+    };
+    h.send(&open(65000, 90)).await;
+    h.send(&Message::Keepalive).await;
+    let first = loop {
+        match h.recv().await {
+            Some(Message::Update(u)) => break u,
+            Some(_) => continue,
+            None => panic!("closed"),
+        }
+    };
+    let (ann, _, attrs) = announced(&first);
+    assert_eq!(ann, vec![net("10.244.1.0/26")]);
+    assert!(attrs.contains(&PathAttribute::AsPath(AsPath {
+        segments: vec![AsPathSegment::AsSequence(vec![64512])]
+    })));
+    assert!(
+        !attrs
+            .iter()
+            .any(|a| matches!(a, PathAttribute::LocalPref(_)))
+    );
+
+    let ebgp_update = |prefix: &str, path: Vec<u32>| {
+        Message::Update(UpdateMessage::build(
+            &[entry(net(prefix))],
+            &[],
+            &[
+                PathAttribute::Origin(Origin::Igp),
+                PathAttribute::AsPath(AsPath {
+                    segments: vec![AsPathSegment::AsSequence(path)],
+                }),
+                PathAttribute::NextHop(THEM),
+            ],
+            true,
+            false,
+            Ipv4UnicastMode::Body,
+        ))
+    };
+    h.send(&ebgp_update("10.99.0.0/16", vec![65000])).await;
+    assert_eq!(
+        h.event_where(|e| matches!(e, ConnEvent::Routes { .. }))
+            .await,
+        ConnEvent::Routes {
+            announced: vec![(net("10.99.0.0/16"), THEM)],
+            withdrawn: vec![]
+        }
+    );
+    // Our own AS in the path: a loop, never installed.
+    h.send(&ebgp_update("10.244.7.0/26", vec![65000, 64512]))
+        .await;
+    assert_eq!(
+        h.event().await,
+        ConnEvent::Routes {
+            announced: vec![],
+            withdrawn: vec![net("10.244.7.0/26")]
         }
     );
 }
