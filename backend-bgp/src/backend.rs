@@ -186,7 +186,8 @@ impl<K: Kernel + 'static> Bgp<K> {
             self.last.clone(),
             defer_until,
         ));
-        tracing::info!(node = %local.name, %router_id, as_number = self.config.as_number, "bgp: ready");
+        let as_number = self.config.as_number;
+        tracing::info!(node = %local.name, %router_id, as_number, "bgp: ready");
         self.running = Some(Running {
             speaker,
             node,

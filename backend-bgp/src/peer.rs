@@ -251,7 +251,8 @@ impl Peer {
                     // kept routes.
                     self.drop_stale();
                 }
-                tracing::info!(peer = %self.name, address = %self.address, hold_time, "BGP session established");
+                let (peer, address) = (&self.name, self.address);
+                tracing::info!(%peer, %address, hold_time, "BGP session established");
                 let since = SystemTime::now()
                     .duration_since(UNIX_EPOCH)
                     .map(|d| d.as_secs())
@@ -293,7 +294,8 @@ impl Peer {
             ConnEvent::Down { why, notified } => {
                 self.conns.remove(&id);
                 if let Some(why) = &why {
-                    tracing::info!(peer = %self.name, address = %self.address, why, "BGP connection down");
+                    let (peer, address) = (&self.name, self.address);
+                    tracing::info!(%peer, %address, why, "BGP connection down");
                 }
                 let was_live = self.live == Some(id);
                 if was_live {
@@ -323,7 +325,8 @@ impl Peer {
                     }
                 });
                 if let Some(secs) = keep {
-                    tracing::info!(peer = %self.name, routes = kept.len(), secs, "peer restarting: its routes are kept");
+                    let (peer, routes) = (&self.name, kept.len());
+                    tracing::info!(%peer, routes, secs, "peer restarting: its routes are kept");
                     self.stale = kept;
                     self.stale_until = Some(Instant::now() + Duration::from_secs(u64::from(secs)));
                 } else if was_live {
