@@ -441,6 +441,25 @@ async fn the_node_state_follows_the_peers() {
         "{state:?}"
     );
     assert!(!state.blocks.is_empty());
+    // What the mode reports changes by itself (a BGP session learned something): the
+    // state file follows at the next block poll (50 ms here), with no reconcile (the
+    // resync is 10 s away).
+    s.mode_blocks
+        .lock()
+        .unwrap()
+        .push("10.97.0.0/28".parse().unwrap());
+    let routing = || {
+        NodeState::read(s.data.path())
+            .unwrap()
+            .and_then(|st| st.routing)
+    };
+    let seen = tokio::time::timeout(Duration::from_secs(5), async {
+        while !routing().is_some_and(|r| r.to_string().contains("10.97.0.0/28")) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(seen.is_ok(), "the state file reports {:?}", routing());
 
     // The stand-in mode reports nothing routed either way: only the peer list changes.
     let peer = NodeRecord {

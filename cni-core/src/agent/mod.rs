@@ -14,7 +14,8 @@
 //!    level-triggered reconcile of the full peer set, which changes only what differs; the
 //!    node's own blocks, which the plugin may have grown, are re-read every
 //!    [`block_poll`](AgentConfig::block_poll) and a change is passed to the blackholes, the
-//!    mode (through its idempotent `init`) and the node record;
+//!    mode (through its idempotent `init`) and the node record; at the same pace the node
+//!    state file follows the mode's [`report`](CrossNodeRouting::report);
 //! 7. on shutdown removes what it made: record, mode devices and routes, blackholes, tunnel
 //!    address, state file (unless told to keep them for a restart).
 
@@ -332,6 +333,12 @@ impl Agent {
                 _ = block_poll.tick() => {
                     if let Err(e) = self.refresh_blocks().await {
                         tracing::debug!(error = %e, "re-reading the node's blocks failed");
+                    }
+                    // A mode that learns by itself (BGP) changes its report between
+                    // reconciles: the state file follows within a poll (written only when
+                    // it changed).
+                    if let Err(e) = self.write_state() {
+                        tracing::debug!(error = %e, "writing the node state file failed");
                     }
                 }
             }
