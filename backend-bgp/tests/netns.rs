@@ -186,11 +186,15 @@ async fn notification(stream: &mut TcpStream) -> (u8, u8) {
 }
 
 fn open(asn: u32, hold: u16) -> Vec<u8> {
+    open_as(asn, hold, "192.168.71.13")
+}
+
+fn open_as(asn: u32, hold: u16, id: &str) -> Vec<u8> {
     encode_message(&Message::Open(OpenMessage {
         version: 4,
         my_as: u16::try_from(asn).unwrap_or(23456),
         hold_time: hold,
-        bgp_identifier: "192.168.71.13".parse().unwrap(),
+        bgp_identifier: id.parse().unwrap(),
         capabilities: vec![
             Capability::MultiProtocol {
                 afi: Afi::Ipv4,
@@ -258,6 +262,35 @@ async fn bad_peers_get_the_right_notification_and_good_sessions_stay() {
         s.write_all(&open(64512, hold)).await.unwrap();
         assert_eq!(notification(&mut s).await, (2, 6), "hold time {hold}");
     }
+    // A bad BGP identifier (zero, or ours on an iBGP session): Bad BGP Identifier.
+    for id in ["0.0.0.0", "192.168.71.11"] {
+        let mut s = connect_from(&bad, to).await;
+        s.write_all(&open_as(64512, 90, id)).await.unwrap();
+        assert_eq!(notification(&mut s).await, (2, 3), "identifier {id}");
+    }
+    // A message longer than 4096 bytes: Message Header Error / Bad Message Length.
+    let mut s = connect_from(&bad, to).await;
+    let mut oversized = vec![0xff; 16];
+    oversized.extend_from_slice(&5000u16.to_be_bytes());
+    oversized.push(2);
+    s.write_all(&oversized).await.unwrap();
+    assert_eq!(notification(&mut s).await, (1, 2));
+    // An UPDATE whose NLRI cannot be parsed, on an Established session: UPDATE Message
+    // Error / Invalid Network Field.
+    let mut s = connect_from(&bad, to).await;
+    s.write_all(&open(64512, 90)).await.unwrap();
+    s.write_all(&encode_message(&Message::Keepalive).unwrap())
+        .await
+        .unwrap();
+    let nlri_33 = rustbgpd_wire::UpdateMessage {
+        withdrawn_routes: Bytes::new(),
+        path_attributes: Bytes::new(),
+        nlri: Bytes::from_static(&[33, 10, 244, 9, 0, 0]),
+    };
+    s.write_all(&encode_message(&Message::Update(nlri_33)).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(notification(&mut s).await, (3, 10));
     // An address that is no peer: Cease / Connection Rejected.
     let mut s = connect_from(&stranger, to).await;
     assert_eq!(notification(&mut s).await, (6, 5));
