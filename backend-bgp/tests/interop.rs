@@ -59,6 +59,58 @@ async fn wait_output(ns: &str, args: &[String], within: Duration, want: impl Fn(
     }
 }
 
+/// `birdc -s SOCK ARGS…`.
+fn birdc(sock: &str, args: &[&str]) -> Vec<String> {
+    ["birdc", "-s", sock]
+        .iter()
+        .chain(args)
+        .map(|s| s.to_string())
+        .collect()
+}
+
+/// `gobgp ARGS…` against the gobgpd of the namespace it runs in.
+fn gobgp(args: &[&str]) -> Vec<String> {
+    ["gobgp", "-u", "127.0.0.1", "-p", "50051"]
+        .iter()
+        .chain(args)
+        .map(|s| s.to_string())
+        .collect()
+}
+
+/// Starts gobgpd in `ns` with the configuration `toml` (written to `dir`), and has it
+/// announce `prefix` (with `next_hop` when given) once its API answers.
+async fn gobgpd(ns: &str, dir: &Path, toml: &str, prefix: &str, next_hop: Option<&str>) -> Daemon {
+    let conf = dir.join("gobgpd.toml");
+    std::fs::write(&conf, toml).expect("write gobgpd.toml");
+    let daemon = Daemon::spawn(
+        "gobgpd",
+        ns,
+        &[
+            "gobgpd",
+            "-f",
+            conf.to_str().unwrap(),
+            "-t",
+            "toml",
+            "-p",
+            "--api-hosts",
+            "127.0.0.1:50051",
+            "--pprof-disable",
+        ],
+        &dir.join("gobgpd.log"),
+    );
+    let mut add = vec!["global", "rib", "add", "-a", "ipv4", prefix];
+    if let Some(nh) = next_hop {
+        add.extend(["nexthop", nh]);
+    }
+    let add = gobgp(&add);
+    let deadline = Instant::now() + SECS;
+    while try_in(ns, &add).is_none() {
+        assert!(Instant::now() < deadline, "gobgpd never answered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    daemon
+}
+
 /// bird's configuration: router `bird` peering with `ours` over iBGP, announcing
 /// 10.244.20.0/26 (protocol `pods`), learned routes into its kernel (proto bird).
 fn bird_conf(dir: &Path, ours: &str, bird: &str, graceful: &str) -> std::path::PathBuf {
@@ -116,13 +168,6 @@ async fn with_bird2_routes_go_both_ways_and_are_withdrawn() {
         &["bird", "-f", "-c", conf, "-s", sock],
         &dir.path().join("bird.log"),
     );
-    let birdc = |args: &[&'static str]| -> Vec<String> {
-        ["birdc", "-s", sock]
-            .iter()
-            .chain(args)
-            .map(|s| s.to_string())
-            .collect()
-    };
 
     let mut bgp = speaker(
         &ours,
@@ -143,9 +188,12 @@ async fn with_bird2_routes_go_both_ways_and_are_withdrawn() {
         now == [r("10.244.1.0/26", "192.168.72.11")]
     })
     .await;
-    wait_output(&peer, &birdc(&["show", "protocols", "ours"]), SECS, |o| {
-        o.contains("Established")
-    })
+    wait_output(
+        &peer,
+        &birdc(sock, &["show", "protocols", "ours"]),
+        SECS,
+        |o| o.contains("Established"),
+    )
     .await;
     let summary = bgp.summary();
     assert_eq!(summary[0].state, "established", "{summary:?}");
@@ -164,9 +212,9 @@ async fn with_bird2_routes_go_both_ways_and_are_withdrawn() {
     .await;
 
     // bird withdraws its block: it leaves our kernel; and comes back.
-    try_in(&peer, &birdc(&["disable", "pods"])).expect("birdc disable");
+    try_in(&peer, &birdc(sock, &["disable", "pods"])).expect("birdc disable");
     wait_routes(&ours, "107", SECS, |now| now.is_empty()).await;
-    try_in(&peer, &birdc(&["enable", "pods"])).expect("birdc enable");
+    try_in(&peer, &birdc(sock, &["enable", "pods"])).expect("birdc enable");
     wait_routes(&ours, "107", SECS, |now| {
         now == [r("10.244.20.0/26", "192.168.72.12")]
     })
@@ -176,17 +224,17 @@ async fn with_bird2_routes_go_both_ways_and_are_withdrawn() {
     bgp.teardown().await.unwrap();
     assert!(routes(&ours, "107").is_empty());
     wait_routes(&peer, "bird", Duration::from_secs(3), |now| now.is_empty()).await;
-    wait_output(&peer, &birdc(&["show", "protocols", "ours"]), SECS, |o| {
-        o.contains("ours") && !o.contains("Established")
-    })
+    wait_output(
+        &peer,
+        &birdc(sock, &["show", "protocols", "ours"]),
+        SECS,
+        |o| o.contains("ours") && !o.contains("Established"),
+    )
     .await;
 }
 
-fn gobgp_conf(dir: &Path) -> std::path::PathBuf {
-    let conf = dir.join("gobgpd.toml");
-    std::fs::write(
-        &conf,
-        r#"
+/// gobgpd's configuration: `gobgp` peering with `ours` over iBGP.
+const GOBGP_CONF: &str = r#"
 [global.config]
   as = 64512
   router-id = "192.168.73.12"
@@ -204,11 +252,7 @@ fn gobgp_conf(dir: &Path) -> std::path::PathBuf {
   [[neighbors.afi-safis]]
     [neighbors.afi-safis.config]
       afi-safi-name = "ipv4-unicast"
-"#,
-    )
-    .expect("write gobgpd.toml");
-    conf
-}
+"#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_gobgpd_routes_go_both_ways_and_are_withdrawn() {
@@ -222,47 +266,15 @@ async fn with_gobgpd_routes_go_both_ways_and_are_withdrawn() {
     let net = Net::new("bgpg");
     let ours = net.node("ours", "192.168.73.11/24");
     let peer = net.node("gobgp", "192.168.73.12/24");
-    let conf = gobgp_conf(dir.path());
-    let _gobgpd = Daemon::spawn(
-        "gobgpd",
-        &peer,
-        &[
-            "gobgpd",
-            "-f",
-            conf.to_str().unwrap(),
-            "-t",
-            "toml",
-            "-p",
-            "--api-hosts",
-            "127.0.0.1:50051",
-            "--pprof-disable",
-        ],
-        &dir.path().join("gobgpd.log"),
-    );
-    let gobgp = |args: &[&'static str]| -> Vec<String> {
-        ["gobgp", "-u", "127.0.0.1", "-p", "50051"]
-            .iter()
-            .chain(args)
-            .map(|s| s.to_string())
-            .collect()
-    };
-
     // A route injected into gobgpd (it has no kernel of its own to take it from).
-    let add = gobgp(&[
-        "global",
-        "rib",
-        "add",
-        "-a",
-        "ipv4",
+    let _gobgpd = gobgpd(
+        &peer,
+        dir.path(),
+        GOBGP_CONF,
         "10.244.30.0/26",
-        "nexthop",
-        "192.168.73.12",
-    ]);
-    let deadline = Instant::now() + SECS;
-    while try_in(&peer, &add).is_none() {
-        assert!(Instant::now() < deadline, "gobgpd never answered");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        Some("192.168.73.12"),
+    )
+    .await;
 
     let mut bgp = speaker(
         &ours,
@@ -379,7 +391,7 @@ async fn graceful_restart_with_bird2_both_ways() {
     drop(bgp);
     wait_output(
         &peer,
-        &birdc_args(sock, &["show", "protocols", "ours"]),
+        &birdc(sock, &["show", "protocols", "ours"]),
         SECS,
         |o| !o.contains("Established"),
     )
@@ -411,14 +423,6 @@ async fn graceful_restart_with_bird2_both_ways() {
     drop(bird);
 }
 
-fn birdc_args(sock: &str, args: &[&str]) -> Vec<String> {
-    ["birdc", "-s", sock]
-        .iter()
-        .chain(args)
-        .map(|s| s.to_string())
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gobgpd_top_of_rack_router_peers_over_ebgp() {
     if !tools(
@@ -430,7 +434,6 @@ async fn a_gobgpd_top_of_rack_router_peers_over_ebgp() {
     let dir = tempfile::tempdir().expect("tempdir");
     let net = Net::new("bgpe");
     let tor = net.node("tor", "192.168.76.1/24");
-    let conf = dir.path().join("gobgpd.toml");
     let mut toml = String::from(
         r#"
 [global.config]
@@ -457,37 +460,8 @@ async fn a_gobgpd_top_of_rack_router_peers_over_ebgp() {
 "#
         ));
     }
-    std::fs::write(&conf, toml).unwrap();
-    let _gobgpd = Daemon::spawn(
-        "gobgpd",
-        &tor,
-        &[
-            "gobgpd",
-            "-f",
-            conf.to_str().unwrap(),
-            "-t",
-            "toml",
-            "-p",
-            "--api-hosts",
-            "127.0.0.1:50051",
-            "--pprof-disable",
-        ],
-        &dir.path().join("gobgpd.log"),
-    );
-    let gobgp = |args: &[&'static str]| -> Vec<String> {
-        ["gobgp", "-u", "127.0.0.1", "-p", "50051"]
-            .iter()
-            .chain(args)
-            .map(|s| s.to_string())
-            .collect()
-    };
     // The rack's own prefix, announced by the router.
-    let add = gobgp(&["global", "rib", "add", "-a", "ipv4", "10.99.0.0/16"]);
-    let deadline = Instant::now() + SECS;
-    while try_in(&tor, &add).is_none() {
-        assert!(Instant::now() < deadline, "gobgpd never answered");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let _gobgpd = gobgpd(&tor, dir.path(), &toml, "10.99.0.0/16", None).await;
 
     let config = || backend_bgp::Config {
         global_peers: vec![backend_bgp::GlobalPeer {
