@@ -129,8 +129,11 @@ impl Peer {
                     }
                 },
                 Some((id, event)) = events.recv() => {
+                    let had = !self.conns.is_empty();
                     self.on_event(id, event);
-                    if self.conns.is_empty() && retry_at.is_none() {
+                    if had && self.conns.is_empty() {
+                        // The last connection ended: the next attempt after a pause, also
+                        // when the first one never ran (the neighbour connected first).
                         retry_at = Some(Instant::now() + retry);
                     }
                 }
