@@ -13,14 +13,13 @@ fn read(rel: &str) -> String {
 /// The `members` of `[workspace]` in the root `Cargo.toml`.
 fn workspace_members() -> Vec<String> {
     let manifest = read("Cargo.toml");
-    let line = manifest
-        .lines()
-        .find(|l| l.trim_start().starts_with("members"))
-        .expect("a members line in [workspace]");
-    let list = line
+    let start = manifest
+        .find("\nmembers")
+        .expect("a members list in [workspace]");
+    let list = manifest[start..]
         .split_once('[')
         .and_then(|(_, rest)| rest.split_once(']'));
-    let (items, _) = list.expect("members = [ … ] on one line");
+    let (items, _) = list.expect("members = [ … ]");
     items
         .split(',')
         .map(|m| m.trim().trim_matches('"').to_owned())

@@ -151,10 +151,11 @@ impl EbpfNetwork {
         Ok(())
     }
 
-    /// Removes the entries of this pod: those pointing at its host veth (index `ours`,
-    /// when it still exists) and, among the addresses `prev` lists, those pointing at no
-    /// device of the node any more.
-    async fn remove_entries(&self, ours: Option<u32>, prev: Option<&CniResult>) -> Result<()> {
+    /// Removes the entries of this pod, those pointing at its host veth (index `ours`, when
+    /// it still exists), and every stale entry: one pointing at no device of the node (a pod
+    /// whose veth went with its namespace, DEL'd without `prevResult`, or not at all). ADD
+    /// writes an entry only after its veth exists, so no entry in the making is stale.
+    async fn remove_entries(&self, ours: Option<u32>) -> Result<()> {
         let Some(mut endpoints) = self.pins.open_endpoints()? else {
             return Ok(());
         };
@@ -163,10 +164,9 @@ impl EbpfNetwork {
             .iter()
             .map(|l| l.index)
             .collect();
-        let listed: Vec<Ipv4Addr> = prev.map(ipv4s).unwrap_or_default();
         for (ip, entry) in endpoints.list()? {
-            let stale = listed.contains(&ip) && !indexes.contains(&entry.ifindex);
-            if Some(entry.ifindex) == ours || stale {
+            if Some(entry.ifindex) == ours || !indexes.contains(&entry.ifindex) {
+                tracing::debug!(%ip, ifindex = entry.ifindex, "removing endpoint entry");
                 endpoints.remove(ip)?;
             }
         }
@@ -183,7 +183,7 @@ impl EbpfNetwork {
                 None
             }
         };
-        if let Err(e) = self.remove_entries(ours, prev).await {
+        if let Err(e) = self.remove_entries(ours).await {
             errors.push(e.into());
         }
         if let Err(e) = self.pins.unpin_link(&host_name) {
@@ -321,8 +321,9 @@ impl PodNetwork for EbpfNetwork {
         }
     }
 
-    /// Removes the pod's entries, its pinned link (detaching the program) and its veth.
-    /// Idempotent, also when the netns or the maps are gone; runs every step.
+    /// Removes the pod's entries (and any stale one), its pinned link (detaching the
+    /// program) and its veth. Idempotent, also when the netns, the veth or the maps are gone
+    /// and without `prevResult`; runs every step.
     async fn del(&self, pod: &Pod, prev: Option<&CniResult>) -> cni_core::Result<()> {
         Ok(self.del_all(pod, prev).await?)
     }

@@ -2,12 +2,11 @@
 //!
 //! Each test builds its own namespaces (`cnkt-<test>-<pid>-…`): a "node" standing in for
 //! the host (the network is given its handle, so nothing is attached to a device of the
-//! root namespace) and pods. The pins go to a BPF filesystem of the test's own, mounted on
-//! a temporary directory and unmounted on drop, also when the test fails: nothing is left
-//! on the machine's `/sys/fs/bpf`.
+//! root namespace) and pods. The pins go to a BPF filesystem of the test's own
+//! ([`testkit::Bpffs`], unmounted on drop, also when the test fails): nothing is left on the
+//! machine's `/sys/fs/bpf`.
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -16,40 +15,7 @@ use cni_core::ipam::{Allocation, Attachment};
 use cni_core::linux::{NetNs, routed::HOST_MAC, veth};
 use cni_core::network::{Pod, PodNetwork};
 use cni_core::spec::{CniResult, IpConfig};
-use testkit::{Namespaces, ip, ip_json, netns_path};
-
-/// A BPF filesystem mounted on a fresh temporary directory, unmounted (with every pin in
-/// it) on drop.
-struct Bpffs {
-    dir: tempfile::TempDir,
-}
-
-impl Bpffs {
-    fn mount() -> Self {
-        let dir = tempfile::tempdir().expect("temporary directory");
-        nix::mount::mount(
-            Some("bpf"),
-            dir.path(),
-            Some("bpf"),
-            nix::mount::MsFlags::empty(),
-            None::<&str>,
-        )
-        .expect("mount -t bpf");
-        Bpffs { dir }
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-}
-
-impl Drop for Bpffs {
-    fn drop(&mut self) {
-        if let Err(e) = nix::mount::umount2(self.dir.path(), nix::mount::MntFlags::MNT_DETACH) {
-            eprintln!("cannot unmount {}: {e}", self.dir.path().display());
-        }
-    }
-}
+use testkit::{Bpffs, Namespaces, ip, ip_json, netns_path};
 
 /// One test's namespaces (dropped last) and BPF filesystem.
 struct Lab {
@@ -64,7 +30,7 @@ impl Lab {
         let node = ns.add("node");
         ip(&node, &["link", "set", "lo", "up"]);
         Lab {
-            bpffs: Bpffs::mount(),
+            bpffs: Bpffs::mount(tag),
             ns,
             node,
         }

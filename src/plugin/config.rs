@@ -19,6 +19,9 @@ pub enum PodNetworkKind {
     Bridge,
     /// Calico style: /32 pod address, gateway 169.254.1.1, host route per pod.
     Routed,
+    /// Routed, plus a tc eBPF program on each host veth that delivers traffic between the
+    /// node's pods by `bpf_redirect_peer` (feature `ebpf`).
+    Ebpf,
 }
 
 impl PodNetworkKind {
@@ -27,7 +30,7 @@ impl PodNetworkKind {
     pub fn reserve(self) -> cni_core::ipam::block::Reserve {
         match self {
             PodNetworkKind::Bridge => cni_core::ipam::block::Reserve::Gateway,
-            PodNetworkKind::Routed => cni_core::ipam::block::Reserve::None,
+            PodNetworkKind::Routed | PodNetworkKind::Ebpf => cni_core::ipam::block::Reserve::None,
         }
     }
 }
@@ -43,7 +46,7 @@ impl PodNetworkKind {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Config {
-    /// `podNetwork`: `bridge` (default) or `routed`.
+    /// `podNetwork`: `bridge` (default), `routed` or `ebpf`.
     #[serde(default)]
     pub pod_network: PodNetworkKind,
     /// `dataDir`: where local state lives (the file store, the node state file).
