@@ -196,6 +196,16 @@ impl Pins {
         Ok(Some(Endpoints { map, path }))
     }
 
+    /// The kernel's id of the pinned endpoint map, `None` when it is not pinned.
+    pub fn endpoints_id(&self) -> Result<Option<u32>> {
+        let path = self.endpoints();
+        let Some(map) = open(&path)? else {
+            return Ok(None);
+        };
+        let info = map.info().map_err(|e| map_err(&path, "read info", e))?;
+        Ok(Some(info.id()))
+    }
+
     /// Reads the counters, summed over the CPUs, in the order of [`Counter::ALL`]; `None`
     /// when the map is not pinned.
     pub fn read_counters(&self) -> Result<Option<Counters>> {

@@ -229,7 +229,7 @@ impl EbpfNetwork {
         }
         let device = host_name.clone();
         let pins = self.pins.clone();
-        let (attached, pinned) = self
+        let (tcx, pinned) = self
             .host()
             .run(move || {
                 Ok::<_, Error>((
@@ -238,22 +238,71 @@ impl EbpfNetwork {
                 ))
             })
             .await??;
-        // Without TCX the program is a tc filter, which aya cannot list: that half of the
-        // check needs TCX.
-        if let Some(attached) = attached {
-            let ours = attached
-                .iter()
-                .find(|(id, name)| name == PROGRAM && Some(*id) == pinned);
-            if ours.is_none() {
-                return Err(Error::mismatch(
-                    format!("tcx ingress of {host_name}"),
-                    format!("{PROGRAM} (program {pinned:?}, pinned link)"),
-                    format!("{attached:?}"),
-                ));
+        // The programs on the host veth's ingress: TCX, else tc filters on clsact.
+        let attached: Vec<u32> = match tcx {
+            Some(programs) => programs.into_iter().map(|(id, _)| id).collect(),
+            None => tc_ingress_programs(self.host(), host_link.index).await?,
+        };
+        // Ours is the one that uses this network's endpoint map (and, with TCX, the program
+        // of the pinned link).
+        let map = self.pins.endpoints_id()?;
+        let mut ours = None;
+        for id in attached.iter().copied() {
+            let uses_map = program::program_maps(id)?
+                .is_some_and(|maps| map.is_some_and(|m| maps.contains(&m)));
+            if uses_map && pinned.is_none_or(|p| p == id) {
+                ours = Some(id);
             }
+        }
+        let linked = pinned.is_some() || !program::has_tcx();
+        if ours.is_none() || !linked {
+            return Err(Error::mismatch(
+                format!("ingress of {host_name}"),
+                format!(
+                    "{PROGRAM} using the endpoint map {map:?}{}",
+                    if program::has_tcx() {
+                        ", its TCX link pinned"
+                    } else {
+                        ""
+                    }
+                ),
+                format!("programs {attached:?}, pinned link to program {pinned:?}"),
+            ));
         }
         Ok(())
     }
+}
+
+/// The ids of the programs of the `bpf` filters on the `clsact` ingress of device `index`,
+/// like `tc filter show dev DEV ingress`.
+async fn tc_ingress_programs(host: &NetNs, index: u32) -> Result<Vec<u32>> {
+    use futures::TryStreamExt;
+    use netlink_packet_route::tc::{TcAttribute, TcFilterBpfOption, TcOption};
+
+    let what = || format!("tc filter show dev (index {index}) ingress");
+    let index = i32::try_from(index).map_err(|e| cni_core::Error::kernel(what(), e))?;
+    let mut dump = host
+        .handle()
+        .traffic_filter(index)
+        .get()
+        .ingress()
+        .execute();
+    let mut ids = Vec::new();
+    while let Some(message) = dump
+        .try_next()
+        .await
+        .map_err(|e| cni_core::Error::kernel(what(), e))?
+    {
+        for attribute in &message.attributes {
+            if let TcAttribute::Options(options) = attribute {
+                ids.extend(options.iter().filter_map(|o| match o {
+                    TcOption::Bpf(TcFilterBpfOption::ProgId(id)) => Some(*id),
+                    _ => None,
+                }));
+            }
+        }
+    }
+    Ok(ids)
 }
 
 /// Whether `path` is the root of a mounted BPF filesystem.
@@ -328,9 +377,9 @@ impl PodNetwork for EbpfNetwork {
         Ok(self.del_all(pod, prev).await?)
     }
 
-    /// The routed pod network's CHECK, then the pod's entries (host veth index, MACs) and,
-    /// with TCX, that the pinned link's program is on the host veth's ingress. Errors: 3,
-    /// 101.
+    /// The routed pod network's CHECK, then the pod's entries (host veth index, MACs) and
+    /// that a program using this network's endpoint map is on the host veth's ingress (with
+    /// TCX: the pinned link's). Errors: 3, 101.
     async fn check(&self, pod: &Pod, prev: &CniResult) -> cni_core::Result<()> {
         Ok(self.check_all(pod, prev).await?)
     }

@@ -175,6 +175,20 @@ pub fn tcx_programs(device: &str) -> Result<Option<Vec<(u32, String)>>> {
     ))
 }
 
+/// The ids of the maps program `id` uses, `None` when no such program is loaded.
+pub fn program_maps(id: u32) -> Result<Option<Vec<u32>>> {
+    for info in aya::programs::loaded_programs() {
+        let info = info.map_err(|e| program_err("-", "list loaded programs", e))?;
+        if info.id() == id {
+            let maps = info
+                .map_ids()
+                .map_err(|e| program_err("-", "read the program's maps", e))?;
+            return Ok(Some(maps.unwrap_or_default()));
+        }
+    }
+    Ok(None)
+}
+
 /// The program id of the pinned TCX link of `device`, `None` when nothing is pinned.
 pub fn pinned_link_program(pins: &Pins, device: &str) -> Result<Option<u32>> {
     let path = pins.link(device);

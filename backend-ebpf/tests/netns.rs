@@ -297,6 +297,40 @@ async fn two_pods(tag: &str) {
     assert!(!ping(&a_ns, ip_b, 1), "b is gone");
     network.check(&a, &ra).await.expect("CHECK a after b's DEL");
 
+    // CHECK notices a missing entry, and a program gone from the host veth.
+    let mut writable = pins.open_endpoints().unwrap().unwrap();
+    let entry = writable.get(ip_a).unwrap().unwrap();
+    writable.remove(ip_a).unwrap();
+    let err = network
+        .check(&a, &ra)
+        .await
+        .expect_err("CHECK without a's entry");
+    assert_eq!(err.code().0, 101, "{err}");
+    assert!(err.to_string().contains(&ip_a.to_string()), "{err}");
+    writable.insert(ip_a, entry).unwrap();
+    network
+        .check(&a, &ra)
+        .await
+        .expect("CHECK with a's entry back");
+    if program::has_tcx() {
+        assert!(
+            pins.unpin_link(&host_veth(&a)).unwrap(),
+            "a's link was pinned"
+        );
+    } else {
+        testkit::run_in(
+            "tc",
+            &lab.node,
+            &["filter", "del", "dev", &host_veth(&a), "ingress"],
+        );
+    }
+    let err = network
+        .check(&a, &ra)
+        .await
+        .expect_err("CHECK without a's program");
+    assert_eq!(err.code().0, 101, "{err}");
+    assert!(err.to_string().contains("ingress of"), "{err}");
+
     network.del(&a, Some(&ra)).await.expect("DEL a");
     assert!(endpoints.list().unwrap().is_empty());
     pins.remove_all().expect("remove pins");
