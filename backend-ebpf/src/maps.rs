@@ -75,33 +75,13 @@ pub struct Pins {
     dir: PathBuf,
 }
 
-/// Checks a path segment from the configuration: the network name or the node name.
-fn segment(field: &'static str, value: &str) -> Result<()> {
-    let ok = !value.is_empty()
-        && value.len() <= 253
-        && value != "."
-        && value != ".."
-        && value
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::InvalidConfig {
-            field,
-            reason: format!(
-                "{value:?} cannot name a bpffs directory (letters, digits, '-', '.', '_')"
-            ),
-        })
-    }
-}
-
 impl Pins {
     /// The directory of `network` on `node` under the BPF filesystem mounted at `bpffs`.
-    /// Checks the names (code 7); touches nothing.
+    /// Checks the names as network and node names (code 7), which makes each one path
+    /// segment; touches nothing.
     pub fn new(bpffs: &Path, network: &str, node: &str) -> Result<Self> {
-        segment("name", network)?;
-        segment("nodeName", node)?;
+        cni_core::spec::validate_network_name(network)?;
+        cni_core::registry::validate_node_name(node)?;
         if !bpffs.is_absolute() {
             return Err(Error::InvalidConfig {
                 field: "bpffs",

@@ -83,14 +83,14 @@ impl Config {
     /// The node name: `nodeName`, else the host name.
     pub fn node_name(&self) -> Result<String> {
         if let Some(name) = &self.node_name {
-            return valid_node_name(name).map(|()| name.clone());
+            return cni_core::registry::validate_node_name(name).map(|()| name.clone());
         }
         let host = nix::unistd::gethostname().map_err(|e| Error::Io {
             what: "gethostname".into(),
             source: e.into(),
         })?;
         let host = host.to_string_lossy().into_owned();
-        valid_node_name(&host).map_err(|_| {
+        cni_core::registry::validate_node_name(&host).map_err(|_| {
             Error::invalid_config(
                 "nodeName",
                 format!("host name {host:?} is not usable; set nodeName"),
@@ -102,7 +102,7 @@ impl Config {
     /// Checks the keys without side effects. Errors: code 7 naming the key.
     pub fn validate(&self) -> Result<()> {
         if let Some(name) = &self.node_name {
-            valid_node_name(name)?;
+            cni_core::registry::validate_node_name(name)?;
         }
         if let Some(mtu) = self.mtu
             && !(68..=65535).contains(&mtu)
@@ -129,22 +129,6 @@ impl Config {
             ));
         }
         Ok(())
-    }
-}
-
-fn valid_node_name(name: &str) -> Result<()> {
-    let ok = !name.is_empty()
-        && name.len() <= 253
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::invalid_config(
-            "nodeName",
-            format!("{name:?} is not a node name (letters, digits, '-', '.', '_')"),
-        ))
     }
 }
 
