@@ -18,7 +18,7 @@ fi
 for tool in clang llvm-strip; do
   command -v "$tool" >/dev/null || { echo "scripts/bpf.sh: $tool missing (scripts/deps.sh installs clang and llvm)" >&2; exit 1; }
 done
-multiarch=$(gcc -print-multiarch 2>/dev/null || dpkg-architecture -qDEB_HOST_MULTIARCH)
+multiarch=$(clang -print-multiarch)  # where Debian keeps <asm/types.h>
 
 out=bpf
 scratch=""

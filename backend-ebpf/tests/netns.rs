@@ -421,3 +421,42 @@ async fn a_path_that_is_not_bpffs_is_refused_before_anything_is_made() {
     assert!(!has_link(&a_ns, "eth0"));
     assert_eq!(std::fs::read_dir(plain.path()).unwrap().count(), 0);
 }
+
+/// Plugins run side by side: concurrent ADDs on a fresh BPF filesystem end up with one
+/// endpoint map and every pod gets its entry and its program.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_adds_share_one_endpoint_map() {
+    if !root("racing_adds_share_one_endpoint_map") {
+        return;
+    }
+    let lab = Lab::new("ebpf-race");
+    let pods: Vec<(Pod, String)> = (0..4).map(|i| lab.pod(&format!("p{i}"))).collect();
+    // One network per pod, as one plugin process each.
+    let mut networks = Vec::new();
+    for _ in &pods {
+        networks.push(lab.network().await);
+    }
+    let adds = pods
+        .iter()
+        .zip(&networks)
+        .enumerate()
+        .map(|(i, ((pod, _), network))| {
+            let alloc = allocation(&format!("10.244.10.{}/32", i + 2));
+            async move { network.add(pod, &alloc).await }
+        });
+    let results: Vec<CniResult> = futures::future::join_all(adds)
+        .await
+        .into_iter()
+        .map(|r| r.expect("ADD"))
+        .collect();
+    let endpoints = networks[0].pins().open_endpoints().unwrap().unwrap();
+    assert_eq!(endpoints.list().unwrap().len(), 4);
+    for ((pod, _), result) in pods.iter().zip(&results) {
+        networks[0].check(pod, result).await.expect("CHECK");
+    }
+    assert!(ping(&pods[0].1, ipv4(&results[3]), 1), "p0 pings p3");
+    for ((pod, _), result) in pods.iter().zip(&results) {
+        networks[0].del(pod, Some(result)).await.expect("DEL");
+    }
+    assert!(endpoints.list().unwrap().is_empty());
+}
