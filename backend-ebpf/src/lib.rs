@@ -52,7 +52,7 @@ pub mod program;
 
 pub use error::{Error, Result};
 pub use maps::{Counter, Counters, Endpoint, Endpoints, Pins};
-pub use network::{Config, DEFAULT_BPFFS, EbpfNetwork};
+pub use network::{Config, DEFAULT_BPFFS, EbpfNetwork, Stale};
 
 /// The configuration `type` of this pod network (`"podNetwork": "ebpf"`).
 pub const TYPE: &str = "ebpf";

@@ -153,24 +153,66 @@ impl EbpfNetwork {
 
     /// Removes the entries of this pod, those pointing at its host veth (index `ours`, when
     /// it still exists), and every stale entry: one pointing at no device of the node (a pod
-    /// whose veth went with its namespace, DEL'd without `prevResult`, or not at all). ADD
-    /// writes an entry only after its veth exists, so no entry in the making is stale.
-    async fn remove_entries(&self, ours: Option<u32>) -> Result<()> {
+    /// whose veth went with its namespace, DEL'd without `prevResult`, or not at all).
+    /// Returns the addresses whose entries it removed.
+    ///
+    /// ADD writes an entry only after its veth exists, and the entries are read before the
+    /// devices: an entry written by an ADD running meanwhile is never taken for stale.
+    async fn remove_entries(&self, ours: Option<u32>) -> Result<Vec<Ipv4Addr>> {
         let Some(mut endpoints) = self.pins.open_endpoints()? else {
-            return Ok(());
+            return Ok(Vec::new());
         };
+        let entries = endpoints.list()?;
         let indexes: Vec<u32> = link::list(self.host())
             .await?
             .iter()
             .map(|l| l.index)
             .collect();
-        for (ip, entry) in endpoints.list()? {
+        let mut removed = Vec::new();
+        for (ip, entry) in entries {
             if Some(entry.ifindex) == ours || !indexes.contains(&entry.ifindex) {
                 tracing::debug!(%ip, ifindex = entry.ifindex, "removing endpoint entry");
-                endpoints.remove(ip)?;
+                if endpoints.remove(ip)? {
+                    removed.push(ip);
+                }
             }
         }
-        Ok(())
+        Ok(removed)
+    }
+
+    /// Removes what pods left behind without a DEL (their namespace and veth gone): the
+    /// endpoint entries pointing at no device of the node, and the pinned links of host
+    /// veths that no longer exist. For the node agent's periodic cleanup; idempotent. Pins
+    /// are read before the devices, so what an ADD running meanwhile makes is never taken
+    /// for stale.
+    pub async fn remove_stale(&self) -> Result<Stale> {
+        let pinned: Vec<String> = match std::fs::read_dir(self.pins.dir().join("links")) {
+            Ok(dir) => dir
+                .filter_map(|e| e.ok())
+                .filter_map(|e| e.file_name().into_string().ok())
+                .collect(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(source) => {
+                return Err(Error::Pin {
+                    what: "ls",
+                    path: self.pins.dir().join("links"),
+                    source,
+                });
+            }
+        };
+        let entries = self.remove_entries(None).await?;
+        let devices: Vec<String> = link::list(self.host())
+            .await?
+            .into_iter()
+            .map(|l| l.name)
+            .collect();
+        let mut links = Vec::new();
+        for name in pinned {
+            if !devices.contains(&name) && self.pins.unpin_link(&name)? {
+                links.push(name);
+            }
+        }
+        Ok(Stale { entries, links })
     }
 
     async fn del_all(&self, pod: &Pod, prev: Option<&CniResult>) -> Result<()> {
@@ -183,7 +225,7 @@ impl EbpfNetwork {
                 None
             }
         };
-        if let Err(e) = self.remove_entries(ours).await {
+        if let Err(e) = self.remove_entries(ours).await.map(drop) {
             errors.push(e.into());
         }
         if let Err(e) = self.pins.unpin_link(&host_name) {
@@ -303,6 +345,15 @@ async fn tc_ingress_programs(host: &NetNs, index: u32) -> Result<Vec<u32>> {
         }
     }
     Ok(ids)
+}
+
+/// What [`EbpfNetwork::remove_stale`] removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stale {
+    /// Addresses whose endpoint entries pointed at no device.
+    pub entries: Vec<Ipv4Addr>,
+    /// Host veths whose pinned links outlived them.
+    pub links: Vec<String>,
 }
 
 /// Whether `path` is the root of a mounted BPF filesystem.

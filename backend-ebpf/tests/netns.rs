@@ -366,6 +366,47 @@ async fn del_after_the_netns_is_gone() {
     network.del(&a, Some(&ra)).await.expect("DEL again");
 }
 
+/// A pod whose namespace went away and that was never DEL'd: the cleanup finds its entry
+/// and its pinned link stale, and leaves the living pod's alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remove_stale_takes_only_what_lost_its_veth() {
+    if !root("remove_stale_takes_only_what_lost_its_veth") {
+        return;
+    }
+    let lab = Lab::new("ebpf-stale");
+    let network = lab.network().await;
+    let (a, _) = lab.pod("a");
+    let (b, b_ns) = lab.pod("b");
+    let ra = network
+        .add(&a, &allocation("10.244.11.2/32"))
+        .await
+        .expect("ADD a");
+    let rb = network
+        .add(&b, &allocation("10.244.11.3/32"))
+        .await
+        .expect("ADD b");
+    assert_eq!(
+        network.remove_stale().await.unwrap(),
+        backend_ebpf::Stale::default()
+    );
+    lab.ns.remove(&b_ns);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while has_link(&lab.node, &host_veth(&b)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let stale = network.remove_stale().await.unwrap();
+    assert_eq!(stale.entries, vec![ipv4(&rb)]);
+    assert_eq!(stale.links, vec![host_veth(&b)]);
+    let endpoints = network.pins().open_endpoints().unwrap().unwrap();
+    assert_eq!(endpoints.get(ipv4(&rb)).unwrap(), None);
+    assert!(endpoints.get(ipv4(&ra)).unwrap().is_some());
+    network.check(&a, &ra).await.expect("a is untouched");
+    assert_eq!(
+        network.remove_stale().await.unwrap(),
+        backend_ebpf::Stale::default()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_add_leaves_nothing() {
     if !root("failed_add_leaves_nothing") {
