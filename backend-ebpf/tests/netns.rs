@@ -251,6 +251,11 @@ async fn two_pods(tag: &str) {
         after - before
     );
 
+    // One hop, as through a router: the reply left b with TTL 64 and the program took one
+    // off (with the header checksum fixed, or a would have dropped it).
+    let out = testkit::exec_in(&a_ns, &["ping", "-c1", "-W1", &ip_b.to_string()]);
+    assert!(out.contains("ttl=63"), "{out}");
+
     // Without the node's host routes the pods still reach each other: the routing table is
     // not on that path.
     for r in [ip_a, ip_b] {
