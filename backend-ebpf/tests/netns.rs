@@ -80,6 +80,16 @@ fn has_link(ns: &str, name: &str) -> bool {
         .any(|l| l["ifname"] == name)
 }
 
+/// Waits up to 5 s for the kernel to destroy the host end of a veth whose pod namespace
+/// went away; panics when it is still there.
+fn wait_gone(node: &str, veth: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while has_link(node, veth) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!has_link(node, veth), "{veth} outlived its pod's namespace");
+}
+
 /// `ip netns exec NS ping -c COUNT -i 0.2 -W 1 DST`.
 fn ping(ns: &str, dst: Ipv4Addr, count: u32) -> bool {
     Command::new("ip")
@@ -356,10 +366,7 @@ async fn del_after_the_netns_is_gone() {
         .expect("ADD");
     lab.ns.remove(&a_ns);
     // The host end went with the pod's namespace; its entry and pinned link are stale.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while has_link(&lab.node, &host_veth(&a)) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_gone(&lab.node, &host_veth(&a));
     let endpoints = network.pins().open_endpoints().unwrap().unwrap();
     assert!(endpoints.get(ipv4(&ra)).unwrap().is_some());
     network
@@ -395,10 +402,7 @@ async fn remove_stale_takes_only_what_lost_its_veth() {
         backend_ebpf::Stale::default()
     );
     lab.ns.remove(&b_ns);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while has_link(&lab.node, &host_veth(&b)) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_gone(&lab.node, &host_veth(&b));
     let stale = network.remove_stale().await.unwrap();
     assert_eq!(stale.entries, vec![ipv4(&rb)]);
     assert_eq!(stale.links, vec![host_veth(&b)]);
