@@ -11,6 +11,7 @@ CNIKIT_DEBS=(
   protobuf-compiler libprotobuf-dev                # etcd-client build
   user-mode-linux kmod                             # scripts/vm.sh: kernel tests needing ipip
   tcpdump                                          # what the ipip tests see on the underlay
+  clang llvm libbpf-dev                            # scripts/bpf.sh: the eBPF objects (--check)
   bird2 gobgpd                                     # BGP peers of the bgp interop tests
 )
 

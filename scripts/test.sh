@@ -12,6 +12,8 @@ bash scripts/deps.sh
 
 export CARGO_TERM_COLOR=never
 cargo fmt --all --check
+# The committed eBPF objects are what their C sources build to.
+bash scripts/bpf.sh --check
 cargo clippy --workspace --all-targets --all-features -- -D warnings
 # The API docs build without a broken or redundant link.
 RUSTDOCFLAGS="-D warnings" cargo doc -q --no-deps --workspace --all-features

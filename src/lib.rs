@@ -9,6 +9,7 @@
 //! |---|---|
 //! | `bridge` (default) | pod network: veth on a Linux bridge, gateway on the bridge |
 //! | `routed` (default) | pod network: Calico-style /32 veth, gateway 169.254.1.1 |
+//! | `ebpf` (default) | pod network: routed, same-node traffic delivered by a tc eBPF program ([`ebpf`]) |
 //! | `etcd` | datastore and node registry on etcd v3 ([`etcd`]) |
 //! | `host-gw` | cross-node routing: static routes to on-link peers' blocks ([`hostgw`]) |
 //! | `vxlan` | cross-node routing: a VXLAN overlay ([`vxlan`]) |
@@ -32,6 +33,10 @@ pub mod plugin;
 /// The etcd v3 datastore and node registry (feature `etcd`).
 #[cfg(feature = "etcd")]
 pub use ipam_etcd as etcd;
+
+/// The eBPF pod network: same-node delivery by `bpf_redirect_peer` (feature `ebpf`).
+#[cfg(feature = "ebpf")]
+pub use backend_ebpf as ebpf;
 
 /// Cross-node routing over BGP: an in-process speaker per node (feature `bgp`).
 #[cfg(feature = "bgp")]

@@ -41,7 +41,9 @@ fn two_pods(kind: &str, tag: &str, pool: &str) {
     let node = lab.node();
     let (pod_a, pod_b) = (lab.pod("a"), lab.pod("b"));
     let data = lab.dir("data");
-    let conf = conf(kind, &data, pool, 28);
+    let mut conf = conf(kind, &data, pool, 28);
+    #[cfg(feature = "ebpf")]
+    let ebpf = (kind == "ebpf").then(|| Ebpf::new(tag, &mut conf));
     let rt = Runtime::new(&env, &lab, &node);
     let node_ip: IpAddr = NODE_IP.parse().unwrap();
 
@@ -69,6 +71,21 @@ fn two_pods(kind: &str, tag: &str, pool: &str) {
         (&node.name, ip_b),
     ] {
         assert!(ping(from, to), "{kind}: {from} cannot ping {to}");
+    }
+    #[cfg(feature = "ebpf")]
+    if let Some(ebpf) = &ebpf {
+        // a -> b and b -> a, each an echo request and a reply, went through
+        // bpf_redirect_peer; the pings to and from the node through the stack.
+        let counters = ebpf.counters();
+        assert!(
+            counters.get(backend_ebpf::Counter::RedirectPeer) >= 4,
+            "{counters:?}"
+        );
+        assert!(
+            counters.get(backend_ebpf::Counter::PassNotLocal) >= 2,
+            "{counters:?}"
+        );
+        assert_eq!(ebpf.entries(), [ip_a, ip_b].into_iter().collect());
     }
     if kind == "bridge" {
         let gw: IpAddr = ra["ips"][0]["gateway"].as_str().unwrap().parse().unwrap();
@@ -154,7 +171,16 @@ fn two_pods(kind: &str, tag: &str, pool: &str) {
     let store = StoreView::read(&data);
     assert!(store.holds_nothing(), "allocations left: {store:?}");
     assert!(store.free.contains(&ip_a) && store.free.contains(&ip_b));
-    if kind == "routed" {
+    #[cfg(feature = "ebpf")]
+    if let Some(ebpf) = &ebpf {
+        assert!(ebpf.entries().is_empty(), "endpoint entries left");
+        assert!(
+            ebpf.links().is_empty(),
+            "pinned links left: {:?}",
+            ebpf.links()
+        );
+    }
+    if kind != "bridge" {
         let routes = ip(&node.name, &["route", "show"]);
         assert!(
             !routes.contains(&ip_a.to_string()) && !routes.contains(&ip_b.to_string()),
@@ -171,6 +197,63 @@ fn bridge_pods_reach_each_other_and_the_node() {
 #[test]
 fn routed_pods_reach_each_other_and_the_node() {
     two_pods("routed", "pnrt", "10.252.0.0/24");
+}
+
+#[cfg(feature = "ebpf")]
+#[test]
+fn ebpf_pods_reach_each_other_and_the_node() {
+    two_pods("ebpf", "pneb", "10.252.1.0/24");
+}
+
+/// The `ebpf` pod network's pins of one test, on a BPF filesystem of its own (named in the
+/// configuration's `bpffs`).
+#[cfg(feature = "ebpf")]
+struct Ebpf {
+    pins: backend_ebpf::Pins,
+    _bpffs: testkit::Bpffs,
+}
+
+#[cfg(feature = "ebpf")]
+impl Ebpf {
+    fn new(tag: &str, conf: &mut Value) -> Self {
+        let bpffs = testkit::Bpffs::mount(tag);
+        conf["bpffs"] = json!(bpffs.path());
+        let pins = backend_ebpf::Pins::new(
+            bpffs.path(),
+            conf["name"].as_str().unwrap(),
+            conf["nodeName"].as_str().unwrap(),
+        )
+        .unwrap();
+        Ebpf {
+            pins,
+            _bpffs: bpffs,
+        }
+    }
+
+    fn counters(&self) -> backend_ebpf::Counters {
+        self.pins.read_counters().unwrap().expect("counters pinned")
+    }
+
+    fn entries(&self) -> std::collections::BTreeSet<IpAddr> {
+        let endpoints = self
+            .pins
+            .open_endpoints()
+            .unwrap()
+            .expect("endpoints pinned");
+        endpoints
+            .list()
+            .unwrap()
+            .into_iter()
+            .map(|(ip, _)| IpAddr::V4(ip))
+            .collect()
+    }
+
+    fn links(&self) -> Vec<std::path::PathBuf> {
+        match std::fs::read_dir(self.pins.dir().join("links")) {
+            Ok(dir) => dir.map(|e| e.unwrap().path()).collect(),
+            Err(_) => Vec::new(),
+        }
+    }
 }
 
 /// ADD into a pod whose `CNI_IFNAME` already exists fails in the pod network, after the

@@ -19,6 +19,9 @@ pub enum PodNetworkKind {
     Bridge,
     /// Calico style: /32 pod address, gateway 169.254.1.1, host route per pod.
     Routed,
+    /// Routed, plus a tc eBPF program on each host veth that delivers traffic between the
+    /// node's pods by `bpf_redirect_peer` (feature `ebpf`).
+    Ebpf,
 }
 
 impl PodNetworkKind {
@@ -27,7 +30,7 @@ impl PodNetworkKind {
     pub fn reserve(self) -> cni_core::ipam::block::Reserve {
         match self {
             PodNetworkKind::Bridge => cni_core::ipam::block::Reserve::Gateway,
-            PodNetworkKind::Routed => cni_core::ipam::block::Reserve::None,
+            PodNetworkKind::Routed | PodNetworkKind::Ebpf => cni_core::ipam::block::Reserve::None,
         }
     }
 }
@@ -43,7 +46,7 @@ impl PodNetworkKind {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Config {
-    /// `podNetwork`: `bridge` (default) or `routed`.
+    /// `podNetwork`: `bridge` (default), `routed` or `ebpf`.
     #[serde(default)]
     pub pod_network: PodNetworkKind,
     /// `dataDir`: where local state lives (the file store, the node state file).
@@ -80,14 +83,14 @@ impl Config {
     /// The node name: `nodeName`, else the host name.
     pub fn node_name(&self) -> Result<String> {
         if let Some(name) = &self.node_name {
-            return valid_node_name(name).map(|()| name.clone());
+            return cni_core::registry::validate_node_name(name).map(|()| name.clone());
         }
         let host = nix::unistd::gethostname().map_err(|e| Error::Io {
             what: "gethostname".into(),
             source: e.into(),
         })?;
         let host = host.to_string_lossy().into_owned();
-        valid_node_name(&host).map_err(|_| {
+        cni_core::registry::validate_node_name(&host).map_err(|_| {
             Error::invalid_config(
                 "nodeName",
                 format!("host name {host:?} is not usable; set nodeName"),
@@ -99,7 +102,7 @@ impl Config {
     /// Checks the keys without side effects. Errors: code 7 naming the key.
     pub fn validate(&self) -> Result<()> {
         if let Some(name) = &self.node_name {
-            valid_node_name(name)?;
+            cni_core::registry::validate_node_name(name)?;
         }
         if let Some(mtu) = self.mtu
             && !(68..=65535).contains(&mtu)
@@ -126,22 +129,6 @@ impl Config {
             ));
         }
         Ok(())
-    }
-}
-
-fn valid_node_name(name: &str) -> Result<()> {
-    let ok = !name.is_empty()
-        && name.len() <= 253
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::invalid_config(
-            "nodeName",
-            format!("{name:?} is not a node name (letters, digits, '-', '.', '_')"),
-        ))
     }
 }
 

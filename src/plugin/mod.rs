@@ -2,7 +2,7 @@
 //!
 //! One binary, two roles, chosen by the configuration it receives:
 //! - **main plugin** (`"type": "cnikit"`): plugs the pod in with the pod network named by
-//!   `podNetwork` (bridge or routed) and addresses from the IPAM named by `ipam.type`:
+//!   `podNetwork` (bridge, routed or ebpf) and addresses from the IPAM named by `ipam.type`:
 //!   [`IPAM_TYPE`] for the built-in block IPAM, anything else is exec'd from `CNI_PATH` as
 //!   the spec describes (e.g. the reference `host-local`);
 //! - **IPAM plugin** (another plugin's config whose `ipam.type` is [`IPAM_TYPE`], with this
@@ -112,6 +112,7 @@ impl Parts for CnikitParts {
         match config.pod_network {
             PodNetworkKind::Bridge => bridge(request, mtu, host),
             PodNetworkKind::Routed => routed(request, mtu, host),
+            PodNetworkKind::Ebpf => ebpf(request, &config, mtu, host),
         }
     }
 
@@ -168,6 +169,32 @@ fn routed(_: &Request, _: u32, _: cni_core::linux::NetNs) -> Result<Box<dyn PodN
     Err(Error::invalid_config(
         "podNetwork",
         "this build has no `routed` feature",
+    ))
+}
+
+#[cfg(feature = "ebpf")]
+fn ebpf(
+    request: &Request,
+    config: &Config,
+    mtu: u32,
+    host: cni_core::linux::NetNs,
+) -> Result<Box<dyn PodNetwork>> {
+    let mut ebpf: backend_ebpf::Config = request.config.plugin_config()?;
+    ebpf.mtu = mtu;
+    let node = config.node_name()?;
+    Ok(Box::new(backend_ebpf::EbpfNetwork::new(
+        ebpf,
+        &request.config.name,
+        &node,
+        host,
+    )?))
+}
+
+#[cfg(not(feature = "ebpf"))]
+fn ebpf(_: &Request, _: &Config, _: u32, _: cni_core::linux::NetNs) -> Result<Box<dyn PodNetwork>> {
+    Err(Error::invalid_config(
+        "podNetwork",
+        "this build has no `ebpf` feature",
     ))
 }
 

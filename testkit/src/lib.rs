@@ -9,14 +9,16 @@
 //!
 //! The rest is the harness the namespace tests share: [`Namespaces`] (named network
 //! namespaces deleted on drop, also on panic), [`ip`]/[`ip_json`] and [`bridge`]/
-//! [`bridge_json`] inside them, [`Segment`] (an L2 switch that namespaces plug into), and
-//! the example binaries of the end-to-end tests ([`examples_dir`], [`assert_fresh`]).
+//! [`bridge_json`] inside them, [`Segment`] (an L2 switch that namespaces plug into), the
+//! example binaries of the end-to-end tests ([`examples_dir`], [`assert_fresh`]), and a
+//! BPF filesystem of a test's own ([`Bpffs`]).
 //!
 //! [`vm`] runs kernel tests inside a user-mode-linux VM when the running kernel lacks a link
 //! kind they need (ipip here): [`vm::here_or_in_vm`].
 
 #![warn(missing_docs)]
 
+mod bpffs;
 mod example;
 mod netns;
 mod segment;
@@ -25,6 +27,7 @@ pub mod vm;
 use std::io::Write;
 use std::path::Path;
 
+pub use bpffs::Bpffs;
 pub use example::{assert_fresh, examples_dir, sources_of, stale};
 pub use netns::{
     NETNS_RUN_DIR, Namespaces, bridge, bridge_json, exec_in, ip, ip_json, netns_path, run_in,

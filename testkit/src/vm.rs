@@ -10,7 +10,9 @@
 //! - [`here_or_in_vm`] is the one call a test makes when it needs a link kind: on a kernel
 //!   that has it (or inside the VM) the test runs here; otherwise the same test runs again
 //!   inside the VM and its result there is the test's result. A test never skips silently
-//!   because of the kernel.
+//!   because of the kernel;
+//! - [`in_vm_only`] likewise for a test of the VM's older kernel itself (eBPF attached the
+//!   pre-6.6 way).
 //!
 //! ```no_run
 //! #[test]
@@ -223,12 +225,25 @@ pub fn here_or_in_vm(test: &str, kind: &str) -> bool {
     if in_vm() || kernel_has_link_kind(kind) {
         return true;
     }
+    rerun_in_vm(test, &format!("this kernel has no {kind} links"))
+}
+
+/// For a test of the VM's own kernel (Linux 6.1, for what older kernels do differently):
+/// `true` inside the VM, where the caller runs its body; elsewhere re-runs the calling test
+/// inside the VM as [`here_or_in_vm`] does (its result there is the test's result) and
+/// returns `false`. `why` says in messages why the test needs the VM.
+pub fn in_vm_only(test: &str, why: &str) -> bool {
+    in_vm() || rerun_in_vm(test, why)
+}
+
+/// Re-runs the calling test `test` inside the VM (see [`here_or_in_vm`]); `false` always.
+fn rerun_in_vm(test: &str, why: &str) -> bool {
     if !available() {
         crate::skip(
             test,
             format_args!(
-                "this kernel has no {kind} links and the VM cannot run here: install \
-                 user-mode-linux and kmod (scripts/deps.sh)"
+                "{why} and the VM cannot run here: install user-mode-linux and kmod \
+                 (scripts/deps.sh)"
             ),
         );
         return false;
@@ -256,8 +271,7 @@ pub fn here_or_in_vm(test: &str, kind: &str) -> bool {
     let summary = libtest_summary(&out.output);
     if out.status != 0 || summary != Some((1, 0)) {
         panic!(
-            "{name} failed in the VM (this kernel has no {kind} links): exit status {}, \
-             libtest counted {}",
+            "{name} failed in the VM ({why}): exit status {}, libtest counted {}",
             out.status,
             match summary {
                 Some((passed, failed)) => format!("{passed} passed, {failed} failed"),

@@ -20,6 +20,27 @@ pub mod store;
 
 pub use store::StoreRegistry;
 
+/// Checks a node name (`nodeName`, code 7): 1 to 253 letters, digits, `-`, `.` and `_`,
+/// starting with a letter or digit, so that it can also name a file or a directory.
+pub fn validate_node_name(name: &str) -> Result<()> {
+    let ok = name.len() <= 253
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
+    if ok {
+        Ok(())
+    } else {
+        Err(crate::Error::invalid_config(
+            "nodeName",
+            format!(
+                "{name:?} is not a node name (letters, digits, '-', '.', '_', starting with a \
+                 letter or digit)"
+            ),
+        ))
+    }
+}
+
 /// What a node publishes about itself.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

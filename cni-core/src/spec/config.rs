@@ -405,6 +405,12 @@ pub(crate) fn version_of(value: &Value) -> Result<Version> {
     }
 }
 
+/// Checks a network name (`name`, code 7): `^[a-zA-Z0-9][a-zA-Z0-9_.-]*$`, as the spec
+/// requires.
+pub fn validate_network_name(name: &str) -> Result<()> {
+    validate_name("name", name)
+}
+
 /// Checks a network name: `^[a-zA-Z0-9][a-zA-Z0-9_.-]*$`, as the spec requires.
 fn validate_name(field: &str, name: &str) -> Result<()> {
     if name.is_empty() {

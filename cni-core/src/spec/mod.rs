@@ -18,7 +18,7 @@ mod version;
 pub use args::{CniArgs, Command, MAX_IFNAME_LEN, validate_container_id, validate_ifname};
 pub use config::{
     ConfList, GcAttachment, IpamConf, LEGACY_ATTACHMENTS_KEY, NetConf, PortMapping, Protocol,
-    RuntimeConfig, VALID_ATTACHMENTS_KEY,
+    RuntimeConfig, VALID_ATTACHMENTS_KEY, validate_network_name,
 };
 pub(crate) use config::{is_plugin_name, parse_object, validate_plugin_type, version_of};
 pub use output::{ErrorOutput, VersionInfo};
