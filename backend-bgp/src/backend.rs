@@ -20,6 +20,10 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::speaker::{Neighbor, PeerSummary, Shared, Speaker};
 
+/// The key of a node record's backend data that makes the node a route reflector (its
+/// cluster id).
+pub const ROUTE_REFLECTOR_KEY: &str = "bgpRouteReflector";
+
 /// What the mode reports to the agent (the node state file's `routing`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -203,11 +207,24 @@ impl<K: Kernel + 'static> Bgp<K> {
         let local_name = running.node.borrow().local.name.clone();
         let mut wanted = BTreeMap::new();
         let mut unusable = BTreeMap::new();
-        for peer in peers.iter().filter(|p| p.name != local_name) {
+        // Topology: a full mesh until some node is a route reflector; then nodes peer with
+        // the reflectors only, and reflectors with everyone (the others are their clients).
+        let reflector = |p: &NodeRecord| p.backend.contains_key(ROUTE_REFLECTOR_KEY);
+        let others = || peers.iter().filter(|p| p.name != local_name);
+        let local_reflects = self.config.route_reflector_cluster_id.is_some();
+        let mesh = !local_reflects && !others().any(reflector);
+        for peer in others() {
+            if !mesh && !local_reflects && !reflector(peer) {
+                continue;
+            }
             match peer.address {
                 IpAddr::V4(address) => {
-                    let as_number = self.config.as_number;
-                    wanted.insert(peer.name.clone(), Neighbor { address, as_number });
+                    let neighbor = Neighbor {
+                        address,
+                        as_number: self.config.as_number,
+                        client: local_reflects && !reflector(peer),
+                    };
+                    wanted.insert(peer.name.clone(), neighbor);
                 }
                 IpAddr::V6(v6) => {
                     unusable.insert(
@@ -221,6 +238,7 @@ impl<K: Kernel + 'static> Bgp<K> {
             let neighbor = Neighbor {
                 address: global.address,
                 as_number: global.as_number,
+                client: false,
             };
             wanted.insert(global.name(), neighbor);
         }
@@ -380,9 +398,14 @@ impl<K: Kernel + 'static> CrossNodeRouting for Bgp<K> {
         Ok(self.init_inner(local).await?)
     }
 
-    /// Nothing: peers need only the node's address.
+    /// The cluster id when this node is a route reflector, so the other nodes peer with it
+    /// (and only with the reflectors); else nothing.
     fn node_data(&self) -> BTreeMap<String, String> {
-        BTreeMap::new()
+        self.config
+            .route_reflector_cluster_id
+            .map(|c| (ROUTE_REFLECTOR_KEY.to_owned(), c.to_string()))
+            .into_iter()
+            .collect()
     }
 
     fn mtu_overhead(&self) -> u32 {

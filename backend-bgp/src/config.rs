@@ -53,6 +53,11 @@ pub struct Config {
     /// router), as Calico's global BGPPeer: eBGP when their AS differs from the nodes'.
     #[serde(default)]
     pub global_peers: Vec<GlobalPeer>,
+    /// `routeReflectorClusterId`: this node is a route reflector (RFC 4456) of this
+    /// cluster. Nodes peer with the reflectors only, once there is one; reflectors peer with
+    /// every node and reflect the routes of their clients (the other nodes).
+    #[serde(default)]
+    pub route_reflector_cluster_id: Option<std::net::Ipv4Addr>,
 }
 
 /// A router every node peers with: `{"address": "192.168.1.1", "asNumber": 65000}`.
@@ -108,6 +113,7 @@ impl Default for Config {
             graceful_restart: true,
             restart_time: DEFAULT_RESTART_TIME,
             global_peers: Vec::new(),
+            route_reflector_cluster_id: None,
         }
     }
 }

@@ -8,8 +8,9 @@
 //! the peer task (see [`peer`](crate::peer)) through [`ConnEvent`]s; connection attempts,
 //! retries and collisions are the peer task's business.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
 use bytes::BytesMut;
 use ipnet::Ipv4Net;
@@ -43,6 +44,9 @@ pub(crate) struct ConnParams {
     pub next_hop: Ipv4Addr,
     /// Whether this side opened the TCP connection.
     pub outgoing: bool,
+    /// The cluster of this node when it reflects routes (RFC 4456): routes that went
+    /// through it already are loops.
+    pub cluster_id: Option<Ipv4Addr>,
 }
 
 /// Orders from the peer task.
@@ -78,6 +82,8 @@ pub(crate) enum ConnEvent {
         announced: Vec<(Ipv4Net, Ipv4Addr)>,
         /// Withdrawn.
         withdrawn: Vec<Ipv4Net>,
+        /// The path attributes of the announced ones.
+        attributes: Arc<Vec<PathAttribute>>,
     },
     /// How many of the node's prefixes the peer now has from this connection.
     Sent(usize),
@@ -92,18 +98,23 @@ pub(crate) enum ConnEvent {
     },
 }
 
+/// What a peer is to have from this node (Adj-RIB-Out): prefix → the attributes of a
+/// reflected route, or `None` for one of the node's own blocks (whose attributes depend on
+/// the session: iBGP or eBGP).
+pub(crate) type Out = BTreeMap<Ipv4Net, Option<Arc<Vec<PathAttribute>>>>;
+
 /// Events of a connection, tagged with its id.
 pub(crate) type Events = mpsc::UnboundedSender<(u64, ConnEvent)>;
 
 /// Runs one connection until it closes, then reports [`ConnEvent::Down`].
 ///
-/// `blocks` is the node's own blocks: advertised once Established, and again as they
-/// change.
+/// `out` is what the peer is to have: advertised once Established, and again as it
+/// changes.
 pub(crate) async fn run<S>(
     stream: S,
     params: ConnParams,
     mut ctl: mpsc::UnboundedReceiver<Ctl>,
-    mut blocks: watch::Receiver<Vec<Ipv4Net>>,
+    mut out: watch::Receiver<Out>,
     events: Events,
 ) where
     S: AsyncRead + AsyncWrite + Send,
@@ -111,16 +122,20 @@ pub(crate) async fn run<S>(
     let (reader, writer) = tokio::io::split(stream);
     let mut reader = reader;
     let local_as = params.peer.local_asn;
+    let router_id = params.peer.local_router_id;
+    let cluster_id = params.cluster_id;
     let ebgp = params.peer.remote_asn != local_as;
     let mut conn = Conn {
         id: params.id,
         local_as,
         ebgp,
+        router_id,
+        cluster_id,
         fsm: Session::new(params.peer.clone()),
         writer,
         next_hop: params.next_hop,
         timers: [None; 3],
-        advertised: BTreeSet::new(),
+        advertised: Out::new(),
         max_len: MAX_LEN,
         four_octet_as: true,
         events: events.clone(),
@@ -137,6 +152,7 @@ pub(crate) async fn run<S>(
     })
     .await;
     let mut buf = BytesMut::with_capacity(4096);
+    let mut out_open = true;
     while !conn.closed {
         let deadline = conn.timers.iter().flatten().min().copied();
         let established = conn.fsm.state() == SessionState::Established;
@@ -151,7 +167,7 @@ pub(crate) async fn run<S>(
                     if conn.fsm.state() == SessionState::Established {
                         // Withdraw first: a peer that keeps routes across a NOTIFICATION
                         // (graceful restart, RFC 8538) must not keep these.
-                        conn.advertise(&BTreeSet::new()).await;
+                        conn.advertise(&Out::new()).await;
                     }
                     conn.handle(Event::ManualStop { reason: None }).await;
                     // ManualStop in Connect/Active closes without a NOTIFICATION.
@@ -169,12 +185,13 @@ pub(crate) async fn run<S>(
                 }
             },
             () = sleep_until(deadline), if deadline.is_some() => conn.fire_timer().await,
-            changed = blocks.changed(), if established => {
+            changed = out.changed(), if established && out_open => {
                 if changed.is_err() {
-                    conn.handle(Event::ManualStop { reason: None }).await;
-                    conn.closed = true;
+                    // The peer left the table: its task closes this connection with the
+                    // right Cease.
+                    out_open = false;
                 } else {
-                    let want = blocks.borrow_and_update().iter().copied().collect();
+                    let want = out.borrow_and_update().clone();
                     conn.advertise(&want).await;
                 }
             }
@@ -182,7 +199,7 @@ pub(crate) async fn run<S>(
         if conn.fsm.state() == SessionState::Established && !conn.sent_all {
             // Just established: everything the node has, then End-of-RIB.
             conn.sent_all = true;
-            let want: BTreeSet<Ipv4Net> = blocks.borrow_and_update().iter().copied().collect();
+            let want = out.borrow_and_update().clone();
             conn.advertise(&want).await;
             conn.send_update(&[], &[], &[]).await;
         }
@@ -218,13 +235,15 @@ struct Conn<W> {
     local_as: u32,
     /// The peer is in another AS.
     ebgp: bool,
+    router_id: Ipv4Addr,
+    cluster_id: Option<Ipv4Addr>,
     fsm: Session,
     writer: WriteHalf<W>,
     next_hop: Ipv4Addr,
     /// Deadlines of the hold and keepalive timers.
     timers: [Option<Instant>; 3],
-    /// The node's prefixes the peer has from us (Adj-RIB-Out).
-    advertised: BTreeSet<Ipv4Net>,
+    /// What the peer has from us (Adj-RIB-Out).
+    advertised: Out,
     max_len: u16,
     four_octet_as: bool,
     events: Events,
@@ -462,6 +481,9 @@ impl<W: AsyncRead + AsyncWrite> Conn<W> {
                     list.contains(&self.local_as)
                 }
             }),
+            // RFC 4456: a reflected route that comes back.
+            PathAttribute::OriginatorId(id) => *id == self.router_id,
+            PathAttribute::ClusterList(list) => self.cluster_id.is_some_and(|c| list.contains(&c)),
             _ => false,
         });
         let mut announced = Vec::new();
@@ -487,26 +509,49 @@ impl<W: AsyncRead + AsyncWrite> Conn<W> {
             self.emit(ConnEvent::Routes {
                 announced,
                 withdrawn,
+                attributes: Arc::new(parsed.attributes),
             });
         }
     }
 
-    /// Makes the peer's copy of the node's blocks `want`: withdraws what went, announces
-    /// what came.
-    async fn advertise(&mut self, want: &BTreeSet<Ipv4Net>) {
+    /// Makes the peer's copy of what it is to have `want`: withdraws what went,
+    /// announces what came or changed, one UPDATE per set of attributes.
+    async fn advertise(&mut self, want: &Out) {
         let gone: Vec<Ipv4NlriEntry> = self
             .advertised
-            .difference(want)
-            .map(|n| entry(*n))
-            .collect();
-        let new: Vec<Ipv4NlriEntry> = want
-            .difference(&self.advertised)
+            .keys()
+            .filter(|p| !want.contains_key(p))
             .map(|n| entry(*n))
             .collect();
         for chunk in gone.chunks(PREFIXES_PER_UPDATE) {
             self.send_update(&[], chunk, &[]).await;
         }
-        let attributes = if self.ebgp {
+        let own = Arc::new(self.own_attributes());
+        let mut groups: Vec<(Arc<Vec<PathAttribute>>, Vec<Ipv4NlriEntry>)> = Vec::new();
+        for (prefix, attrs) in want {
+            if self.advertised.get(prefix) == Some(attrs) {
+                continue;
+            }
+            let attrs = attrs.clone().unwrap_or_else(|| own.clone());
+            match groups.iter_mut().find(|(a, _)| **a == *attrs) {
+                Some((_, list)) => list.push(entry(*prefix)),
+                None => groups.push((attrs, vec![entry(*prefix)])),
+            }
+        }
+        for (attrs, list) in &groups {
+            for chunk in list.chunks(PREFIXES_PER_UPDATE) {
+                self.send_update(chunk, &[], attrs).await;
+            }
+        }
+        if !gone.is_empty() || !groups.is_empty() {
+            self.advertised = want.clone();
+            self.emit(ConnEvent::Sent(self.advertised.len()));
+        }
+    }
+
+    /// The attributes of the node's own blocks on this session.
+    fn own_attributes(&self) -> Vec<PathAttribute> {
+        if self.ebgp {
             // To another AS: this AS in the path, no LOCAL_PREF (RFC 4271 §5.1.5).
             vec![
                 PathAttribute::Origin(Origin::Igp),
@@ -523,13 +568,6 @@ impl<W: AsyncRead + AsyncWrite> Conn<W> {
                 PathAttribute::NextHop(self.next_hop),
                 PathAttribute::LocalPref(LOCAL_PREF),
             ]
-        };
-        for chunk in new.chunks(PREFIXES_PER_UPDATE) {
-            self.send_update(chunk, &[], &attributes).await;
-        }
-        if !gone.is_empty() || !new.is_empty() {
-            self.advertised = want.clone();
-            self.emit(ConnEvent::Sent(self.advertised.len()));
         }
     }
 

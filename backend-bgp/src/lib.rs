@@ -69,7 +69,7 @@ mod error;
 mod peer;
 mod speaker;
 
-pub use backend::{Bgp, Report};
+pub use backend::{Bgp, ROUTE_REFLECTOR_KEY, Report};
 pub use config::{
     Config, DEFAULT_AS, DEFAULT_CONNECT_RETRY, DEFAULT_HOLD_TIME, DEFAULT_PORT,
     DEFAULT_RESTART_TIME, GlobalPeer,

@@ -75,6 +75,8 @@ impl PeerHandle {
 
 struct Slot {
     outgoing: bool,
+    /// The neighbour's BGP identifier, from its OPEN.
+    remote_id: Option<Ipv4Addr>,
     state: SessionState,
     ctl: mpsc::UnboundedSender<Ctl>,
     closing: bool,
@@ -190,10 +192,13 @@ impl Peer {
             peer,
             next_hop: self.shared.router_id,
             outgoing,
+            cluster_id: config.route_reflector_cluster_id,
         };
         let (ctl, ctl_rx) = mpsc::unbounded_channel();
         let events = self.events.clone();
-        let blocks = self.shared.blocks.subscribe();
+        let Some(out) = self.shared.subscribe_out(&self.name) else {
+            return;
+        };
         let shared = self.shared.clone();
         let remote = SocketAddr::from((self.address, config.port));
         let task = tokio::spawn(async move {
@@ -212,7 +217,7 @@ impl Peer {
                 },
             };
             let _ = stream.set_nodelay(true);
-            connection::run(stream, params, ctl_rx, blocks, events).await;
+            connection::run(stream, params, ctl_rx, out, events).await;
         });
         self.conns.insert(
             id,
@@ -224,6 +229,7 @@ impl Peer {
                     SessionState::Active
                 },
                 ctl,
+                remote_id: None,
                 closing: false,
                 task,
             },
@@ -239,7 +245,12 @@ impl Peer {
                 }
                 self.publish_state();
             }
-            ConnEvent::OpenReceived(remote_id) => self.collision(id, remote_id),
+            ConnEvent::OpenReceived(remote_id) => {
+                if let Some(slot) = self.conns.get_mut(&id) {
+                    slot.remote_id = Some(remote_id);
+                }
+                self.collision(id, remote_id);
+            }
             ConnEvent::Established {
                 hold_time,
                 restart_time,
@@ -260,7 +271,9 @@ impl Peer {
                     .duration_since(UNIX_EPOCH)
                     .map(|d| d.as_secs())
                     .unwrap_or(0);
+                let remote_id = self.conns.get(&id).and_then(|s| s.remote_id);
                 self.shared.update_peer(&self.name, |p| {
+                    p.router_id = remote_id;
                     p.summary.established_at = Some(since);
                     p.summary.hold_time = Some(hold_time);
                     // Without graceful restart no End-of-RIB is promised.
@@ -271,6 +284,7 @@ impl Peer {
             ConnEvent::Routes {
                 announced,
                 withdrawn,
+                attributes,
             } if self.live == Some(id) => {
                 for (prefix, _) in &announced {
                     self.stale.remove(prefix);
@@ -278,11 +292,15 @@ impl Peer {
                 self.shared.update_peer(&self.name, |p| {
                     for prefix in withdrawn {
                         p.routes.remove(&prefix);
+                        p.paths.remove(&prefix);
                     }
-                    p.routes.extend(announced);
+                    for (prefix, next_hop) in announced {
+                        p.routes.insert(prefix, next_hop);
+                        p.paths.insert(prefix, attributes.clone());
+                    }
                     p.summary.prefixes_received = p.routes.len();
                 });
-                self.shared.changed.notify_one();
+                self.shared.routes_changed();
             }
             ConnEvent::Sent(n) if self.live == Some(id) => {
                 self.shared
@@ -291,7 +309,7 @@ impl Peer {
             ConnEvent::EndOfRib if self.live == Some(id) => {
                 self.shared.update_peer(&self.name, |p| p.synced = true);
                 self.drop_stale();
-                self.shared.changed.notify_one();
+                self.shared.routes_changed();
             }
             ConnEvent::Routes { .. } | ConnEvent::Sent(_) | ConnEvent::EndOfRib => {}
             ConnEvent::Down { why, notified } => {
@@ -323,6 +341,7 @@ impl Peer {
                             kept = p.routes.keys().copied().collect();
                         } else {
                             p.routes.clear();
+                            p.paths.clear();
                             p.summary.prefixes_received = 0;
                         }
                     }
@@ -335,7 +354,7 @@ impl Peer {
                 } else if was_live {
                     self.stale.clear();
                     self.stale_until = None;
-                    self.shared.changed.notify_one();
+                    self.shared.routes_changed();
                 }
                 self.publish_state();
             }
@@ -351,9 +370,10 @@ impl Peer {
         let stale = std::mem::take(&mut self.stale);
         self.shared.update_peer(&self.name, |p| {
             p.routes.retain(|prefix, _| !stale.contains(prefix));
+            p.paths.retain(|prefix, _| !stale.contains(prefix));
             p.summary.prefixes_received = p.routes.len();
         });
-        self.shared.changed.notify_one();
+        self.shared.routes_changed();
     }
 
     /// RFC 4271 §6.8: of two connections to the same neighbour, the one opened by the

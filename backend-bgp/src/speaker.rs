@@ -8,7 +8,7 @@ use std::time::Duration;
 use cni_core::linux::NetNs;
 use ipnet::Ipv4Net;
 use rustbgpd_wire::notification::{NotificationCode, cease_subcode};
-use rustbgpd_wire::{Message, NotificationMessage, encode_message};
+use rustbgpd_wire::{Message, NotificationMessage, PathAttribute, encode_message};
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
@@ -16,6 +16,7 @@ use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
 use crate::config::Config;
+use crate::connection::Out;
 use crate::error::{Error, Result};
 use crate::peer::{PeerCmd, PeerHandle};
 
@@ -28,6 +29,9 @@ pub struct Neighbor {
     /// Its AS: the node's own for iBGP (the other nodes), another for eBGP (a top-of-rack
     /// router).
     pub as_number: u32,
+    /// This node reflects routes to it (RFC 4456): it is a route-reflector client.
+    #[serde(default)]
+    pub client: bool,
 }
 
 /// One peer as the speaker reports it.
@@ -67,11 +71,19 @@ impl PeerSummary {
 }
 
 /// A peer's entry in the speaker's table.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct PeerView {
     pub summary: PeerSummary,
+    /// What the speaker knows of the neighbour.
+    pub neighbor: Neighbor,
+    /// Its BGP identifier, once a session came up.
+    pub router_id: Option<Ipv4Addr>,
     /// Prefix → next hop, from the Established connection (Adj-RIB-In).
     pub routes: BTreeMap<Ipv4Net, Ipv4Addr>,
+    /// Prefix → path attributes as received (for reflection).
+    pub paths: BTreeMap<Ipv4Net, Arc<Vec<PathAttribute>>>,
+    /// What the peer is to have from this node (Adj-RIB-Out).
+    pub out: watch::Sender<Out>,
     /// The peer has sent all its routes once (End-of-RIB, or a session without graceful
     /// restart came up).
     pub synced: bool,
@@ -97,6 +109,55 @@ impl Shared {
     fn table(&self) -> MutexGuard<'_, BTreeMap<String, (PeerView, PeerHandle)>> {
         // A panic while holding the lock leaves plain data behind: still usable.
         self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// What the peer `name` is to have, to follow: `None` when it is no longer configured.
+    pub fn subscribe_out(&self, name: &str) -> Option<watch::Receiver<Out>> {
+        self.table().get(name).map(|(v, _)| v.out.subscribe())
+    }
+
+    /// A peer's routes changed: recomputes what every peer is to have and wakes the
+    /// installer.
+    pub fn routes_changed(&self) {
+        self.refresh_out();
+        self.changed.notify_one();
+    }
+
+    /// Recomputes what every peer is to have: the node's blocks and, on a route reflector
+    /// (RFC 4456), the iBGP routes of the other peers: a client's to every iBGP peer, a
+    /// non-client's to the clients; with ORIGINATOR_ID and this cluster in CLUSTER_LIST.
+    pub fn refresh_out(&self) {
+        let table = self.table();
+        let own: Out = self.blocks.borrow().iter().map(|b| (*b, None)).collect();
+        let local_as = self.config.as_number;
+        for (name, (view, _)) in table.iter() {
+            let mut out = own.clone();
+            if let Some(cluster) = self.config.route_reflector_cluster_id
+                && view.neighbor.as_number == local_as
+            {
+                for (other_name, (other, _)) in table.iter() {
+                    if other_name == name
+                        || other.neighbor.as_number != local_as
+                        || !(other.neighbor.client || view.neighbor.client)
+                    {
+                        continue;
+                    }
+                    let originator = other.router_id.unwrap_or(other.neighbor.address);
+                    for (prefix, attrs) in &other.paths {
+                        if out.contains_key(prefix) {
+                            continue;
+                        }
+                        let reflected = reflect(attrs, originator, cluster);
+                        out.insert(*prefix, Some(Arc::new(reflected)));
+                    }
+                }
+            }
+            view.out.send_if_modified(|o| {
+                let changed = *o != out;
+                *o = out;
+                changed
+            });
+        }
     }
 
     /// Changes the entry of the peer `name`, if it is still configured.
@@ -134,6 +195,25 @@ impl Shared {
             .find(|(view, _)| view.summary.address.map(IpAddr::V4) == Some(ip))
             .map(|(_, handle)| handle.cmds.clone())
     }
+}
+
+/// A route as a reflector passes it on: ORIGINATOR_ID kept or set to the peer it came
+/// from, this cluster first in CLUSTER_LIST.
+fn reflect(attrs: &[PathAttribute], originator: Ipv4Addr, cluster: Ipv4Addr) -> Vec<PathAttribute> {
+    let mut originator_id = originator;
+    let mut clusters = Vec::new();
+    let mut out = Vec::with_capacity(attrs.len() + 2);
+    for a in attrs {
+        match a {
+            PathAttribute::OriginatorId(id) => originator_id = *id,
+            PathAttribute::ClusterList(list) => clusters.clone_from(list),
+            other => out.push(other.clone()),
+        }
+    }
+    clusters.insert(0, cluster);
+    out.push(PathAttribute::OriginatorId(originator_id));
+    out.push(PathAttribute::ClusterList(clusters));
+    out
 }
 
 /// The peers that have not sent all their routes yet since the speaker started: address →
@@ -230,11 +310,14 @@ impl Speaker {
 
     /// Announces exactly `blocks` to every peer (withdrawing what is no longer there).
     pub fn set_blocks(&self, blocks: Vec<Ipv4Net>) {
-        self.shared.blocks.send_if_modified(|b| {
+        let changed = self.shared.blocks.send_if_modified(|b| {
             let changed = *b != blocks;
             *b = blocks;
             changed
         });
+        if changed {
+            self.shared.refresh_out();
+        }
     }
 
     /// Makes the peer set `peers` (name → address): new peers get a session, peers gone
@@ -245,10 +328,7 @@ impl Speaker {
         let mut table = self.shared.table();
         let stale: Vec<String> = table
             .iter()
-            .filter(|(name, (view, _))| {
-                peers.get(*name).map(|n| (Some(n.address), n.as_number))
-                    != Some((view.summary.address, view.summary.as_number))
-            })
+            .filter(|(name, (view, _))| peers.get(*name) != Some(&view.neighbor))
             .map(|(name, _)| name.clone())
             .collect();
         let mut routes_gone = false;
@@ -271,12 +351,18 @@ impl Speaker {
                     state: "idle".into(),
                     ..PeerSummary::default()
                 },
+                neighbor: *neighbor,
+                router_id: None,
                 routes: BTreeMap::new(),
+                paths: BTreeMap::new(),
+                out: watch::channel(Out::new()).0,
                 synced: false,
             };
             let handle = PeerHandle::spawn(self.shared.clone(), name.clone(), *neighbor);
             table.insert(name.clone(), (view, handle));
         }
+        drop(table);
+        self.shared.refresh_out();
         routes_gone
     }
 

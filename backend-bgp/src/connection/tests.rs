@@ -21,7 +21,7 @@ struct Harness {
     buf: BytesMut,
     events: mpsc::UnboundedReceiver<(u64, ConnEvent)>,
     ctl: mpsc::UnboundedSender<Ctl>,
-    blocks: watch::Sender<Vec<Ipv4Net>>,
+    out: watch::Sender<Out>,
 }
 
 fn start(outgoing: bool) -> Harness {
@@ -39,18 +39,24 @@ fn start_with(outgoing: bool, remote_as: u32) -> Harness {
         peer: config,
         next_hop: US,
         outgoing,
+        cluster_id: None,
     };
     let (ctl, ctl_rx) = mpsc::unbounded_channel();
     let (events_tx, events) = mpsc::unbounded_channel();
-    let (blocks, blocks_rx) = watch::channel(vec![net("10.244.1.0/26")]);
-    tokio::spawn(run(ours, params, ctl_rx, blocks_rx, events_tx));
+    let (out, out_rx) = watch::channel(own(&["10.244.1.0/26"]));
+    tokio::spawn(run(ours, params, ctl_rx, out_rx, events_tx));
     Harness {
         peer,
         buf: BytesMut::new(),
         events,
         ctl,
-        blocks,
+        out,
     }
+}
+
+/// The node's own blocks as an Adj-RIB-Out.
+fn own(blocks: &[&str]) -> Out {
+    blocks.iter().map(|b| (net(b), None)).collect()
 }
 
 fn open(asn: u32, hold: u16) -> Message {
@@ -115,6 +121,21 @@ impl Harness {
             if self.peer.read_buf(&mut self.buf).await.unwrap() == 0 {
                 return None;
             }
+        }
+    }
+
+    /// The next routes the connection reports: (announced, withdrawn).
+    async fn routes(&mut self) -> (Vec<(Ipv4Net, Ipv4Addr)>, Vec<Ipv4Net>) {
+        match self
+            .event_where(|e| matches!(e, ConnEvent::Routes { .. }))
+            .await
+        {
+            ConnEvent::Routes {
+                announced,
+                withdrawn,
+                ..
+            } => (announced, withdrawn),
+            _ => unreachable!("only routes are taken"),
         }
     }
 
@@ -218,11 +239,11 @@ async fn establishes_announces_and_learns() {
     h.send(&update(&["10.244.2.0/26", "10.244.3.0/26"], &[], THEM))
         .await;
     assert_eq!(
-        h.event().await,
-        ConnEvent::Routes {
-            announced: vec![(net("10.244.2.0/26"), THEM), (net("10.244.3.0/26"), THEM)],
-            withdrawn: vec![]
-        }
+        h.routes().await,
+        (
+            vec![(net("10.244.2.0/26"), THEM), (net("10.244.3.0/26"), THEM)],
+            vec![]
+        )
     );
     h.send(&Message::Update(UpdateMessage {
         withdrawn_routes: Bytes::new(),
@@ -232,16 +253,10 @@ async fn establishes_announces_and_learns() {
     .await;
     assert_eq!(h.event().await, ConnEvent::EndOfRib);
     h.send(&update(&[], &["10.244.3.0/26"], THEM)).await;
-    assert_eq!(
-        h.event().await,
-        ConnEvent::Routes {
-            announced: vec![],
-            withdrawn: vec![net("10.244.3.0/26")]
-        }
-    );
+    assert_eq!(h.routes().await, (vec![], vec![net("10.244.3.0/26")]));
 
     // The node's blocks change: one withdrawal, one announcement.
-    h.blocks.send(vec![net("10.244.9.0/26")]).unwrap();
+    h.out.send(own(&["10.244.9.0/26"])).unwrap();
     let (_, wd, _) = announced(&match h.recv().await {
         Some(Message::Update(u)) => u,
         other => panic!("{other:?}"),
@@ -347,13 +362,7 @@ async fn malformed_updates_withdraw_or_reset_as_rfc_7606_says() {
         nlri: Bytes::from_static(&[26, 10, 244, 2, 0]),
     };
     h.send(&Message::Update(bad)).await;
-    assert_eq!(
-        h.event().await,
-        ConnEvent::Routes {
-            announced: vec![],
-            withdrawn: vec![net("10.244.2.0/26")]
-        }
-    );
+    assert_eq!(h.routes().await, (vec![], vec![net("10.244.2.0/26")]));
     // No NEXT_HOP with NLRI: a missing well-known attribute, treat-as-withdraw too.
     h.send(&update(&["10.244.4.0/26"], &[], THEM)).await;
     h.event_where(|e| matches!(e, ConnEvent::Routes { .. }))
@@ -367,13 +376,7 @@ async fn malformed_updates_withdraw_or_reset_as_rfc_7606_says() {
         nlri: Bytes::from_static(&[26, 10, 244, 4, 0]),
     };
     h.send(&Message::Update(bad)).await;
-    assert_eq!(
-        h.event().await,
-        ConnEvent::Routes {
-            announced: vec![],
-            withdrawn: vec![net("10.244.4.0/26")]
-        }
-    );
+    assert_eq!(h.routes().await, (vec![], vec![net("10.244.4.0/26")]));
     // An NLRI that cannot be parsed (prefix length 33): Invalid Network Field, reset.
     let bad = UpdateMessage {
         withdrawn_routes: Bytes::new(),
@@ -469,21 +472,11 @@ async fn ebgp_prepends_our_as_and_ignores_paths_through_it() {
     };
     h.send(&ebgp_update("10.99.0.0/16", vec![65000])).await;
     assert_eq!(
-        h.event_where(|e| matches!(e, ConnEvent::Routes { .. }))
-            .await,
-        ConnEvent::Routes {
-            announced: vec![(net("10.99.0.0/16"), THEM)],
-            withdrawn: vec![]
-        }
+        h.routes().await,
+        (vec![(net("10.99.0.0/16"), THEM)], vec![])
     );
     // Our own AS in the path: a loop, never installed.
     h.send(&ebgp_update("10.244.7.0/26", vec![65000, 64512]))
         .await;
-    assert_eq!(
-        h.event().await,
-        ConnEvent::Routes {
-            announced: vec![],
-            withdrawn: vec![net("10.244.7.0/26")]
-        }
-    );
+    assert_eq!(h.routes().await, (vec![], vec![net("10.244.7.0/26")]));
 }
