@@ -13,8 +13,8 @@
 //! `"routing": "ipip"` reads its keys from `"ipip": { "mode": "always" | "crossSubnet",
 //! "device": "cnikit.ipip", "mtu": … }`; `"routing": "bgp"` from `"bgp": { "asNumber":
 //! 64512, "port": 179, "holdTime": 90, "connectRetry": 2, "gracefulRestart": true,
-//! "restartTime": 120, "listenAddress": …, "globalPeers": [{"address": …, "asNumber": …}]
-//! }` (see [`backend_bgp::Config`] when the `bgp` feature is on).
+//! "restartTime": 120, "listenAddress": …, "globalPeers": [{"address": …, "asNumber": …}],
+//! "routeReflectorClusterId": … }` (see [`backend_bgp::Config`] when the `bgp` feature is on).
 //!
 //! The node registry lives in the same datastore as the IPAM: the file store (shared by
 //! nodes that share a filesystem, such as the lab's namespaces) or etcd.

@@ -7,7 +7,11 @@
 //! node registry, the routes come over BGP. Routers outside the cluster (a top-of-rack
 //! router in its own AS) are configured as [`GlobalPeer`]s: every node peers with them over
 //! eBGP, announces its blocks with its AS in the path, and installs what they announce.
-//! Route reflection and the BIRD engine are not here yet.
+//! Past a few dozen nodes a full mesh has too many sessions: a node configured with a
+//! `routeReflectorClusterId` becomes a route reflector (RFC 4456), publishes it in its
+//! node record ([`ROUTE_REFLECTOR_KEY`]), peers with every node and reflects their routes
+//! (ORIGINATOR_ID, CLUSTER_LIST, reflected loops dropped); the other nodes then peer with
+//! the reflectors only. The BIRD engine is not here yet.
 //!
 //! ## Modules
 //! - [`Bgp`]: the [`CrossNodeRouting`](cni_core::routing::CrossNodeRouting)

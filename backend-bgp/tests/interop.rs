@@ -532,3 +532,97 @@ async fn a_gobgpd_top_of_rack_router_peers_over_ebgp() {
     .await;
     speakers[1].teardown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn our_route_reflector_serves_three_bird2_clients() {
+    if !tools(
+        "bgp route reflection for bird2",
+        &[("bird", "bird2"), ("birdc", "bird2")],
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let net = Net::new("bgprr");
+    let ours = net.node("rr", "192.168.77.11/24");
+    let mut birds = Vec::new();
+    for i in 1..=3u8 {
+        let address = format!("192.168.77.1{}", i + 1);
+        let ns = net.node(&format!("bird{i}"), &format!("{address}/24"));
+        let sub = dir.path().join(format!("bird{i}"));
+        std::fs::create_dir(&sub).unwrap();
+        let conf = bird_conf(&sub, "192.168.77.11", &address, "");
+        // Each client announces its own block.
+        let text = std::fs::read_to_string(&conf)
+            .unwrap()
+            .replace("10.244.20.0/26", &format!("10.244.2{i}.0/26"));
+        std::fs::write(&conf, text).unwrap();
+        let sock = sub.join("bird.ctl").to_str().unwrap().to_owned();
+        let daemon = Daemon::spawn(
+            "bird",
+            &ns,
+            &["bird", "-f", "-c", conf.to_str().unwrap(), "-s", &sock],
+            &sub.join("bird.log"),
+        );
+        birds.push((ns, address, sock, daemon));
+    }
+    let config = backend_bgp::Config {
+        route_reflector_cluster_id: Some("10.0.0.1".parse().unwrap()),
+        ..config(179)
+    };
+    let mut bgp = speaker(
+        &ours,
+        config,
+        &local("rr", "192.168.77.11/24", &["10.244.1.0/26"]),
+    )
+    .await;
+    let records: Vec<_> = (1..=3)
+        .map(|i| record(&format!("bird{i}"), &format!("192.168.77.1{}", i + 1)))
+        .collect();
+    bgp.reconcile(&records).await.unwrap();
+    assert_eq!(
+        bgp.node_data()
+            .get(backend_bgp::ROUTE_REFLECTOR_KEY)
+            .map(String::as_str),
+        Some("10.0.0.1"),
+        "the other nodes learn from the registry that this one reflects"
+    );
+
+    // Every block everywhere: the clients' blocks reflected with their own next hops.
+    let block = |i: usize| format!("10.244.2{i}.0/26");
+    let all: Vec<(String, String)> = (1..=3)
+        .map(|i| r(&block(i), &format!("192.168.77.1{}", i + 1)))
+        .collect();
+    wait_routes(&ours, "107", SECS, |now| now == all).await;
+    for (i, (ns, _, _, _)) in birds.iter().enumerate() {
+        let mut want: Vec<_> = all
+            .iter()
+            .filter(|(b, _)| *b != block(i + 1))
+            .cloned()
+            .collect();
+        want.push(r("10.244.1.0/26", "192.168.77.11"));
+        want.sort();
+        wait_routes(ns, "bird", SECS, |now| now == want).await;
+    }
+    // As RFC 4456 says: the originator and this cluster on the reflected route.
+    let (ns, _, sock, _) = &birds[0];
+    let shown = try_in(ns, &birdc(sock, &["show", "route", "all", &block(3)])).unwrap();
+    assert!(
+        shown.contains("BGP.originator_id: 192.168.77.14"),
+        "{shown}"
+    );
+    assert!(shown.contains("BGP.cluster_list: 10.0.0.1"), "{shown}");
+    for p in bgp.summary() {
+        assert_eq!((p.prefixes_sent, p.prefixes_received), (3, 1), "{p:?}");
+    }
+
+    // A client withdraws its block: it goes from the other clients too.
+    let (ns2, _, sock2, _) = &birds[1];
+    try_in(ns2, &birdc(sock2, &["disable", "pods"])).expect("birdc disable");
+    for (ns, _, _, _) in [&birds[0], &birds[2]] {
+        wait_routes(ns, "bird", SECS, |now| {
+            now.iter().all(|(b, _)| *b != block(2))
+        })
+        .await;
+    }
+    bgp.teardown().await.unwrap();
+}

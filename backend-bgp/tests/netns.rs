@@ -309,3 +309,67 @@ async fn bad_peers_get_the_right_notification_and_good_sessions_stay() {
     a.teardown().await.unwrap();
     b.teardown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_peer_with_the_route_reflector_only_and_learn_every_block() {
+    if !root("bgp route reflector topology") {
+        return;
+    }
+    let net = Net::new("bgpt");
+    let nodes = [
+        ("a", "192.168.78.11/24", "10.244.1.0/26"),
+        ("b", "192.168.78.12/24", "10.244.2.0/26"),
+        ("c", "192.168.78.13/24", "10.244.3.0/26"),
+    ];
+    let mut speakers = Vec::new();
+    let mut namespaces = Vec::new();
+    let mut records = Vec::new();
+    for (i, (name, cidr, block)) in nodes.into_iter().enumerate() {
+        let ns = net.node(name, cidr);
+        let mut config = config(10179);
+        if i == 0 {
+            config.route_reflector_cluster_id = Some("10.0.0.1".parse().unwrap());
+        }
+        let bgp = speaker(&ns, config, &local(name, cidr, &[block])).await;
+        let mut rec = record(name, &addr(cidr).to_string());
+        rec.backend = bgp.node_data();
+        records.push(rec);
+        speakers.push(bgp);
+        namespaces.push(ns);
+    }
+    for s in &mut speakers {
+        s.reconcile(&records).await.unwrap();
+    }
+    // b and c peer with a only, and still have each other's block, via each other.
+    wait_routes(&namespaces[1], "107", SECS, |now| {
+        now == [
+            r("10.244.1.0/26", "192.168.78.11"),
+            r("10.244.3.0/26", "192.168.78.13"),
+        ]
+    })
+    .await;
+    wait_routes(&namespaces[2], "107", SECS, |now| {
+        now == [
+            r("10.244.1.0/26", "192.168.78.11"),
+            r("10.244.2.0/26", "192.168.78.12"),
+        ]
+    })
+    .await;
+    wait_routes(&namespaces[0], "107", SECS, |now| now.len() == 2).await;
+    let names =
+        |i: usize| -> Vec<String> { speakers[i].summary().into_iter().map(|p| p.name).collect() };
+    assert_eq!(names(0), ["b", "c"]);
+    assert_eq!(names(1), ["a"]);
+    assert_eq!(names(2), ["a"]);
+    // c leaves: b loses its block through the reflector.
+    for s in &mut speakers[..2] {
+        s.reconcile(&records[..2]).await.unwrap();
+    }
+    wait_routes(&namespaces[1], "107", SECS, |now| {
+        now == [r("10.244.1.0/26", "192.168.78.11")]
+    })
+    .await;
+    for s in &mut speakers {
+        s.teardown().await.unwrap();
+    }
+}
