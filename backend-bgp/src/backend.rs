@@ -214,7 +214,7 @@ impl<K: Kernel + 'static> Bgp<K> {
         let local_reflects = self.config.route_reflector_cluster_id.is_some();
         let mesh = !local_reflects && !others().any(reflector);
         for peer in others() {
-            if !mesh && !local_reflects && !reflector(peer) {
+            if !self.config.node_to_node_mesh || (!mesh && !local_reflects && !reflector(peer)) {
                 continue;
             }
             match peer.address {

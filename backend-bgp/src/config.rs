@@ -58,6 +58,11 @@ pub struct Config {
     /// every node and reflect the routes of their clients (the other nodes).
     #[serde(default)]
     pub route_reflector_cluster_id: Option<std::net::Ipv4Addr>,
+    /// `nodeToNodeMesh`: nodes peer with each other (a full mesh, or through the route
+    /// reflectors among them). False when external route reflectors, configured as
+    /// [`global_peers`](Config::global_peers) in the nodes' AS, do it. Default true.
+    #[serde(default = "default_true")]
+    pub node_to_node_mesh: bool,
 }
 
 /// A router every node peers with: `{"address": "192.168.1.1", "asNumber": 65000}`.
@@ -114,6 +119,7 @@ impl Default for Config {
             restart_time: DEFAULT_RESTART_TIME,
             global_peers: Vec::new(),
             route_reflector_cluster_id: None,
+            node_to_node_mesh: true,
         }
     }
 }

@@ -626,3 +626,104 @@ async fn our_route_reflector_serves_three_bird2_clients() {
     }
     bgp.teardown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gobgpd_route_reflector_serves_three_of_ours() {
+    if !tools(
+        "bgp gobgpd route reflector",
+        &[("gobgpd", "gobgpd"), ("gobgp", "gobgpd")],
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let net = Net::new("bgpgr");
+    let rr = net.node("rr", "192.168.79.1/24");
+    let mut toml = String::from(
+        r#"
+[global.config]
+  as = 64512
+  router-id = "192.168.79.1"
+  port = 179
+  local-address-list = ["192.168.79.1"]
+"#,
+    );
+    let nodes = [
+        ("a", "192.168.79.11/24", "10.244.1.0/26"),
+        ("b", "192.168.79.12/24", "10.244.2.0/26"),
+        ("c", "192.168.79.13/24", "10.244.3.0/26"),
+    ];
+    for (_, cidr, _) in nodes {
+        let n = addr(cidr);
+        toml.push_str(&format!(
+            r#"
+[[neighbors]]
+  [neighbors.config]
+    neighbor-address = "{n}"
+    peer-as = 64512
+  [neighbors.route-reflector.config]
+    route-reflector-client = true
+    route-reflector-cluster-id = "192.168.79.1"
+  [neighbors.timers.config]
+    connect-retry = 1
+    hold-time = 9
+    keepalive-interval = 3
+  [[neighbors.afi-safis]]
+    [neighbors.afi-safis.config]
+      afi-safi-name = "ipv4-unicast"
+"#
+        ));
+    }
+    let _gobgpd = gobgpd(&rr, dir.path(), &toml, "10.98.0.0/16", Some("192.168.79.1")).await;
+
+    let config = || backend_bgp::Config {
+        global_peers: vec![backend_bgp::GlobalPeer {
+            address: "192.168.79.1".parse().unwrap(),
+            as_number: 64512,
+            name: Some("rr".into()),
+        }],
+        node_to_node_mesh: false,
+        ..config(179)
+    };
+    let records: Vec<_> = nodes
+        .iter()
+        .map(|(n, cidr, _)| record(n, &addr(cidr).to_string()))
+        .collect();
+    let mut speakers = Vec::new();
+    let mut namespaces = Vec::new();
+    for (name, cidr, block) in nodes {
+        let ns = net.node(name, cidr);
+        let mut bgp = speaker(&ns, config(), &local(name, cidr, &[block])).await;
+        bgp.reconcile(&records).await.unwrap();
+        speakers.push(bgp);
+        namespaces.push(ns);
+    }
+    // Each node peers with the reflector only and has every other block via its node.
+    for (i, ns) in namespaces.iter().enumerate() {
+        let mut want: Vec<_> = nodes
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .map(|(_, (_, cidr, block))| r(block, &addr(cidr).to_string()))
+            .collect();
+        want.push(r("10.98.0.0/16", "192.168.79.1"));
+        want.sort();
+        wait_routes(ns, "107", SECS, |now| now == want).await;
+    }
+    for bgp in &speakers {
+        let summary = bgp.summary();
+        assert_eq!(summary.len(), 1, "{summary:?}");
+        assert_eq!(summary[0].name, "rr");
+        assert_eq!(summary[0].prefixes_received, 3, "{summary:?}");
+    }
+    // One node stops: the others lose its block through the reflector.
+    speakers[2].teardown().await.unwrap();
+    for ns in &namespaces[..2] {
+        wait_routes(ns, "107", SECS, |now| {
+            now.iter().all(|(b, _)| b != "10.244.3.0/26")
+        })
+        .await;
+    }
+    for bgp in &mut speakers[..2] {
+        bgp.teardown().await.unwrap();
+    }
+}
