@@ -233,17 +233,25 @@ async fn with_bird2_routes_go_both_ways_and_are_withdrawn() {
     .await;
 }
 
-/// gobgpd's configuration: `gobgp` peering with `ours` over iBGP.
-const GOBGP_CONF: &str = r#"
+/// gobgpd's configuration: router `router_id` in AS `asn`, one neighbour per
+/// `neighbors` entry (address, whether it is a route-reflector client of this router),
+/// all in AS 64512, with short timers.
+fn gobgp_conf(asn: u32, router_id: &str, neighbors: &[(&str, bool)]) -> String {
+    let mut toml = format!(
+        r#"
 [global.config]
-  as = 64512
-  router-id = "192.168.73.12"
+  as = {asn}
+  router-id = "{router_id}"
   port = 179
-  local-address-list = ["192.168.73.12"]
-
+  local-address-list = ["{router_id}"]
+"#
+    );
+    for (address, client) in neighbors {
+        toml.push_str(&format!(
+            r#"
 [[neighbors]]
   [neighbors.config]
-    neighbor-address = "192.168.73.11"
+    neighbor-address = "{address}"
     peer-as = 64512
   [neighbors.timers.config]
     connect-retry = 1
@@ -252,7 +260,19 @@ const GOBGP_CONF: &str = r#"
   [[neighbors.afi-safis]]
     [neighbors.afi-safis.config]
       afi-safi-name = "ipv4-unicast"
-"#;
+"#
+        ));
+        if *client {
+            toml.push_str(&format!(
+                r#"  [neighbors.route-reflector.config]
+    route-reflector-client = true
+    route-reflector-cluster-id = "{router_id}"
+"#
+            ));
+        }
+    }
+    toml
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_gobgpd_routes_go_both_ways_and_are_withdrawn() {
@@ -270,7 +290,7 @@ async fn with_gobgpd_routes_go_both_ways_and_are_withdrawn() {
     let _gobgpd = gobgpd(
         &peer,
         dir.path(),
-        GOBGP_CONF,
+        &gobgp_conf(64512, "192.168.73.12", &[("192.168.73.11", false)]),
         "10.244.30.0/26",
         Some("192.168.73.12"),
     )
@@ -434,32 +454,11 @@ async fn a_gobgpd_top_of_rack_router_peers_over_ebgp() {
     let dir = tempfile::tempdir().expect("tempdir");
     let net = Net::new("bgpe");
     let tor = net.node("tor", "192.168.76.1/24");
-    let mut toml = String::from(
-        r#"
-[global.config]
-  as = 65000
-  router-id = "192.168.76.1"
-  port = 179
-  local-address-list = ["192.168.76.1"]
-"#,
+    let toml = gobgp_conf(
+        65000,
+        "192.168.76.1",
+        &[("192.168.76.11", false), ("192.168.76.12", false)],
     );
-    for n in ["192.168.76.11", "192.168.76.12"] {
-        toml.push_str(&format!(
-            r#"
-[[neighbors]]
-  [neighbors.config]
-    neighbor-address = "{n}"
-    peer-as = 64512
-  [neighbors.timers.config]
-    connect-retry = 1
-    hold-time = 9
-    keepalive-interval = 3
-  [[neighbors.afi-safis]]
-    [neighbors.afi-safis.config]
-      afi-safi-name = "ipv4-unicast"
-"#
-        ));
-    }
     // The rack's own prefix, announced by the router.
     let _gobgpd = gobgpd(&tor, dir.path(), &toml, "10.99.0.0/16", None).await;
 
@@ -638,41 +637,14 @@ async fn a_gobgpd_route_reflector_serves_three_of_ours() {
     let dir = tempfile::tempdir().expect("tempdir");
     let net = Net::new("bgpgr");
     let rr = net.node("rr", "192.168.79.1/24");
-    let mut toml = String::from(
-        r#"
-[global.config]
-  as = 64512
-  router-id = "192.168.79.1"
-  port = 179
-  local-address-list = ["192.168.79.1"]
-"#,
-    );
     let nodes = [
         ("a", "192.168.79.11/24", "10.244.1.0/26"),
         ("b", "192.168.79.12/24", "10.244.2.0/26"),
         ("c", "192.168.79.13/24", "10.244.3.0/26"),
     ];
-    for (_, cidr, _) in nodes {
-        let n = addr(cidr);
-        toml.push_str(&format!(
-            r#"
-[[neighbors]]
-  [neighbors.config]
-    neighbor-address = "{n}"
-    peer-as = 64512
-  [neighbors.route-reflector.config]
-    route-reflector-client = true
-    route-reflector-cluster-id = "192.168.79.1"
-  [neighbors.timers.config]
-    connect-retry = 1
-    hold-time = 9
-    keepalive-interval = 3
-  [[neighbors.afi-safis]]
-    [neighbors.afi-safis.config]
-      afi-safi-name = "ipv4-unicast"
-"#
-        ));
-    }
+    let clients: Vec<String> = nodes.iter().map(|(_, c, _)| addr(c).to_string()).collect();
+    let clients: Vec<(&str, bool)> = clients.iter().map(|c| (c.as_str(), true)).collect();
+    let toml = gobgp_conf(64512, "192.168.79.1", &clients);
     let _gobgpd = gobgpd(&rr, dir.path(), &toml, "10.98.0.0/16", Some("192.168.79.1")).await;
 
     let config = || backend_bgp::Config {
