@@ -102,6 +102,14 @@ fn main() -> Result<()> {
 }
 
 async fn run(args: &Args, agent: &Path, plugin: &Path) -> Result<()> {
+    // Making an ipip device loads the module, which adds tunl0 to the machine's own
+    // namespace: only where it is loaded already, or in the test VM.
+    ensure!(
+        !args.modes.iter().any(|m| m == "ipip") || testkit::vm::kernel_has_link_kind("ipip"),
+        "--mode ipip needs the kernel's ipip module, and this kernel has none loaded (loading \
+         it would add tunl0 to the machine's own namespace): run it in the test VM, \
+         sudo scripts/vm.sh --mem 2G -- target/release/examples/bench_throughput --mode ipip"
+    );
     let mut rows = Vec::new();
     for mode in &args.modes {
         eprintln!(
