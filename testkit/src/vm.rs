@@ -193,12 +193,12 @@ pub struct VmOutput {
     pub output: String,
 }
 
-/// Runs `program args` inside the VM (scripts/vm.sh or the same logic in Rust), with `env`
-/// added, and returns its exit status and combined output.
+/// Runs `program args` inside the VM (through `scripts/vm.sh`), with `env` added, and
+/// returns its exit status and combined output.
 ///
 /// The command runs as root in the current directory, with this process's `PATH`, `HOME`,
-/// `RUST_*`, `CARGO_*` and `CNIKIT_*` variables (see `scripts/vm.sh`). An `Err` means the
-/// runner itself could not be started.
+/// locale, `RUST_*`, `CARGO_*`, `CNIKIT_*` and `LAB_*` variables (see `scripts/vm.sh`). An
+/// `Err` means the runner itself could not be started.
 pub fn run(program: &Path, args: &[&str], env: &[(&str, &str)]) -> io::Result<VmOutput> {
     let mut command = Command::new("bash");
     command.arg(script());
