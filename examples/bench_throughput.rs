@@ -22,8 +22,9 @@
 //! measurements, to inspect them (`ip netns list | grep cnkb-tput`).
 //!
 //! Needs root and iperf3. Everything happens in namespaces the benchmark creates and removes,
-//! also on failure or ctrl-c. ipip needs a kernel with the ipip module: where the machine's
-//! has none loaded, run the benchmark inside the test VM (one CPU: compare the ratios, not
+//! also on failure or ctrl-c. ipip needs a kernel with the ipip module loaded: where the
+//! machine's has none, the benchmark refuses `--mode ipip` (loading it would add `tunl0` to
+//! the machine's own namespace); run it inside the test VM (one CPU: compare the ratios, not
 //! the figures, with the other modes').
 //!
 //! ```text
