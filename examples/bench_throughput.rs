@@ -22,8 +22,9 @@
 //! measurements, to inspect them (`ip netns list | grep cnkb-tput`).
 //!
 //! Needs root and iperf3. Everything happens in namespaces the benchmark creates and removes,
-//! also on failure or ctrl-c. ipip needs a kernel with the ipip module: where the machine's
-//! has none loaded, run the benchmark inside the test VM (one CPU: compare the ratios, not
+//! also on failure or ctrl-c. ipip needs a kernel with the ipip module loaded: where the
+//! machine's has none, the benchmark refuses `--mode ipip` (loading it would add `tunl0` to
+//! the machine's own namespace); run it inside the test VM (one CPU: compare the ratios, not
 //! the figures, with the other modes').
 //!
 //! ```text
@@ -102,6 +103,14 @@ fn main() -> Result<()> {
 }
 
 async fn run(args: &Args, agent: &Path, plugin: &Path) -> Result<()> {
+    // Making an ipip device loads the module, which adds tunl0 to the machine's own
+    // namespace: only where it is loaded already, or in the test VM.
+    ensure!(
+        !args.modes.iter().any(|m| m == "ipip") || testkit::vm::kernel_has_link_kind("ipip"),
+        "--mode ipip needs the kernel's ipip module, and this kernel has none loaded (loading \
+         it would add tunl0 to the machine's own namespace): run it in the test VM, \
+         sudo scripts/vm.sh --mem 2G -- target/release/examples/bench_throughput --mode ipip"
+    );
     let mut rows = Vec::new();
     for mode in &args.modes {
         eprintln!(

@@ -20,7 +20,8 @@
 //! sudo target/release/examples/lab down
 //! ```
 //!
-//! `--mode ipip` (`--ipip-mode always|cross-subnet`) needs a kernel with the ipip module;
+//! `--mode ipip` (`--ipip-mode always|cross-subnet`) needs a kernel with the ipip module
+//! loaded (`up` refuses it otherwise: loading it would add `tunl0` to the machine's namespace);
 //! where the machine's has none loaded, run every command in one run of the test VM (the
 //! lab's state in `/run` lives as long as the VM), as `scripts/lab.sh --mode ipip` does:
 //!

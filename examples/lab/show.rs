@@ -568,16 +568,30 @@ fn explain_ipip_device(me: &NodeView, l: &Value, underlay_mtu: Option<u64>) -> S
         }
         None => "It has no address yet.".into(),
     };
+    // What the device says, not what cnikit means to make: a device made by hand shows.
+    let remote = match d["remote"].as_str() {
+        Some("any") => "remote any (each route's gateway is the outer destination)".to_owned(),
+        Some(other) => format!("remote {other} (every packet goes to it, whatever the route)"),
+        None => "remote ?".to_owned(),
+    };
+    let ttl = match d["ttl"].as_u64() {
+        Some(0) => "ttl inherit (the outer TTL is the inner packet's)".to_owned(),
+        Some(ttl) => format!("ttl {ttl}"),
+        None => "ttl ?".to_owned(),
+    };
+    let pmtudisc = if d["pmtudisc"] == true {
+        "pmtudisc on (outer packets carry don't-fragment: too big means an ICMP error to the \
+         sender, never fragments)"
+    } else {
+        "pmtudisc OFF (outer packets may be fragmented on the way)"
+    };
     format!(
         "IPIP device: local {} (this node's underlay address, the outer source), underlay \
-         link {}, remote any (each route's gateway is the outer destination), ttl inherit, \
-         pmtudisc {} (outer packets carry don't-fragment: too big means an ICMP error to the \
-         sender, never fragments); it also takes in the IPIP packets sent to {}. MTU {mtu} = \
-         {underlay} bytes of the outer IPv4 header; the pods get the same MTU, so a full-size \
-         pod packet still fits the underlay once wrapped. {address}",
+         link {}, {remote}, {ttl}, {pmtudisc}; it also takes in the IPIP packets sent to {}. \
+         MTU {mtu} = {underlay} bytes of the outer IPv4 header; the pods get the same MTU, so \
+         a full-size pod packet still fits the underlay once wrapped. {address}",
         d["local"].as_str().unwrap_or("?"),
         d["link"].as_str().unwrap_or("?"),
-        if d["pmtudisc"] == true { "on" } else { "OFF" },
         d["local"].as_str().unwrap_or("?"),
     )
 }
@@ -868,4 +882,67 @@ fn wrap(text: &str, width: usize) -> String {
     }
     out.push_str(&line);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn node() -> NodeView {
+        NodeView {
+            name: "n1".into(),
+            address: "192.168.71.11".parse().unwrap(),
+            subnet: "192.168.71.0/24".into(),
+            blocks: vec!["10.244.1.0/26".parse().unwrap()],
+            state: None,
+            vtep: None,
+            tunnel: Some("10.244.1.1".parse().unwrap()),
+            pods: Vec::new(),
+        }
+    }
+
+    /// `ip -j -d link show` of an IPIP device with `info_data`.
+    fn device(data: Value) -> Value {
+        json!({"ifname": "cnikit.ipip", "mtu": 1480, "linkinfo": {"info_kind": "ipip", "info_data": data}})
+    }
+
+    /// The explanation says what the device has, not what cnikit would have made.
+    #[test]
+    fn the_ipip_device_is_explained_from_its_parameters() {
+        let ours = explain_ipip_device(
+            &node(),
+            &device(
+                json!({"remote": "any", "local": "192.168.71.11", "link": "eth0",
+                           "ttl": 0, "pmtudisc": true}),
+            ),
+            Some(1500),
+        );
+        for says in [
+            "local 192.168.71.11",
+            "link eth0",
+            "remote any",
+            "ttl inherit",
+            "pmtudisc on",
+            "MTU 1480 = underlay MTU 1500 - 20",
+            "10.244.1.1",
+        ] {
+            assert!(ours.contains(says), "{says:?} missing from {ours}");
+        }
+        let other = explain_ipip_device(
+            &node(),
+            &device(
+                json!({"remote": "192.0.2.9", "local": "192.168.71.11", "link": "eth0",
+                           "ttl": 64, "pmtudisc": false}),
+            ),
+            Some(1500),
+        );
+        for says in ["remote 192.0.2.9", "ttl 64", "pmtudisc OFF"] {
+            assert!(other.contains(says), "{says:?} missing from {other}");
+        }
+        for not in ["remote any", "ttl inherit", "pmtudisc on"] {
+            assert!(!other.contains(not), "{not:?} in {other}");
+        }
+    }
 }

@@ -130,6 +130,24 @@ pub fn ipip_mode(
     }))
 }
 
+/// Refuses routing `mode` ipip on a kernel that cannot make an ipip device without loading
+/// the module (`has_ipip`: `testkit::vm::kernel_has_link_kind("ipip")`, true inside the test
+/// VM or with the module loaded or built in). Loading it adds `tunl0` to every namespace,
+/// the machine's own included, so the lab never does: it points to the test VM instead.
+pub fn ipip_kernel(mode: &str, has_ipip: bool) -> Result<()> {
+    if mode == cnikit::ipip::TYPE && !has_ipip {
+        bail!(
+            "--mode ipip needs the kernel's ipip module, and this kernel has none loaded: \
+             making an ipip device would load it, which adds tunl0 to the machine's own \
+             network namespace. Run the lab inside the test VM, every command in one run: \
+             sudo scripts/vm.sh --mem 2G -- sh -c 'L=target/release/examples/lab; \
+             $L up --mode ipip && $L check && $L show; $L down' (scripts/lab.sh --mode ipip \
+             does so)"
+        );
+    }
+    Ok(())
+}
+
 /// A process the lab started and must stop: identified by PID *and* start time, so that a
 /// recycled PID is never signalled.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -403,6 +421,15 @@ mod tests {
     use cnikit::ipip::Mode;
 
     use super::*;
+
+    #[test]
+    fn ipip_needs_the_module_loaded_or_the_vm() {
+        let e = ipip_kernel("ipip", false).unwrap_err().to_string();
+        assert!(e.contains("tunl0") && e.contains("scripts/vm.sh"), "{e}");
+        ipip_kernel("ipip", true).unwrap();
+        ipip_kernel("vxlan", false).unwrap();
+        ipip_kernel("host-gw", false).unwrap();
+    }
 
     #[test]
     fn ipip_mode_follows_the_flags() {

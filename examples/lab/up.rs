@@ -33,6 +33,11 @@ pub async fn up(name: &str, args: &UpArgs) -> Result<()> {
         );
     }
     let ipip_mode = state::ipip_mode(&args.mode, args.ipip_mode, args.direct_routing)?;
+    // Before anything is built: an agent making the ipip device would load the module.
+    state::ipip_kernel(
+        &args.mode,
+        args.mode != cnikit::ipip::TYPE || testkit::vm::kernel_has_link_kind("ipip"),
+    )?;
     if args.store == StoreKind::Etcd && which("etcd").is_err() {
         bail!("--store etcd needs the etcd server: apt-get install -y etcd-server");
     }

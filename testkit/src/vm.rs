@@ -69,10 +69,14 @@ pub fn in_vm() -> bool {
 ///
 /// The probe is `ip -n SCRATCH link add cnkt-probe type KIND …` with the few parameters the
 /// kind needs; "File exists" counts as present (the ipip module makes `tunl0` in every
-/// namespace). The tunnel modules (ipip, gre, sit, ip6_tunnel, ip6_gre) add their fallback
-/// device (`tunl0`, `gre0`, …) to every namespace, the root one included, when they load; so
-/// outside the VM a tunnel kind counts as present only when its module is already loaded (or
-/// built in), and the probe never makes the host load one: the test runs in the VM instead.
+/// namespace). Creating a link makes the kernel load the kind's module, and some modules add
+/// devices to the root namespace when they load: the tunnel modules their fallback device in
+/// every namespace (`tunl0`, `gre0`, `ip_vti0`, …), `dummy`, `ifb` and `bonding` theirs
+/// (`dummy0`, `ifb0`, `bond0`) in the root one. So outside the VM only the kinds whose
+/// modules add nothing are probed freely (veth, bridge, vxlan, macvlan, …); any
+/// other kind counts as present only when its module is already loaded (or built in), and
+/// an unknown kind never: the probe never makes the host load such a module, the test runs
+/// in the VM instead.
 pub fn kernel_has_link_kind(kind: &str) -> bool {
     static PROBED: OnceLock<Mutex<HashMap<String, bool>>> = OnceLock::new();
     let probed = PROBED.get_or_init(Default::default);
@@ -89,10 +93,9 @@ fn probe_link_kind(kind: &str) -> bool {
     if !nix::unistd::geteuid().is_root() {
         return false;
     }
-    if let Some(module) = fallback_device_module(kind)
-        && !in_vm()
-        && !Path::new("/sys/module").join(module).exists()
-    {
+    if !probe_here(kind, in_vm(), |module| {
+        Path::new("/sys/module").join(module).exists()
+    }) {
         return false;
     }
     let namespaces = Namespaces::new("probe");
@@ -128,14 +131,36 @@ fn probe_link_kind(kind: &str) -> bool {
     }
 }
 
-/// The module of a tunnel kind whose loading adds a fallback device to every namespace.
-fn fallback_device_module(kind: &str) -> Option<&'static str> {
+/// Whether the probe of `kind` may run here: always inside the VM; outside it, for the kinds
+/// whose modules add no device anywhere when they load, and for the others only when their
+/// module is loaded already (`module_loaded`, given a module name). Unknown kinds are never
+/// probed outside the VM: their module might add a device to the root namespace.
+fn probe_here(kind: &str, in_vm: bool, module_loaded: impl Fn(&str) -> bool) -> bool {
+    if in_vm {
+        return true;
+    }
+    match kind {
+        // Loading these modules adds no device.
+        "veth" | "bridge" | "vxlan" | "geneve" | "macvlan" | "macvtap" | "ipvlan" | "ipvtap"
+        | "vlan" | "vrf" | "wireguard" => true,
+        _ => module_of(kind).is_some_and(module_loaded),
+    }
+}
+
+/// The module of a kind whose loading adds a device to the root namespace (a tunnel's
+/// fallback device in every namespace; `dummy0`, `ifb0`, `bond0` in the root one).
+fn module_of(kind: &str) -> Option<&'static str> {
     match kind {
         "ipip" => Some("ipip"),
         "sit" => Some("sit"),
         "gre" | "gretap" | "erspan" => Some("ip_gre"),
         "ip6tnl" => Some("ip6_tunnel"),
-        "ip6gre" | "ip6gretap" => Some("ip6_gre"),
+        "ip6gre" | "ip6gretap" | "ip6erspan" => Some("ip6_gre"),
+        "vti" => Some("ip_vti"),
+        "vti6" => Some("ip6_vti"),
+        "dummy" => Some("dummy"),
+        "ifb" => Some("ifb"),
+        "bond" => Some("bonding"),
         _ => None,
     }
 }
@@ -170,12 +195,12 @@ pub struct VmOutput {
     pub output: String,
 }
 
-/// Runs `program args` inside the VM (scripts/vm.sh or the same logic in Rust), with `env`
-/// added, and returns its exit status and combined output.
+/// Runs `program args` inside the VM (through `scripts/vm.sh`), with `env` added, and
+/// returns its exit status and combined output.
 ///
 /// The command runs as root in the current directory, with this process's `PATH`, `HOME`,
-/// `RUST_*`, `CARGO_*` and `CNIKIT_*` variables (see `scripts/vm.sh`). An `Err` means the
-/// runner itself could not be started.
+/// locale, `RUST_*`, `CARGO_*`, `CNIKIT_*` and `LAB_*` variables (see `scripts/vm.sh`). An
+/// `Err` means the runner itself could not be started.
 pub fn run(program: &Path, args: &[&str], env: &[(&str, &str)]) -> io::Result<VmOutput> {
     let mut command = Command::new("bash");
     command.arg(script());
@@ -340,6 +365,40 @@ mod tests {
         assert_eq!(libtest_summary(none), Some((0, 0)));
         assert_eq!(libtest_summary("no tests here"), None);
         assert_eq!(libtest_summary(&format!("{ok}{ok}")), None);
+    }
+
+    /// Outside the VM, a kind whose module adds a device to the root namespace when it loads
+    /// is probed only with its module loaded; an unknown kind never; the VM probes anything.
+    #[test]
+    fn the_probe_never_loads_a_module_that_adds_devices_on_the_host() {
+        let none_loaded = |_: &str| false;
+        for kind in ["veth", "bridge", "vxlan", "macvlan"] {
+            assert!(probe_here(kind, false, none_loaded), "{kind}");
+        }
+        for kind in [
+            "ipip",
+            "gre",
+            "vti",
+            "vti6",
+            "ip6erspan",
+            "dummy",
+            "ifb",
+            "bond",
+            "cnkt-unknown",
+        ] {
+            assert!(
+                !probe_here(kind, false, none_loaded),
+                "{kind} probed on the host"
+            );
+            assert!(
+                probe_here(kind, true, none_loaded),
+                "{kind} not probed in the VM"
+            );
+        }
+        assert!(probe_here("dummy", false, |m| m == "dummy"));
+        assert!(probe_here("vti", false, |m| m == "ip_vti"));
+        assert!(!probe_here("vti", false, |m| m == "vti"));
+        assert!(!probe_here("cnkt-unknown", false, |_| true));
     }
 
     #[test]
