@@ -29,6 +29,7 @@
 //! sudo scripts/vm.sh --mem 2G -- sh -c 'L=target/release/examples/lab; $L up --mode ipip && $L check && $L show; $L down'
 //! ```
 
+mod bgp;
 mod check;
 mod cni;
 mod down;
@@ -105,7 +106,7 @@ enum Cmd {
 
 #[derive(Args, Clone)]
 pub struct UpArgs {
-    /// Routing mode, the conflist's `routing` (host-gw, vxlan, ipip).
+    /// Routing mode, the conflist's `routing` (host-gw, vxlan, ipip, bgp).
     #[arg(long)]
     pub mode: String,
     /// Number of nodes.

@@ -1,6 +1,6 @@
 //! The routing modes the lab knows: what each adds to the conflist and how `show` explains
-//! it. A mode is a string passed through to the conflist's `routing`; a new mode (bgp,
-//! ebpf) is one more row in [`MODES`], plus explanations for its own devices in
+//! it. A mode is a string passed through to the conflist's `routing`; a new mode (ebpf)
+//! is one more row in [`MODES`], plus explanations for its own devices in
 //! `show.rs` if it makes any.
 
 use serde_json::{Map, Value, json};
@@ -16,6 +16,12 @@ pub const VXLAN_PORT: u16 = cnikit::vxlan::DEFAULT_PORT;
 
 /// The IPIP device name the lab configures (the backend's default).
 pub const IPIP_DEVICE: &str = cnikit::ipip::DEFAULT_DEVICE;
+
+/// The AS of every lab node in `bgp` mode (the backend's default, iBGP full mesh).
+pub const BGP_AS: u32 = cnikit::bgp::DEFAULT_AS;
+/// Seconds between a `bgp` lab speaker's connection attempts: the backend's default is 2;
+/// 1 lets a fresh lab, whose speakers start one after the other, converge sooner.
+pub const BGP_CONNECT_RETRY: u16 = 1;
 
 /// One routing mode.
 pub struct Mode {
@@ -79,6 +85,26 @@ pub const MODES: &[Mode] = &[
             keys.insert(
                 "ipip".into(),
                 json!({ "mode": mode.as_str(), "device": IPIP_DEVICE }),
+            );
+            keys
+        },
+    },
+    Mode {
+        name: cnikit::bgp::TYPE,
+        about: "bgp: no encapsulation, and the routes come over BGP, not from the node \
+                registry. Each node's agent runs a BGP-4 speaker (TCP 179 on its underlay \
+                address, AS 64512, iBGP full mesh: one session with every peer the registry \
+                lists) that announces the node's blocks with NEXT_HOP = its underlay address \
+                and installs what the peers announce as `BLOCK via PEER dev eth0 proto 107`, \
+                as Calico's BIRD does; like host-gw, that needs the peers on this L2 segment. \
+                A route lives as long as its session: a withdrawn block or a closed session \
+                takes it away; a node that leaves the registry has its session closed at \
+                once. The sessions and what they carry are in the node state (`routing`).",
+        keys: |_| {
+            let mut keys = Map::new();
+            keys.insert(
+                "bgp".into(),
+                json!({ "asNumber": BGP_AS, "connectRetry": BGP_CONNECT_RETRY }),
             );
             keys
         },

@@ -14,9 +14,9 @@ use cnikit::core::state::NodeState;
 use ipnet::IpNet;
 use serde_json::Value;
 
-use crate::modes;
 use crate::net::{self, NODE_NIC, bridge_json, ip_json};
 use crate::state::{self, Lab, Node};
+use crate::{bgp, modes};
 
 /// A pod as `show` needs it.
 #[derive(Debug, Clone)]
@@ -261,6 +261,9 @@ fn explain_route(c: &Cluster, me: &NodeView, r: &Value) -> String {
     }
     if proto == "107" {
         let owner = c.node_of_block(dst).map(|n| n.name.as_str()).unwrap_or("?");
+        if c.mode == cnikit::bgp::TYPE {
+            return explain_bgp_route(me, owner, dst, gw, dev);
+        }
         if dev == modes::VXLAN_DEVICE {
             return format!(
                 "VXLAN route to {owner}'s block via {owner}'s VTEP {gw}; onlink because the \
@@ -337,11 +340,38 @@ fn explain_route(c: &Cluster, me: &NodeView, r: &Value) -> String {
                 "host-gw" => " (host-gw cannot route their blocks: reported unroutable)",
                 "vxlan" => " (VXLAN's UDP packets to them take this route)",
                 "ipip" => " (IPIP's outer packets to them take this route)",
+                "bgp" => " (BGP installs no next hop behind it: reported unroutable)",
                 _ => "",
             }
         );
     }
     "a route not made by cnikit or the lab".into()
+}
+
+/// What a route the BGP speaker installed is for: which session brought it.
+fn explain_bgp_route(me: &NodeView, owner: &str, dst: &str, gw: &str, dev: &str) -> String {
+    let report = me.state.as_ref().and_then(bgp::report);
+    let Some(peer) = report
+        .as_ref()
+        .and_then(|r| bgp::learned_from(r, dst, gw))
+    else {
+        return "a route of the agent (proto 107) that its BGP report does not list: left \
+                from an earlier run (a restarted speaker keeps them until its peers have told \
+                again what they have) or the report is older than the route"
+            .into();
+    };
+    let whose = if owner == peer {
+        "its".to_owned()
+    } else {
+        format!("{owner}'s")
+    };
+    format!(
+        "learned over BGP from {peer}: {peer} announced {whose} block {dst} with NEXT_HOP \
+         {gw} (its underlay address) and the speaker put it here (proto 107: the agent's). \
+         {gw} is on {dev}'s segment, so the packet goes to {owner}'s MAC as it is, no \
+         encapsulation. Without it the pods of {owner} are unreachable from here; it goes \
+         when {peer} withdraws the block or the session ends"
+    )
 }
 
 /// What a route inside a pod is for.
@@ -390,6 +420,7 @@ fn explain_neigh(c: &Cluster, n: &Value) -> String {
             match c.mode.as_str() {
                 "vxlan" => "VXLAN's UDP packets",
                 "ipip" => "IPIP's outer packets (and crossSubnet's direct routes)",
+                "bgp" => "the routes BGP learned, and of the BGP session itself (TCP 179)",
                 _ => "host-gw routes",
             },
             peer.name
@@ -646,6 +677,26 @@ fn ipip_peers(c: &Cluster, me: &NodeView, routes: &[Value]) {
     }
 }
 
+/// Each BGP session of a node, then what its speaker could not install.
+fn bgp_sessions(report: &cnikit::bgp::Report) {
+    println!(
+        "BGP sessions (AS {}, router id {}, listening on {}):",
+        report.as_number, report.router_id, report.listen
+    );
+    if report.peers.is_empty() {
+        println!("  (none: no peer in the registry)");
+    }
+    for p in &report.peers {
+        item(
+            &bgp::session_line(p),
+            &bgp::session_why(p, report.as_number, modes::BGP_CONNECT_RETRY),
+        );
+    }
+    for (peer, why) in &report.unroutable {
+        println!("  NOT INSTALLED from {peer}: {why}");
+    }
+}
+
 fn link_line(l: &Value) -> String {
     let addrs: Vec<String> = l["addr_info"]
         .as_array()
@@ -798,6 +849,9 @@ async fn show_node(c: &Cluster, node: &Node, me: &NodeView) -> Result<()> {
             "  ({multicast} multicast entries 33:33:… / 01:00:5e:… not shown: the IPv4/IPv6 \
              multicast groups each device joined, not cnikit's)"
         );
+    }
+    if let Some(report) = me.state.as_ref().and_then(bgp::report) {
+        bgp_sessions(&report);
     }
     match &me.state {
         Some(st) => {

@@ -4,7 +4,7 @@ use anyhow::Result;
 use serde_json::json;
 
 use crate::state::Lab;
-use crate::{cni, net, procs};
+use crate::{bgp, cni, net, procs};
 
 /// `status`: the nodes, their agents and readiness, the pods, etcd.
 pub async fn status(name: &str, as_json: bool) -> Result<()> {
@@ -97,6 +97,13 @@ pub async fn status(name: &str, as_json: bool) -> Result<()> {
                 format!("NOT READY: {}", n["notReady"].as_str().unwrap_or("?"))
             }
         );
+        if let Ok(report) =
+            serde_json::from_value::<cnikit::bgp::Report>(n["nodeState"]["routing"].clone())
+        {
+            for peer in &report.peers {
+                println!("  BGP session {}", bgp::session_line(peer));
+            }
+        }
         for p in n["pods"].as_array().into_iter().flatten() {
             println!(
                 "  {} {}",

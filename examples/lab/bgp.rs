@@ -1,0 +1,153 @@
+//! What `show` and `status` say about a `bgp` node: its sessions and the routes they
+//! brought, read from the `routing` report the agent writes into the node state file.
+
+use std::time::Duration;
+
+use cnikit::bgp::{PeerSummary, Report};
+use cnikit::core::state::NodeState;
+
+/// The BGP report in a node state, if the node runs the `bgp` mode and its speaker is up.
+pub fn report(state: &NodeState) -> Option<Report> {
+    serde_json::from_value(state.routing.clone()?).ok()
+}
+
+/// One session as `birdc show protocols` would sum it up: `node2 172.30.1.12 AS 64512
+/// established 12s, hold 90 s, prefixes sent 1 received 1`.
+pub fn session_line(p: &PeerSummary) -> String {
+    let address = p
+        .address
+        .map(|a| a.to_string())
+        .unwrap_or_else(|| "?".into());
+    let since = match p.uptime() {
+        Some(up) if p.state == "established" => format!(" for {}", uptime(up)),
+        _ => String::new(),
+    };
+    let hold = p
+        .hold_time
+        .map(|h| format!(", hold {h} s"))
+        .unwrap_or_default();
+    format!(
+        "{} {address} AS {} {}{since}{hold}, prefixes sent {} received {}",
+        p.name, p.as_number, p.state, p.prefixes_sent, p.prefixes_received
+    )
+}
+
+/// What a session means for this node.
+pub fn session_why(p: &PeerSummary, local_as: u32, connect_retry: u16) -> String {
+    let kind = if p.as_number == local_as {
+        "iBGP (same AS; full mesh, so every node has a session with every other)"
+    } else {
+        "eBGP (another AS)"
+    };
+    if p.state == "established" {
+        return format!(
+            "{kind}: this node told {} about its {} block(s) and heard of {} of {}'s; each \
+             block heard is a route below `BLOCK via {} dev eth0 proto 107`, there as long as \
+             this session is",
+            p.name,
+            p.prefixes_sent,
+            p.prefixes_received,
+            p.name,
+            p.address
+                .map(|a| a.to_string())
+                .unwrap_or_else(|| "PEER".into())
+        );
+    }
+    format!(
+        "{kind}, NOT established (state {}): no route to {}'s pods until it is; the speaker \
+         tries again every {connect_retry} s{}",
+        p.state,
+        p.name,
+        p.last_error
+            .as_ref()
+            .map(|e| format!("; last error: {e}"))
+            .unwrap_or_default()
+    )
+}
+
+/// The peer that brought `dst via gw` into the kernel, according to the report.
+pub fn learned_from<'r>(report: &'r Report, dst: &str, gw: &str) -> Option<&'r str> {
+    let route = format!("{dst} via {gw}");
+    report
+        .installed
+        .iter()
+        .find(|(_, routes)| routes.contains(&route))
+        .map(|(peer, _)| peer.as_str())
+}
+
+/// `1h02m`, `3m05s`, `12s`.
+fn uptime(d: Duration) -> String {
+    let s = d.as_secs();
+    match (s / 3600, s / 60 % 60, s % 60) {
+        (0, 0, s) => format!("{s}s"),
+        (0, m, s) => format!("{m}m{s:02}s"),
+        (h, m, _) => format!("{h}h{m:02}m"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(state: &str) -> PeerSummary {
+        PeerSummary {
+            name: "node2".into(),
+            address: Some("172.30.1.12".parse().unwrap()),
+            as_number: 64512,
+            state: state.into(),
+            established_at: Some(0),
+            hold_time: Some(90),
+            prefixes_sent: 1,
+            prefixes_received: 2,
+            last_error: Some("connection refused".into()),
+        }
+    }
+
+    #[test]
+    fn a_session_is_one_line_with_its_counts() {
+        let line = session_line(&peer("established"));
+        assert!(
+            line.starts_with("node2 172.30.1.12 AS 64512 established for "),
+            "{line}"
+        );
+        assert!(
+            line.ends_with(", hold 90 s, prefixes sent 1 received 2"),
+            "{line}"
+        );
+        let why = session_why(&peer("established"), 64512, 1);
+        assert!(why.starts_with("iBGP"), "{why}");
+        assert!(why.contains("via 172.30.1.12 dev eth0 proto 107"), "{why}");
+        let down = session_why(&peer("active"), 64512, 1);
+        assert!(down.contains("NOT established (state active)"), "{down}");
+        assert!(down.contains("last error: connection refused"), "{down}");
+        assert!(!session_line(&peer("active")).contains(" for "));
+    }
+
+    #[test]
+    fn uptime_is_short() {
+        assert_eq!(uptime(Duration::from_secs(12)), "12s");
+        assert_eq!(uptime(Duration::from_secs(185)), "3m05s");
+        assert_eq!(uptime(Duration::from_secs(3720)), "1h02m");
+    }
+
+    #[test]
+    fn a_route_is_traced_to_its_peer() {
+        let report = Report {
+            as_number: 64512,
+            router_id: "172.30.1.11".parse().unwrap(),
+            listen: "172.30.1.11:179".into(),
+            peers: vec![peer("established")],
+            installed: [(
+                "node2".to_owned(),
+                vec!["10.244.0.64/26 via 172.30.1.12".to_owned()],
+            )]
+            .into(),
+            unroutable: Default::default(),
+        };
+        assert_eq!(
+            learned_from(&report, "10.244.0.64/26", "172.30.1.12"),
+            Some("node2")
+        );
+        assert_eq!(learned_from(&report, "10.244.0.64/26", "172.30.1.13"), None);
+    }
+}
