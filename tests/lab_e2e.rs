@@ -347,6 +347,23 @@ fn lifecycle(test: &str, tag: &str, mode: &str) {
         let tunnelled = assert_ipip_routes(&status);
         assert_eq!(tunnelled, 6, "each of 3 nodes tunnels to its 2 peers");
     }
+    if mode == "bgp" {
+        for needle in [
+            "BGP sessions (AS 64512, router id 172.30.1.",
+            "learned over BGP from node",
+            "with NEXT_HOP 172.30.1.",
+            "iBGP (same AS",
+        ] {
+            assert!(show.contains(needle), "show lacks {needle:?}:\n{show}");
+        }
+        let status = assert_bgp_sessions(&lab, 2);
+        assert_eq!(
+            assert_block_routes(&status, |_, _| false),
+            0,
+            "BGP routes nothing through a tunnel"
+        );
+        assert_bgp_listening(&status);
+    }
 
     // node-del node3: its entries must vanish from node1 and node2.
     let before = lab.status();
@@ -434,16 +451,84 @@ fn lifecycle(test: &str, tag: &str, mode: &str) {
         "node3 is gone from the lab"
     );
 
+    if mode == "bgp" {
+        // The survivors and the newcomer listen; `down` must take their sockets away with
+        // their agents and namespaces.
+        let status = assert_bgp_sessions(&lab, 2);
+        assert_bgp_listening(&status);
+    }
     lab.down_and_verify();
 }
 
-/// Checks the agents' routes (protocol 107) on every node of an ipip lab against the
-/// topology: a route per peer block, through `cnikit.ipip` (`onlink`, via the peer's
-/// underlay address) when the lab's IPIP mode is `always` or the peer is on another
-/// underlay subnet, else through `eth0` without `onlink`; no other route of the agent.
-/// Returns the number of tunnel routes.
+/// Waits (10 s at most: the agents rewrite their node state within a block poll) until
+/// every node's BGP report lists `peers` sessions, all Established with one prefix sent and
+/// one received (a /26 block per node); returns that status.
+fn assert_bgp_sessions(lab: &Lab, peers: usize) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = lab.status();
+        let mut wrong = Vec::new();
+        for n in status["nodes"].as_array().expect("nodes") {
+            let sessions = n["nodeState"]["routing"]["peers"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            let good = sessions
+                .iter()
+                .filter(|s| {
+                    s["state"] == "established"
+                        && s["prefixesSent"] == 1
+                        && s["prefixesReceived"] == 1
+                })
+                .count();
+            if sessions.len() != peers || good != peers {
+                wrong.push(format!("{}: {sessions:?}", n["name"]));
+            }
+        }
+        if wrong.is_empty() {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "BGP sessions not all established with 1/1 prefixes after 10 s: {wrong:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Asserts every node's speaker listens on its underlay address, TCP 179 (`ss -ltn` in
+/// the node's namespace).
+fn assert_bgp_listening(status: &Value) {
+    for n in status["nodes"].as_array().expect("nodes") {
+        let ns = n["ns"].as_str().unwrap();
+        let out = Command::new("ip")
+            .args(["netns", "exec", ns, "ss", "-Hltn"])
+            .output()
+            .expect("ss");
+        let listening = String::from_utf8_lossy(&out.stdout);
+        let want = format!("{}:179 ", n["address"].as_str().unwrap());
+        assert!(
+            listening.contains(&want),
+            "{ns}: no BGP listener on {want}: {listening}"
+        );
+    }
+}
+
+/// Checks the agents' routes of an ipip lab against the topology ([`assert_block_routes`]):
+/// through the tunnel when the lab's IPIP mode is `always` or the peer is on another
+/// underlay subnet. Returns the number of tunnel routes.
 fn assert_ipip_routes(status: &Value) -> usize {
     let cross_subnet = status["ipipMode"] == "crossSubnet";
+    assert_block_routes(status, |me, peer| {
+        !cross_subnet || peer["subnet"] != me["subnet"]
+    })
+}
+
+/// Checks the agents' routes (protocol 107) on every node: one per peer block, via the
+/// peer's underlay address, through `cnikit.ipip` (`onlink`) when `tunnel(me, peer)`, else
+/// through `eth0` without `onlink`; no other route of the agent. Returns the number of
+/// tunnel routes.
+fn assert_block_routes(status: &Value, tunnel: impl Fn(&Value, &Value) -> bool) -> usize {
     let nodes = status["nodes"].as_array().expect("nodes");
     let mut tunnelled = 0;
     for me in nodes {
@@ -454,7 +539,7 @@ fn assert_ipip_routes(status: &Value) -> usize {
             .collect();
         let mut expected = 0;
         for peer in nodes.iter().filter(|p| p["name"] != me["name"]) {
-            let tunnel = !cross_subnet || peer["subnet"] != me["subnet"];
+            let tunnel = tunnel(me, peer);
             for block in peer["nodeState"]["blocks"].as_array().expect("blocks") {
                 expected += 1;
                 let found: Vec<&Value> = routes.iter().filter(|r| r["dst"] == *block).collect();
@@ -484,7 +569,7 @@ fn assert_ipip_routes(status: &Value) -> usize {
                 } else {
                     assert!(
                         r["dev"] == "eth0" && !onlink,
-                        "{} -> {} (both on {}): crossSubnet routes directly via eth0, not {r}",
+                        "{} -> {} (both on {}): a direct route via eth0, not {r}",
                         me["name"],
                         peer["name"],
                         me["subnet"]
@@ -510,6 +595,14 @@ fn host_gw_lifecycle() {
 #[test]
 fn vxlan_lifecycle() {
     lifecycle("vxlan_lifecycle", "vx", "vxlan");
+}
+
+/// BGP (the agents' own speakers, iBGP full mesh on one segment), 3 nodes x 2 pods: the
+/// routes come over the sessions; a node that leaves takes its routes with it; `down`
+/// leaves no agent, no listening socket (their namespaces are gone).
+#[test]
+fn bgp_lifecycle() {
+    lifecycle("bgp_lifecycle", "bg", "bgp");
 }
 
 /// IPIP (mode always), 3 nodes x 2 pods; in the VM when this kernel has no ipip module.
