@@ -6,8 +6,9 @@
 # fails, the lab is torn down all the same. Needs root; nothing is done in the machine's own
 # network namespace.
 #
-#   sudo scripts/lab.sh                          # vxlan, host-gw, then ipip
+#   sudo scripts/lab.sh                          # vxlan, host-gw, ipip, then bgp
 #   sudo scripts/lab.sh --mode host-gw           # one mode
+#   sudo scripts/lab.sh --mode bgp               # BGP speakers in the agents, full mesh
 #   sudo scripts/lab.sh --mode ipip --ipip-mode cross-subnet --topology two-subnets
 #   sudo scripts/lab.sh --store etcd --topology two-subnets --pod-network routed
 #   sudo LAB_NODES=4 LAB_PODS=3 scripts/lab.sh
@@ -16,11 +17,12 @@
 # down) happens inside the test VM (scripts/vm.sh, one boot for the whole run), so that
 # loading it never adds tunl0 to the machine's own namespace; lab.sh says so. --ipip-mode
 # (always, cross-subnet) is for ipip only; --direct-routing is vxlan's DirectRouting and,
-# for ipip, cross-subnet.
+# for ipip, cross-subnet. bgp runs the agents' own BGP speakers (iBGP full mesh, AS 64512)
+# on one segment: `show` lists each node's sessions and the routes they brought.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-modes=(vxlan host-gw ipip)
+modes=(vxlan host-gw ipip bgp)
 extra=()
 ipip_extra=()
 topology=flat
@@ -31,7 +33,7 @@ while [ $# -gt 0 ]; do
     --store|--pod-network) extra+=("$1" "$2"); shift 2 ;;
     --ipip-mode) ipip_extra+=("$1" "$2"); shift 2 ;;
     --direct-routing) extra+=("$1"); shift ;;
-    -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "scripts/lab.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -102,10 +104,11 @@ for mode in "${modes[@]}"; do
   "$LAB" --name "$NAME" up --mode "$mode" --nodes "$NODES" --pods "$PODS" "${extra[@]}" \
     "${mode_extra[@]}"
   echo
-  if [ "$mode" = host-gw ] && [ "$topology" = two-subnets ]; then
-    # host-gw routes only peers on the same segment: pods across the router cannot answer.
+  if { [ "$mode" = host-gw ] || [ "$mode" = bgp ]; } && [ "$topology" = two-subnets ]; then
+    # host-gw (and bgp, whose next hops are the peers' underlay addresses) routes only
+    # peers on the same segment: pods across the router cannot answer.
     "$LAB" --name "$NAME" check ||
-      echo "(expected: host-gw does not route across the router; see UNROUTABLE in show)"
+      echo "(expected: $mode does not route across the router; see UNROUTABLE in show)"
   else
     "$LAB" --name "$NAME" check
   fi

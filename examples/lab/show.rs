@@ -351,10 +351,7 @@ fn explain_route(c: &Cluster, me: &NodeView, r: &Value) -> String {
 /// What a route the BGP speaker installed is for: which session brought it.
 fn explain_bgp_route(me: &NodeView, owner: &str, dst: &str, gw: &str, dev: &str) -> String {
     let report = me.state.as_ref().and_then(bgp::report);
-    let Some(peer) = report
-        .as_ref()
-        .and_then(|r| bgp::learned_from(r, dst, gw))
-    else {
+    let Some(peer) = report.as_ref().and_then(|r| bgp::learned_from(r, dst, gw)) else {
         return "a route of the agent (proto 107) that its BGP report does not list: left \
                 from an earlier run (a restarted speaker keeps them until its peers have told \
                 again what they have) or the report is older than the route"
