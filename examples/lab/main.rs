@@ -6,7 +6,7 @@
 //! `cnikit-agent` per node running inside its node namespace, and M pods per node plugged
 //! in by the real `cnikit` plugin exec'd as a container runtime does. `check` pings every
 //! pod from every pod; `show` prints each node's devices, routes, neighbours and FDB entries
-//! with what each one is for; `node-add`/`node-del` grow and shrink the cluster; `down`
+//! with what each one is for (in `bgp` mode also each BGP session); `node-add`/`node-del` grow and shrink the cluster; `down`
 //! removes everything. Every namespace is named `cnkl-<name>-…`; nothing is done in the
 //! machine's own network namespace. State lives in `/run/cnikit-lab/<name>/`.
 //!
