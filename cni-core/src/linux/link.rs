@@ -289,6 +289,20 @@ pub(super) async fn get_message(
     }
 }
 
+/// Lists every link of the namespace with the parameters of its kind, like
+/// `ip -d link show`.
+pub async fn devices(ns: &NetNs) -> Result<Vec<Device>> {
+    let messages: Vec<LinkMessage> = ns
+        .handle()
+        .link()
+        .get()
+        .execute()
+        .try_collect()
+        .await
+        .map_err(|e| kernel("ip -d link show", e))?;
+    Ok(messages.into_iter().map(Device::from_message).collect())
+}
+
 /// Lists every link of the namespace, like `ip link show`.
 pub async fn list(ns: &NetNs) -> Result<Vec<Link>> {
     let messages: Vec<LinkMessage> = ns
