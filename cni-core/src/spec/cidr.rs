@@ -21,9 +21,8 @@ pub fn parse(text: &str) -> Result<IpNet, String> {
     let family = if address.is_ipv4() { "IPv4" } else { "IPv6" };
     // Plain decimal digits without a leading zero, as `ip` writes them: `u8::from_str` alone
     // would also take `+8` and `08`.
-    let plain = prefix == "0"
-        || (!prefix.starts_with('0') && !prefix.is_empty())
-            && prefix.bytes().all(|b| b.is_ascii_digit());
+    let digits = !prefix.is_empty() && prefix.bytes().all(|b| b.is_ascii_digit());
+    let plain = digits && (prefix == "0" || !prefix.starts_with('0'));
     let length = plain.then(|| prefix.parse::<u8>().ok()).flatten();
     let length: u8 = length.filter(|l| *l <= max).ok_or_else(|| {
         format!(
