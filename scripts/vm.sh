@@ -16,10 +16,11 @@
 #
 # --mem SIZE: the guest's memory (default 1G; only what it touches is used). Each run has its
 # own umid and scratch directory (/tmp/cnikit-vm.*), removed afterwards, also on failure or
-# ctrl-c; the UML process is ended by its PID. Boots in about 2.5 s.
+# ctrl-c; the UML process is ended by its PID, and ends itself when vm.sh is killed.
+# Boots in about 2.5 s.
 set -euo pipefail
 
-usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; }
 die() { echo "scripts/vm.sh: $*" >&2; exit 125; }
 
 mem=1G
@@ -137,7 +138,11 @@ uml_tmp=/dev/shm
 [ -d "$uml_tmp" ] && [ -w "$uml_tmp" ] || uml_tmp=$scratch
 # No eth/vec device: the guest has no network beyond its own. Its console and the kernel's
 # messages go to console.log; serial lines 1 and 2 carry CMD's stdout and stderr.
-TMPDIR=$uml_tmp setsid "$kernel" \
+# The VM runs in a session of its own (a ctrl-c reaches vm.sh only, whose cleanup then ends
+# the VM), and gets SIGTERM when vm.sh dies, also of SIGKILL, where no cleanup runs: the
+# parent-death signal (setpriv, util-linux), kept across the exec of the kernel. SIGTERM,
+# not SIGKILL: the UML kernel then ends the host processes it made before it exits.
+TMPDIR=$uml_tmp setsid setpriv --pdeathsig TERM "$kernel" \
   mem="$mem" umid="${scratch##*/}" uml_dir="$scratch" \
   root=/dev/root rootfstype=hostfs rootflags=/ ro init="$scratch/init" \
   con=null ssl=null con0=null,fd:3 ssl1=null,fd:4 ssl2=null,fd:5 ssl-non-raw \

@@ -204,12 +204,28 @@ mod tests {
         NetConf::from_slice(conf.to_string().as_bytes()).unwrap()
     }
 
+    /// A namespace of the test's own (named after `tag`) and its path, so that building a
+    /// mode never opens anything in the test process's namespace; `None` (a loud skip)
+    /// without root.
+    #[cfg(any(feature = "ipip", feature = "bgp"))]
+    fn own_namespace(tag: &str) -> Option<(testkit::Namespaces, std::path::PathBuf)> {
+        if !testkit::root(&format!("agent {tag} test")) {
+            return None;
+        }
+        let namespaces = testkit::Namespaces::new(tag);
+        let path = testkit::netns_path(&namespaces.add("node"));
+        Some((namespaces, path))
+    }
+
     /// Building a mode validates its keys and opens a netlink socket in the given
-    /// namespace; it changes nothing there.
+    /// namespace (one of the test's own); it changes nothing there.
     #[cfg(feature = "ipip")]
     #[tokio::test]
     async fn ipip_is_built_from_its_keys() {
-        let own = Path::new("/proc/self/ns/net");
+        let Some((_namespaces, own)) = own_namespace("agipip") else {
+            return;
+        };
+        let own = own.as_path();
         let conf = entry(serde_json::json!({"ipip": {"mode": "crossSubnet"}}));
         let mode = routing("ipip", &conf, own).await.unwrap();
         assert_eq!(mode.mode(), "ipip");
@@ -235,7 +251,10 @@ mod tests {
     #[cfg(feature = "bgp")]
     #[tokio::test]
     async fn bgp_is_built_from_its_keys() {
-        let own = Path::new("/proc/self/ns/net");
+        let Some((_namespaces, own)) = own_namespace("agbgp") else {
+            return;
+        };
+        let own = own.as_path();
         let conf =
             entry(serde_json::json!({"bgp": {"asNumber": 65000, "port": 1179, "holdTime": 9}}));
         let mode = routing("bgp", &conf, own).await.unwrap();

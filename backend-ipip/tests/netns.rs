@@ -366,3 +366,43 @@ async fn cross_subnet_encapsulates_only_across_the_router() {
 
     teardown(c).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renamed_device_replaces_the_old_one() {
+    const NAME: &str = "a_renamed_device_replaces_the_old_one";
+    if !runs(NAME) {
+        return;
+    }
+    let c = cluster("ipn", Mode::Always).await;
+    let a = &c.specs[0].ns;
+
+    // The agent of a restarts with another device name: same local address and underlay,
+    // which the kernel refuses for a second IPIP device.
+    const NEW: &str = "cnikit.ip2";
+    let config = Config {
+        device: NEW.into(),
+        ..Config::default()
+    };
+    let mut renamed = Ipip::new(config, NetNs::named(a).await.unwrap()).unwrap();
+    renamed
+        .init(&c.specs[0].local)
+        .await
+        .expect("init under the new name");
+    let names: Vec<_> = ip_json(a, &["link", "show"])
+        .iter()
+        .map(|l| l["ifname"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert!(names.iter().any(|n| n == NEW), "{names:?}");
+    assert!(names.iter().all(|n| n != DEV), "old device left: {names:?}");
+    renamed.reconcile(&c.records).await.expect("reconcile");
+    assert_eq!(
+        cnikit_routes(a),
+        vec![
+            route("10.244.2.0/24", "192.168.71.12", NEW),
+            route("10.244.3.0/24", "192.168.72.13", NEW),
+        ]
+    );
+    all_reach(&c);
+    renamed.teardown().await.expect("teardown");
+    teardown(c).await;
+}

@@ -270,3 +270,52 @@ async fn direct_routing_tunnels_only_across_subnets() {
     }
     across_a_router("vxd", true).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renamed_device_replaces_the_old_one() {
+    if !lab::root("vxlan netns test") {
+        return;
+    }
+    let lab = Lab::new("vxn");
+    let sw = lab.switch("sw");
+    let (specs, pods, mut backends, records) = cluster(
+        &lab,
+        &Config::default(),
+        &[
+            ("a", &sw, "192.168.61.11/24", None),
+            ("b", &sw, "192.168.61.12/24", None),
+        ],
+    )
+    .await;
+    for backend in &mut backends {
+        backend.reconcile(&records).await.expect("reconcile");
+    }
+    assert!(ping(&pods[0], addr("10.244.2.2")), "pod a -> pod b");
+
+    // The agent of a restarts with another device name: same VNI, port and underlay.
+    const NEW: &str = "cnikit.vx2";
+    let config = Config {
+        device: NEW.into(),
+        ..Config::default()
+    };
+    let mut renamed = Vxlan::new(config, NetNs::named(&specs[0].ns).await.unwrap()).unwrap();
+    renamed
+        .init(&specs[0].local)
+        .await
+        .expect("init under the new name");
+    let names: Vec<_> = ip_json(&specs[0].ns, &["link", "show"])
+        .iter()
+        .map(|l| l["ifname"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert!(names.iter().any(|n| n == NEW), "{names:?}");
+    assert!(names.iter().all(|n| n != DEV), "old device left: {names:?}");
+    renamed.reconcile(&records).await.expect("reconcile");
+    assert_eq!(
+        cnikit_routes(&specs[0].ns),
+        vec![("10.244.2.0/24".into(), "10.244.2.0".into(), NEW.into())]
+    );
+    assert!(ping(&pods[0], addr("10.244.2.2")), "through the new device");
+    renamed.teardown().await.expect("teardown");
+    backends[1].teardown().await.expect("teardown");
+    assert!(cnikit_routes(&specs[0].ns).is_empty());
+}

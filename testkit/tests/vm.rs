@@ -188,3 +188,136 @@ fn a_test_needing_ipip_runs_in_the_vm_when_the_kernel_lacks_it() {
         );
     }
 }
+
+/// The children of process `pid` (from `/proc/PID/task/*/children`).
+fn children(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("children")).ok())
+        .flat_map(|s| {
+            s.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// The command line of process `pid`, `None` when it is gone or a zombie.
+fn live_cmdline(pid: u32) -> Option<Vec<u8>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The state follows the parenthesised command name.
+    let state = stat.rsplit_once(')')?.1.split_whitespace().next()?;
+    if state == "Z" || state == "X" {
+        return None;
+    }
+    std::fs::read(format!("/proc/{pid}/cmdline")).ok()
+}
+
+/// `pid` and every process below it that still runs, each with its command line.
+fn tree(pid: u32) -> Vec<(u32, Vec<u8>)> {
+    let mut found = Vec::new();
+    let mut next = vec![pid];
+    while let Some(p) = next.pop() {
+        if let Some(cmdline) = live_cmdline(p) {
+            next.extend(children(p));
+            found.push((p, cmdline));
+        }
+    }
+    found
+}
+
+/// The processes of a VM (its kernel and the host processes it makes): on drop, ends those
+/// still running with the command line they had (so never another process that got a PID
+/// of theirs) and removes the run's scratch directory.
+struct Orphans {
+    processes: Vec<(u32, Vec<u8>)>,
+    scratch: Option<std::path::PathBuf>,
+}
+
+impl Orphans {
+    /// Those still running.
+    fn alive(&self) -> Vec<u32> {
+        self.processes
+            .iter()
+            .filter(|(pid, cmdline)| live_cmdline(*pid).as_ref() == Some(cmdline))
+            .map(|(pid, _)| *pid)
+            .collect()
+    }
+}
+
+impl Drop for Orphans {
+    fn drop(&mut self) {
+        for pid in self.alive() {
+            let pid = nix::unistd::Pid::from_raw(pid as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+        if let Some(dir) = &self.scratch {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+#[test]
+fn the_vm_dies_with_a_killed_runner() {
+    let test = "the_vm_dies_with_a_killed_runner";
+    if !testkit::root(test) || !vm_here(test) {
+        return;
+    }
+    let marker = std::env::temp_dir().join(format!("cnkt-vm-kill-{}", std::process::id()));
+    let _ = std::fs::remove_file(&marker);
+    let mut runner = std::process::Command::new(vm::script())
+        .args(["--", "/bin/sh", "-c"])
+        .arg(format!("touch {}; exec sleep 60", marker.display()))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start scripts/vm.sh");
+    // The guest runs its command once the marker (in the shared /tmp) is there. (The bounds
+    // in this test only keep a broken runner from hanging it.)
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !marker.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the guest never ran its command"
+        );
+        assert!(runner.try_wait().unwrap().is_none(), "vm.sh ended early");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let _ = std::fs::remove_file(&marker);
+    let vm = children(runner.id())
+        .into_iter()
+        .find_map(|pid| {
+            let text = String::from_utf8_lossy(&live_cmdline(pid)?).into_owned();
+            text.contains("cnikit.vm=1").then(|| Orphans {
+                processes: tree(pid),
+                scratch: text
+                    .split('\0')
+                    .find_map(|a| a.strip_prefix("uml_dir="))
+                    .map(std::path::PathBuf::from),
+            })
+        })
+        .expect("the VM kernel is a child of vm.sh");
+    assert!(
+        vm.processes.len() > 1,
+        "the VM kernel and the host processes it runs: {:?}",
+        vm.processes.iter().map(|p| p.0).collect::<Vec<_>>()
+    );
+
+    runner.kill().expect("SIGKILL vm.sh");
+    runner.wait().expect("reap vm.sh");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let alive = vm.alive();
+        if alive.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "VM processes {alive:?} outlive the SIGKILLed vm.sh"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}

@@ -289,17 +289,29 @@ pub(super) async fn get_message(
     }
 }
 
+/// Lists every link of the namespace with the parameters of its kind, like
+/// `ip -d link show`.
+pub async fn devices(ns: &NetNs) -> Result<Vec<Device>> {
+    let messages = dump(ns, "ip -d link show").await?;
+    Ok(messages.into_iter().map(Device::from_message).collect())
+}
+
 /// Lists every link of the namespace, like `ip link show`.
 pub async fn list(ns: &NetNs) -> Result<Vec<Link>> {
-    let messages: Vec<LinkMessage> = ns
-        .handle()
+    let messages = dump(ns, "ip link show").await?;
+    Ok(messages.into_iter().map(Link::from_message).collect())
+}
+
+/// The kernel's messages of every link; `command` (the `ip … link show` the caller
+/// equals) names it in errors.
+async fn dump(ns: &NetNs, command: &str) -> Result<Vec<LinkMessage>> {
+    ns.handle()
         .link()
         .get()
         .execute()
         .try_collect()
         .await
-        .map_err(|e| kernel("ip link show", e))?;
-    Ok(messages.into_iter().map(Link::from_message).collect())
+        .map_err(|e| kernel(command, e))
 }
 
 /// Sets a link up, like `ip link set dev NAME up`.

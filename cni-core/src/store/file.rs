@@ -18,7 +18,8 @@
 //!
 //! All file operations run on tokio's blocking pool. An operation that cannot take the lock
 //! within the lock timeout (10 s by default; a stopped process may hold it) fails with
-//! [`StoreError::Timeout`] (code 11) and is abandoned: it never applies later.
+//! [`StoreError::Timeout`] (code 11) and is abandoned: it never applies later. So is one
+//! whose future is dropped (its caller cancelled) before it got the lock.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Read, Write};
@@ -107,6 +108,24 @@ const WAITING: u8 = 0;
 const RUNNING: u8 = 1;
 const ABANDONED: u8 = 2;
 
+/// The progress of one operation, abandoned when dropped before the operation runs.
+struct AbandonOnDrop(Arc<AtomicU8>);
+
+impl AbandonOnDrop {
+    /// Marks the operation abandoned unless it already runs; says whether it was.
+    fn abandon(&self) -> bool {
+        self.0
+            .compare_exchange(WAITING, ABANDONED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+}
+
+impl Drop for AbandonOnDrop {
+    fn drop(&mut self) {
+        self.abandon();
+    }
+}
+
 impl FileStore {
     /// A store in `dir` (created on first use). Does no I/O.
     pub fn new(dir: impl Into<PathBuf>) -> Self {
@@ -131,8 +150,9 @@ impl FileStore {
     }
 
     /// How many operations of this handle (and its clones) got the lock only after their
-    /// caller had given up on them (the lock timeout) and so released it without reading or
-    /// writing anything. Each such operation failed with code 11 and never applies.
+    /// caller had given up on them and so released it without reading or writing anything:
+    /// after the lock timeout (the caller got code 11) or after the caller dropped the
+    /// operation's future. Such an operation never applies.
     pub fn backed_off(&self) -> u64 {
         self.backed_off.load(Ordering::Acquire)
     }
@@ -157,6 +177,9 @@ impl FileStore {
         let cache = Arc::clone(&self.cache);
         let progress = Arc::new(AtomicU8::new(WAITING));
         let thread_progress = Arc::clone(&progress);
+        // If this future is dropped (its caller cancelled) while the thread still waits for
+        // the lock, the operation is abandoned like one that timed out.
+        let progress = AbandonOnDrop(progress);
         let backed_off = Arc::clone(&self.backed_off);
         let mut task = tokio::task::spawn_blocking(move || {
             let lock = open_lock(&paths)?;
@@ -189,10 +212,7 @@ impl FileStore {
         let joined = match tokio::time::timeout(self.lock_timeout, &mut task).await {
             Ok(joined) => joined,
             Err(_) => {
-                let abandoned = progress
-                    .compare_exchange(WAITING, ABANDONED, Ordering::AcqRel, Ordering::Acquire)
-                    .is_ok();
-                if abandoned {
+                if progress.abandon() {
                     return Err(StoreError::Timeout {
                         endpoint: self.describe(),
                         op,
@@ -512,6 +532,52 @@ mod tests {
         assert_eq!(err.code().0, 5);
     }
 
+    /// Waits until the one abandoned commit of `s` got the lock (now free) and either backed
+    /// off or applied, and checks that it backed off: `/a` is still `1` at revision 1. (The
+    /// bound only keeps a broken store from hanging the test.)
+    async fn backs_off_and_never_applies(s: &FileStore) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let kv = s.get("/a").await.unwrap().unwrap();
+            assert_eq!(
+                (kv.value.as_slice(), kv.mod_revision),
+                (&b"1"[..], 1),
+                "the abandoned commit applied"
+            );
+            if s.backed_off() > 0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the abandoned commit never took the lock and backed off"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert_eq!(s.backed_off(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_dropped_commit_never_applies() {
+        use futures::FutureExt;
+
+        let dir = tempfile::tempdir().unwrap();
+        let s = FileStore::new(dir.path());
+        committed(s.commit(Txn::new().put("/a", "1")).await.unwrap());
+        let holder = File::open(dir.path().join(LOCK_FILE)).unwrap();
+        fs4::FileExt::lock(&holder).unwrap();
+        // Polled once (which starts the wait for the lock), then dropped: a caller that
+        // was cancelled, long before the lock timeout.
+        assert!(
+            s.commit(Txn::new().put("/a", "2")).now_or_never().is_none(),
+            "the commit cannot finish while the lock is held"
+        );
+        assert_eq!(s.backed_off(), 0, "the commit still waits for the lock");
+        drop(holder);
+        backs_off_and_never_applies(&s).await;
+        committed(s.commit(Txn::new().put("/a", "3")).await.unwrap());
+        assert_eq!(s.get("/a").await.unwrap().unwrap().value, b"3");
+    }
+
     #[tokio::test]
     async fn lock_timeout_is_code_11_and_the_op_never_applies() {
         let dir = tempfile::tempdir().unwrap();
@@ -527,20 +593,7 @@ mod tests {
         assert_eq!(err.code().0, 11);
         assert_eq!(s.backed_off(), 0, "the commit still waits for the lock");
         drop(holder);
-        // The abandoned commit gets the lock now that it is released: wait until it has,
-        // and has backed off, then look. (The bound only keeps a broken store from hanging
-        // the test.)
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while s.backed_off() == 0 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the abandoned commit never took the lock and backed off"
-            );
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        assert_eq!(s.backed_off(), 1);
-        let kv = s.get("/a").await.unwrap().unwrap();
-        assert_eq!((kv.value.as_slice(), kv.mod_revision), (&b"1"[..], 1));
+        backs_off_and_never_applies(&s).await;
         // A commit that gets the lock in time is not counted, and applies.
         committed(s.commit(Txn::new().put("/a", "3")).await.unwrap());
         assert_eq!(s.backed_off(), 1);

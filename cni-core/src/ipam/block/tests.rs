@@ -381,6 +381,19 @@ fn configuration_json() {
     );
     c.validate().unwrap();
     assert!(serde_json::from_str::<BlockIpamConfig>(r#"{"pool":"10.244.0.0/33"}"#).is_err());
+    // From a network configuration, a bad pool is code 7 and names the prefix length.
+    for pool in ["10.244.0.0/+16", "10.244.0.0/016"] {
+        let conf = crate::spec::NetConf::from_slice(
+            format!(
+                r#"{{"cniVersion":"1.1.0","name":"n","type":"t","ipam":{{"type":"cnikit","pool":"{pool}"}}}}"#
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        let err = conf.ipam.unwrap().config::<BlockIpamConfig>().unwrap_err();
+        assert_eq!(err.code().0, 7, "{pool}: {err}");
+        assert!(err.to_string().contains("prefix length"), "{pool}: {err}");
+    }
 }
 
 #[tokio::test]

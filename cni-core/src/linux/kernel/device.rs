@@ -5,7 +5,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use super::{Desired, Device, Kernel, LinkSpec, Links, Ownership};
+use super::{Desired, Device, Kernel, LinkKind, LinkSpec, Links, Ownership};
 use crate::error::{Error, Result};
 use crate::linux::Mismatch;
 
@@ -15,8 +15,15 @@ use crate::linux::Mismatch;
 /// alone and refused with code 7. The MTU and MAC are not compared: [`configure_device`]
 /// sets the MTU, and an adopted device keeps its MAC.
 ///
-/// Idempotent. Errors: 7 for a name taken by another kind of device, 101 for kernel
-/// failures.
+/// Before making it, a device of the same kind under another name that the kernel would
+/// not let live next to the new one (an IPIP device with the same `local` and `dev`, a
+/// VXLAN device with the same VNI and port) is deleted, with its routes and entries, when
+/// it is ours: the one this spec made under the name the configuration had before (same
+/// source address and underlay, and for VXLAN same VNI and port). One that is not is left
+/// alone and refused with code 7.
+///
+/// Idempotent. Errors: 7 for a name taken by another kind of device or a clashing device
+/// that is not ours, 101 for kernel failures.
 pub async fn ensure_device<K: Links + ?Sized>(kernel: &K, spec: &LinkSpec) -> Result<Device> {
     let kind = spec.kind.name();
     match kernel.device(&spec.name).await? {
@@ -48,6 +55,7 @@ pub async fn ensure_device<K: Links + ?Sized>(kernel: &K, spec: &LinkSpec) -> Re
         }
         None => {}
     }
+    remove_renamed(kernel, spec).await?;
     kernel.add_link(spec).await?;
     let made = kernel.device(&spec.name).await?.ok_or_else(|| {
         Error::kernel(
@@ -57,6 +65,54 @@ pub async fn ensure_device<K: Links + ?Sized>(kernel: &K, spec: &LinkSpec) -> Re
     })?;
     tracing::info!(device = %spec.name, "{kind}: created {}", spec.describe());
     Ok(made)
+}
+
+/// Deletes the device a renamed `spec` made under its old name, so that the kernel takes
+/// the new one; refuses (code 7) a device that would block it but is not that one.
+async fn remove_renamed<K: Links + ?Sized>(kernel: &K, spec: &LinkSpec) -> Result<()> {
+    for d in kernel.devices().await? {
+        let Some(have) = d.kind.filter(|_| d.link.name != spec.name) else {
+            continue;
+        };
+        match (have, spec.kind) {
+            (LinkKind::Ipip(h), LinkKind::Ipip(w))
+                if (h.local, h.underlay) == (w.local, w.underlay) =>
+            {
+                // The kernel's own fallback device (`tunl0`) has neither, and ours always
+                // have a `local`: it is never taken for ours.
+                if w.local.is_none() {
+                    return Err(blocked(spec, &d.link.name));
+                }
+            }
+            (LinkKind::Vxlan(h), LinkKind::Vxlan(w)) if (h.vni, h.port) == (w.vni, w.port) => {
+                if (h.local, h.underlay) != (w.local, w.underlay) {
+                    return Err(blocked(spec, &d.link.name));
+                }
+            }
+            _ => continue,
+        }
+        tracing::info!(
+            old = %d.link.name,
+            new = %spec.name,
+            "{}: the device was renamed, deleting the old one",
+            spec.kind.name()
+        );
+        kernel.delete_link(&d.link.name).await?;
+    }
+    Ok(())
+}
+
+/// The code 7 error for `spec` clashing with the device `other`, which is not ours.
+fn blocked(spec: &LinkSpec, other: &str) -> Error {
+    Error::invalid_config(
+        "device",
+        format!(
+            "device {other} has the parameters the kernel keys {} devices by ({}): \
+             it is not cnikit's device, remove it or change the configuration",
+            spec.kind.name(),
+            spec.kind.describe()
+        ),
+    )
 }
 
 /// Sets the device's MTU, its one IPv4 address (`address`/32, the tunnel address) and
@@ -121,7 +177,7 @@ pub async fn remove_owned<K: Kernel + ?Sized>(
 mod tests {
     use super::*;
     use crate::linux::ipip::IpipParams;
-    use crate::linux::kernel::{LinkKind, Recording, Write};
+    use crate::linux::kernel::{Recording, Routes, Write};
 
     fn spec(local: [u8; 4]) -> LinkSpec {
         LinkSpec {
@@ -168,5 +224,88 @@ mod tests {
         assert!(!delete_device(&k, "eth9", "ipip").await.unwrap());
         assert!(delete_device(&k, "tun", "ipip").await.unwrap());
         assert!(!delete_device(&k, "tun", "ipip").await.unwrap());
+    }
+
+    fn vxlan(name: &str, vni: u32, local: [u8; 4]) -> LinkSpec {
+        LinkSpec {
+            name: name.into(),
+            mtu: 1450,
+            mac: None,
+            kind: LinkKind::Vxlan(crate::linux::vxlan::VxlanParams {
+                vni,
+                port: 4789,
+                local: Some(IpAddr::from(local)),
+                underlay: None,
+                learning: false,
+            }),
+        }
+    }
+
+    /// Makes `spec`'s device with one route through it, and forgets the writes.
+    async fn made_with_a_route(k: &Recording, spec: &LinkSpec) -> u32 {
+        let d = ensure_device(k, spec).await.unwrap();
+        k.add_route(&crate::linux::kernel::GatewayRoute {
+            dst: "10.244.1.0/26".parse().unwrap(),
+            via: "10.244.1.0".parse().unwrap(),
+            oif: d.link.index,
+            onlink: true,
+        })
+        .await
+        .unwrap();
+        k.take_writes();
+        d.link.index
+    }
+
+    #[tokio::test]
+    async fn a_renamed_device_replaces_ours_under_the_old_name() {
+        let k = Recording::new();
+        made_with_a_route(&k, &spec([10, 0, 0, 1])).await;
+        let renamed = LinkSpec {
+            name: "tun2".into(),
+            ..spec([10, 0, 0, 1])
+        };
+        ensure_device(&k, &renamed).await.unwrap();
+        assert_eq!(
+            k.take_writes(),
+            vec![
+                Write::DeleteLink { name: "tun".into() },
+                Write::AddLink(renamed)
+            ]
+        );
+        assert!(k.link("tun").is_none());
+        assert!(k.routes().is_empty(), "{:?}", k.routes());
+
+        let k = Recording::new();
+        made_with_a_route(&k, &vxlan("vx", 7, [10, 0, 0, 1])).await;
+        ensure_device(&k, &vxlan("vx2", 7, [10, 0, 0, 1]))
+            .await
+            .unwrap();
+        assert_eq!(
+            k.take_writes(),
+            vec![
+                Write::DeleteLink { name: "vx".into() },
+                Write::AddLink(vxlan("vx2", 7, [10, 0, 0, 1]))
+            ]
+        );
+        assert!(k.routes().is_empty(), "{:?}", k.routes());
+    }
+
+    #[tokio::test]
+    async fn a_blocking_device_that_is_not_ours_is_refused_and_kept() {
+        let k = Recording::new();
+        // Same VNI and port (what the kernel refuses) but another source address.
+        made_with_a_route(&k, &vxlan("other", 7, [10, 0, 0, 9])).await;
+        let e = ensure_device(&k, &vxlan("vx", 7, [10, 0, 0, 1]))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code().0, 7, "{e}");
+        assert!(e.to_string().contains("other"), "{e}");
+        assert!(k.writes().is_empty());
+        assert_eq!(k.routes().len(), 1);
+        // Another VNI does not block: both stay.
+        ensure_device(&k, &vxlan("vx", 8, [10, 0, 0, 1]))
+            .await
+            .unwrap();
+        assert!(k.link("other").is_some() && k.link("vx").is_some());
     }
 }

@@ -309,6 +309,10 @@ impl Links for Recording {
         Ok(self.link(name))
     }
 
+    async fn devices(&self) -> Result<Vec<Device>> {
+        Ok(self.lock().links.values().cloned().collect())
+    }
+
     async fn add_link(&self, spec: &LinkSpec) -> Result<()> {
         let mut s = self.lock();
         s.record(Write::AddLink(spec.clone()))?;
@@ -329,10 +333,19 @@ impl Links for Recording {
         s.next_index += 1;
         let index = s.next_index;
         let mac = match spec.kind {
-            LinkKind::Vxlan(_) => spec
-                .mac
-                .unwrap_or([0x02, 0xff, 0, 0, (index >> 8) as u8, index as u8])
-                .to_vec(),
+            LinkKind::Vxlan(p) => {
+                // The kernel keys VXLAN devices by VNI and UDP port.
+                let key = |q: &crate::linux::vxlan::VxlanParams| (q.vni, q.port);
+                if s.links
+                    .values()
+                    .any(|d| d.vxlan().map(key) == Some(key(&p)))
+                {
+                    return Err(os_error(what, libc::EEXIST));
+                }
+                spec.mac
+                    .unwrap_or([0x02, 0xff, 0, 0, (index >> 8) as u8, index as u8])
+                    .to_vec()
+            }
             LinkKind::Ipip(p) => {
                 // The kernel keys IPIP devices by local address and device.
                 let key = |q: &crate::linux::ipip::IpipParams| (q.local, q.underlay);

@@ -57,9 +57,12 @@ pub trait Links: Send + Sync {
     /// `ip -d link show dev NAME`. `Ok(None)` if there is none.
     async fn device(&self, name: &str) -> Result<Option<Device>>;
 
+    /// Lists every link with the parameters of its kind, like `ip -d link show`.
+    async fn devices(&self) -> Result<Vec<Device>>;
+
     /// Creates the device of `spec` (down), like `ip link add NAME mtu MTU type KIND …`.
     /// Fails with `EEXIST` if the name is taken (for IPIP also when another IPIP device
-    /// has the same `local` and `dev`); with code 7 when [`LinkSpec::validate`] refuses
+    /// has the same `local` and `dev`, for VXLAN when another has the same VNI and port); with code 7 when [`LinkSpec::validate`] refuses
     /// the spec (a MAC for a kind without one). Not idempotent: callers look first.
     async fn add_link(&self, spec: &LinkSpec) -> Result<()>;
 

@@ -47,6 +47,10 @@ impl Links for Netlink {
         link::device(&self.ns, name).await
     }
 
+    async fn devices(&self) -> Result<Vec<Device>> {
+        link::devices(&self.ns).await
+    }
+
     async fn add_link(&self, spec: &LinkSpec) -> Result<()> {
         link::add(&self.ns, spec).await
     }
