@@ -6,7 +6,8 @@
 //!
 //! ```json
 //! { "type": "cnikit", "routing": "vxlan",
-//!   "agent": { "interface": "eth0", "ttlSeconds": 20, "resyncSeconds": 10 },
+//!   "agent": { "interface": "eth0", "ttlSeconds": 20, "resyncSeconds": 10,
+//!              "metricsAddress": "127.0.0.1:9153" },
 //!   "vxlan": { "vni": 1, "port": 4789, "directRouting": false } }
 //! ```
 //!
@@ -15,6 +16,11 @@
 //! 64512, "port": 179, "holdTime": 90, "connectRetry": 2, "gracefulRestart": true,
 //! "restartTime": 120, "listenAddress": …, "globalPeers": [{"address": …, "asNumber": …}],
 //! "routeReflectorClusterId": … }` (see [`backend_bgp::Config`] when the `bgp` feature is on).
+//!
+//! `agent.metricsAddress` (off when absent) is where the agent serves, in its node
+//! namespace, `/healthz` (200 while its loop runs), `/readyz` (200 once registered and
+//! reconciled, else 503 with the reason) and `/metrics` (Prometheus text format, every
+//! metric prefixed `cnikit_agent_`; see [`cni_core::agent::Metrics`]).
 //!
 //! The node registry lives in the same datastore as the IPAM: the file store (shared by
 //! nodes that share a filesystem, such as the lab's namespaces) or etcd.
@@ -54,6 +60,10 @@ pub struct AgentKeys {
     /// `agent.keepOnExit`: leave routes and devices in place on exit (default false).
     #[serde(default)]
     pub keep_on_exit: bool,
+    /// `agent.metricsAddress`: where to serve `/healthz`, `/readyz` and `/metrics`
+    /// (`"127.0.0.1:9153"`); default: not served.
+    #[serde(default)]
+    pub metrics_address: Option<std::net::SocketAddr>,
 }
 
 /// The `cnikit` entry of a configuration list, with the list's `name` and `cniVersion` as
@@ -119,6 +129,7 @@ pub async fn build(conf: &NetConf, netns: &Path) -> Result<Agent> {
         agent_config.resync = Duration::from_secs(resync.max(1));
     }
     agent_config.keep_on_exit = keys.keep_on_exit;
+    agent_config.metrics_address = keys.metrics_address;
     let ns = NetNs::open(netns).await?;
     Ok(Agent::new(agent_config, ns, ipam, registry, routing))
 }
@@ -202,6 +213,24 @@ mod tests {
             conf.extend(extra.clone());
         }
         NetConf::from_slice(conf.to_string().as_bytes()).unwrap()
+    }
+
+    /// `agent.metricsAddress` is an address and port; anything else is refused.
+    #[test]
+    fn metrics_address_is_a_socket_address() {
+        let keys: AgentKeys =
+            serde_json::from_value(serde_json::json!({"metricsAddress": "127.0.0.1:9153"}))
+                .unwrap();
+        assert_eq!(
+            keys.metrics_address,
+            Some("127.0.0.1:9153".parse().unwrap())
+        );
+        assert_eq!(AgentKeys::default().metrics_address, None);
+        for bad in ["127.0.0.1", ":9153", "localhost:9153"] {
+            let parsed =
+                serde_json::from_value::<AgentKeys>(serde_json::json!({"metricsAddress": bad}));
+            assert!(parsed.is_err(), "{bad} was accepted");
+        }
     }
 
     /// A namespace of the test's own (named after `tag`) and its path, so that building a

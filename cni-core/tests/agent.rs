@@ -12,6 +12,9 @@
 //!   routing mode learns it.
 //! - A first watch that fails is retried: the agent stays up and follows the peers.
 //! - The node state file follows the peer list.
+//! - The endpoints, fetched over TCP inside the node namespace: `/readyz` is 503 while the
+//!   node comes up and 200 after the first reconcile, `/healthz` is 200 while the loop
+//!   runs, and `/metrics` counts reconciles, more of them once a peer joins.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -200,9 +203,27 @@ fn ipam_config() -> BlockIpamConfig {
 }
 
 async fn setup(node: &Node, init_hangs: bool) -> Setup {
+    setup_serving(node, init_hangs, None).await
+}
+
+/// [`setup`] with the agent serving its endpoints on `metrics_address`.
+async fn setup_serving(
+    node: &Node,
+    init_hangs: bool,
+    metrics_address: Option<std::net::SocketAddr>,
+) -> Setup {
     let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
     let registry = Arc::new(StoreRegistry::new(store.clone()));
-    setup_with(node, init_hangs, store, registry.clone(), registry).await
+    let agent_registry = registry.clone();
+    setup_full(
+        node,
+        init_hangs,
+        store,
+        registry,
+        agent_registry,
+        metrics_address,
+    )
+    .await
 }
 
 /// [`setup`] with the agent using `agent_registry` (over `store`).
@@ -212,6 +233,17 @@ async fn setup_with(
     store: Arc<dyn Store>,
     registry: Arc<StoreRegistry<Arc<dyn Store>>>,
     agent_registry: Arc<dyn NodeRegistry>,
+) -> Setup {
+    setup_full(node, init_hangs, store, registry, agent_registry, None).await
+}
+
+async fn setup_full(
+    node: &Node,
+    init_hangs: bool,
+    store: Arc<dyn Store>,
+    registry: Arc<StoreRegistry<Arc<dyn Store>>>,
+    agent_registry: Arc<dyn NodeRegistry>,
+    metrics_address: Option<std::net::SocketAddr>,
 ) -> Setup {
     let ipam: AgentIpam = BlockIpam::new(store.clone(), ipam_config()).expect("ipam");
     let init_started = Arc::new(Notify::new());
@@ -227,6 +259,7 @@ async fn setup_with(
     let mut agent_config = AgentConfig::new("n1", data.path());
     agent_config.interface = Some("eth0".into());
     agent_config.block_poll = Duration::from_millis(50);
+    agent_config.metrics_address = metrics_address;
     let ns = NetNs::open(node.path()).await.expect("open netns");
     let agent = Agent::new(agent_config, ns, ipam, agent_registry, Box::new(routing));
     Setup {
@@ -534,4 +567,120 @@ async fn a_first_watch_that_fails_is_retried() {
         .expect("the agent stops within 10 s")
         .expect("agent task");
     result.expect("a clean stop");
+}
+
+/// `GET path` over HTTP/1.1 from inside `ns` to `address`: (status, body).
+async fn get(ns: &NetNs, address: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
+    let response = ns
+        .run(move || -> std::io::Result<String> {
+            let mut stream = std::net::TcpStream::connect(address)?;
+            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+            stream.write_all(request.as_bytes())?;
+            let mut response = String::new();
+            stream.read_to_string(&mut response)?;
+            Ok(response)
+        })
+        .await
+        .expect("thread in the node namespace")
+        .unwrap_or_else(|e| panic!("GET {path} from {address}: {e}"));
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {head:?}"));
+    (status, body.to_owned())
+}
+
+/// The value of the sample `name` (a whole line `name value`) in a metrics page.
+fn sample(page: &str, name: &str) -> Option<f64> {
+    page.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_endpoints_report_health_readiness_and_reconciles() {
+    if !root("the_endpoints_report_health_readiness_and_reconciles") {
+        return;
+    }
+    let node = Node::new("endpoints");
+    let ns = NetNs::open(node.path()).await.expect("open netns");
+
+    // Coming up (the mode's init never finishes): alive, not ready, nothing reconciled.
+    let address: std::net::SocketAddr = "127.0.0.1:9153".parse().unwrap();
+    let s = setup_serving(&node, true, Some(address)).await;
+    let init_started = s.init_started.clone();
+    let stop = Arc::new(Notify::new());
+    let stop_rx = stop.clone();
+    let run = tokio::spawn(s.agent.run(async move { stop_rx.notified().await }));
+    init_started.notified().await;
+    let (status, body) = get(&ns, address, "/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.starts_with("not ready: "), "{body}");
+    assert_eq!(get(&ns, address, "/healthz").await.0, 200);
+    let (status, page) = get(&ns, address, "/metrics").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        sample(&page, "cnikit_agent_reconciles_total"),
+        Some(0.0),
+        "{page}"
+    );
+    stop.notify_one();
+    tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("the agent stops within 10 s")
+        .expect("agent task")
+        .expect("a clean stop");
+
+    // Up: ready after the first reconcile; a peer joining means another reconcile.
+    let address: std::net::SocketAddr = "127.0.0.1:9154".parse().unwrap();
+    let s = setup_serving(&node, false, Some(address)).await;
+    let stop = Arc::new(Notify::new());
+    let stop_rx = stop.clone();
+    let run = tokio::spawn(s.agent.run(async move { stop_rx.notified().await }));
+    until_up(s.data.path()).await;
+    let (status, body) = get(&ns, address, "/readyz").await;
+    assert_eq!((status, body.as_str()), (200, "ready\n"));
+    assert_eq!(get(&ns, address, "/healthz").await.0, 200);
+    let page = get(&ns, address, "/metrics").await.1;
+    let before = sample(&page, "cnikit_agent_reconciles_total").expect(&page);
+    assert!(before >= 1.0, "{page}");
+    assert_eq!(sample(&page, "cnikit_agent_peers"), Some(0.0), "{page}");
+    assert_eq!(sample(&page, "cnikit_agent_blocks"), Some(1.0), "{page}");
+
+    let peer = NodeRecord {
+        name: "p1".into(),
+        address: "10.99.0.2".parse().unwrap(),
+        prefix_len: 24,
+        blocks: vec![],
+        backend: BTreeMap::new(),
+    };
+    s.registry
+        .register(&peer, Duration::from_secs(20))
+        .await
+        .unwrap();
+    let mut page = String::new();
+    let seen = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            page = get(&ns, address, "/metrics").await.1;
+            if sample(&page, "cnikit_agent_peers") == Some(1.0) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(seen.is_ok(), "the peer never showed in\n{page}");
+    let after = sample(&page, "cnikit_agent_reconciles_total").expect(&page);
+    assert!(after > before, "reconciles {before} -> {after}\n{page}");
+    s.registry.deregister("p1").await.unwrap();
+
+    stop.notify_one();
+    tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("the agent stops within 10 s")
+        .expect("agent task")
+        .expect("a clean stop");
 }

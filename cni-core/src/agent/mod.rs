@@ -18,10 +18,13 @@
 //!    state file follows the mode's [`report`](CrossNodeRouting::report);
 //! 7. on shutdown removes what it made: record, mode devices and routes, blackholes, tunnel
 //!    address, state file (unless told to keep them for a restart).
+//!
+//! With [`AgentConfig::metrics_address`] set, it also serves `/healthz`, `/readyz` and
+//! `/metrics` on that address in the node namespace ([`endpoints`]).
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -38,6 +41,9 @@ use crate::state::NodeState;
 use crate::store::Store;
 
 pub mod blackhole;
+pub mod endpoints;
+
+pub use endpoints::Metrics;
 
 /// The block IPAM the agent claims blocks and tunnel addresses from.
 pub type AgentIpam = BlockIpam<Arc<dyn Store>>;
@@ -71,6 +77,9 @@ pub struct AgentConfig {
     /// On shutdown, leave devices, routes and the record to expire (an agent restart or
     /// upgrade); default: remove everything.
     pub keep_on_exit: bool,
+    /// Where to serve `/healthz`, `/readyz` and `/metrics` (inside the node namespace);
+    /// default: nowhere.
+    pub metrics_address: Option<SocketAddr>,
 }
 
 impl AgentConfig {
@@ -87,6 +96,7 @@ impl AgentConfig {
             resync: Duration::from_secs(10),
             block_poll: Duration::from_secs(1),
             keep_on_exit: false,
+            metrics_address: None,
         }
     }
 }
@@ -119,6 +129,7 @@ pub struct Agent {
     tunnel: Option<Attachment>,
     /// The node state file as last written.
     written: Option<NodeState>,
+    metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -153,7 +164,13 @@ impl Agent {
             report: ReconcileReport::default(),
             tunnel: None,
             written: None,
+            metrics: Arc::new(Metrics::new()),
         }
+    }
+
+    /// The agent's metrics and health, as its endpoints serve them.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
     }
 
     /// The routing mode's name.
@@ -169,6 +186,20 @@ impl Agent {
     /// the registry unreachable at start). Once up, failures are logged and retried at the
     /// next event or resync.
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<()> {
+        let endpoints = match self.config.metrics_address {
+            Some(address) => Some(endpoints::serve(&self.ns, address, self.metrics.clone()).await?),
+            None => None,
+        };
+        self.metrics.set_alive(true);
+        let result = self.run_inner(shutdown).await;
+        self.metrics.set_alive(false);
+        if let Some(endpoints) = endpoints {
+            endpoints.abort();
+        }
+        result
+    }
+
+    async fn run_inner(&mut self, shutdown: impl Future<Output = ()>) -> Result<()> {
         let started = Instant::now();
         let shutdown = shutdown.fuse();
         futures::pin_mut!(shutdown);
@@ -198,7 +229,9 @@ impl Agent {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "node agent up"
         );
+        self.metrics.set_not_ready(None);
         self.watch_loop(shutdown, revision).await;
+        self.metrics.set_not_ready(Some("stopping"));
         if self.config.keep_on_exit {
             Ok(())
         } else {
@@ -244,10 +277,21 @@ impl Agent {
             blocks,
             backend: self.routing.node_data(),
         };
-        self.registry.register(&record, self.config.ttl).await?;
+        self.metrics.set_not_ready(Some("registering the node"));
+        self.registry
+            .register(&record, self.config.ttl)
+            .await
+            .inspect_err(|_| self.datastore_failed())?;
+        self.metrics.blocks.set(gauge(record.blocks.len()));
         self.local = Some(local);
         self.record = Some(record);
-        let list = self.registry.list().await?;
+        self.metrics
+            .set_not_ready(Some("registered; first reconcile not done"));
+        let list = self
+            .registry
+            .list()
+            .await
+            .inspect_err(|_| self.datastore_failed())?;
         self.peers = list
             .nodes
             .into_iter()
@@ -286,10 +330,13 @@ impl Agent {
                             }
                             broken => {
                                 match broken {
-                                    Some(Err(e)) => tracing::warn!(
+                                    Some(Err(e)) => {
+                                        self.metrics.datastore_errors.inc();
+                                        tracing::warn!(
                                         error = %e,
                                         "peer watch failed; listing again"
-                                    ),
+                                    )
+                                    }
                                     _ => tracing::warn!("peer watch ended; listing again"),
                                 }
                                 // The registry may stay away for long: a shutdown meanwhile
@@ -373,6 +420,7 @@ impl Agent {
                     .collect();
             }
             Err(e) => {
+                self.metrics.datastore_errors.inc();
                 tracing::warn!(error = %e, "listing peers failed; keeping the last known set")
             }
         }
@@ -387,6 +435,7 @@ impl Agent {
             match self.registry.watch(revision).await {
                 Ok(stream) => return stream,
                 Err(e) => {
+                    self.metrics.datastore_errors.inc();
                     tracing::warn!(error = %e, "cannot watch peers; retrying");
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
@@ -396,7 +445,12 @@ impl Agent {
 
     /// The plugin may have claimed more blocks for this node: follow them.
     async fn refresh_blocks(&mut self) -> Result<()> {
-        let blocks = self.ipam.node_blocks().await?;
+        let blocks = self
+            .ipam
+            .node_blocks()
+            .await
+            .inspect_err(|_| self.datastore_failed())?;
+        self.metrics.blocks.set(gauge(blocks.len()));
         let (Some(record), Some(local)) = (&self.record, &self.local) else {
             return Ok(());
         };
@@ -418,10 +472,18 @@ impl Agent {
         self.routing.init(&local).await?;
         // Both change only once registered: a failed registration is retried at the next
         // poll instead of being taken for done.
-        self.registry.register(&record, self.config.ttl).await?;
+        self.registry
+            .register(&record, self.config.ttl)
+            .await
+            .inspect_err(|_| self.datastore_failed())?;
         self.record = Some(record);
         self.local = Some(local);
         self.write_state()
+    }
+
+    /// Counts a failed registry or datastore call.
+    fn datastore_failed(&self) {
+        self.metrics.datastore_errors.inc();
     }
 
     async fn reconcile_logged(&mut self) {
@@ -438,7 +500,18 @@ impl Agent {
             .cloned()
             .collect();
         let started = Instant::now();
-        let report = self.routing.reconcile(&peers).await?;
+        let result = self.routing.reconcile(&peers).await;
+        let m = &self.metrics;
+        m.reconciles.inc();
+        m.reconcile_duration
+            .observe(started.elapsed().as_secs_f64());
+        m.peers.set(gauge(peers.len()));
+        let report = result.inspect_err(|_| {
+            m.reconcile_errors.inc();
+        })?;
+        m.kernel_writes.inc_by(report.writes as u64);
+        m.routed_peers.set(gauge(report.routed));
+        m.unroutable_peers.set(gauge(report.unroutable.len()));
         for (peer, why) in &report.unroutable {
             if self.report.unroutable.get(peer) != Some(why) {
                 tracing::warn!(peer = %peer, reason = %why, "peer is not routed");
@@ -579,6 +652,11 @@ fn is_global(ip: IpAddr) -> bool {
         IpAddr::V4(v4) => !v4.is_loopback() && !v4.is_link_local() && !v4.is_unspecified(),
         IpAddr::V6(_) => false,
     }
+}
+
+/// A count as a gauge value (saturating; counts here are far below `i64::MAX`).
+fn gauge(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 fn event_revision(event: &NodeEvent) -> u64 {
