@@ -445,12 +445,7 @@ async fn a_block_whose_publication_failed_is_published_at_the_next_poll() {
     let published = blocks(registry.list().await.unwrap().nodes).remove(0);
     assert_eq!(*s.mode_blocks.lock().unwrap(), published);
 
-    stop.notify_one();
-    let result = tokio::time::timeout(Duration::from_secs(10), run)
-        .await
-        .expect("the agent stops within 10 s")
-        .expect("agent task");
-    result.expect("a clean stop");
+    stop_cleanly(&stop, run).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -495,13 +490,7 @@ async fn the_node_state_follows_the_peers() {
     assert!(seen.is_ok(), "the state file reports {:?}", routing());
 
     // The stand-in mode reports nothing routed either way: only the peer list changes.
-    let peer = NodeRecord {
-        name: "p1".into(),
-        address: "10.99.0.2".parse().unwrap(),
-        prefix_len: 24,
-        blocks: vec![],
-        backend: BTreeMap::new(),
-    };
+    let peer = peer_p1();
     s.registry
         .register(&peer, Duration::from_secs(20))
         .await
@@ -515,12 +504,7 @@ async fn the_node_state_follows_the_peers() {
     assert!(seen.is_ok(), "the node state lists {:?}", peers());
     s.registry.deregister("p1").await.unwrap();
 
-    stop.notify_one();
-    let result = tokio::time::timeout(Duration::from_secs(10), run)
-        .await
-        .expect("the agent stops within 10 s")
-        .expect("agent task");
-    result.expect("a clean stop");
+    stop_cleanly(&stop, run).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -538,13 +522,7 @@ async fn a_first_watch_that_fails_is_retried() {
     let run = tokio::spawn(s.agent.run(async move { stop_rx.notified().await }));
     until_up(s.data.path()).await;
 
-    let peer = NodeRecord {
-        name: "p1".into(),
-        address: "10.99.0.2".parse().unwrap(),
-        prefix_len: 24,
-        blocks: vec![],
-        backend: BTreeMap::new(),
-    };
+    let peer = peer_p1();
     registry
         .register(&peer, Duration::from_secs(20))
         .await
@@ -561,12 +539,28 @@ async fn a_first_watch_that_fails_is_retried() {
     assert!(flaky.watches.load(Ordering::SeqCst) >= 2, "watched again");
     registry.deregister("p1").await.unwrap();
 
+    stop_cleanly(&stop, run).await;
+}
+
+/// A peer on the node's underlay, with no blocks.
+fn peer_p1() -> NodeRecord {
+    NodeRecord {
+        name: "p1".into(),
+        address: "10.99.0.2".parse().unwrap(),
+        prefix_len: 24,
+        blocks: vec![],
+        backend: BTreeMap::new(),
+    }
+}
+
+/// Tells the agent running as `run` to stop; it must return `Ok` within 10 s.
+async fn stop_cleanly(stop: &Notify, run: tokio::task::JoinHandle<Result<()>>) {
     stop.notify_one();
-    let result = tokio::time::timeout(Duration::from_secs(10), run)
+    tokio::time::timeout(Duration::from_secs(10), run)
         .await
         .expect("the agent stops within 10 s")
-        .expect("agent task");
-    result.expect("a clean stop");
+        .expect("agent task")
+        .expect("a clean stop");
 }
 
 /// `GET path` over HTTP/1.1 from inside `ns` to `address`: (status, body).
@@ -627,12 +621,7 @@ async fn the_endpoints_report_health_readiness_and_reconciles() {
         Some(0.0),
         "{page}"
     );
-    stop.notify_one();
-    tokio::time::timeout(Duration::from_secs(10), run)
-        .await
-        .expect("the agent stops within 10 s")
-        .expect("agent task")
-        .expect("a clean stop");
+    stop_cleanly(&stop, run).await;
 
     // Up: ready after the first reconcile; a peer joining means another reconcile.
     let address: std::net::SocketAddr = "127.0.0.1:9154".parse().unwrap();
@@ -650,13 +639,7 @@ async fn the_endpoints_report_health_readiness_and_reconciles() {
     assert_eq!(sample(&page, "cnikit_agent_peers"), Some(0.0), "{page}");
     assert_eq!(sample(&page, "cnikit_agent_blocks"), Some(1.0), "{page}");
 
-    let peer = NodeRecord {
-        name: "p1".into(),
-        address: "10.99.0.2".parse().unwrap(),
-        prefix_len: 24,
-        blocks: vec![],
-        backend: BTreeMap::new(),
-    };
+    let peer = peer_p1();
     s.registry
         .register(&peer, Duration::from_secs(20))
         .await
@@ -677,10 +660,5 @@ async fn the_endpoints_report_health_readiness_and_reconciles() {
     assert!(after > before, "reconciles {before} -> {after}\n{page}");
     s.registry.deregister("p1").await.unwrap();
 
-    stop.notify_one();
-    tokio::time::timeout(Duration::from_secs(10), run)
-        .await
-        .expect("the agent stops within 10 s")
-        .expect("agent task")
-        .expect("a clean stop");
+    stop_cleanly(&stop, run).await;
 }
