@@ -298,7 +298,6 @@ impl Peer {
                         p.routes.insert(prefix, next_hop);
                         p.paths.insert(prefix, attributes.clone());
                     }
-                    p.summary.prefixes_received = p.routes.len();
                 });
                 self.shared.routes_changed();
             }
@@ -342,7 +341,6 @@ impl Peer {
                         } else {
                             p.routes.clear();
                             p.paths.clear();
-                            p.summary.prefixes_received = 0;
                         }
                     }
                 });
@@ -371,7 +369,6 @@ impl Peer {
         self.shared.update_peer(&self.name, |p| {
             p.routes.retain(|prefix, _| !stale.contains(prefix));
             p.paths.retain(|prefix, _| !stale.contains(prefix));
-            p.summary.prefixes_received = p.routes.len();
         });
         self.shared.routes_changed();
     }

@@ -322,19 +322,16 @@ impl Speaker {
 
     /// Makes the peer set `peers` (name → address): new peers get a session, peers gone
     /// or moved lose theirs, with their routes removed from the table right away (the
-    /// Cease / Peer De-configured NOTIFICATION goes out in the background). Returns
-    /// whether routes went.
-    pub fn set_peers(&self, peers: &BTreeMap<String, Neighbor>) -> bool {
+    /// Cease / Peer De-configured NOTIFICATION goes out in the background).
+    pub fn set_peers(&self, peers: &BTreeMap<String, Neighbor>) {
         let mut table = self.shared.table();
         let stale: Vec<String> = table
             .iter()
             .filter(|(name, (view, _))| peers.get(*name) != Some(&view.neighbor))
             .map(|(name, _)| name.clone())
             .collect();
-        let mut routes_gone = false;
         for name in stale {
-            if let Some((view, handle)) = table.remove(&name) {
-                routes_gone |= !view.routes.is_empty();
+            if let Some((_, handle)) = table.remove(&name) {
                 let _ = handle.cmds.send(PeerCmd::Remove);
                 tracing::info!(peer = %name, "BGP peer removed");
             }
@@ -363,7 +360,6 @@ impl Speaker {
         }
         drop(table);
         self.shared.refresh_out();
-        routes_gone
     }
 
     /// Every peer's summary, by name.
@@ -371,7 +367,10 @@ impl Speaker {
         self.shared
             .table()
             .values()
-            .map(|(v, _)| v.summary.clone())
+            .map(|(v, _)| PeerSummary {
+                prefixes_received: v.routes.len(),
+                ..v.summary.clone()
+            })
             .collect()
     }
 

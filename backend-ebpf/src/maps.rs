@@ -75,6 +75,17 @@ pub struct Pins {
     dir: PathBuf,
 }
 
+/// Checks the `bpffs` key: an absolute path (code 7). Touches nothing.
+pub(crate) fn check_bpffs(bpffs: &Path) -> Result<()> {
+    if !bpffs.is_absolute() {
+        return Err(Error::InvalidConfig {
+            field: "bpffs",
+            reason: format!("{} is not an absolute path", bpffs.display()),
+        });
+    }
+    Ok(())
+}
+
 impl Pins {
     /// The directory of `network` on `node` under the BPF filesystem mounted at `bpffs`.
     /// Checks the names as network and node names (code 7), which makes each one path
@@ -82,12 +93,7 @@ impl Pins {
     pub fn new(bpffs: &Path, network: &str, node: &str) -> Result<Self> {
         cni_core::spec::validate_network_name(network)?;
         cni_core::registry::validate_node_name(node)?;
-        if !bpffs.is_absolute() {
-            return Err(Error::InvalidConfig {
-                field: "bpffs",
-                reason: format!("{} is not an absolute path", bpffs.display()),
-            });
-        }
+        check_bpffs(bpffs)?;
         Ok(Pins {
             dir: bpffs.join("cnikit").join(network).join(node),
         })

@@ -46,13 +46,7 @@ impl Config {
     /// Checks the configuration without touching the system. Errors: code 7.
     pub fn validate(&self) -> Result<()> {
         RoutedConfig { mtu: self.mtu }.validate()?;
-        if !self.bpffs.is_absolute() {
-            return Err(Error::InvalidConfig {
-                field: "bpffs",
-                reason: format!("{} is not an absolute path", self.bpffs.display()),
-            });
-        }
-        Ok(())
+        crate::maps::check_bpffs(&self.bpffs)
     }
 }
 
@@ -281,6 +275,7 @@ impl EbpfNetwork {
             })
             .await??;
         // The programs on the host veth's ingress: TCX, else tc filters on clsact.
+        let has_tcx = tcx.is_some();
         let attached: Vec<u32> = match tcx {
             Some(programs) => programs.into_iter().map(|(id, _)| id).collect(),
             None => tc_ingress_programs(self.host(), host_link.index).await?,
@@ -296,17 +291,13 @@ impl EbpfNetwork {
                 ours = Some(id);
             }
         }
-        let linked = pinned.is_some() || !program::has_tcx();
+        let linked = pinned.is_some() || !has_tcx;
         if ours.is_none() || !linked {
             return Err(Error::mismatch(
                 format!("ingress of {host_name}"),
                 format!(
                     "{PROGRAM} using the endpoint map {map:?}{}",
-                    if program::has_tcx() {
-                        ", its TCX link pinned"
-                    } else {
-                        ""
-                    }
+                    if has_tcx { ", its TCX link pinned" } else { "" }
                 ),
                 format!("programs {attached:?}, pinned link to program {pinned:?}"),
             ));

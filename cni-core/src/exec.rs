@@ -210,16 +210,11 @@ pub fn find_plugin(plugin_type: &str, cni_path: &[PathBuf]) -> Result<PathBuf> {
 }
 
 /// Whether `binary` is the executable this process runs: the same file as `/proc/self/exe`
-/// (by canonical path, or by device and inode, which also catches hard links). `false` when
-/// either cannot be looked at.
+/// by device and inode (both looked up through symlinks, so a symlink or a hard link to it
+/// counts). `false` when either cannot be looked at.
 pub fn is_own_executable(binary: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;
     const OWN: &str = "/proc/self/exe";
-    if let (Ok(own), Ok(other)) = (std::fs::canonicalize(OWN), std::fs::canonicalize(binary))
-        && own == other
-    {
-        return true;
-    }
     match (std::fs::metadata(OWN), std::fs::metadata(binary)) {
         (Ok(own), Ok(other)) => own.dev() == other.dev() && own.ino() == other.ino(),
         _ => false,

@@ -75,10 +75,17 @@ impl Cluster {
         let mut nodes = Vec::new();
         for node in &lab.nodes {
             let state = NodeState::read(&node.data_dir()).ok().flatten();
-            let vtep = device_address(&node.ns, modes::VXLAN_DEVICE).await;
-            let tunnel = device_address(&node.ns, modes::IPIP_DEVICE)
-                .await
-                .map(|(addr, _)| addr);
+            // Only the mode's own tunnel device can exist: look up no other.
+            let vtep = match lab.mode.as_str() {
+                cnikit::vxlan::TYPE => device_address(&node.ns, modes::VXLAN_DEVICE).await,
+                _ => None,
+            };
+            let tunnel = match lab.mode.as_str() {
+                cnikit::ipip::TYPE => device_address(&node.ns, modes::IPIP_DEVICE)
+                    .await
+                    .map(|(addr, _)| addr),
+                _ => None,
+            };
             let pods = node
                 .pods
                 .iter()

@@ -331,11 +331,8 @@ impl Agent {
                             broken => {
                                 match broken {
                                     Some(Err(e)) => {
-                                        self.metrics.datastore_errors.inc();
-                                        tracing::warn!(
-                                        error = %e,
-                                        "peer watch failed; listing again"
-                                    )
+                                        self.datastore_failed();
+                                        tracing::warn!(error = %e, "peer watch failed; listing again")
                                     }
                                     _ => tracing::warn!("peer watch ended; listing again"),
                                 }
@@ -420,7 +417,7 @@ impl Agent {
                     .collect();
             }
             Err(e) => {
-                self.metrics.datastore_errors.inc();
+                self.datastore_failed();
                 tracing::warn!(error = %e, "listing peers failed; keeping the last known set")
             }
         }
@@ -435,7 +432,7 @@ impl Agent {
             match self.registry.watch(revision).await {
                 Ok(stream) => return stream,
                 Err(e) => {
-                    self.metrics.datastore_errors.inc();
+                    self.datastore_failed();
                     tracing::warn!(error = %e, "cannot watch peers; retrying");
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }

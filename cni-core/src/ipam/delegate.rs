@@ -18,7 +18,7 @@ use async_trait::async_trait;
 use serde_json::Value;
 
 use crate::error::{Error, Result};
-use crate::exec::{Invocation, find_plugin, is_own_executable, plugin_version};
+use crate::exec::{Invocation, find_plugin, plugin_version, refuse_own_executable};
 use crate::ipam::{Allocation, Attachment, GcReport, Ipam};
 use crate::runner::Request;
 use crate::spec::{
@@ -64,18 +64,9 @@ impl DelegatedIpam {
                 ),
             ));
         }
-        if let Ok(binary) = find_plugin(&ipam.ipam_type, &request.cni_path)
-            && is_own_executable(&binary)
-        {
-            return Err(Error::invalid_config(
-                "ipam.type",
-                format!(
-                    "{:?} is {}, this plugin's own executable: it would exec itself as its \
-                     IPAM plugin, recursively (name an IPAM plugin)",
-                    ipam.ipam_type,
-                    binary.display()
-                ),
-            ));
+        if let Ok(binary) = find_plugin(&ipam.ipam_type, &request.cni_path) {
+            refuse_own_executable(&ipam.ipam_type, &binary)
+                .map_err(|e| Error::invalid_config("ipam.type", e.to_string()))?;
         }
         Ok(DelegatedIpam {
             plugin: ipam.ipam_type.clone(),
