@@ -27,6 +27,10 @@ struct Args {
     /// The network's CNI configuration list (with a `cnikit` entry that sets `routing`).
     #[arg(long)]
     conflist: PathBuf,
+    /// This node's name, over the entry's `nodeName` (which defaults to the host name); also
+    /// read from NODE_NAME, as a DaemonSet sets it from `spec.nodeName`.
+    #[arg(long)]
+    node_name: Option<String>,
     /// Log filter (`info`, `debug`, `cni_core=debug`…); also read from CNIKIT_LOG.
     #[arg(long, default_value = "info")]
     log: String,
@@ -49,7 +53,10 @@ fn main() -> Result<()> {
         // the agent cleanly too, not kill it with half its entries in place.
         let shutdown = shutdown()?;
         let list = cnikit::agent::read_conflist(&args.conflist)?;
-        let entry = cnikit::agent::cnikit_entry(&list)?;
+        let mut entry = cnikit::agent::cnikit_entry(&list)?;
+        if let Some(node) = args.node_name.or_else(|| std::env::var("NODE_NAME").ok()) {
+            entry.plugin.insert("nodeName".into(), node.into());
+        }
         let agent = cnikit::agent::build(&entry, std::path::Path::new("/proc/self/ns/net"))
             .await
             .context("configuring the node agent")?;

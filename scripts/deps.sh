@@ -13,6 +13,7 @@ CNIKIT_DEBS=(
   tcpdump                                          # what the ipip tests see on the underlay
   clang llvm libbpf-dev                            # scripts/bpf.sh: the eBPF objects (--check)
   bird2 gobgpd                                     # BGP peers of the bgp interop tests
+  containerd                                       # a real CRI runtime (tests/cri.rs)
 )
 
 missing=()
@@ -23,10 +24,10 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "cnikit: installing ${missing[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -q
-  # Daemons installed for the tests (bird2, gobgpd) run only inside test namespaces: their
+  # Daemons installed for the tests (bird2, gobgpd, containerd) run only inside test namespaces: their
   # packaged services must not start in the machine's own network namespace.
   RUNLEVEL=1 apt-get install -y -q --no-install-recommends "${missing[@]}"
   if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
-    systemctl disable --now bird.service gobgpd.service 2>/dev/null || true
+    systemctl disable --now bird.service gobgpd.service containerd.service 2>/dev/null || true
   fi
 fi

@@ -28,6 +28,7 @@
 pub use cni_core as core;
 
 pub mod agent;
+pub mod install;
 pub mod plugin;
 
 /// The etcd v3 datastore and node registry (feature `etcd`).

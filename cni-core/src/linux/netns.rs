@@ -197,14 +197,30 @@ where
     std::thread::Builder::new()
         .name("cnikit-netns".into())
         .spawn(move || {
-            let result = setns(&ns, CloneFlags::CLONE_NEWNET)
-                .map_err(|e| Error::kernel("setns(CLONE_NEWNET)", e))
-                .map(|()| f());
+            // Entering the namespace the thread is already in changes nothing, and setns
+            // needs CAP_SYS_ADMIN even then: an agent that acts in its own namespace runs
+            // without it.
+            let entered = if is_current(&ns) {
+                Ok(())
+            } else {
+                setns(&ns, CloneFlags::CLONE_NEWNET)
+                    .map_err(|e| Error::kernel("setns(CLONE_NEWNET)", e))
+            };
+            let result = entered.map(|()| f());
             let _ = tx.send(result);
         })
         .map_err(|e| Error::kernel("spawn netns thread", e))?;
     rx.await
         .map_err(|_| Error::kernel("netns thread", std::io::Error::other("thread panicked")))?
+}
+
+/// Whether `ns` is the network namespace of the calling thread (same nsfs device and inode).
+fn is_current(ns: &File) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (ns.metadata(), std::fs::metadata("/proc/thread-self/ns/net")) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
 }
 
 /// Creates a named network namespace, like `ip netns add NAME`, and returns its path.

@@ -21,8 +21,15 @@ pub async fn ensure(ns: &NetNs, settings: Vec<(String, String)>) -> Result<()> {
             let current = std::fs::read_to_string(&path)
                 .map_err(|e| Error::kernel(format!("sysctl {key}"), e))?;
             if current.trim() != value {
-                std::fs::write(&path, value.as_bytes())
-                    .map_err(|e| Error::kernel(format!("sysctl -w {key}={value}"), e))?;
+                std::fs::write(&path, value.as_bytes()).map_err(|e| {
+                    // A container's /proc/sys is read-only unless it is privileged.
+                    let hint = if e.raw_os_error() == Some(libc::EROFS) {
+                        format!(" (/proc/sys is read-only here: set {key}={value} on the node)")
+                    } else {
+                        String::new()
+                    };
+                    Error::kernel(format!("sysctl -w {key}={value}{hint}"), e)
+                })?;
             }
         }
         Ok(())
