@@ -15,6 +15,12 @@
 //! there is no service account) and points the entry at it. The conflist and the kubeconfig
 //! are readable by root only: they name credentials.
 //!
+//! The token written into the kubeconfig is the one the pod holds when the installer runs.
+//! A projected service account token expires (an hour, or a year where the API server
+//! extends tokens for older clients, its default), so the installer has to run again before
+//! then: a DaemonSet restarts its pods on every rollout; a long-lived node needs a rollout,
+//! or a token the cluster does not expire.
+//!
 //! The example binary `cnikit-install` runs [`install`]; see the README for its flags.
 
 use std::fs;
@@ -96,7 +102,8 @@ pub struct Installed {
 
 /// Why an installation failed. Nothing is left half-written when it does.
 #[derive(Debug, thiserror::Error)]
-pub enum InstallError {
+#[non_exhaustive]
+pub enum Error {
     /// The template is not a usable configuration list.
     #[error("conflist template {path}: {reason}")]
     Template {
@@ -124,14 +131,17 @@ pub enum InstallError {
     },
 }
 
-fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> InstallError {
+/// The result of the installer's steps.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
     let what = what.into();
-    move |source| InstallError::Io { what, source }
+    move |source| Error::Io { what, source }
 }
 
 /// Installs the plugin binary and the node's conflist (and a kubeconfig when needed).
 /// Everything is checked before anything is written.
-pub fn install(spec: &Install) -> Result<Installed, InstallError> {
+pub fn install(spec: &Install) -> Result<Installed> {
     let plugin_bytes = fs::read(&spec.plugin).map_err(io(format!(
         "read the plugin binary {}",
         spec.plugin.display()
@@ -179,8 +189,8 @@ pub fn install(spec: &Install) -> Result<Installed, InstallError> {
 }
 
 /// Reads and checks the template: JSON, a valid configuration list, one `cnikit` entry.
-fn read_template(path: &Path) -> Result<Value, InstallError> {
-    let bad = |reason: String| InstallError::Template {
+fn read_template(path: &Path) -> Result<Value> {
+    let bad = |reason: String| Error::Template {
         path: path.to_owned(),
         reason,
     };
@@ -218,7 +228,7 @@ const KUBECONFIG: &str = "cnikit-kubeconfig";
 
 /// Sets the node name in the `cnikit` entry and points its store at the kubeconfig or the
 /// credential copies to write; returns those files.
-fn prepare(list: &mut Value, spec: &Install) -> Result<Extra, InstallError> {
+fn prepare(list: &mut Value, spec: &Install) -> Result<Extra> {
     let entry = list["plugins"]
         .as_array_mut()
         .and_then(|plugins| {
@@ -228,7 +238,7 @@ fn prepare(list: &mut Value, spec: &Install) -> Result<Extra, InstallError> {
         })
         .expect("read_template found the entry");
     if let Some(node) = &spec.node_name {
-        cni_core::registry::validate_node_name(node).map_err(|e| InstallError::Template {
+        cni_core::registry::validate_node_name(node).map_err(|e| Error::Template {
             path: spec.template.clone(),
             reason: format!("node name: {e}"),
         })?;
@@ -273,9 +283,9 @@ fn prepare(list: &mut Value, spec: &Install) -> Result<Extra, InstallError> {
 }
 
 /// A kubeconfig for the plugin from the service account's token and CA.
-fn kubeconfig(account: &ServiceAccount) -> Result<Vec<u8>, InstallError> {
+fn kubeconfig(account: &ServiceAccount) -> Result<Vec<u8>> {
     let read = |name: &str| {
-        fs::read_to_string(account.dir.join(name)).map_err(|e| InstallError::ServiceAccount {
+        fs::read_to_string(account.dir.join(name)).map_err(|e| Error::ServiceAccount {
             dir: account.dir.clone(),
             reason: format!("{name}: {e}"),
         })
@@ -283,7 +293,7 @@ fn kubeconfig(account: &ServiceAccount) -> Result<Vec<u8>, InstallError> {
     let token = read("token")?;
     let ca = read("ca.crt")?;
     if token.trim().is_empty() {
-        return Err(InstallError::ServiceAccount {
+        return Err(Error::ServiceAccount {
             dir: account.dir.clone(),
             reason: "token is empty".into(),
         });
@@ -310,7 +320,7 @@ fn to_json(value: &Value) -> Vec<u8> {
 
 /// Writes `bytes` to `path` through a synced temporary file and a rename, with `mode`.
 /// Returns false, writing nothing, when the file already holds `bytes` with that mode.
-fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<bool, InstallError> {
+fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<bool> {
     if let (Ok(old), Ok(meta)) = (fs::read(path), fs::metadata(path))
         && old == bytes
         && meta.permissions().mode() & 0o7777 == mode
@@ -356,7 +366,7 @@ fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<bool, InstallErr
 }
 
 /// Removes temporary files an interrupted earlier run left in `dir`.
-fn sweep_temporaries(dir: &Path) -> Result<(), InstallError> {
+fn sweep_temporaries(dir: &Path) -> Result<()> {
     for entry in fs::read_dir(dir).map_err(io(format!("list {}", dir.display())))? {
         let entry = entry.map_err(io(format!("list {}", dir.display())))?;
         if entry.file_name().to_string_lossy().starts_with(TEMP_PREFIX) {
@@ -369,7 +379,7 @@ fn sweep_temporaries(dir: &Path) -> Result<(), InstallError> {
 
 /// The configuration files of `dir` that a runtime would pick before `ours`: libcni loads
 /// `*.conf`, `*.conflist` and `*.json` in name order.
-fn shadowing(dir: &Path, ours: &str) -> Result<Vec<PathBuf>, InstallError> {
+fn shadowing(dir: &Path, ours: &str) -> Result<Vec<PathBuf>> {
     let mut before = Vec::new();
     for entry in fs::read_dir(dir).map_err(io(format!("list {}", dir.display())))? {
         let entry = entry.map_err(io(format!("list {}", dir.display())))?;
@@ -383,4 +393,174 @@ fn shadowing(dir: &Path, ours: &str) -> Result<Vec<PathBuf>, InstallError> {
     }
     before.sort();
     Ok(before)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt;
+
+    use super::*;
+
+    fn inode(path: &Path) -> u64 {
+        fs::metadata(path).unwrap().ino()
+    }
+
+    #[test]
+    fn a_file_is_replaced_by_a_rename_and_left_alone_when_unchanged() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("10-net.conflist");
+        assert!(write_atomic(&path, b"one", SECRET_MODE).unwrap());
+        assert_eq!(fs::read(&path).unwrap(), b"one");
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o7777,
+            SECRET_MODE
+        );
+        let first = inode(&path);
+
+        // Same content, same mode: nothing is written.
+        assert!(!write_atomic(&path, b"one", SECRET_MODE).unwrap());
+        assert_eq!(inode(&path), first);
+
+        // New content: a new file renamed over the old one (a reader holding the old one
+        // open keeps reading it whole).
+        let mut old = fs::File::open(&path).unwrap();
+        assert!(write_atomic(&path, b"two", SECRET_MODE).unwrap());
+        assert_ne!(inode(&path), first);
+        let mut held = String::new();
+        std::io::Read::read_to_string(&mut old, &mut held).unwrap();
+        assert_eq!(held, "one");
+
+        // Only the mode differs: written again, with the mode.
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(write_atomic(&path, b"two", SECRET_MODE).unwrap());
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o7777,
+            SECRET_MODE
+        );
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["10-net.conflist"], "no temporary file is left");
+    }
+
+    #[test]
+    fn leftover_temporaries_are_swept_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in [".cnikit-install.cnikit.17", "cnikit", ".other"] {
+            fs::write(dir.path().join(name), b"x").unwrap();
+        }
+        sweep_temporaries(dir.path()).unwrap();
+        let mut names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, [".other", "cnikit"]);
+    }
+
+    #[test]
+    fn configuration_files_that_sort_first_are_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in [
+            "00-loopback.conf",
+            "05-other.json",
+            "07-notes.txt",
+            ".01-hidden.conflist",
+            "10-cnikit.conflist",
+            "99-late.conflist",
+        ] {
+            fs::write(dir.path().join(name), b"{}").unwrap();
+        }
+        let found = shadowing(dir.path(), "10-cnikit.conflist").unwrap();
+        assert_eq!(
+            found,
+            [
+                dir.path().join("00-loopback.conf"),
+                dir.path().join("05-other.json")
+            ]
+        );
+        assert!(
+            shadowing(dir.path(), "00-cnikit.conflist")
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    fn spec(dir: &Path) -> Install {
+        Install {
+            plugin: dir.join("plugin"),
+            plugin_name: "cnikit".into(),
+            bin_dir: dir.join("bin"),
+            conf_dir: dir.join("conf"),
+            host_conf_dir: Some("/etc/cni/net.d".into()),
+            template: dir.join("template"),
+            file_name: "10-cnikit.conflist".into(),
+            node_name: Some("node-1".into()),
+            service_account: None,
+            copy_etcd_credentials: false,
+        }
+    }
+
+    fn list(store: Value) -> Value {
+        serde_json::json!({
+            "cniVersion": "1.0.0", "name": "n",
+            "plugins": [
+                {"type": "cnikit", "ipam": {"type": "cnikit-ipam", "pool": "10.1.0.0/16",
+                                            "store": store}},
+                {"type": "portmap", "capabilities": {"portMappings": true}}
+            ]
+        })
+    }
+
+    #[test]
+    fn the_node_name_goes_into_the_cnikit_entry_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut value = list(serde_json::json!({"type": "file"}));
+        let extra = prepare(&mut value, &spec(dir.path())).unwrap();
+        assert!(extra.kubeconfig.is_none() && extra.credentials.is_empty());
+        assert_eq!(value["plugins"][0]["nodeName"], "node-1");
+        assert!(value["plugins"][1].get("nodeName").is_none());
+        assert_eq!(
+            value["plugins"][0]["ipam"]["store"],
+            serde_json::json!({"type": "file"})
+        );
+    }
+
+    #[test]
+    fn etcd_credentials_stay_where_they_are_unless_copied() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = serde_json::json!({"type": "etcd", "endpoints": ["https://e:2379"],
+                                       "keyFile": "/secret/tls.key"});
+        let mut value = list(store.clone());
+        let extra = prepare(&mut value, &spec(dir.path())).unwrap();
+        assert!(extra.credentials.is_empty());
+        assert_eq!(value["plugins"][0]["ipam"]["store"], store);
+    }
+
+    #[test]
+    fn a_kubeconfig_carries_the_token_and_the_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("token"), "abc.def\n").unwrap();
+        fs::write(dir.path().join("ca.crt"), "CA").unwrap();
+        let account = ServiceAccount {
+            dir: dir.path().to_owned(),
+            server: "https://10.96.0.1:443".into(),
+        };
+        let config: Value = serde_json::from_slice(&kubeconfig(&account).unwrap()).unwrap();
+        assert_eq!(config["users"][0]["user"]["token"], "abc.def");
+        assert_eq!(
+            config["clusters"][0]["cluster"]["certificate-authority-data"],
+            "Q0E="
+        );
+        assert_eq!(
+            config["clusters"][0]["cluster"]["server"],
+            "https://10.96.0.1:443"
+        );
+        assert_eq!(config["current-context"], "cnikit");
+
+        fs::remove_file(dir.path().join("ca.crt")).unwrap();
+        let err = kubeconfig(&account).unwrap_err().to_string();
+        assert!(err.contains("ca.crt"), "{err}");
+    }
 }

@@ -1,6 +1,7 @@
 //! The installer (`cnikit-install`, the DaemonSet's init container) run the way the init
 //! container runs it, into a temporary root standing for the host's `/opt/cni/bin` and
-//! `/etc/cni/net.d`; then a pod is run with exactly what it installed, as a runtime would.
+//! `/etc/cni/net.d`; then a pod is run with exactly what it installed (ADD, CHECK, DEL), as a
+//! runtime would.
 //!
 //! Needs root for the pod; the file checks run everywhere.
 #![cfg(feature = "routed")]
@@ -11,9 +12,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use cnikit::core::exec::{Invocation, add_list, del_list};
+use cnikit::core::exec::{Invocation, add_list, check_list, del_list};
 use cnikit::core::spec::{Command, ConfList};
-use cnikit::install::{Install, InstallError, ServiceAccount, install};
+use cnikit::install::{Error, Install, ServiceAccount, install};
 use common::*;
 use serde_json::{Value, json};
 
@@ -212,6 +213,16 @@ fn the_installed_plugin_and_conflist_run_a_pod() {
     assert_eq!(ipv4_of(&pod.name, "eth0"), vec![pod_ip]);
     assert!(ping(&node.name, pod_ip), "the node cannot ping the pod");
     runtime
+        .block_on(check_list(&list, &invocation, &no_args, &result))
+        .unwrap_or_else(|e| panic!("CHECK with the installed list: {e}"));
+    // CHECK looks at the pod for real: without its address it fails.
+    ip(
+        &pod.name,
+        &["addr", "del", &format!("{pod_ip}/32"), "dev", "eth0"],
+    );
+    let broken = runtime.block_on(check_list(&list, &invocation, &no_args, &result));
+    assert!(broken.is_err(), "CHECK passed on a pod without its address");
+    runtime
         .block_on(del_list(&list, &invocation, &no_args, Some(&result)))
         .unwrap_or_else(|e| panic!("DEL: {e}"));
     assert!(host_veths(&node.name).is_empty(), "a veth is left");
@@ -267,7 +278,7 @@ fn a_bad_template_installs_nothing() {
     // A missing plugin binary.
     let mut spec = root.spec(&dir.path().join("absent"), &template);
     spec.node_name = None;
-    assert!(matches!(install(&spec), Err(InstallError::Io { .. })));
+    assert!(matches!(install(&spec), Err(Error::Io { .. })));
     assert!(root.files().is_empty());
 }
 
