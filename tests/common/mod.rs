@@ -164,6 +164,16 @@ impl Lab {
         node
     }
 
+    /// The far end of the [`Lab::node`]'s uplink: a host outside the node, holding
+    /// [`UPLINK_IP`].
+    pub fn uplink(&self) -> Ns {
+        let name = self.namespaces.name("up");
+        Ns {
+            path: netns_path(&name),
+            name,
+        }
+    }
+
     /// A pod namespace `<prefix>-<suffix>`.
     pub fn pod(&self, suffix: &str) -> Ns {
         self.netns(suffix)
