@@ -487,9 +487,6 @@ fn the_image_agent_runs_with_the_daemonsets_capabilities_only() -> Result<()> {
     podman.host(&["ip", "addr", "add", "192.0.2.10/24", "dev", "u0"])?;
     podman.host(&["ip", "link", "set", "u0", "up"])?;
     podman.host(&["ip", "link", "set", "u1", "up"])?;
-    // A Kubernetes node forwards already (kubeadm checks it); a container's /proc/sys is
-    // read-only, so the agent only reads it.
-    podman.host(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
     let config = podman.path("config");
     let data = podman.path("var-lib-cni");
     std::fs::create_dir_all(&config)?;
@@ -553,17 +550,30 @@ fn the_image_agent_runs_with_the_daemonsets_capabilities_only() -> Result<()> {
             == "200"
     };
 
+    // A container's /proc/sys is read-only: on a node that does not forward, the agent
+    // cannot turn forwarding on, and says what to set on the node.
+    start("agent-noforward", &caps)?;
+    let code = podman.podman(&["wait", "agent-noforward"])?;
+    ensure!(code != "0", "the agent ran on a node that does not forward");
+    let logs = podman.podman_output(&["logs", "agent-noforward"])?;
+    let logs = String::from_utf8_lossy(&logs.stderr).into_owned();
+    ensure!(
+        logs.contains("set net.ipv4.ip_forward=1 on the node"),
+        "no hint about the read-only /proc/sys: {logs}"
+    );
+    podman.podman(&["rm", "agent-noforward"])?;
+    // A Kubernetes node forwards already (kubeadm checks it).
+    podman.host(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+
     // No capability at all: the agent cannot program the node and exits with an error.
     start("agent-nocaps", &[])?;
     let code = podman.podman(&["wait", "agent-nocaps"])?;
     ensure!(code != "0", "the agent ran without any capability");
     let logs = podman.podman_output(&["logs", "agent-nocaps"])?;
-    println!(
-        "without capabilities (exit {code}): {}",
-        String::from_utf8_lossy(&logs.stderr)
-            .lines()
-            .last()
-            .unwrap_or_default()
+    let logs = String::from_utf8_lossy(&logs.stderr).into_owned();
+    ensure!(
+        logs.contains("Operation not permitted"),
+        "the agent without capabilities failed for another reason: {logs}"
     );
     podman.podman(&["rm", "agent-nocaps"])?;
 
