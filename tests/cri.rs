@@ -15,7 +15,6 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -26,9 +25,12 @@ use common::*;
 use hyper_util::rt::TokioIo;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
-    LinuxPodSandboxConfig, LinuxSandboxSecurityContext, ListPodSandboxRequest, NamespaceMode,
-    NamespaceOption, PodSandboxConfig, PodSandboxMetadata, PodSandboxStatusRequest, PortMapping,
-    Protocol, RemovePodSandboxRequest, RunPodSandboxRequest, StopPodSandboxRequest, VersionRequest,
+    Capability, ContainerConfig, ContainerMetadata, ContainerState, ContainerStatusRequest,
+    CreateContainerRequest, ImageSpec, Int64Value, KeyValue, LinuxContainerConfig,
+    LinuxContainerSecurityContext, LinuxPodSandboxConfig, LinuxSandboxSecurityContext,
+    ListPodSandboxRequest, Mount, NamespaceMode, NamespaceOption, PodSandboxConfig,
+    PodSandboxMetadata, PodSandboxStatusRequest, PortMapping, Protocol, RemovePodSandboxRequest,
+    RunPodSandboxRequest, StartContainerRequest, StopPodSandboxRequest, VersionRequest,
 };
 use serde_json::{Value, json};
 use tonic::transport::{Channel, Endpoint, Uri};
@@ -102,6 +104,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
     default_runtime_name = "runc"
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
       runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+        Root = "{dir}/runc"
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "{bin}"
     conf_dir = "{conf}"
@@ -247,9 +251,63 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         Ok(())
     }
 
-    /// RunPodSandbox; returns the sandbox id.
+    /// RunPodSandbox of a pod on the pod network; returns the sandbox id.
     fn run_pod(&self, name: &str, ports: Vec<PortMapping>) -> Result<String> {
-        let config = pod_config(name, &self.dir.join("logs").join(name), ports);
+        self.run_sandbox(self.pod_config(name, ports, NamespaceMode::Pod))
+    }
+
+    /// A sandbox configuration as kubelet sends it, reduced to what a pod network needs;
+    /// `network`: `Pod` (its own namespace, set up by the CNI plugins) or `Node` (the host's).
+    fn pod_config(
+        &self,
+        name: &str,
+        ports: Vec<PortMapping>,
+        network: NamespaceMode,
+    ) -> PodSandboxConfig {
+        let log_dir = self.dir.join("logs").join(name);
+        PodSandboxConfig {
+            metadata: Some(PodSandboxMetadata {
+                name: name.into(),
+                uid: format!("uid-{name}"),
+                namespace: "default".into(),
+                attempt: 0,
+            }),
+            // kubelet names only pods with a namespace of their own; a host-network pod
+            // shares the node's UTS namespace and hostname.
+            hostname: if network == NamespaceMode::Node {
+                String::new()
+            } else {
+                name.into()
+            },
+            log_directory: log_dir.display().to_string(),
+            dns_config: None,
+            port_mappings: ports,
+            labels: [("app".to_owned(), name.to_owned())].into_iter().collect(),
+            annotations: Default::default(),
+            linux: Some(LinuxPodSandboxConfig {
+                cgroup_parent: String::new(),
+                security_context: Some(LinuxSandboxSecurityContext {
+                    namespace_options: Some(NamespaceOption {
+                        network: network as i32,
+                        pid: NamespaceMode::Pod as i32,
+                        ipc: NamespaceMode::Pod as i32,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            windows: None,
+        }
+    }
+
+    /// RunPodSandbox; returns the sandbox id.
+    fn run_sandbox(&self, config: PodSandboxConfig) -> Result<String> {
+        let name = config
+            .metadata
+            .as_ref()
+            .map(|m| m.name.clone())
+            .unwrap_or_default();
         let mut client = self.client();
         let response = self
             .runtime
@@ -259,6 +317,54 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             }))
             .with_context(|| format!("RunPodSandbox {name}:\n{}", self.log_tail()))?;
         Ok(response.into_inner().pod_sandbox_id)
+    }
+
+    /// CreateContainer + StartContainer in a sandbox, then waits (up to a minute) for the
+    /// container to exit; returns its exit code and its log.
+    fn run_to_completion(
+        &self,
+        sandbox: &str,
+        sandbox_config: &PodSandboxConfig,
+        config: ContainerConfig,
+    ) -> Result<(i32, String)> {
+        let mut client = self.client();
+        let log = Path::new(&sandbox_config.log_directory).join(&config.log_path);
+        let id = self
+            .runtime
+            .block_on(client.create_container(CreateContainerRequest {
+                pod_sandbox_id: sandbox.into(),
+                config: Some(config),
+                sandbox_config: Some(sandbox_config.clone()),
+            }))
+            .with_context(|| format!("CreateContainer:\n{}", self.log_tail()))?
+            .into_inner()
+            .container_id;
+        self.runtime
+            .block_on(client.start_container(StartContainerRequest {
+                container_id: id.clone(),
+            }))
+            .with_context(|| format!("StartContainer:\n{}", self.log_tail()))?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let status = self
+                .runtime
+                .block_on(client.container_status(ContainerStatusRequest {
+                    container_id: id.clone(),
+                    verbose: false,
+                }))?
+                .into_inner()
+                .status
+                .context("ContainerStatus without a status")?;
+            if status.state == ContainerState::ContainerExited as i32 {
+                let log = std::fs::read_to_string(&log).unwrap_or_default();
+                return Ok((status.exit_code, log));
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "container {id} still running: {status:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// The pod's address (from PodSandboxStatus) and its network namespace (from the verbose
@@ -388,40 +494,6 @@ struct Pod {
     id: String,
     ip: IpAddr,
     netns: PathBuf,
-}
-
-/// A sandbox configuration as kubelet sends it, reduced to what a pod network needs.
-fn pod_config(name: &str, log_dir: &Path, ports: Vec<PortMapping>) -> PodSandboxConfig {
-    PodSandboxConfig {
-        metadata: Some(PodSandboxMetadata {
-            name: name.into(),
-            uid: format!("uid-{name}"),
-            namespace: "default".into(),
-            attempt: 0,
-        }),
-        hostname: name.into(),
-        log_directory: log_dir.display().to_string(),
-        dns_config: None,
-        port_mappings: ports,
-        labels: BTreeMap::from([("app".to_owned(), name.to_owned())])
-            .into_iter()
-            .collect(),
-        annotations: Default::default(),
-        linux: Some(LinuxPodSandboxConfig {
-            cgroup_parent: String::new(),
-            security_context: Some(LinuxSandboxSecurityContext {
-                namespace_options: Some(NamespaceOption {
-                    network: NamespaceMode::Pod as i32,
-                    pid: NamespaceMode::Pod as i32,
-                    ipc: NamespaceMode::Pod as i32,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        windows: None,
-    }
 }
 
 fn sha256(path: &Path) -> Result<String> {
@@ -563,48 +635,89 @@ fn assert_gone(node: &Ns, data_dir: &Path, pod: &Pod) -> Result<()> {
     Ok(())
 }
 
+/// Skips `test` unless root and every binary it needs (besides [`PREREQUISITES`], `extra`)
+/// are there.
+fn prerequisites(test: &str, extra: &[(&str, &str)]) -> bool {
+    if !testkit::root(test) {
+        return false;
+    }
+    match PREREQUISITES
+        .iter()
+        .chain(extra)
+        .find(|(p, _)| !Path::new(p).exists())
+    {
+        Some((missing, package)) => {
+            testkit::skip(
+                test,
+                format!("{missing} is missing (apt-get install {package})"),
+            );
+            false
+        }
+        None => true,
+    }
+}
+
+/// The node's CNI directories, inside the test's directory: the plugin directory (with the
+/// reference plugins the network and the CRI need already there), the configuration
+/// directory (empty) and the plugin's data directory.
+struct HostDirs {
+    bin: PathBuf,
+    conf: PathBuf,
+    data: PathBuf,
+}
+
+impl HostDirs {
+    fn new(lab: &Lab) -> Result<HostDirs> {
+        let root = lab.dir("host");
+        let dirs = HostDirs {
+            bin: root.join("opt/cni/bin"),
+            conf: root.join("etc/cni/net.d"),
+            data: root.join("var/lib/cni/cnikit"),
+        };
+        std::fs::create_dir_all(&dirs.bin)?;
+        std::fs::create_dir_all(&dirs.conf)?;
+        // containerd 1.6 takes one plugin directory: the reference plugins the list and the
+        // CRI need (containerd sets up the pod's loopback with `loopback`) go next to cnikit.
+        for plugin in ["portmap", "loopback"] {
+            std::os::unix::fs::symlink(
+                Path::new(REFERENCE_DIR).join(plugin),
+                dirs.bin.join(plugin),
+            )?;
+        }
+        Ok(dirs)
+    }
+}
+
 #[test]
 fn containerd_runs_pods_on_a_cnikit_network() -> Result<()> {
     let test = "containerd_runs_pods_on_a_cnikit_network";
+    if !prerequisites(test, &[]) {
+        return Ok(());
+    }
     let Some(env) = Env::get(test) else {
         return Ok(());
     };
-    if let Some((missing, package)) = PREREQUISITES.iter().find(|(p, _)| !Path::new(p).exists()) {
-        testkit::skip(
-            test,
-            format!("{missing} is missing (apt-get install {package})"),
-        );
-        return Ok(());
-    }
 
     let lab = Lab::new("cri");
     let node = lab.node();
     let outside = lab.uplink();
-    // The node's directories, as the init container fills them.
-    let root = lab.dir("host");
-    let bin_dir = root.join("opt/cni/bin");
-    let conf_dir = root.join("etc/cni/net.d");
-    let data_dir = root.join("var/lib/cni/cnikit");
+    let host = HostDirs::new(&lab)?;
+    let (bin_dir, conf_dir, data_dir) = (&host.bin, &host.conf, &host.data);
     let installed = cnikit::install::install(&cnikit::install::Install {
         plugin: env.plugin.clone(),
         plugin_name: "cnikit".into(),
         bin_dir: bin_dir.clone(),
         conf_dir: conf_dir.clone(),
         host_conf_dir: None,
-        template: template(&lab.dir("conf"), &data_dir)?,
+        template: template(&lab.dir("conf"), data_dir)?,
         file_name: "10-cnikit.conflist".into(),
         node_name: Some("cri-node".into()),
         service_account: None,
         copy_etcd_credentials: false,
     })?;
     ensure!(installed.shadowed_by.is_empty(), "{installed:?}");
-    // containerd 1.6 takes one plugin directory: the reference plugins the list and the CRI
-    // need (containerd sets up the pod's loopback with `loopback`) go next to cnikit.
-    for plugin in ["portmap", "loopback"] {
-        std::os::unix::fs::symlink(Path::new(REFERENCE_DIR).join(plugin), bin_dir.join(plugin))?;
-    }
 
-    let mut containerd = Containerd::start(&lab.dir("containerd"), &node, &bin_dir, &conf_dir)?;
+    let mut containerd = Containerd::start(&lab.dir("containerd"), &node, bin_dir, conf_dir)?;
     containerd.import(&pause_image(&lab.dir("image"))?)?;
 
     // Two pods; the first publishes a hostPort (containerd hands `portmap` the mapping with
@@ -626,7 +739,7 @@ fn containerd_runs_pods_on_a_cnikit_network() -> Result<()> {
         ensure!(pool.contains(&pod.ip), "{} is not from {POOL}", pod.ip);
     }
     ensure!(web.ip != client.ip);
-    let store = StoreView::read(&data_dir);
+    let store = StoreView::read(data_dir);
     ensure!(
         store.used_ips() == [web.ip, client.ip].into_iter().collect(),
         "the store's allocations are not the pods' addresses: {store:?}"
@@ -664,7 +777,7 @@ fn containerd_runs_pods_on_a_cnikit_network() -> Result<()> {
 
     // Removal: no veth, no allocation, no route, no port mapping.
     containerd.remove_pod(&web.id)?;
-    assert_gone(&node, &data_dir, &web)?;
+    assert_gone(&node, data_dir, &web)?;
     ensure!(
         host_veths(&node.name).len() == 1,
         "{:?}",
@@ -685,13 +798,13 @@ fn containerd_runs_pods_on_a_cnikit_network() -> Result<()> {
         "the restarted containerd lost the pod"
     );
     containerd.remove_pod(&client.id)?;
-    assert_gone(&node, &data_dir, &client)?;
+    assert_gone(&node, data_dir, &client)?;
     ensure!(
         host_veths(&node.name).is_empty(),
         "veths left: {:?}",
         host_veths(&node.name)
     );
-    let store = StoreView::read(&data_dir);
+    let store = StoreView::read(data_dir);
     ensure!(store.holds_nothing(), "allocations left: {store:?}");
     for pod in [&web, &client] {
         ensure!(
@@ -700,5 +813,176 @@ fn containerd_runs_pods_on_a_cnikit_network() -> Result<()> {
             pod.netns.display()
         );
     }
+    Ok(())
+}
+
+/// The cnikit image, loaded into containerd the README's way (`scripts/image.sh --import`,
+/// `podman save | ctr -n k8s.io images import`), runs its installer as the DaemonSet's init
+/// container: in a host-network sandbox, every capability dropped, the node's plugin and
+/// configuration directories mounted under `/host`, the node name from the environment.
+/// containerd picks up the conflist it writes and runs the next pod with the installed plugin.
+#[test]
+fn the_image_installs_the_plugin_containerd_then_uses() -> Result<()> {
+    let test = "the_image_installs_the_plugin_containerd_then_uses";
+    if !prerequisites(
+        test,
+        &[
+            ("/usr/bin/podman", "podman"),
+            ("/usr/bin/strip", "binutils"),
+        ],
+    ) {
+        return Ok(());
+    }
+    let Some(_env) = Env::get(test) else {
+        return Ok(());
+    };
+    let bins = testkit::examples_dir();
+    for b in ["cnikit", "cnikit-agent", "cnikit-install"] {
+        testkit::assert_fresh(&bins.join(b));
+    }
+    let lab = Lab::new("crim");
+    let node = lab.node();
+    let host = HostDirs::new(&lab)?;
+    let containerd = Containerd::start(&lab.dir("containerd"), &node, &host.bin, &host.conf)?;
+    containerd.import(&pause_image(&lab.dir("image"))?)?;
+
+    // The image, in a podman storage of the test's own, saved into containerd's namespace.
+    let image = "localhost/cnikit:cri";
+    let podman = lab.dir("podman");
+    let storage = podman.join("storage.conf");
+    std::fs::write(
+        &storage,
+        format!(
+            "[storage]\ndriver = \"vfs\"\nrunroot = \"{0}/run\"\ngraphroot = \"{0}/root\"\n",
+            podman.display()
+        ),
+    )?;
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/image.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .arg("--bin-dir")
+        .arg(&bins)
+        .arg("--out")
+        .arg(podman.join("image"))
+        .args(["--tag", image, "--import"])
+        .env("CONTAINERS_STORAGE_CONF", &storage)
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "scripts/image.sh: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new("bash")
+        .args(["-o", "pipefail", "-c"])
+        .arg(format!(
+            "podman save {image} | ctr --address {} -n k8s.io images import --snapshotter native -",
+            containerd.socket().display()
+        ))
+        .env("CONTAINERS_STORAGE_CONF", &storage)
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "podman save | ctr images import: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The DaemonSet's pod: host network; its init container runs the installer.
+    let template = template(&lab.dir("conf"), &host.data)?;
+    let daemon = containerd.pod_config("cnikit-node", Vec::new(), NamespaceMode::Node);
+    let sandbox = containerd.run_sandbox(daemon.clone())?;
+    let mount = |host: &Path, container: &str, readonly: bool| Mount {
+        container_path: container.into(),
+        host_path: host.display().to_string(),
+        readonly,
+        ..Default::default()
+    };
+    let install = ContainerConfig {
+        metadata: Some(ContainerMetadata {
+            name: "install-cni".into(),
+            attempt: 0,
+        }),
+        image: Some(ImageSpec {
+            image: image.into(),
+            ..Default::default()
+        }),
+        command: vec!["/usr/local/bin/cnikit-install".into()],
+        args: vec![
+            "--template=/etc/cnikit/config/cni.conflist".into(),
+            "--bin-dir=/host/opt/cni/bin".into(),
+            "--conf-dir=/host/etc/cni/net.d".into(),
+            format!("--host-conf-dir={}", host.conf.display()),
+        ],
+        envs: vec![KeyValue {
+            key: "NODE_NAME".into(),
+            value: "cri-node".into(),
+        }],
+        mounts: vec![
+            mount(&host.bin, "/host/opt/cni/bin", false),
+            mount(&host.conf, "/host/etc/cni/net.d", false),
+            mount(&template, "/etc/cnikit/config/cni.conflist", true),
+        ],
+        log_path: "install-cni.log".into(),
+        linux: Some(LinuxContainerConfig {
+            security_context: Some(LinuxContainerSecurityContext {
+                capabilities: Some(Capability {
+                    drop_capabilities: vec!["ALL".into()],
+                    ..Default::default()
+                }),
+                run_as_user: Some(Int64Value { value: 0 }),
+                no_new_privs: true,
+                namespace_options: daemon
+                    .linux
+                    .as_ref()
+                    .and_then(|l| l.security_context.as_ref())
+                    .and_then(|s| s.namespace_options.clone()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let (code, log) = containerd.run_to_completion(&sandbox, &daemon, install)?;
+    println!("install-cni (exit {code}):\n{log}");
+    ensure!(code == 0, "the installer failed ({code}): {log}");
+    // The installed binary is the image's plugin (stripped of debug info): it answers VERSION.
+    let version = Command::new(host.bin.join("cnikit"))
+        .env_clear()
+        .env("CNI_COMMAND", "VERSION")
+        .stdin(Stdio::null())
+        .output()?;
+    let version: Value = serde_json::from_slice(&version.stdout)
+        .with_context(|| format!("VERSION of the installed plugin: {version:?}"))?;
+    ensure!(version["supportedVersions"].is_array(), "{version}");
+    let installed: Value =
+        serde_json::from_slice(&std::fs::read(host.conf.join("10-cnikit.conflist"))?)?;
+    ensure!(
+        installed["plugins"][0]["nodeName"] == "cri-node",
+        "{installed}"
+    );
+
+    // containerd reloads its network configuration when the directory changes; a pod sandbox
+    // runs on the installed plugin once it has.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let pod = loop {
+        match containerd.run_pod("after-install", Vec::new()) {
+            Ok(id) => break id,
+            Err(e) if Instant::now() < deadline => {
+                println!("not yet: {e:#}");
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    let pod = containerd.pod(&pod)?;
+    let pool: ipnet::IpNet = POOL.parse()?;
+    ensure!(pool.contains(&pod.ip), "{} is not from {POOL}", pod.ip);
+    ensure!(
+        StoreView::read(&host.data).used_ips() == [pod.ip].into_iter().collect(),
+        "the installed plugin's store does not hold the pod's address"
+    );
+    containerd.remove_pod(&pod.id)?;
+    assert_gone(&node, &host.data, &pod)?;
+    containerd.remove_pod(&sandbox)?;
+    ensure!(host_veths(&node.name).is_empty());
     Ok(())
 }
