@@ -14,7 +14,10 @@ CNIKIT_DEBS=(
   clang llvm libbpf-dev                            # scripts/bpf.sh: the eBPF objects (--check)
   bird2 gobgpd                                     # BGP peers of the bgp interop tests
   containerd                                       # a real CRI runtime (tests/cri.rs)
+  openssl binutils                                 # tests/manifests.rs keys; scripts/image.sh strip
 )
+# kubectl for the manifests' server-side validation: Debian's, unless one is installed already.
+command -v kubectl >/dev/null || CNIKIT_DEBS+=(kubernetes-client)
 
 missing=()
 for p in "${CNIKIT_DEBS[@]}"; do
@@ -26,7 +29,17 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -q
   # Daemons installed for the tests (bird2, gobgpd, containerd) run only inside test namespaces: their
   # packaged services must not start in the machine's own network namespace.
-  RUNLEVEL=1 apt-get install -y -q --no-install-recommends "${missing[@]}"
+  # policy-rc.d 101: maintainer scripts start no service at all (deb-systemd-invoke and
+  # invoke-rc.d ask it), so containerd never runs outside a test, not even for a moment.
+  policy=
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    policy=/usr/sbin/policy-rc.d
+    printf '#!/bin/sh\nexit 101\n' > "$policy" && chmod 755 "$policy"
+  fi
+  installed=0
+  RUNLEVEL=1 apt-get install -y -q --no-install-recommends "${missing[@]}" || installed=$?
+  [ -z "$policy" ] || rm -f "$policy"
+  [ "$installed" = 0 ] || exit "$installed"
   if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
     systemctl disable --now bird.service gobgpd.service containerd.service 2>/dev/null || true
   fi
