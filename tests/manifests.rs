@@ -302,6 +302,18 @@ fn the_manifests_pass_the_api_servers_validation() -> Result<()> {
         let stem = file.file_stem().unwrap().to_string_lossy().into_owned();
         let installed = installs(&objects, &lab.dir(&stem))?;
         ensure!(installed["plugins"][0]["nodeName"] == "node-1");
+        // Only the Kubernetes datastore needs the API: the others run without a token.
+        let daemonset = objects
+            .iter()
+            .find(|o| o["kind"] == "DaemonSet")
+            .context("no DaemonSet")?;
+        let automount = &daemonset["spec"]["template"]["spec"]["automountServiceAccountToken"];
+        let api = installed["plugins"][0]["ipam"]["store"]["type"] == "kubernetes";
+        ensure!(
+            api || automount == false,
+            "{}: a token is mounted into pods that do not use the API",
+            file.display()
+        );
         // The agent has the capabilities it needs and no others, and no way to gain more.
         let agent = container(&objects, "agent")?;
         let security = &agent["securityContext"];
