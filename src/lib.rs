@@ -3,7 +3,8 @@
 //! Build Kubernetes CNI network plugins from swappable parts: an IPAM, a pod network (how a
 //! pod is plugged into its node) and a cross-node routing mode. This facade re-exports the
 //! parts behind Cargo features and holds the standard composition, [`plugin`], that the
-//! example binary `cnikit` runs.
+//! example binary `cnikit` runs, the node agent's set-up, [`agent`], and the node installer,
+//! [`install`], that a DaemonSet's init container runs (`cnikit-install`).
 //!
 //! | feature | part |
 //! |---|---|
