@@ -255,12 +255,21 @@ fn prepare(list: &mut Value, spec: &Install) -> Result<Extra> {
     };
     match store.get("type").and_then(Value::as_str) {
         Some("kubernetes") if !store.contains_key("kubeconfig") => {
-            if let Some(account) = &spec.service_account {
-                let bytes = kubeconfig(account)?;
-                let on_host = host_dir.join(KUBECONFIG).display().to_string();
-                store.insert("kubeconfig".into(), Value::String(on_host));
-                extra.kubeconfig = Some((spec.conf_dir.join(KUBECONFIG), bytes));
-            }
+            // The plugin runs on the host, where in-cluster credentials do not exist: without
+            // a kubeconfig every ADD would fail, so refuse to install such a list.
+            let Some(account) = &spec.service_account else {
+                return Err(Error::Template {
+                    path: spec.template.clone(),
+                    reason: "ipam.store is kubernetes without a kubeconfig, and there is no \
+                             service account to write one from (run in a pod, or set \
+                             ipam.store.kubeconfig)"
+                        .into(),
+                });
+            };
+            let bytes = kubeconfig(account)?;
+            let on_host = host_dir.join(KUBECONFIG).display().to_string();
+            store.insert("kubeconfig".into(), Value::String(on_host));
+            extra.kubeconfig = Some((spec.conf_dir.join(KUBECONFIG), bytes));
         }
         Some("etcd") if spec.copy_etcd_credentials => {
             for key in ETCD_FILE_KEYS {
@@ -525,6 +534,20 @@ mod tests {
             value["plugins"][0]["ipam"]["store"],
             serde_json::json!({"type": "file"})
         );
+    }
+
+    #[test]
+    fn a_kubernetes_store_needs_a_kubeconfig_or_a_service_account() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut value = list(serde_json::json!({"type": "kubernetes"}));
+        let err = prepare(&mut value, &spec(dir.path())).err().unwrap();
+        assert!(err.to_string().contains("no service account"), "{err}");
+        // One the list names is kept, and nothing is written for it.
+        let store = serde_json::json!({"type": "kubernetes", "kubeconfig": "/etc/kube.conf"});
+        let mut value = list(store.clone());
+        let extra = prepare(&mut value, &spec(dir.path())).unwrap();
+        assert!(extra.kubeconfig.is_none());
+        assert_eq!(value["plugins"][0]["ipam"]["store"], store);
     }
 
     #[test]

@@ -221,6 +221,12 @@ fn installs(objects: &[Value], dir: &Path) -> Result<Value> {
     std::fs::write(&template, list)?;
     let plugin = dir.join("plugin");
     std::fs::write(&plugin, b"plugin")?;
+    // What a pod's service account mount holds (the installer reads it for a `kubernetes`
+    // store).
+    let account = dir.join("serviceaccount");
+    std::fs::create_dir_all(&account)?;
+    std::fs::write(account.join("token"), "token")?;
+    std::fs::write(account.join("ca.crt"), "ca")?;
     let done = cnikit::install::install(&cnikit::install::Install {
         plugin,
         plugin_name: "cnikit".into(),
@@ -230,7 +236,10 @@ fn installs(objects: &[Value], dir: &Path) -> Result<Value> {
         template,
         file_name: "10-cnikit.conflist".into(),
         node_name: Some("node-1".into()),
-        service_account: None,
+        service_account: Some(cnikit::install::ServiceAccount {
+            dir: account,
+            server: "https://10.96.0.1:443".into(),
+        }),
         copy_etcd_credentials: false,
     })?;
     let installed: Value = serde_json::from_slice(&std::fs::read(done.conflist)?)?;
@@ -309,6 +318,11 @@ fn the_manifests_pass_the_api_servers_validation() -> Result<()> {
             .context("no DaemonSet")?;
         let automount = &daemonset["spec"]["template"]["spec"]["automountServiceAccountToken"];
         let api = installed["plugins"][0]["ipam"]["store"]["type"] == "kubernetes";
+        ensure!(
+            !api || installed["plugins"][0]["ipam"]["store"]["kubeconfig"].is_string(),
+            "{}: the installed list does not point the plugin at a kubeconfig",
+            file.display()
+        );
         ensure!(
             api || automount == false,
             "{}: a token is mounted into pods that do not use the API",
