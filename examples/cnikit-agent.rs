@@ -6,7 +6,9 @@
 //! writes the node state file the plugin waits for. SIGTERM or SIGINT stop it cleanly: it
 //! deregisters and removes what it made.
 //!
-//! Needs root (it programs the node's routes). Build and run:
+//! Needs root (it programs the node's routes); in a container, CAP_NET_ADMIN (and
+//! CAP_NET_BIND_SERVICE for BGP's port 179) in the node's network namespace are enough, as
+//! the DaemonSets of `deploy/` give it. Build and run:
 //!
 //! ```text
 //! cargo build --release --example cnikit-agent
