@@ -11,16 +11,21 @@
 //! pod whose IPAM store is `kubernetes`, the service account's token becomes a kubeconfig for
 //! the plugin (`--service-account-dir`, the API server from `KUBERNETES_SERVICE_HOST` and
 //! `KUBERNETES_SERVICE_PORT`). Prints one line per file; exits non-zero, having written
-//! nothing half-way, on any error.
+//! nothing half-way, on any error. With `--watch SECONDS` it stays and installs again every
+//! SECONDS (the DaemonSet's `cni-refresh` container): a rotated token or certificate reaches
+//! the plugin, a removed file comes back, and nothing unchanged is rewritten.
 
 use std::path::PathBuf;
+use std::sync::mpsc;
+use std::time::Duration;
 
 use anyhow::Result;
 use clap::Parser;
+use nix::sys::signal::{SigSet, Signal};
 
-use cnikit::install::{Install, ServiceAccount, install};
+use cnikit::install::{Install, Installed, ServiceAccount, install};
 
-#[derive(Parser)]
+#[derive(Clone, Parser)]
 #[command(
     name = "cnikit-install",
     about = "install the cnikit CNI plugin and its conflist on this node"
@@ -53,10 +58,41 @@ struct Args {
     /// Copy the files an etcd store names (from a mounted Secret) next to the conflist.
     #[arg(long)]
     copy_etcd_credentials: bool,
+    /// Keep running and install again every SECONDS, writing only what changed: a token that
+    /// kubelet rotated reaches the plugin's kubeconfig, a removed conflist comes back. Ends on
+    /// SIGTERM or SIGINT.
+    #[arg(long, value_name = "SECONDS")]
+    watch: Option<u64>,
 }
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    // Before any thread starts, so that every thread has them blocked and only the waiter
+    // below takes them.
+    let stop = args.watch.map(|_| stop_on_signal()).transpose()?;
+    let spec = spec(args.clone())?;
+    report(&install(&spec)?, true);
+    let (Some(seconds), Some(stop)) = (args.watch, stop) else {
+        return Ok(());
+    };
+    loop {
+        if stop
+            .recv_timeout(Duration::from_secs(seconds.max(1)))
+            .is_ok()
+        {
+            return Ok(());
+        }
+        // A failure now (a token file being swapped by kubelet) is reported and tried again
+        // at the next round; what is installed stays whole.
+        match install(&spec) {
+            Ok(installed) => report(&installed, false),
+            Err(e) => eprintln!("error: {e}"),
+        }
+    }
+}
+
+/// What to install, from the flags and the environment.
+fn spec(args: Args) -> Result<Install> {
     let plugin = match args.plugin {
         Some(p) => p,
         None => std::env::current_exe()?.with_file_name("cnikit"),
@@ -72,7 +108,7 @@ fn main() -> Result<()> {
         }),
         _ => None,
     };
-    let installed = install(&Install {
+    Ok(Install {
         plugin,
         plugin_name: "cnikit".into(),
         bin_dir: args.bin_dir,
@@ -83,24 +119,23 @@ fn main() -> Result<()> {
         node_name: args.node_name.or_else(|| std::env::var("NODE_NAME").ok()),
         service_account,
         copy_etcd_credentials: args.copy_etcd_credentials,
-    })?;
-    let said = |written| if written { "installed" } else { "unchanged" };
-    println!(
-        "{} {}",
-        said(installed.binary_written),
-        installed.binary.display()
-    );
-    if let Some(k) = &installed.kubeconfig {
-        println!("written {}", k.display());
+    })
+}
+
+/// One line per file written; on the first run also the files left as they were, and a
+/// warning for each configuration file that sorts before ours.
+fn report(installed: &Installed, first: bool) {
+    for path in &installed.written {
+        println!("installed {}", path.display());
     }
-    for c in &installed.credentials {
-        println!("written {}", c.display());
+    if !first {
+        return;
     }
-    println!(
-        "{} {}",
-        said(installed.conflist_written),
-        installed.conflist.display()
-    );
+    for path in [&installed.binary, &installed.conflist] {
+        if !installed.written.contains(path) {
+            println!("unchanged {}", path.display());
+        }
+    }
     for other in &installed.shadowed_by {
         eprintln!(
             "warning: {} sorts before {} and is the one a runtime uses",
@@ -108,7 +143,22 @@ fn main() -> Result<()> {
             installed.conflist.display()
         );
     }
-    Ok(())
+}
+
+/// Blocks SIGTERM and SIGINT in this thread (and so in every thread started after) and
+/// returns a channel that receives once either arrives.
+fn stop_on_signal() -> Result<mpsc::Receiver<()>> {
+    let mut signals = SigSet::empty();
+    signals.add(Signal::SIGTERM);
+    signals.add(Signal::SIGINT);
+    signals.thread_block()?;
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        if signals.wait().is_ok() {
+            let _ = tx.send(());
+        }
+    });
+    Ok(rx)
 }
 
 /// `host:port`, with brackets around an IPv6 host.

@@ -17,9 +17,9 @@
 //!
 //! The token written into the kubeconfig is the one the pod holds when the installer runs.
 //! A projected service account token expires (an hour, or a year where the API server
-//! extends tokens for older clients, its default), so the installer has to run again before
-//! then: a DaemonSet restarts its pods on every rollout; a long-lived node needs a rollout,
-//! or a token the cluster does not expire.
+//! extends tokens for older clients, its default) and kubelet replaces the pod's copy before
+//! it does, so the installer has to run again: `cnikit-install --watch` does so periodically
+//! (the DaemonSets' `cni-refresh` container), writing only what changed.
 //!
 //! The example binary `cnikit-install` runs [`install`]; see the README for its flags.
 
@@ -98,6 +98,9 @@ pub struct Installed {
     /// Configuration files in `conf_dir` that sort before ours: a runtime that uses only the
     /// first file (kubelet's dockershim, containerd's CRI) will not use cnikit's.
     pub shadowed_by: Vec<PathBuf>,
+    /// Every file this run wrote, in the order written (the others already had their
+    /// content and mode, and were left alone).
+    pub written: Vec<PathBuf>,
 }
 
 /// Why an installation failed. Nothing is left half-written when it does.
@@ -156,8 +159,14 @@ pub fn install(spec: &Install) -> Result<Installed> {
     }
     let binary = spec.bin_dir.join(&spec.plugin_name);
     let binary_written = write_atomic(&binary, &plugin_bytes, BINARY_MODE)?;
-    if let Some((path, bytes)) = &extra.kubeconfig {
-        write_atomic(path, bytes, SECRET_MODE)?;
+    let mut written = Vec::new();
+    if binary_written {
+        written.push(binary.clone());
+    }
+    if let Some((path, bytes)) = &extra.kubeconfig
+        && write_atomic(path, bytes, SECRET_MODE)?
+    {
+        written.push(path.clone());
     }
     if !extra.credentials.is_empty() {
         let dir = spec.conf_dir.join(ETCD_DIR);
@@ -167,11 +176,16 @@ pub fn install(spec: &Install) -> Result<Installed> {
         sweep_temporaries(&dir)?;
     }
     for (path, bytes) in &extra.credentials {
-        write_atomic(path, bytes, SECRET_MODE)?;
+        if write_atomic(path, bytes, SECRET_MODE)? {
+            written.push(path.clone());
+        }
     }
     // The conflist last: once it names the kubeconfig or the credentials, they are there.
     let conflist = spec.conf_dir.join(&spec.file_name);
     let conflist_written = write_atomic(&conflist, &conflist_bytes, SECRET_MODE)?;
+    if conflist_written {
+        written.push(conflist.clone());
+    }
     let shadowed_by = shadowing(&spec.conf_dir, &spec.file_name)?;
     Ok(Installed {
         binary,
@@ -185,6 +199,7 @@ pub fn install(spec: &Install) -> Result<Installed> {
             .map(|(path, _)| path)
             .collect(),
         shadowed_by,
+        written,
     })
 }
 

@@ -496,3 +496,110 @@ fn a_reader_never_sees_half_a_conflist() {
     assert!(reads > 0);
     println!("{reads} reads during 200 replacements, each a whole conflist");
 }
+
+/// `--watch` (the DaemonSet's `cni-refresh` container): a token that kubelet rotated reaches
+/// the plugin's kubeconfig, a removed conflist comes back, and SIGTERM ends it cleanly.
+#[test]
+fn the_watching_installer_keeps_the_node_current() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = dir.path().join("plugin");
+    std::fs::write(&plugin, b"binary").unwrap();
+    let account = dir.path().join("serviceaccount");
+    std::fs::create_dir(&account).unwrap();
+    std::fs::write(account.join("token"), "first-token").unwrap();
+    std::fs::write(account.join("ca.crt"), "CA").unwrap();
+    let template = template_with_store(dir.path(), json!({"type": "kubernetes"}));
+    let root = Root::new();
+    let binary = testkit::examples_dir().join("cnikit-install");
+    testkit::assert_fresh(&binary);
+    let mut child = std::process::Command::new(&binary)
+        .args(["--watch", "1", "--plugin"])
+        .arg(&plugin)
+        .arg("--template")
+        .arg(&template)
+        .arg("--bin-dir")
+        .arg(root.bin())
+        .arg("--conf-dir")
+        .arg(root.conf())
+        .arg("--service-account-dir")
+        .arg(&account)
+        .env("NODE_NAME", "node-w")
+        .env("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+        .env("KUBERNETES_SERVICE_PORT", "443")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the installer");
+    let kubeconfig = root.conf().join("cnikit-kubeconfig");
+    let conflist = root.conf().join("10-cnikit.conflist");
+    let token = || -> Option<String> {
+        let config: Value = serde_json::from_slice(&std::fs::read(&kubeconfig).ok()?).ok()?;
+        config["users"][0]["user"]["token"]
+            .as_str()
+            .map(str::to_owned)
+    };
+    // Waits up to 20 s (the installer looks every second) for `done`.
+    let wait_for = |what: &str, done: &dyn Fn() -> bool| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !done() {
+            assert!(std::time::Instant::now() < deadline, "never: {what}");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    };
+    wait_for("the first install", &|| {
+        token().as_deref() == Some("first-token") && conflist.exists()
+    });
+    let binary_time = mtime(&root.bin().join("cnikit"));
+
+    // kubelet writes the rotated token.
+    std::fs::write(account.join("token"), "second-token").unwrap();
+    wait_for("the rotated token in the kubeconfig", &|| {
+        token().as_deref() == Some("second-token")
+    });
+    // Someone removes the conflist.
+    std::fs::remove_file(&conflist).unwrap();
+    wait_for("the conflist back", &|| conflist.exists());
+    assert_eq!(
+        mtime(&root.bin().join("cnikit")),
+        binary_time,
+        "the unchanged binary was rewritten"
+    );
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the installer did not end on SIGTERM"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let out = child.wait_with_output().unwrap();
+    assert!(status.success(), "exit {status}: {}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert_eq!(
+        stdout.matches(&*kubeconfig.display().to_string()).count(),
+        2,
+        "the kubeconfig is written once per token: {stdout}"
+    );
+    for output in [&stdout, &text(&out.stderr)] {
+        assert!(
+            !output.contains("first-token") && !output.contains("second-token"),
+            "a token was printed: {output}"
+        );
+    }
+    assert!(
+        root.files()
+            .iter()
+            .all(|(f, _)| !f.contains(".cnikit-install.")),
+        "a temporary file is left: {:?}",
+        root.files()
+    );
+}
