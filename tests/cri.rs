@@ -45,12 +45,13 @@ const HOST_PORT: u16 = 18080;
 const POD_PORT: u16 = 8080;
 
 /// The binaries this test needs, with the package that has each.
-const PREREQUISITES: [(&str, &str); 7] = [
+const PREREQUISITES: [(&str, &str); 8] = [
     ("/usr/bin/containerd", "containerd"),
     ("/usr/bin/ctr", "containerd"),
     ("/usr/bin/containerd-shim-runc-v2", "containerd"),
     ("/usr/sbin/runc", "runc"),
     (BUSYBOX, "busybox-static"),
+    ("/usr/sbin/iptables", "iptables"),
     ("/usr/lib/cni/portmap", "containernetworking-plugins"),
     ("/usr/lib/cni/loopback", "containernetworking-plugins"),
 ];
