@@ -1,7 +1,9 @@
 //! # backend-ebpf
 //!
 //! cnikit's `ebpf` pod network, after Cilium: pods on one node reach each other through a
-//! tc eBPF program on their host veths, without the node's routing table.
+//! tc eBPF program on their host veths, without the node's routing table; with the `ebpf`
+//! routing mode ([`EbpfRouting`], run by the node agent), pods on different nodes through
+//! the same program and a collect_md VXLAN device (see [`routing`]).
 //!
 //! Addressing and plumbing are the routed pod network's
 //! ([`RoutedNetwork`](cni_core::linux::RoutedNetwork)): a veth per pod, the pod's address as
@@ -49,10 +51,12 @@ mod error;
 pub mod maps;
 mod network;
 pub mod program;
+pub mod routing;
 
 pub use error::{Error, Result};
-pub use maps::{Counter, Counters, Endpoint, Endpoints, Pins};
+pub use maps::{Counter, Counters, Endpoint, Endpoints, Pins, Remotes, Tunnel};
 pub use network::{Config, DEFAULT_BPFFS, EbpfNetwork, Stale};
+pub use routing::{EbpfRouting, RoutingConfig};
 
 /// The configuration `type` of this pod network (`"podNetwork": "ebpf"`).
 pub const TYPE: &str = "ebpf";

@@ -153,6 +153,7 @@ async fn vxlan_device_neighbours_and_fdb() {
         local: Some(a("192.0.2.1")),
         underlay: Some(eth0),
         learning: false,
+        external: false,
     };
     let spec = LinkSpec {
         name: "cnkt.vx".into(),
