@@ -13,7 +13,9 @@
 use std::io;
 
 use aya::programs::links::FdLink;
-use aya::programs::tc::{self, NlOptions, SchedClassifier, TcAttachOptions, TcAttachType};
+/// The tc hooks (`Ingress`, `Egress`), aya's.
+pub use aya::programs::tc::TcAttachType;
+use aya::programs::tc::{self, NlOptions, SchedClassifier, TcAttachOptions};
 use aya::programs::{LinkOrder, ProgramError};
 use aya::util::KernelVersion;
 use aya::{Ebpf, EbpfLoader};

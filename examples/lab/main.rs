@@ -33,6 +33,7 @@ mod bgp;
 mod check;
 mod cni;
 mod down;
+mod ebpf;
 mod modes;
 mod net;
 mod nodes;
@@ -106,7 +107,7 @@ enum Cmd {
 
 #[derive(Args, Clone)]
 pub struct UpArgs {
-    /// Routing mode, the conflist's `routing` (host-gw, vxlan, ipip, bgp).
+    /// Routing mode, the conflist's `routing` (host-gw, vxlan, ipip, bgp, ebpf).
     #[arg(long)]
     pub mode: String,
     /// Number of nodes.
@@ -115,9 +116,9 @@ pub struct UpArgs {
     /// Pods per node.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(0..=250))]
     pub pods: u32,
-    /// Pod network.
-    #[arg(long, value_enum, default_value_t = PodNetwork::Bridge)]
-    pub pod_network: PodNetwork,
+    /// Pod network. Default `bridge`, `ebpf` with `--mode ebpf`.
+    #[arg(long, value_enum)]
+    pub pod_network: Option<PodNetwork>,
     /// Datastore shared by the nodes.
     #[arg(long, value_enum, default_value_t = StoreKind::File)]
     pub store: StoreKind,
