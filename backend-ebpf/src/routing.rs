@@ -277,10 +277,7 @@ impl EbpfRouting {
 
     async fn teardown_inner(&mut self) -> Result<()> {
         let mut errors: Vec<cni_core::Error> = Vec::new();
-        let pins = match &self.node {
-            Some(n) => Some(n.pins.clone()),
-            None => None,
-        };
+        let pins = self.node.as_ref().map(|n| n.pins.clone());
         if let Some(pins) = &pins {
             let cleared = (|| -> Result<()> {
                 if pins.read_tunnel()?.is_some() {
