@@ -68,7 +68,8 @@ pub enum Counter {
     TunnelDropVni = 8,
     /// Sent by the node's stack into the tunnel: tunnel key set from `remotes`.
     StackToTunnel = 9,
-    /// Sent by the node's stack into the tunnel towards no known block: dropped.
+    /// Sent by the node's stack into the tunnel towards no known block, or not IPv4 (the
+    /// device's own IPv6 link-local traffic): dropped.
     StackDropNoRemote = 10,
 }
 
@@ -101,7 +102,10 @@ impl Counter {
             Counter::TunnelPass => "from the tunnel, not to a pod: to the stack",
             Counter::TunnelDropVni => "from the tunnel with a foreign VNI: dropped",
             Counter::StackToTunnel => "node's stack into the tunnel, key set",
-            Counter::StackDropNoRemote => "node's stack into the tunnel, no remote block: dropped",
+            Counter::StackDropNoRemote => {
+                "node's stack into the tunnel, no remote block (or not IPv4: the device's own \
+                 IPv6 link-local chatter): dropped"
+            }
         }
     }
 }
