@@ -2,7 +2,7 @@
 //!
 //! It reads the network's configuration list (the one the runtime gives the plugin), registers
 //! the node, claims its block, sets up the routing mode named by the `cnikit` entry's
-//! `routing` key (`host-gw`, `vxlan`, `ipip`, `bgp`), keeps the routes to every peer's blocks in line, and
+//! `routing` key (`host-gw`, `vxlan`, `ipip`, `bgp`, `ebpf`), keeps the routes to every peer's blocks in line, and
 //! writes the node state file the plugin waits for. SIGTERM or SIGINT stop it cleanly: it
 //! deregisters and removes what it made.
 //!

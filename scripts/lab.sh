@@ -6,7 +6,7 @@
 # fails, the lab is torn down all the same. Needs root; nothing is done in the machine's own
 # network namespace.
 #
-#   sudo scripts/lab.sh                          # vxlan, host-gw, ipip, then bgp
+#   sudo scripts/lab.sh                          # vxlan, host-gw, ipip, bgp, then ebpf
 #   sudo scripts/lab.sh --mode host-gw           # one mode
 #   sudo scripts/lab.sh --mode bgp               # BGP speakers in the agents, full mesh
 #   sudo scripts/lab.sh --mode ipip --ipip-mode cross-subnet --topology two-subnets
@@ -18,22 +18,26 @@
 # loading it never adds tunl0 to the machine's own namespace; lab.sh says so. --ipip-mode
 # (always, cross-subnet) is for ipip only; --direct-routing is vxlan's DirectRouting and,
 # for ipip, cross-subnet. bgp runs the agents' own BGP speakers (iBGP full mesh, AS 64512)
-# on one segment: `show` lists each node's sessions and the routes they brought.
+# on one segment: `show` lists each node's sessions and the routes they brought. ebpf runs
+# pods on tc eBPF programs (its own pod network; --pod-network is for the other modes): `show`
+# lists each program with its id and every entry of the maps.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-modes=(vxlan host-gw ipip bgp)
+modes=(vxlan host-gw ipip bgp ebpf)
 extra=()
+pod_extra=()
 ipip_extra=()
 topology=flat
 while [ $# -gt 0 ]; do
   case "$1" in
     --mode) modes=("$2"); shift 2 ;;
     --topology) topology="$2"; extra+=("$1" "$2"); shift 2 ;;
-    --store|--pod-network) extra+=("$1" "$2"); shift 2 ;;
+    --store) extra+=("$1" "$2"); shift 2 ;;
+    --pod-network) pod_extra+=("$1" "$2"); shift 2 ;;
     --ipip-mode) ipip_extra+=("$1" "$2"); shift 2 ;;
     --direct-routing) extra+=("$1"); shift ;;
-    -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "scripts/lab.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -82,8 +86,11 @@ trap 'exit 130' INT TERM
 
 for mode in "${modes[@]}"; do
   mode_extra=()
+  if [ "$mode" != ebpf ]; then
+    mode_extra+=("${pod_extra[@]}")
+  fi
   if [ "$mode" = ipip ]; then
-    mode_extra=("${ipip_extra[@]}")
+    mode_extra+=("${ipip_extra[@]}")
     # The same rule as the tests' (testkit::vm): a loaded (or built-in) ipip module, or the
     # VM. Never load a tunnel module here: it would add tunl0 to the root namespace.
     if [ "$in_vm" = 0 ] && ! [ -d /sys/module/ipip ]; then

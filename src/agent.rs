@@ -15,7 +15,10 @@
 //! "device": "cnikit.ipip", "mtu": … }`; `"routing": "bgp"` from `"bgp": { "asNumber":
 //! 64512, "port": 179, "holdTime": 90, "connectRetry": 2, "gracefulRestart": true,
 //! "restartTime": 120, "listenAddress": …, "globalPeers": [{"address": …, "asNumber": …}],
-//! "routeReflectorClusterId": … }` (see [`backend_bgp::Config`] when the `bgp` feature is on).
+//! "routeReflectorClusterId": … }` (see [`backend_bgp::Config`] when the `bgp` feature is on);
+//! `"routing": "ebpf"` (with `"podNetwork": "ebpf"`) from `"ebpf": { "vni": 1, "port": 4789,
+//! "device": "cnikit.ebpf", "mtu": … }`, and its maps live under the entry's `bpffs` as the
+//! plugin's do.
 //!
 //! `agent.metricsAddress` (off when absent) is where the agent serves, in its node
 //! namespace, `/healthz` (200 while its loop runs), `/readyz` (200 once registered and
@@ -156,6 +159,17 @@ async fn routing(mode: &str, conf: &NetConf, netns: &Path) -> Result<Box<dyn Cro
         backend_bgp::TYPE => Ok(Box::new(
             backend_bgp::Bgp::open(mode_config(conf, backend_bgp::TYPE)?, netns).await?,
         )),
+        #[cfg(feature = "ebpf")]
+        backend_ebpf::TYPE => {
+            // The pins are the plugin's: the same `bpffs` key of the same entry.
+            let pods: backend_ebpf::Config = conf.plugin_config()?;
+            Ok(Box::new(backend_ebpf::EbpfRouting::new(
+                mode_config(conf, backend_ebpf::TYPE)?,
+                pods.bpffs,
+                &conf.name,
+                NetNs::open(netns).await?,
+            )?))
+        }
         other => Err(Error::invalid_config(
             "routing",
             format!("unknown routing mode {other:?} (or not in this build)"),
@@ -165,7 +179,7 @@ async fn routing(mode: &str, conf: &NetConf, netns: &Path) -> Result<Box<dyn Cro
 
 /// A mode's configuration from the entry's key named after the mode (its defaults when
 /// the key is absent). Errors: 7.
-#[cfg(any(feature = "vxlan", feature = "ipip", feature = "bgp"))]
+#[cfg(any(feature = "vxlan", feature = "ipip", feature = "bgp", feature = "ebpf"))]
 fn mode_config<T>(conf: &NetConf, key: &'static str) -> Result<T>
 where
     T: serde::de::DeserializeOwned + Default,
@@ -236,7 +250,7 @@ mod tests {
     /// A namespace of the test's own (named after `tag`) and its path, so that building a
     /// mode never opens anything in the test process's namespace; `None` (a loud skip)
     /// without root.
-    #[cfg(any(feature = "ipip", feature = "bgp"))]
+    #[cfg(any(feature = "ipip", feature = "bgp", feature = "ebpf"))]
     fn own_namespace(tag: &str) -> Option<(testkit::Namespaces, std::path::PathBuf)> {
         if !testkit::root(&format!("agent {tag} test")) {
             return None;
@@ -274,6 +288,34 @@ mod tests {
             panic!("an unknown mode was accepted");
         };
         assert_eq!(e.code().0, 7);
+    }
+
+    /// The ebpf mode validates its keys (and the entry's `bpffs`) when it is built; nothing
+    /// is made before init.
+    #[cfg(feature = "ebpf")]
+    #[tokio::test]
+    async fn ebpf_is_built_from_its_keys() {
+        let Some((_namespaces, own)) = own_namespace("agebpf") else {
+            return;
+        };
+        let own = own.as_path();
+        let conf = entry(serde_json::json!({"podNetwork": "ebpf", "ebpf": {"vni": 7}}));
+        let mode = routing("ebpf", &conf, own).await.unwrap();
+        assert_eq!(mode.mode(), "ebpf");
+        assert_eq!(mode.mtu_overhead(), 50);
+        assert!(!mode.needs_tunnel_address());
+        for bad in [
+            serde_json::json!({"ebpf": {"vni": 16777216}}),
+            serde_json::json!({"ebpf": {"device": "much-too-long-name"}}),
+            serde_json::json!({"ebpf": {"vnid": 7}}),
+            serde_json::json!({"ebpf": 7}),
+            serde_json::json!({"bpffs": "relative/bpf"}),
+        ] {
+            let Err(e) = routing("ebpf", &entry(bad.clone()), own).await else {
+                panic!("{bad} was accepted");
+            };
+            assert_eq!(e.code().0, 7, "{bad}: {e}");
+        }
     }
 
     /// The bgp mode validates its keys when it is built; nothing listens before init.

@@ -1,5 +1,6 @@
 //! The sample configuration lists in `examples/conf/` run as they are (only `dataDir`,
-//! `nodeName` and `logFile` pointed at the test's own places) through ADD, CHECK and DEL,
+//! `nodeName`, `logFile` and the ebpf sample's `bpffs` pointed at the test's own places)
+//! through ADD, CHECK and DEL,
 //! chained with the reference `portmap` and `tuning`, as a runtime runs them.
 //!
 //! The version is the one libcni 1.2 and later pick: the newest of `cniVersions` and
@@ -123,7 +124,11 @@ fn shipped() -> Vec<String> {
 fn every_shipped_list_is_run() {
     assert_eq!(
         shipped(),
-        ["10-cnikit-bridge.conflist", "10-cnikit-routed.conflist"]
+        [
+            "10-cnikit-bridge.conflist",
+            "10-cnikit-ebpf.conflist",
+            "10-cnikit-routed.conflist"
+        ]
     );
 }
 
@@ -163,6 +168,11 @@ async fn run_sample(file: &str, tag: &str, pod_network: &str) {
     own.insert("nodeName".into(), json!("node-a"));
     own.insert("logFile".into(), json!(log));
     own.insert("logLevel".into(), json!("info"));
+    // The ebpf pod network pins on a BPF filesystem of the test's own, not the machine's.
+    let bpffs = (pod_network == "ebpf").then(|| testkit::Bpffs::mount(tag));
+    if let Some(bpffs) = &bpffs {
+        own.insert("bpffs".into(), json!(bpffs.path()));
+    }
 
     let container = format!("{tag}-ctr-1");
     let invocation = Invocation::new(
@@ -274,6 +284,12 @@ async fn run_sample(file: &str, tag: &str, pod_network: &str) {
 #[tokio::test]
 async fn bridge_sample_runs_with_portmap_and_tuning() {
     run_sample("10-cnikit-bridge.conflist", "cfbr", "bridge").await;
+}
+
+#[cfg(feature = "ebpf")]
+#[tokio::test]
+async fn ebpf_sample_runs_with_portmap_and_tuning() {
+    run_sample("10-cnikit-ebpf.conflist", "cfeb", "ebpf").await;
 }
 
 #[tokio::test]

@@ -25,6 +25,7 @@
 //! | `name` missing or invalid, `type` missing, `ipam` missing or without `type`, `ipam.type` a path or the plugin itself | 7 |
 //! | CHECK without `prevResult`; GC (1.1.0) without `cni.dev/valid-attachments`, or with `cni.dev/attachments` listing others | 7 |
 //! | `podNetwork` unknown; `mtu` 10, 70000, a string; `bridge` too long, `cnk…`, with `/` | 7 |
+//! | `routing` `ebpf` with `podNetwork` `bridge` | 7 |
 //! | `dataDir` relative; `nodeName` with `/`; `logLevel` unknown | 7 |
 //! | `ipam.pool` missing, `/33`, `300.1.1.0/24`, without a prefix length, host bits set | 7 |
 //! | `ipam.blockSize` larger than the pool, longer than an address, no room for a gateway | 7 |
@@ -138,6 +139,7 @@ const CASES: &[Case] = &[
         c["cni.dev/attachments"] = json!([{"containerID": "b", "ifname": "eth0"}]);
     }), 7, "cni.dev/attachments: lists [b/eth0] but cni.dev/valid-attachments lists [a/eth0]"),
     case("podNetwork unknown", "ADD", &[], Stdin::Conf(|c| c["podNetwork"] = json!("ovs")), 7, "unknown variant `ovs`"),
+    case("routing ebpf without the ebpf pod network", "ADD", &[], Stdin::Conf(|c| c["routing"] = json!("ebpf")), 7, "\"routing\": \"ebpf\" needs \"podNetwork\": \"ebpf\""),
     case("mtu 10", "ADD", &[], Stdin::Conf(|c| c["mtu"] = json!(10)), 7, "mtu: 10 is outside 68..=65535"),
     case("mtu 70000", "ADD", &[], Stdin::Conf(|c| c["mtu"] = json!(70000)), 7, "mtu: 70000 is outside 68..=65535"),
     case("mtu a string", "ADD", &[], Stdin::Conf(|c| c["mtu"] = json!("1500")), 7, "mtu: invalid type: string \"1500\", expected a whole number"),

@@ -311,15 +311,21 @@ fn lifecycle(test: &str, tag: &str, mode: &str) {
     println!("{mode}: 30/30 pod pairs, 18/18 node->pod, 18/18 pod->node");
 
     let show = lab.ok(&["show"]);
-    for needle in [
-        "blackhole",
-        "proto 107",
-        "underlay NIC",
-        "pod bridge",
-        "-> ",
-    ] {
+    for needle in ["blackhole", "proto 107", "underlay NIC", "-> "] {
         assert!(show.contains(needle), "show lacks {needle:?}:\n{show}");
     }
+    if mode != "ebpf" {
+        assert!(
+            show.contains("pod bridge"),
+            "show lacks the pod bridge:\n{show}"
+        );
+    }
+    #[cfg(feature = "ebpf")]
+    let programs = if mode == "ebpf" {
+        ebpf::assert_show(&show)
+    } else {
+        Vec::new()
+    };
     if mode == "vxlan" {
         for needle in [
             "VXLAN device: VNI 1",
@@ -372,6 +378,16 @@ fn lifecycle(test: &str, tag: &str, mode: &str) {
         .iter()
         .map(|n| node(&before, n)["ns"].as_str().unwrap().to_owned())
         .collect();
+    #[cfg(feature = "ebpf")]
+    let remotes = |lab: &Lab| ebpf::remotes_towards(lab, &["node1", "node2"], &gone.address);
+    #[cfg(feature = "ebpf")]
+    if mode == "ebpf" {
+        assert_eq!(
+            remotes(&lab).len(),
+            2,
+            "node1 and node2 send node3's block to it"
+        );
+    }
     for ns in &others {
         let traces = gone.traces_in(ns);
         let want = if mode == "vxlan" { 3 } else { 1 };
@@ -402,6 +418,11 @@ fn lifecycle(test: &str, tag: &str, mode: &str) {
         "node-del: {stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    #[cfg(feature = "ebpf")]
+    if mode == "ebpf" {
+        // The agents' reconcile took node3's block out of their LPM maps.
+        assert_eq!(remotes(&lab), Vec::<String>::new(), "node3's LPM entries");
+    }
     let left: Vec<String> = others.iter().flat_map(|ns| gone.traces_in(ns)).collect();
     assert!(
         cleared_at.is_some() && left.is_empty(),
@@ -458,6 +479,96 @@ fn lifecycle(test: &str, tag: &str, mode: &str) {
         assert_bgp_listening(&status);
     }
     lab.down_and_verify();
+    #[cfg(feature = "ebpf")]
+    if mode == "ebpf" {
+        ebpf::assert_gone(&lab, &programs);
+    }
+}
+
+/// What the ebpf lab shows and leaves, read from its own BPF filesystem.
+#[cfg(feature = "ebpf")]
+mod ebpf {
+    use super::{Lab, STATE_ROOT};
+    use std::path::Path;
+
+    /// The network name the lab gives its conflists.
+    const NETWORK: &str = "cnikit-lab";
+
+    /// Checks that `show` lists the programs per device with their ids and explains each
+    /// map entry; returns the program ids.
+    pub fn assert_show(show: &str) -> Vec<u32> {
+        for needle in [
+            "VXLAN device in external (collect_md) mode",
+            "cnikit.ebpf ingress: prog id ",
+            "cnikit.ebpf egress: prog id ",
+            "ingress: prog id ",
+            " from_pod\n",
+            "endpoints (2 entries",
+            "remotes (2 entries",
+            "are delivered into the veth peer of cnk",
+            "goes to node",
+            "through VNI 1",
+            "tunnel[0] = ifindex",
+            "pod to pod of this node, by bpf_redirect_peer",
+            "from the tunnel into a pod, by bpf_redirect_peer",
+        ] {
+            assert!(show.contains(needle), "show lacks {needle:?}:\n{show}");
+        }
+        let ids: Vec<u32> = show
+            .split("prog id ")
+            .skip(1)
+            .filter_map(|rest| rest.split_whitespace().next()?.parse().ok())
+            .collect();
+        // 3 nodes: from_pod on 6 veths, from_tunnel and to_tunnel on 3 devices.
+        assert_eq!(ids.len(), 12, "programs listed: {ids:?}");
+        ids
+    }
+
+    /// The LPM entries on `nodes` that send a block to `address`.
+    pub fn remotes_towards(lab: &Lab, nodes: &[&str], address: &str) -> Vec<String> {
+        let bpffs = Path::new(STATE_ROOT).join(&lab.name).join("bpffs");
+        let mut found = Vec::new();
+        for node in nodes {
+            let pins = cnikit::ebpf::Pins::new(&bpffs, NETWORK, node).expect("pins");
+            let remotes = pins.open_remotes().expect("open remotes").expect("pinned");
+            for (block, via) in remotes.list().expect("list") {
+                if via.to_string() == address {
+                    found.push(format!("{node}: {block} -> {via}"));
+                }
+            }
+        }
+        found
+    }
+
+    /// After `down`: no program the lab attached is loaded, no BPF filesystem is mounted.
+    pub fn assert_gone(lab: &Lab, programs: &[u32]) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let loaded = || -> Vec<u32> {
+            programs
+                .iter()
+                .copied()
+                .filter(|id| {
+                    cnikit::ebpf::program::program_maps(*id)
+                        .expect("list programs")
+                        .is_some()
+                })
+                .collect()
+        };
+        // The kernel frees a program once its last link and descriptor are gone.
+        while !loaded().is_empty() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        assert_eq!(
+            loaded(),
+            Vec::<u32>::new(),
+            "programs still loaded after down"
+        );
+        let mounts = std::fs::read_to_string("/proc/self/mounts").expect("mounts");
+        assert!(
+            !mounts.contains(&format!("{STATE_ROOT}/{}/bpffs", lab.name)),
+            "the lab's bpffs is still mounted"
+        );
+    }
 }
 
 /// Waits (10 s at most: the agents rewrite their node state within a block poll) until
@@ -590,6 +701,16 @@ fn assert_block_routes(status: &Value, tunnel: impl Fn(&Value, &Value) -> bool) 
 #[test]
 fn host_gw_lifecycle() {
     lifecycle("host_gw_lifecycle", "hg", "host-gw");
+}
+
+/// eBPF (pods on tc programs, the blocks of other nodes through a collect_md VXLAN device),
+/// 3 nodes x 2 pods: `show` lists each program with its id and explains every map entry; a
+/// node that leaves takes its LPM entries with it; `down` leaves no program loaded, no pin
+/// and no device.
+#[cfg(feature = "ebpf")]
+#[test]
+fn ebpf_lifecycle() {
+    lifecycle("ebpf_lifecycle", "eb", "ebpf");
 }
 
 #[test]

@@ -79,6 +79,9 @@ pub enum Error {
         /// What is there.
         found: String,
     },
+    /// The `ebpf` routing mode's `reconcile` was called before `init` succeeded.
+    #[error("ebpf routing is not initialized: init must succeed before reconcile")]
+    NotInitialized,
     /// The routed plumbing underneath (veth, addresses, routes) or the kernel failed.
     #[error(transparent)]
     Core(#[from] cni_core::Error),
@@ -86,7 +89,8 @@ pub enum Error {
 
 impl Error {
     /// The CNI error code: 7 for configuration problems, 101 for kernel and eBPF failures
-    /// (and what CHECK finds changed), else the code of the cause.
+    /// (and what CHECK finds changed), 50 for a routing mode used before its init, else
+    /// the code of the cause.
     pub fn code(&self) -> ErrorCode {
         match self {
             Error::InvalidConfig { .. } | Error::NotBpffs { .. } => ErrorCode::INVALID_CONFIG,
@@ -95,6 +99,7 @@ impl Error {
             | Error::Map { .. }
             | Error::Pin { .. }
             | Error::Mismatch { .. } => ErrorCode::KERNEL,
+            Error::NotInitialized => ErrorCode::NOT_AVAILABLE,
             Error::Core(e) => e.code(),
         }
     }

@@ -84,31 +84,6 @@ impl EbpfNetwork {
         self.routed.host()
     }
 
-    /// Makes sure the BPF filesystem is there: the default mount point is mounted when it
-    /// is not (like `mount -t bpf bpf /sys/fs/bpf`); any other path must be one already.
-    fn ensure_bpffs(&self) -> Result<()> {
-        if is_bpffs(&self.bpffs) {
-            return Ok(());
-        }
-        if self.bpffs != Path::new(DEFAULT_BPFFS) {
-            return Err(Error::NotBpffs {
-                path: self.bpffs.clone(),
-            });
-        }
-        nix::mount::mount(
-            Some("bpf"),
-            &self.bpffs,
-            Some("bpf"),
-            nix::mount::MsFlags::empty(),
-            None::<&str>,
-        )
-        .map_err(|e| Error::Pin {
-            what: "mount -t bpf bpf",
-            path: self.bpffs.clone(),
-            source: e.into(),
-        })
-    }
-
     /// The part of ADD after the routed plumbing: the program on the host veth, then the
     /// pod's entries.
     async fn attach(&self, result: &CniResult) -> Result<()> {
@@ -347,6 +322,31 @@ pub struct Stale {
     pub links: Vec<String>,
 }
 
+/// Makes sure the BPF filesystem is there: the default mount point is mounted when it is
+/// not (like `mount -t bpf bpf /sys/fs/bpf`); any other path must be one already.
+pub(crate) fn ensure_bpffs(bpffs: &Path) -> Result<()> {
+    if is_bpffs(bpffs) {
+        return Ok(());
+    }
+    if bpffs != Path::new(DEFAULT_BPFFS) {
+        return Err(Error::NotBpffs {
+            path: bpffs.to_path_buf(),
+        });
+    }
+    nix::mount::mount(
+        Some("bpf"),
+        bpffs,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|e| Error::Pin {
+        what: "mount -t bpf bpf",
+        path: bpffs.to_path_buf(),
+        source: e.into(),
+    })
+}
+
 /// Whether `path` is the root of a mounted BPF filesystem.
 fn is_bpffs(path: &Path) -> bool {
     nix::sys::statfs::statfs(path)
@@ -398,7 +398,7 @@ impl PodNetwork for EbpfNetwork {
     /// pod's entries in the endpoint map. Atomic: on failure the entries, the pinned link
     /// and the veth go again. Errors: 4 (netns), 7 (`bpffs` not a BPF filesystem), 101.
     async fn add(&self, pod: &Pod, allocation: &Allocation) -> cni_core::Result<CniResult> {
-        self.ensure_bpffs()?;
+        ensure_bpffs(&self.bpffs)?;
         let result = self.routed.add(pod, allocation).await?;
         match self.attach(&result).await {
             Ok(()) => Ok(result),

@@ -1,4 +1,5 @@
-//! Loading `bpf/pod.c`'s program and attaching it to a host veth.
+//! Loading `bpf/pod.c`'s programs and attaching them: `from_pod` to a host veth,
+//! `from_tunnel` and `to_tunnel` to the node's VXLAN device.
 //!
 //! Everything here is synchronous and resolves device names in the calling thread's
 //! network namespace: [`crate::EbpfNetwork`] runs it on a thread inside the node namespace
@@ -12,7 +13,9 @@
 use std::io;
 
 use aya::programs::links::FdLink;
-use aya::programs::tc::{self, NlOptions, SchedClassifier, TcAttachOptions, TcAttachType};
+/// The tc hooks (`Ingress`, `Egress`), aya's.
+pub use aya::programs::tc::TcAttachType;
+use aya::programs::tc::{self, NlOptions, SchedClassifier, TcAttachOptions};
 use aya::programs::{LinkOrder, ProgramError};
 use aya::util::KernelVersion;
 use aya::{Ebpf, EbpfLoader};
@@ -26,6 +29,10 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!("../bpf/pod.bpf.o");
 const OBJECT_NAME: &str = "bpf/pod.bpf.o";
 /// The program on each host veth's ingress (packets from the pod).
 pub const PROGRAM: &str = "from_pod";
+/// The program on the VXLAN device's ingress (packets from other nodes).
+pub const FROM_TUNNEL: &str = "from_tunnel";
+/// The program on the VXLAN device's egress (packets the node's stack routes into it).
+pub const TO_TUNNEL: &str = "to_tunnel";
 
 /// How a program ended up attached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,8 +61,17 @@ fn program_err(
     what: &'static str,
     e: impl std::error::Error + Send + Sync + 'static,
 ) -> Error {
+    named_err(PROGRAM, device, what, e)
+}
+
+fn named_err(
+    program: &'static str,
+    device: &str,
+    what: &'static str,
+    e: impl std::error::Error + Send + Sync + 'static,
+) -> Error {
     Error::Program {
-        program: PROGRAM,
+        program,
         device: device.to_owned(),
         what,
         source: Box::new(e),
@@ -68,10 +84,14 @@ pub fn load(pins: &Pins) -> Result<Ebpf> {
     pins.create()?;
     let endpoints = pins.endpoints();
     let counters = pins.counters();
+    let remotes = pins.remotes();
+    let tunnel = pins.tunnel();
     let try_load = || {
         EbpfLoader::new()
             .map_pin_path("endpoints", endpoints.as_path())
             .map_pin_path("counters", counters.as_path())
+            .map_pin_path("remotes", remotes.as_path())
+            .map_pin_path("tunnel", tunnel.as_path())
             .load(OBJECT)
     };
     // Two plugins may race to create a map: the loser's pin fails with EEXIST, and a
@@ -86,49 +106,98 @@ pub fn load(pins: &Pins) -> Result<Ebpf> {
 /// (TCX with a pinned link where the kernel has it, else `tc` on `clsact`).
 pub fn attach(pins: &Pins, device: &str) -> Result<Attached> {
     let mut ebpf = load(pins)?;
+    attach_one(
+        &mut ebpf,
+        PROGRAM,
+        device,
+        TcAttachType::Ingress,
+        &pins.link(device),
+    )
+}
+
+/// Loads [`FROM_TUNNEL`] and [`TO_TUNNEL`] and attaches them to the ingress and egress of
+/// the VXLAN device `device`, replacing those an earlier agent attached (its pinned TCX
+/// links, or its tc filters of the same names). Returns (ingress, egress).
+pub fn attach_tunnel(pins: &Pins, device: &str) -> Result<(Attached, Attached)> {
+    let mut ebpf = load(pins)?;
+    let ingress = attach_one(
+        &mut ebpf,
+        FROM_TUNNEL,
+        device,
+        TcAttachType::Ingress,
+        &pins.tunnel_link("ingress"),
+    )?;
+    let egress = attach_one(
+        &mut ebpf,
+        TO_TUNNEL,
+        device,
+        TcAttachType::Egress,
+        &pins.tunnel_link("egress"),
+    )?;
+    Ok((ingress, egress))
+}
+
+/// Removes the pinned TCX links of the VXLAN device's programs (detaching them). The tc
+/// filters of kernels without TCX go with the device.
+pub fn detach_tunnel(pins: &Pins) -> Result<()> {
+    Pins::unpin(pins.tunnel_link("ingress"))?;
+    Pins::unpin(pins.tunnel_link("egress"))?;
+    Ok(())
+}
+
+/// Loads program `name` of `ebpf` and attaches it to `device` in `direction`: TCX with its
+/// link pinned at `pin` (replacing what was pinned there), else a tc filter on `clsact`
+/// (replacing filters of programs with the same name).
+fn attach_one(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    device: &str,
+    direction: TcAttachType,
+    pin: &std::path::Path,
+) -> Result<Attached> {
     let program: &mut SchedClassifier = ebpf
-        .program_mut(PROGRAM)
+        .program_mut(name)
         .ok_or_else(|| {
-            program_err(
+            named_err(
+                name,
                 device,
                 "find in the object",
                 ProgramError::UnexpectedProgramType,
             )
         })?
         .try_into()
-        .map_err(|e| program_err(device, "open as a tc classifier", e))?;
+        .map_err(|e| named_err(name, device, "open as a tc classifier", e))?;
     program
         .load()
-        .map_err(|e| program_err(device, "load (verifier)", e))?;
+        .map_err(|e| named_err(name, device, "load (verifier)", e))?;
     let program_id = program
         .info()
-        .map_err(|e| program_err(device, "read info", e))?
+        .map_err(|e| named_err(name, device, "read info", e))?
         .id();
 
     if has_tcx() {
         let id = program
             .attach_with_options(
                 device,
-                TcAttachType::Ingress,
+                direction,
                 TcAttachOptions::TcxOrder(LinkOrder::default()),
             )
-            .map_err(|e| program_err(device, "attach (tcx ingress)", e))?;
+            .map_err(|e| named_err(name, device, "attach (tcx)", e))?;
         let link = program
             .take_link(id)
-            .map_err(|e| program_err(device, "take the link", e))?;
+            .map_err(|e| named_err(name, device, "take the link", e))?;
         let link =
-            FdLink::try_from(link).map_err(|e| program_err(device, "take the TCX link", e))?;
+            FdLink::try_from(link).map_err(|e| named_err(name, device, "take the TCX link", e))?;
         let link_id = link
             .info()
-            .map_err(|e| program_err(device, "read link info", e))?
+            .map_err(|e| named_err(name, device, "read link info", e))?
             .id();
-        // A pin left by an earlier pod whose veth had this name (its DEL never ran) is
-        // stale: this ADD has just created the device.
-        pins.unpin_link(device)?;
-        let path = pins.link(device);
-        link.pin(&path).map_err(|e| Error::Pin {
+        // What is pinned there is stale: an earlier pod's veth of this name (its DEL
+        // never ran), or the program an earlier agent attached, which this one replaces.
+        Pins::unpin(pin.to_path_buf())?;
+        link.pin(pin).map_err(|e| Error::Pin {
             what: "pin link",
-            path,
+            path: pin.to_path_buf(),
             source: io::Error::other(e),
         })?;
         Ok(Attached::Tcx {
@@ -139,21 +208,28 @@ pub fn attach(pins: &Pins, device: &str) -> Result<Attached> {
         match tc::qdisc_add_clsact(device) {
             Ok(()) => {}
             Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
-            Err(e) => return Err(program_err(device, "tc qdisc add clsact", e)),
+            Err(e) => return Err(named_err(name, device, "tc qdisc add clsact", e)),
+        }
+        if name != PROGRAM {
+            // An earlier agent's filter (a pod's veth is new: it has none).
+            match tc::qdisc_detach_program(device, direction, name) {
+                Ok(()) => {}
+                Err(e) => tracing::debug!(error = %e, device, name, "no earlier filter"),
+            }
         }
         let id = program
             .attach_with_options(
                 device,
-                TcAttachType::Ingress,
+                direction,
                 TcAttachOptions::Netlink(NlOptions::default()),
             )
-            .map_err(|e| program_err(device, "attach (tc clsact ingress)", e))?;
+            .map_err(|e| named_err(name, device, "attach (tc clsact)", e))?;
         let link = program
             .take_link(id)
-            .map_err(|e| program_err(device, "take the link", e))?;
+            .map_err(|e| named_err(name, device, "take the link", e))?;
         // Dropping the link would delete the filter: it belongs to the device now and goes
         // with it. (The handle holds no descriptor; forgetting it leaks a few bytes of a
-        // process that is about to exit.)
+        // process that is about to exit, or once per start of an agent.)
         std::mem::forget(link);
         Ok(Attached::Tc { program_id })
     }
@@ -162,11 +238,20 @@ pub fn attach(pins: &Pins, device: &str) -> Result<Attached> {
 /// The programs attached to the TCX ingress of `device`: (program id, name). `None` on a
 /// kernel without TCX.
 pub fn tcx_programs(device: &str) -> Result<Option<Vec<(u32, String)>>> {
+    tcx_programs_on(device, TcAttachType::Ingress)
+}
+
+/// The programs attached to the TCX hook `direction` of `device`: (program id, name).
+/// `None` on a kernel without TCX.
+pub fn tcx_programs_on(
+    device: &str,
+    direction: TcAttachType,
+) -> Result<Option<Vec<(u32, String)>>> {
     if !has_tcx() {
         return Ok(None);
     }
-    let (_, programs) = SchedClassifier::query_tcx(device, TcAttachType::Ingress)
-        .map_err(|e| program_err(device, "query tcx ingress", e))?;
+    let (_, programs) = SchedClassifier::query_tcx(device, direction)
+        .map_err(|e| program_err(device, "query tcx", e))?;
     Ok(Some(
         programs
             .iter()

@@ -431,6 +431,7 @@ mod tests {
                         local: Some(ip("192.168.1.2")),
                         underlay: Some(ETH0),
                         learning: false,
+                        external: false,
                     }),
                     mtu: 1450,
                     mac: Some(mac),

@@ -55,6 +55,7 @@ pub(crate) fn params(vni: u32, port: u16, local: IpAddr, underlay: u32) -> Vxlan
         local: Some(local),
         underlay: Some(underlay),
         learning: false,
+        external: false,
     }
 }
 

@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use cni_core::linux::NetNs;
 use cni_core::linux::kernel::{
     Fdb, FdbEntry, GatewayRoute, IpipParams, LinkKind, LinkSpec, Links, Neighbour, Neighbours,
-    Netlink, ROUTE_PROTOCOL, Routes, VxlanParams,
+    Netlink, ROUTE_PROTOCOL, Routes, VxlanParams, ensure_device,
 };
 use testkit::{Namespaces, bridge, ip, ip_json};
 
@@ -153,6 +153,7 @@ async fn vxlan_device_neighbours_and_fdb() {
         local: Some(a("192.0.2.1")),
         underlay: Some(eth0),
         learning: false,
+        external: false,
     };
     let spec = LinkSpec {
         name: "cnkt.vx".into(),
@@ -354,4 +355,38 @@ async fn ipip_device_reads_back_as_made() {
 
     assert!(k.delete_link("cnkt.ipip").await.unwrap());
     assert!(k.device("cnkt.ipip").await.unwrap().is_none());
+}
+
+/// A VXLAN device in external (collect_md) mode is made without a VNI, read back as made
+/// (so `ensure_device` adopts it), and `ip -d` shows it `external`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn external_vxlan_device_is_made_and_adopted() {
+    if !root() {
+        return;
+    }
+    let lab = Namespaces::new("kvxe");
+    let (node, _) = node(&lab);
+    let k = Netlink::new(NetNs::named(&node).await.unwrap());
+    let spec = LinkSpec {
+        name: "cnkt.vxe".into(),
+        kind: LinkKind::Vxlan(VxlanParams {
+            vni: 0,
+            port: 4789,
+            local: None,
+            underlay: None,
+            learning: false,
+            external: true,
+        }),
+        mtu: 1450,
+        mac: Some([0x02, 0, 0, 0, 0x77, 2]),
+    };
+    let made = ensure_device(&k, &spec).await.unwrap();
+    assert_eq!(made.kind, Some(spec.kind), "parameters read back as made");
+    let dev = &ip_json(&node, &["-d", "link", "show", "dev", "cnkt.vxe"])[0];
+    assert_eq!(dev["linkinfo"]["info_data"]["external"], true, "{dev}");
+    let adopted = ensure_device(&k, &spec).await.unwrap();
+    assert_eq!(
+        adopted.link.index, made.link.index,
+        "adopted, not made again"
+    );
 }

@@ -44,6 +44,11 @@ pub fn conflist(lab: &Lab, node: &Node) -> Value {
             "store": store,
         },
     });
+    if lab.pod_network == state::PodNetwork::Ebpf
+        && let Value::Object(obj) = &mut entry
+    {
+        obj.insert("bpffs".into(), json!(crate::ebpf::bpffs(&lab.name)));
+    }
     if let (Some(mode), Value::Object(obj)) = (modes::find(&lab.mode), &mut entry) {
         obj.extend((mode.keys)(lab));
     }

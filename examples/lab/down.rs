@@ -35,6 +35,7 @@ pub async fn down(name: &str) -> Result<ExitCode> {
             problems.push(format!("{e:#}"));
         }
     }
+    crate::ebpf::unmount(name, &mut problems);
     let left = net::lab_namespaces(name);
     if !left.is_empty() {
         problems.push(format!("namespaces left: {}", left.join(" ")));

@@ -6,7 +6,8 @@
 //! `cnikit-agent` per node running inside its node namespace, and M pods per node plugged
 //! in by the real `cnikit` plugin exec'd as a container runtime does. `check` pings every
 //! pod from every pod; `show` prints each node's devices, routes, neighbours and FDB entries
-//! with what each one is for (in `bgp` mode also each BGP session); `node-add`/`node-del` grow and shrink the cluster; `down`
+//! with what each one is for (in `bgp` mode also each BGP session; with the `ebpf` pod
+//! network each attached program and every map entry); `node-add`/`node-del` grow and shrink the cluster; `down`
 //! removes everything. Every namespace is named `cnkl-<name>-…`; nothing is done in the
 //! machine's own network namespace. State lives in `/run/cnikit-lab/<name>/`.
 //!
@@ -28,11 +29,16 @@
 //! ```text
 //! sudo scripts/vm.sh --mem 2G -- sh -c 'L=target/release/examples/lab; $L up --mode ipip && $L check && $L show; $L down'
 //! ```
+//!
+//! `--mode ebpf` (pods on tc eBPF programs, other nodes' blocks through a collect_md VXLAN
+//! device) pins its maps and program links on a BPF filesystem of the lab's own, mounted at
+//! `/run/cnikit-lab/<name>/bpffs` by `up` and unmounted by `down`.
 
 mod bgp;
 mod check;
 mod cni;
 mod down;
+mod ebpf;
 mod modes;
 mod net;
 mod nodes;
@@ -106,7 +112,7 @@ enum Cmd {
 
 #[derive(Args, Clone)]
 pub struct UpArgs {
-    /// Routing mode, the conflist's `routing` (host-gw, vxlan, ipip, bgp).
+    /// Routing mode, the conflist's `routing` (host-gw, vxlan, ipip, bgp, ebpf).
     #[arg(long)]
     pub mode: String,
     /// Number of nodes.
@@ -115,9 +121,9 @@ pub struct UpArgs {
     /// Pods per node.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(0..=250))]
     pub pods: u32,
-    /// Pod network.
-    #[arg(long, value_enum, default_value_t = PodNetwork::Bridge)]
-    pub pod_network: PodNetwork,
+    /// Pod network. Default `bridge`, `ebpf` with `--mode ebpf`.
+    #[arg(long, value_enum)]
+    pub pod_network: Option<PodNetwork>,
     /// Datastore shared by the nodes.
     #[arg(long, value_enum, default_value_t = StoreKind::File)]
     pub store: StoreKind,

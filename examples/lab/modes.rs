@@ -14,6 +14,9 @@ pub const VXLAN_VNI: u32 = cnikit::vxlan::DEFAULT_VNI;
 /// The VXLAN UDP port of the lab (the backend's default, IANA's 4789).
 pub const VXLAN_PORT: u16 = cnikit::vxlan::DEFAULT_PORT;
 
+/// The eBPF mode's VXLAN device (the backend's default).
+pub const EBPF_DEVICE: &str = cnikit::ebpf::routing::DEFAULT_DEVICE;
+
 /// The IPIP device name the lab configures (the backend's default).
 pub const IPIP_DEVICE: &str = cnikit::ipip::DEFAULT_DEVICE;
 
@@ -109,7 +112,22 @@ pub const MODES: &[Mode] = &[
             keys
         },
     },
+    EBPF,
 ];
+
+/// The `ebpf` mode: Cilium's datapath in miniature.
+const EBPF: Mode = Mode {
+    name: cnikit::ebpf::TYPE,
+    about: "ebpf: pods are plugged in as by the routed pod network, plus a tc eBPF program             (from_pod) on the host end of each pod's veth, which looks every packet's             destination up in pinned maps: a pod of the same node (`endpoints`, written by             the plugin) gets it by bpf_redirect_peer, straight into its namespace, without             the node's routing table; a block of another node (`remotes`, an LPM map the             agent writes per peer) gets a tunnel key (that node's underlay address, VNI 1)             and is redirected into the collect_md VXLAN device cnikit.ebpf, which wraps it             in UDP 4789; there from_tunnel delivers it into the pod the same way. The rest             (the nodes themselves, the outside) goes through the node's stack. Maps and             program links are pinned on the lab's own BPF filesystem.",
+    keys: |_| {
+        let mut keys = Map::new();
+        keys.insert(
+            "ebpf".into(),
+            json!({ "vni": VXLAN_VNI, "port": VXLAN_PORT, "device": EBPF_DEVICE }),
+        );
+        keys
+    },
+};
 
 /// The row of `mode`, if the lab knows it.
 pub fn find(mode: &str) -> Option<&'static Mode> {

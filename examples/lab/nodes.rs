@@ -183,6 +183,9 @@ async fn remove_node(lab: &mut Lab, node: &str, watch: Option<&show::Cluster>) -
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    if let Err(e) = crate::ebpf::forget_node(lab, node) {
+        errors.push(format!("{e:#}"));
+    }
     lab.nodes.retain(|n| n.name != node);
     lab.save()?;
     if gone.dir.starts_with(lab.dir()) {

@@ -67,6 +67,10 @@ pub struct Cluster {
     pub routed: bool,
     /// Which peers IPIP tunnels to, in `ipip` mode.
     pub ipip_mode: Option<cnikit::ipip::Mode>,
+    /// The lab's name.
+    pub lab: String,
+    /// Whether the pod network is `ebpf` (its maps and programs are shown).
+    pub ebpf: bool,
 }
 
 impl Cluster {
@@ -110,7 +114,9 @@ impl Cluster {
         }
         Cluster {
             mode: lab.mode.clone(),
-            routed: lab.pod_network == state::PodNetwork::Routed,
+            routed: lab.pod_network != state::PodNetwork::Bridge,
+            lab: lab.name.clone(),
+            ebpf: lab.pod_network == state::PodNetwork::Ebpf,
             ipip_mode: lab.ipip_mode,
             routers: if lab.router.is_some() {
                 lab.underlays
@@ -271,6 +277,16 @@ fn explain_route(c: &Cluster, me: &NodeView, r: &Value) -> String {
         if c.mode == cnikit::bgp::TYPE {
             return explain_bgp_route(me, owner, dst, gw, dev);
         }
+        if dev == modes::EBPF_DEVICE {
+            return format!(
+                "route to {owner}'s block through the collect_md VXLAN device, for what the \
+                 node's own stack sends there (pods' packets never reach this table: from_pod \
+                 tunnels them itself); onlink via {owner}'s underlay address {gw}, whose \
+                 permanent neighbour entry below spares an ARP into the tunnel; to_tunnel on \
+                 the device's egress sets the tunnel key from the `remotes` map (proto 107: \
+                 the agent's)"
+            );
+        }
         if dev == modes::VXLAN_DEVICE {
             return format!(
                 "VXLAN route to {owner}'s block via {owner}'s VTEP {gw}; onlink because the \
@@ -405,6 +421,17 @@ fn explain_neigh(c: &Cluster, n: &Value) -> String {
     let dst = s(n, "dst");
     let dev = s(n, "dev");
     let permanent = has_flag(n, "state", "PERMANENT");
+    if dev == modes::EBPF_DEVICE {
+        return match c.node_by_address(dst) {
+            Some(peer) => format!(
+                "{}'s underlay address, the gateway of the routes to its blocks: a MAC for the \
+                 frames the node's stack sends into the tunnel (from_tunnel on {} takes them \
+                 whatever it is), written by the agent so no ARP goes into the tunnel",
+                peer.name, peer.name
+            ),
+            None => "a neighbour on the eBPF tunnel device that matches no current peer".into(),
+        };
+    }
     if dev == modes::VXLAN_DEVICE {
         if let Some(peer) = c.node_by_vtep(dst) {
             return format!(
@@ -527,6 +554,13 @@ fn explain_link(c: &Cluster, me: &NodeView, l: &Value, underlay_mtu: Option<u64>
             "pod bridge: each pod's host-side veth is a port; its address is the pods' default \
              gateway and makes the node's block a connected subnet; MTU {}",
             l["mtu"]
+        ),
+        "vxlan" if l["linkinfo"]["info_data"]["external"] == true => format!(
+            "VXLAN device in external (collect_md) mode: no VNI, remote or FDB of its own; \
+             each packet's tunnel key (remote node, VNI) is set by an eBPF program (from_pod \
+             on the pods' veths, to_tunnel on its egress) and from_tunnel on its ingress \
+             reads it; UDP port {}, MTU {} = underlay MTU - 50",
+            l["linkinfo"]["info_data"]["port"], l["mtu"]
         ),
         "vxlan" => {
             let d = &l["linkinfo"]["info_data"];
@@ -750,7 +784,7 @@ pub async fn show(lab: &Lab, only: Option<&str>) -> Result<()> {
         Some(mode) => println!("{}", wrap(mode.about, 92)),
         None => println!("(no description of mode {})", lab.mode),
     }
-    if lab.pod_network == state::PodNetwork::Routed {
+    if lab.pod_network != state::PodNetwork::Bridge {
         println!(
             "{}",
             wrap(
@@ -854,6 +888,10 @@ async fn show_node(c: &Cluster, node: &Node, me: &NodeView) -> Result<()> {
              multicast groups each device joined, not cnikit's)"
         );
     }
+    if c.ebpf {
+        let devices = links.iter().map(|l| s(l, "ifname").to_owned()).collect();
+        crate::ebpf::show_node(c, node, me, devices).await?;
+    }
     if let Some(report) = me.state.as_ref().and_then(bgp::report) {
         bgp_sessions(&report);
     }
@@ -905,7 +943,9 @@ pub async fn traces_of(c: &Cluster, on: &Node, of: &str) -> Result<Vec<String>> 
         }
     }
     for n in ip_json(&on.ns, &["neigh", "show"]).await? {
-        if vtep_ip.as_deref() == Some(s(&n, "dst"))
+        let ebpf_peer = s(&n, "dev") == modes::EBPF_DEVICE && s(&n, "dst") == addr;
+        if ebpf_peer
+            || vtep_ip.as_deref() == Some(s(&n, "dst"))
             || vtep_mac.as_deref() == Some(s(&n, "lladdr").to_lowercase().as_str())
         {
             found.push(format!("neigh {} lladdr {}", s(&n, "dst"), s(&n, "lladdr")));
@@ -919,6 +959,9 @@ pub async fn traces_of(c: &Cluster, on: &Node, of: &str) -> Result<Vec<String>> 
                 found.push(format!("fdb {}", fdb_line(&f)));
             }
         }
+    }
+    if let (true, IpAddr::V4(v4)) = (c.ebpf, gone.address) {
+        found.extend(crate::ebpf::traces(c, on, v4)?);
     }
     Ok(found)
 }

@@ -82,6 +82,8 @@ pub enum PodNetwork {
     Bridge,
     /// Calico style: pod /32, gateway 169.254.1.1, host route per pod.
     Routed,
+    /// Routed, plus tc eBPF programs on the host veths (the default of `--mode ebpf`).
+    Ebpf,
 }
 
 impl PodNetwork {
@@ -90,6 +92,7 @@ impl PodNetwork {
         match self {
             PodNetwork::Bridge => "bridge",
             PodNetwork::Routed => "routed",
+            PodNetwork::Ebpf => "ebpf",
         }
     }
 }

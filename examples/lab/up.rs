@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 use crate::cni::{self, Binaries};
-use crate::state::{self, Etcd, Lab, Node, Pod, StoreKind, Topology, Underlay};
-use crate::{UpArgs, down, modes, net, procs, store};
+use crate::state::{self, Etcd, Lab, Node, Pod, PodNetwork, StoreKind, Topology, Underlay};
+use crate::{UpArgs, down, ebpf, modes, net, procs, store};
 
 /// How long a node may take to become ready (agent up, STATUS ok).
 const READY_WITHIN: Duration = Duration::from_secs(60);
@@ -46,7 +46,13 @@ pub async fn up(name: &str, args: &UpArgs) -> Result<()> {
         mode: args.mode.clone(),
         direct_routing: args.direct_routing,
         ipip_mode,
-        pod_network: args.pod_network,
+        pod_network: args
+            .pod_network
+            .unwrap_or(if args.mode == cnikit::ebpf::TYPE {
+                PodNetwork::Ebpf
+            } else {
+                PodNetwork::Bridge
+            }),
         store: args.store,
         topology: args.topology,
         ttl_seconds: args.ttl.max(1),
@@ -146,6 +152,10 @@ pub fn diagnostics(lab: &Lab, message: &str) {
 
 async fn build(lab: &mut Lab, bins: &Binaries, args: &UpArgs) -> Result<()> {
     let phase = Instant::now();
+    ebpf::check_pod_network(&lab.mode, lab.pod_network)?;
+    if lab.pod_network == PodNetwork::Ebpf {
+        ebpf::mount(lab)?;
+    }
     // CNI_PATH: a directory with the plugin under its type name.
     let bin = lab.cni_bin();
     std::fs::create_dir_all(&bin)?;

@@ -10,6 +10,9 @@ use cni_core::{Error, Result};
 /// Default parent of the data directories: `<this>/<network name>`.
 pub const DEFAULT_DATA_ROOT: &str = "/var/lib/cni/cnikit";
 
+/// The `routing` mode that needs the `ebpf` pod network.
+const EBPF_ROUTING: &str = "ebpf";
+
 /// The pod network the plugin plugs pods into (`podNetwork`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -110,6 +113,13 @@ impl Config {
             return Err(Error::invalid_config(
                 "mtu",
                 format!("{mtu} is outside 68..=65535"),
+            ));
+        }
+        if self.routing.as_deref() == Some(EBPF_ROUTING) && self.pod_network != PodNetworkKind::Ebpf
+        {
+            return Err(Error::invalid_config(
+                "podNetwork",
+                "\"routing\": \"ebpf\" needs \"podNetwork\": \"ebpf\": its programs sit on                  the pods' host veths",
             ));
         }
         if let Some(dir) = &self.data_dir

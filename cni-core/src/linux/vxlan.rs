@@ -4,8 +4,8 @@
 
 use std::net::IpAddr;
 
-use rtnetlink::LinkVxlan;
 use rtnetlink::packet_route::link::{InfoVxlan, LinkMessage};
+use rtnetlink::{LinkMessageBuilder, LinkVxlan};
 
 use super::link::LinkSpec;
 
@@ -28,12 +28,20 @@ pub struct VxlanParams {
     pub underlay: Option<u32>,
     /// Whether the device learns remote MACs from received packets (`[no]learning`).
     pub learning: bool,
+    /// Whether the device is in `external` (collect_md) mode: no VNI and no remote of its
+    /// own, the tunnel key (remote, VNI) of each packet set by an eBPF program and each
+    /// received packet's key kept for one. `vni` is then 0.
+    pub external: bool,
 }
 
 impl VxlanParams {
     /// The `type vxlan …` part of an `ip link add` command.
     pub fn describe(&self) -> String {
-        let mut s = format!("type vxlan id {} dstport {}", self.vni, self.port);
+        let mut s = if self.external {
+            format!("type vxlan external dstport {}", self.port)
+        } else {
+            format!("type vxlan id {} dstport {}", self.vni, self.port)
+        };
         if let Some(local) = self.local {
             s.push_str(&format!(" local {local}"));
         }
@@ -51,12 +59,15 @@ impl VxlanParams {
 
 /// The request that creates the VXLAN device of `spec`, like
 /// `ip link add NAME [address MAC] mtu MTU type vxlan id VNI dstport PORT local IP dev DEV
-/// nolearning`.
+/// nolearning` (`external` instead of `id VNI` for a collect_md device).
 pub(super) fn message(spec: &LinkSpec, p: &VxlanParams) -> LinkMessage {
-    let mut builder = LinkVxlan::new(&spec.name, p.vni)
-        .port(p.port)
-        .learning(p.learning)
-        .mtu(spec.mtu);
+    let builder = if p.external {
+        // The kernel refuses a VNI next to `external`.
+        LinkMessageBuilder::<LinkVxlan>::new(&spec.name).collect_metadata(true)
+    } else {
+        LinkVxlan::new(&spec.name, p.vni)
+    };
+    let mut builder = builder.port(p.port).learning(p.learning).mtu(spec.mtu);
     if let Some(dev) = p.underlay {
         builder = builder.dev(dev);
     }
@@ -78,6 +89,7 @@ const KERNEL_DEFAULTS: VxlanParams = VxlanParams {
     local: None,
     underlay: None,
     learning: true,
+    external: false,
 };
 
 /// The parameters in a VXLAN device's `IFLA_INFO_DATA`.
@@ -91,6 +103,7 @@ pub(super) fn parse(data: &[InfoVxlan]) -> VxlanParams {
             InfoVxlan::Local6(v) => params.local = Some(IpAddr::V6(v)),
             InfoVxlan::Link(v) => params.underlay = Some(v),
             InfoVxlan::Learning(v) => params.learning = v,
+            InfoVxlan::CollectMetadata(v) => params.external = v,
             _ => {}
         }
     }
@@ -119,6 +132,7 @@ mod tests {
                 local: Some("192.168.1.2".parse().unwrap()),
                 underlay: Some(2),
                 learning: false,
+                external: false,
             }),
             mtu: 1450,
             mac: Some([2, 0, 0, 0, 0, 1]),
@@ -128,6 +142,19 @@ mod tests {
             "ip link add cnikit.vxlan address 02:00:00:00:00:01 mtu 1450 type vxlan id 1 \
              dstport 4789 local 192.168.1.2 dev #2 nolearning"
         );
+    }
+
+    #[test]
+    fn external_has_no_vni() {
+        let p = VxlanParams {
+            vni: 0,
+            port: 4789,
+            local: None,
+            underlay: None,
+            learning: false,
+            external: true,
+        };
+        assert_eq!(p.describe(), "type vxlan external dstport 4789 nolearning");
     }
 
     #[test]

@@ -237,6 +237,7 @@ mod tests {
                 local: Some(IpAddr::from(local)),
                 underlay: None,
                 learning: false,
+                external: false,
             }),
         }
     }
