@@ -18,7 +18,7 @@ use tokio::time::{Duration, Instant};
 
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::speaker::{Neighbor, PeerSummary, Shared, Speaker};
+use crate::speaker::{PeerSummary, Shared, Speaker};
 
 /// The key of a node record's backend data that makes the node a route reflector (its
 /// cluster id).
@@ -205,43 +205,7 @@ impl<K: Kernel + 'static> Bgp<K> {
     async fn reconcile_inner(&mut self, peers: &[NodeRecord]) -> Result<ReconcileReport> {
         let running = self.running.as_ref().ok_or(Error::NotInitialized)?;
         let local_name = running.node.borrow().local.name.clone();
-        let mut wanted = BTreeMap::new();
-        let mut unusable = BTreeMap::new();
-        // Topology: a full mesh until some node is a route reflector; then nodes peer with
-        // the reflectors only, and reflectors with everyone (the others are their clients).
-        let reflector = |p: &NodeRecord| p.backend.contains_key(ROUTE_REFLECTOR_KEY);
-        let others = || peers.iter().filter(|p| p.name != local_name);
-        let local_reflects = self.config.route_reflector_cluster_id.is_some();
-        let mesh = !local_reflects && !others().any(reflector);
-        for peer in others() {
-            if !self.config.node_to_node_mesh || (!mesh && !local_reflects && !reflector(peer)) {
-                continue;
-            }
-            match peer.address {
-                IpAddr::V4(address) => {
-                    let neighbor = Neighbor {
-                        address,
-                        as_number: self.config.as_number,
-                        client: local_reflects && !reflector(peer),
-                    };
-                    wanted.insert(peer.name.clone(), neighbor);
-                }
-                IpAddr::V6(v6) => {
-                    unusable.insert(
-                        peer.name.clone(),
-                        format!("{v6} is IPv6: the speaker peers over IPv4 only"),
-                    );
-                }
-            }
-        }
-        for global in &self.config.global_peers {
-            let neighbor = Neighbor {
-                address: global.address,
-                as_number: global.as_number,
-                client: false,
-            };
-            wanted.insert(global.name(), neighbor);
-        }
+        let (wanted, unusable) = crate::topology::neighbors(&self.config, &local_name, peers);
         running.node.send_modify(|n| n.unusable = unusable);
         // A peer gone from the registry (its lease expired: the node died) loses its
         // session and its routes now, not after a hold time.
