@@ -699,3 +699,157 @@ async fn a_gobgpd_route_reflector_serves_three_of_ours() {
         bgp.teardown().await.unwrap();
     }
 }
+
+/// The `bird` engine on node a, the native speaker on node b, gobgpd on node g: a full
+/// mesh, every block in every kernel; a peer removed is reconfigured away without a BIRD
+/// restart; a killed BIRD is started again and its routes come back; teardown leaves no
+/// process, socket or route.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bird_engine_meshes_with_the_native_speaker_and_gobgpd() {
+    if !tools(
+        "bgp bird engine",
+        &[
+            ("bird", "bird2"),
+            ("birdc", "bird2"),
+            ("gobgpd", "gobgpd"),
+            ("gobgp", "gobgpd"),
+        ],
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let net = Net::new("bgpe");
+    let (a_cidr, b_cidr, g_ip) = ("192.168.81.11/24", "192.168.81.12/24", "192.168.81.13");
+    let a_ns = net.node("a", a_cidr);
+    let b_ns = net.node("b", b_cidr);
+    let g_ns = net.node("g", &format!("{g_ip}/24"));
+    let toml = gobgp_conf(
+        64512,
+        g_ip,
+        &[("192.168.81.11", false), ("192.168.81.12", false)],
+    );
+    let gobgpd = gobgpd(&g_ns, dir.path(), &toml, "10.244.30.0/26", Some(g_ip)).await;
+
+    let records = [
+        record("a", "192.168.81.11"),
+        record("b", "192.168.81.12"),
+        record("g", g_ip),
+    ];
+    let run_dir = dir.path().join("a-bird");
+    let mut a = backend_bgp::Bird::open(
+        Config {
+            engine: backend_bgp::Engine::Bird,
+            ..config(179)
+        },
+        &testkit::netns_path(&a_ns),
+        &run_dir,
+    )
+    .await
+    .expect("open the bird engine");
+    a.init(&local("a", a_cidr, &["10.244.1.0/26"]))
+        .await
+        .expect("bird starts");
+    let pid = a.pid().expect("bird runs");
+    let report = a.reconcile(&records).await.expect("reconcile");
+    assert_eq!(report.writes, 1, "two sessions added: {report:?}");
+    assert_eq!(
+        a.reconcile(&records).await.unwrap().writes,
+        0,
+        "nothing changed, nothing reloaded"
+    );
+    let mut b = speaker(&b_ns, config(179), &local("b", b_cidr, &["10.244.2.0/26"])).await;
+    b.reconcile(&records).await.unwrap();
+
+    // Every block in every kernel: bird's are `proto bird`, the native speaker's 107.
+    let a_routes = [
+        r("10.244.2.0/26", "192.168.81.12"),
+        r("10.244.30.0/26", g_ip),
+    ];
+    wait_routes(&a_ns, "bird", SECS, |now| now == a_routes).await;
+    wait_routes(&b_ns, "107", SECS, |now| {
+        now == [
+            r("10.244.1.0/26", "192.168.81.11"),
+            r("10.244.30.0/26", g_ip),
+        ]
+    })
+    .await;
+    let rib = gobgp(&["global", "rib", "-a", "ipv4"]);
+    wait_output(&g_ns, &rib, SECS, |o| {
+        o.lines()
+            .any(|l| l.contains("10.244.1.0/26") && l.contains("192.168.81.11"))
+            && o.contains("10.244.2.0/26")
+    })
+    .await;
+    assert!(established(&b, "a"), "{:?}", b.summary());
+    wait_for("bird reports both sessions established", SECS, || {
+        let s = a.summary();
+        s.len() == 2 && s.iter().all(|p| p.state == "established")
+    })
+    .await;
+    let report = a.refresh().await.expect("report");
+    let bp = report.peers.iter().find(|p| p.name == "b").unwrap();
+    assert_eq!(bp.address, Some("192.168.81.12".parse().unwrap()));
+    assert_eq!((bp.prefixes_sent, bp.prefixes_received), (1, 1), "{bp:?}");
+    assert_eq!(bp.hold_time, Some(9));
+    assert!(bp.established_at.is_some());
+    assert_eq!(
+        report.installed["b"],
+        ["10.244.2.0/26 via 192.168.81.12".to_owned()]
+    );
+    assert_eq!(
+        report.installed["g"],
+        [format!("10.244.30.0/26 via {g_ip}")]
+    );
+    assert_eq!(a.report().unwrap()["routerId"], "192.168.81.11");
+    assert!(
+        std::fs::read_to_string(run_dir.join("bird.conf"))
+            .unwrap()
+            .contains("protocol bgp peer_g from cnikit_peer")
+    );
+
+    // g leaves the registry: reconfigured, not restarted; its route goes from a.
+    let report = a.reconcile(&records[..2]).await.unwrap();
+    assert_eq!(report.writes, 1);
+    assert_eq!(a.pid(), Some(pid), "a peer change never restarts bird");
+    wait_routes(&a_ns, "bird", SECS, |now| {
+        now == [r("10.244.2.0/26", "192.168.81.12")]
+    })
+    .await;
+    wait_for("g's session gone from the report", SECS, || {
+        a.summary().iter().all(|p| p.name != "g")
+    })
+    .await;
+    assert_eq!(a.restarts(), 0);
+    drop(gobgpd);
+
+    // bird dies: it is started again, and its routes are back.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill bird");
+    wait_for("bird started again", SECS, || {
+        a.restarts() == 1 && a.pid().is_some_and(|p| p != pid)
+    })
+    .await;
+    wait_for("the session to b back up", SECS, || established(&b, "a")).await;
+    wait_routes(&a_ns, "bird", SECS, |now| {
+        now == [r("10.244.2.0/26", "192.168.81.12")]
+    })
+    .await;
+    wait_routes(&b_ns, "107", SECS, |now| {
+        now == [r("10.244.1.0/26", "192.168.81.11")]
+    })
+    .await;
+
+    // teardown: no bird, no socket, no route; b loses a's block at once (Cease).
+    let last = a.pid().unwrap();
+    a.teardown().await.unwrap();
+    assert!(!std::path::Path::new(&format!("/proc/{last}")).exists());
+    assert!(!run_dir.join("bird.ctl").exists());
+    assert!(!run_dir.join("bird.pid").exists());
+    assert_eq!(routes(&a_ns, "bird"), vec![]);
+    wait_routes(&b_ns, "107", SECS, |now| now.is_empty()).await;
+    a.teardown().await.expect("teardown again");
+    b.teardown().await.unwrap();
+}
