@@ -28,6 +28,10 @@ pub const ROUTE_REFLECTOR_KEY: &str = "bgpRouteReflector";
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Report {
+    /// The engine that speaks BGP (`native`, or `bird`: then the installed routes are
+    /// `proto bird`).
+    #[serde(default)]
+    pub engine: crate::config::Engine,
     /// The AS of the node.
     pub as_number: u32,
     /// The BGP identifier.
@@ -132,6 +136,7 @@ impl<K: Kernel + 'static> Bgp<K> {
         let running = self.running.as_ref()?;
         let last = self.last.lock().unwrap_or_else(|e| e.into_inner()).clone();
         Some(Report {
+            engine: crate::config::Engine::Native,
             as_number: self.config.as_number,
             router_id: running.speaker.router_id(),
             listen: running.speaker.listen_address().to_string(),

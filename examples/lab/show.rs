@@ -266,6 +266,10 @@ fn explain_route(c: &Cluster, me: &NodeView, r: &Value) -> String {
              {why}"
         );
     }
+    if c.mode == cnikit::bgp::TYPE && proto == "bird" {
+        let owner = c.node_of_block(dst).map(|n| n.name.as_str()).unwrap_or("?");
+        return explain_bgp_route(me, owner, dst, gw, dev);
+    }
     if proto == "107" {
         let owner = c.node_of_block(dst).map(|n| n.name.as_str()).unwrap_or("?");
         if c.mode == cnikit::bgp::TYPE {
@@ -358,11 +362,20 @@ fn explain_route(c: &Cluster, me: &NodeView, r: &Value) -> String {
 /// What a route the BGP speaker installed is for: which session brought it.
 fn explain_bgp_route(me: &NodeView, owner: &str, dst: &str, gw: &str, dev: &str) -> String {
     let report = me.state.as_ref().and_then(bgp::report);
+    let bird = report
+        .as_ref()
+        .is_some_and(|r| r.engine == cnikit::bgp::Engine::Bird);
+    let (proto, installer) = if bird {
+        ("proto bird", "BIRD's kernel protocol")
+    } else {
+        ("proto 107", "the speaker")
+    };
     let Some(peer) = report.as_ref().and_then(|r| bgp::learned_from(r, dst, gw)) else {
-        return "a route of the agent (proto 107) that its BGP report does not list: left \
-                from an earlier run (a restarted speaker keeps them until its peers have told \
-                again what they have) or the report is older than the route"
-            .into();
+        return format!(
+            "a BGP route ({proto}) that the node's BGP report does not list: left from an \
+             earlier run (a restarted speaker keeps them until its peers have told again what \
+             they have) or the report is older than the route"
+        );
     };
     let whose = if owner == peer {
         "its".to_owned()
@@ -371,7 +384,7 @@ fn explain_bgp_route(me: &NodeView, owner: &str, dst: &str, gw: &str, dev: &str)
     };
     format!(
         "learned over BGP from {peer}: {peer} announced {whose} block {dst} with NEXT_HOP \
-         {gw} (its underlay address) and the speaker put it here (proto 107: the agent's). \
+         {gw} (its underlay address) and {installer} put it here ({proto}). \
          {gw} is on {dev}'s segment, so the packet goes to {owner}'s MAC as it is, no \
          encapsulation. Without it the pods of {owner} are unreachable from here; it goes \
          when {peer} withdraws the block or the session ends"
@@ -693,7 +706,7 @@ fn bgp_sessions(report: &cnikit::bgp::Report) {
     for p in &report.peers {
         item(
             &bgp::session_line(p),
-            &bgp::session_why(p, report.as_number, modes::BGP_CONNECT_RETRY),
+            &bgp::session_why(p, report.engine, report.as_number, modes::BGP_CONNECT_RETRY),
         );
     }
     for (peer, why) in &report.unroutable {

@@ -290,6 +290,9 @@ pub struct Lab {
     /// Which peers IPIP tunnels to (only for `ipip`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ipip_mode: Option<cnikit::ipip::Mode>,
+    /// The BGP engine (only for `bgp`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bgp_engine: Option<cnikit::bgp::Engine>,
     /// Pod network.
     pub pod_network: PodNetwork,
     /// Datastore.

@@ -634,6 +634,7 @@ async fn look(
         }
     }
     Report {
+        engine: crate::config::Engine::Bird,
         as_number: config.as_number,
         router_id,
         listen: std::net::SocketAddr::from((router_id, config.port)).to_string(),
