@@ -82,7 +82,7 @@ pub fn render(config: &Config, node: &Node<'_>) -> String {
         "# cnikit bgp, bird engine, node {:?}: rendered by the agent, reloaded with\n\
          # `birdc configure` when the peers change. Do not edit.\n\
          router id {rid};\n\
-         log stderr {{ warning, error, fatal, bug }};\n\
+         log stderr {{ warning, error, bug }};\n\
          timeformat protocol \"%s\";\n\
          \n\
          protocol device {{ scan time 2; }}\n",
