@@ -9,6 +9,7 @@
 #   sudo scripts/lab.sh                          # vxlan, host-gw, ipip, then bgp
 #   sudo scripts/lab.sh --mode host-gw           # one mode
 #   sudo scripts/lab.sh --mode bgp               # BGP speakers in the agents, full mesh
+#   sudo scripts/lab.sh --mode bgp --bgp-engine bird   # BIRD 2 run by each agent instead
 #   sudo scripts/lab.sh --mode ipip --ipip-mode cross-subnet --topology two-subnets
 #   sudo scripts/lab.sh --store etcd --topology two-subnets --pod-network routed
 #   sudo LAB_NODES=4 LAB_PODS=3 scripts/lab.sh
@@ -25,6 +26,7 @@ cd "$(dirname "$0")/.."
 modes=(vxlan host-gw ipip bgp)
 extra=()
 ipip_extra=()
+bgp_extra=()
 topology=flat
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -32,8 +34,9 @@ while [ $# -gt 0 ]; do
     --topology) topology="$2"; extra+=("$1" "$2"); shift 2 ;;
     --store|--pod-network) extra+=("$1" "$2"); shift 2 ;;
     --ipip-mode) ipip_extra+=("$1" "$2"); shift 2 ;;
+    --bgp-engine) bgp_extra+=("$1" "$2"); shift 2 ;;
     --direct-routing) extra+=("$1"); shift ;;
-    -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "scripts/lab.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -82,6 +85,7 @@ trap 'exit 130' INT TERM
 
 for mode in "${modes[@]}"; do
   mode_extra=()
+  [ "$mode" = bgp ] && mode_extra=("${bgp_extra[@]}")
   if [ "$mode" = ipip ]; then
     mode_extra=("${ipip_extra[@]}")
     # The same rule as the tests' (testkit::vm): a loaded (or built-in) ipip module, or the
