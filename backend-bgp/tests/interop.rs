@@ -828,15 +828,37 @@ async fn the_bird_engine_meshes_with_the_native_speaker_and_gobgpd() {
         nix::sys::signal::Signal::SIGKILL,
     )
     .expect("kill bird");
+    let killed_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
     wait_for("bird started again", SECS, || {
         a.restarts() == 1 && a.pid().is_some_and(|p| p != pid)
     })
     .await;
-    wait_for("the session to b back up", SECS, || established(&b, "a")).await;
+    // The dead BIRD's route stays in the kernel (graceful restart): take it away, so that
+    // only the new BIRD, once it has relearned it, can put it back.
+    testkit::ip(&a_ns, &["route", "del", "10.244.2.0/26", "proto", "bird"]);
     wait_routes(&a_ns, "bird", SECS, |now| {
         now == [r("10.244.2.0/26", "192.168.81.12")]
     })
     .await;
+    let deadline = Instant::now() + SECS;
+    loop {
+        let report = a.refresh().await.expect("report");
+        let again = report.peers.iter().any(|p| {
+            p.name == "b"
+                && p.state == "established"
+                && p.established_at.is_some_and(|t| t >= killed_at)
+                && p.prefixes_received == 1
+        });
+        if again {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no new session to b: {report:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wait_for("the session to b back up", SECS, || established(&b, "a")).await;
     wait_routes(&b_ns, "107", SECS, |now| {
         now == [r("10.244.1.0/26", "192.168.81.11")]
     })
