@@ -875,3 +875,98 @@ async fn the_bird_engine_meshes_with_the_native_speaker_and_gobgpd() {
     a.teardown().await.expect("teardown again");
     b.teardown().await.unwrap();
 }
+
+/// The `bird` engine as a route reflector (RFC 4456) for two native speakers: they peer
+/// with it only and learn each other's block through it, with the originator's next hop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bird_engine_reflects_for_native_clients() {
+    if !tools(
+        "bgp bird engine route reflector",
+        &[("bird", "bird2"), ("birdc", "bird2")],
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let net = Net::new("bgpbr");
+    let rr_ns = net.node("rr", "192.168.82.1/24");
+    let mut rr_record = record("rr", "192.168.82.1");
+    rr_record
+        .backend
+        .insert(backend_bgp::ROUTE_REFLECTOR_KEY.into(), "10.0.0.7".into());
+    let nodes = [
+        ("c1", "192.168.82.11/24", "10.244.1.0/26"),
+        ("c2", "192.168.82.12/24", "10.244.2.0/26"),
+    ];
+    let mut records = vec![rr_record];
+    records.extend(
+        nodes
+            .iter()
+            .map(|(n, cidr, _)| record(n, &addr(cidr).to_string())),
+    );
+    let mut rr = backend_bgp::Bird::open(
+        Config {
+            engine: backend_bgp::Engine::Bird,
+            route_reflector_cluster_id: Some("10.0.0.7".parse().unwrap()),
+            ..config(179)
+        },
+        &testkit::netns_path(&rr_ns),
+        &dir.path().join("rr"),
+    )
+    .await
+    .expect("open");
+    rr.init(&local("rr", "192.168.82.1/24", &["10.244.9.0/26"]))
+        .await
+        .expect("bird starts");
+    rr.reconcile(&records).await.unwrap();
+    let conf = std::fs::read_to_string(dir.path().join("rr/bird.conf")).unwrap();
+    assert_eq!(conf.matches("rr client;").count(), 2, "{conf}");
+
+    let mut clients = Vec::new();
+    let mut namespaces = Vec::new();
+    for (name, cidr, block) in nodes {
+        let ns = net.node(name, cidr);
+        let mut bgp = speaker(&ns, config(179), &local(name, cidr, &[block])).await;
+        bgp.reconcile(&records).await.unwrap();
+        clients.push(bgp);
+        namespaces.push(ns);
+    }
+    wait_routes(&namespaces[0], "107", SECS, |now| {
+        now == [
+            r("10.244.2.0/26", "192.168.82.12"),
+            r("10.244.9.0/26", "192.168.82.1"),
+        ]
+    })
+    .await;
+    wait_routes(&namespaces[1], "107", SECS, |now| {
+        now == [
+            r("10.244.1.0/26", "192.168.82.11"),
+            r("10.244.9.0/26", "192.168.82.1"),
+        ]
+    })
+    .await;
+    wait_routes(&rr_ns, "bird", SECS, |now| {
+        now == [
+            r("10.244.1.0/26", "192.168.82.11"),
+            r("10.244.2.0/26", "192.168.82.12"),
+        ]
+    })
+    .await;
+    for c in &clients {
+        let summary = c.summary();
+        assert_eq!(summary.len(), 1, "clients peer with the reflector only");
+        assert_eq!(summary[0].name, "rr");
+        assert_eq!(summary[0].prefixes_received, 2, "{summary:?}");
+    }
+    let report = rr.refresh().await.unwrap();
+    for p in &report.peers {
+        assert_eq!(
+            (p.state.as_str(), p.prefixes_sent, p.prefixes_received),
+            ("established", 2, 1),
+            "{p:?}"
+        );
+    }
+    for c in &mut clients {
+        c.teardown().await.unwrap();
+    }
+    rr.teardown().await.unwrap();
+}
