@@ -140,6 +140,7 @@ pub fn render(config: &Config, node: &Node<'_>) -> String {
         c,
         "template bgp cnikit_peer {{\n    \
              local {rid} port {port} as {asn};\n    \
+             strict bind on;\n    \
              hold time {hold};\n    \
              connect delay time {retry};\n    \
              connect retry time {retry};\n    \
@@ -253,7 +254,7 @@ mod tests {
             "router id 192.168.1.2;",
             "protocol static cnikit_blocks {\n    ipv4;\n    route 10.244.1.0/26 blackhole;\n    route 10.244.9.0/26 blackhole;\n}",
             "ipv4 { import none; export filter { if source != RTS_BGP then reject; accept; }; };",
-            "local 192.168.1.2 port 1179 as 64512;",
+            "local 192.168.1.2 port 1179 as 64512;\n    strict bind on;",
             "hold time 9;",
             "connect retry time 1;",
             "graceful restart on;\n    graceful restart time 120;",
