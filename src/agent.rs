@@ -334,7 +334,7 @@ mod tests {
         for bad in [
             serde_json::json!({"bgp": {"holdTime": 2}}),
             serde_json::json!({"bgp": {"engine": "frr"}}),
-            serde_json::json!({"bgp": {"ipip": {"device": "tunl0"}}}),
+            serde_json::json!({"bgp": {"ipip": {"device": "tun\"; }"}}}),
             serde_json::json!({"bgp": {"asNumber": 0}}),
             serde_json::json!({"bgp": {"asnumber": 65000}}),
             serde_json::json!({"bgp": 179}),

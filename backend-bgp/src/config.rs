@@ -70,8 +70,8 @@ pub struct Config {
     /// `bird`: where and how the `bird` engine runs BIRD.
     #[serde(default)]
     pub bird: BirdConfig,
-    /// `ipip`: install the learned routes through this IPIP device, on-link (the device
-    /// is the node's, made by the IPIP mode or the operator). The `bird` engine only.
+    /// `ipip`: the mode makes this IPIP device (as the `ipip` mode does) and installs the
+    /// learned routes through it, on-link: Calico's IPIP with BGP.
     #[serde(default)]
     pub ipip: Option<IpipConfig>,
 }
@@ -216,12 +216,6 @@ impl Config {
             return bad("bgp.connectRetry", "must be at least 1 second".into());
         }
         if let Some(ipip) = &self.ipip {
-            if self.engine == Engine::Native {
-                return bad(
-                    "bgp.ipip",
-                    "the native engine installs plain routes only; use \"engine\": \"bird\"".into(),
-                );
-            }
             let ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_');
             if ipip.device.is_empty() || ipip.device.len() > 15 || !ipip.device.chars().all(ok) {
                 return bad(
@@ -289,13 +283,6 @@ mod tests {
             },
             Config {
                 restart_time: 4096,
-                ..Config::default()
-            },
-            Config {
-                ipip: Some(IpipConfig {
-                    device: "tunl0".into(),
-                    cross_subnet: false,
-                }),
                 ..Config::default()
             },
             Config {

@@ -82,6 +82,7 @@ mod error;
 mod peer;
 mod speaker;
 mod topology;
+mod tunnel;
 
 pub use backend::{Bgp, ROUTE_REFLECTOR_KEY, Report};
 pub use bird::Bird;

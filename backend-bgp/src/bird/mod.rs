@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use cni_core::linux::NetNs;
-use cni_core::linux::kernel::{Desired, Netlink, Ownership, Routes, Underlay};
+use cni_core::linux::kernel::{Netlink, Routes, Underlay, remove_owned};
 use cni_core::registry::NodeRecord;
 use cni_core::routing::{CrossNodeRouting, LocalNode, ReconcileReport};
 use ipnet::{IpNet, Ipv4Net};
@@ -194,6 +194,9 @@ impl Bird {
             });
         };
         let underlay = Underlay::resolve(&*self.kernel, local).await?;
+        if let Some(ipip) = &self.config.ipip {
+            crate::tunnel::ensure(&*self.kernel, ipip, &underlay, local).await?;
+        }
         let subnet = match underlay.subnet {
             IpNet::V4(v4) => v4.trunc(),
             IpNet::V6(_) => Ipv4Net::from(router_id),
@@ -348,9 +351,12 @@ impl Bird {
         let _ = std::fs::remove_file(self.paths.conf.with_extension("conf.new"));
         let _ = std::fs::remove_dir(&self.paths.dir);
         // A BIRD that was killed leaves its routes behind.
-        Desired::new()
-            .apply(&*self.kernel, &Ownership::default())
-            .await?;
+        let device = self
+            .config
+            .ipip
+            .as_ref()
+            .map(|i| (i.device.as_str(), "ipip"));
+        remove_owned(&*self.kernel, device).await?;
         *self.report.lock().unwrap_or_else(|e| e.into_inner()) = None;
         Ok(())
     }
@@ -380,8 +386,18 @@ impl CrossNodeRouting for Bird {
             .collect()
     }
 
+    /// 20 bytes with `bgp.ipip` (the outer IPv4 header), else 0.
     fn mtu_overhead(&self) -> u32 {
-        if self.config.ipip.is_some() { 20 } else { 0 }
+        if self.config.ipip.is_some() {
+            crate::tunnel::OVERHEAD
+        } else {
+            0
+        }
+    }
+
+    /// With `bgp.ipip`: the IPIP device needs an address of the node's block.
+    fn needs_tunnel_address(&self) -> bool {
+        self.config.ipip.is_some()
     }
 
     /// Renders the sessions for `peers` (same topology as the native engine) and, when the
