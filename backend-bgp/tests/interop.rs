@@ -970,3 +970,88 @@ async fn the_bird_engine_reflects_for_native_clients() {
     }
     rr.teardown().await.unwrap();
 }
+
+/// `bgp.ipip` with the bird engine beside a native speaker: BIRD's kernel protocol puts
+/// the learned block through the IPIP device on-link (`proto bird`), the native speaker
+/// through its own; the tunnel addresses ping each other. In the VM when this kernel has
+/// no ipip.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bird_engine_routes_through_ipip() {
+    let test = "the_bird_engine_routes_through_ipip";
+    if !tools(test, &[("bird", "bird2"), ("birdc", "bird2")])
+        || !testkit::vm::here_or_in_vm(test, "ipip")
+    {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let net = Net::new("bgpbi");
+    let ipip = Some(backend_bgp::IpipConfig {
+        device: "cnikit.ipip".into(),
+        cross_subnet: false,
+    });
+    let (a_cidr, b_cidr) = ("192.168.84.11/24", "192.168.84.12/24");
+    let a_ns = net.node("a", a_cidr);
+    let b_ns = net.node("b", b_cidr);
+    let records = [record("a", "192.168.84.11"), record("b", "192.168.84.12")];
+    let mut a_local = local("a", a_cidr, &["10.244.1.0/26"]);
+    a_local.tunnel_address = Some("10.244.1.1".parse().unwrap());
+    let mut b_local = local("b", b_cidr, &["10.244.2.0/26"]);
+    b_local.tunnel_address = Some("10.244.2.1".parse().unwrap());
+    let mut a = backend_bgp::Bird::open(
+        Config {
+            engine: backend_bgp::Engine::Bird,
+            ipip: ipip.clone(),
+            ..config(179)
+        },
+        &testkit::netns_path(&a_ns),
+        &dir.path().join("a"),
+    )
+    .await
+    .expect("open");
+    a.init(&a_local).await.expect("bird starts");
+    a.reconcile(&records).await.unwrap();
+    let mut b = speaker(
+        &b_ns,
+        Config {
+            ipip,
+            ..config(179)
+        },
+        &b_local,
+    )
+    .await;
+    b.reconcile(&records).await.unwrap();
+    wait_routes(&a_ns, "bird", SECS, |now| {
+        now == [r("10.244.2.0/26", "192.168.84.12")]
+    })
+    .await;
+    wait_routes(&b_ns, "107", SECS, |now| {
+        now == [r("10.244.1.0/26", "192.168.84.11")]
+    })
+    .await;
+    for (ns, proto) in [(&a_ns, "bird"), (&b_ns, "107")] {
+        let route = &testkit::ip_json(ns, &["route", "show", "proto", proto])[0];
+        assert_eq!(route["dev"], "cnikit.ipip", "{route}");
+        assert!(
+            route["flags"]
+                .as_array()
+                .is_some_and(|f| f.iter().any(|x| x == "onlink")),
+            "{route}"
+        );
+    }
+    let ping = try_in(
+        &a_ns,
+        &["ping", "-c1", "-W2", "-I", "10.244.1.1", "10.244.2.1"].map(String::from),
+    );
+    assert!(
+        ping.is_some(),
+        "a's tunnel address reaches b's through the tunnel"
+    );
+    a.teardown().await.unwrap();
+    assert!(
+        testkit::ip_json(&a_ns, &["link", "show"])
+            .iter()
+            .all(|l| l["ifname"] != "cnikit.ipip"),
+        "the device is gone"
+    );
+    b.teardown().await.unwrap();
+}
