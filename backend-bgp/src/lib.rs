@@ -11,7 +11,14 @@
 //! `routeReflectorClusterId` becomes a route reflector (RFC 4456), publishes it in its
 //! node record ([`ROUTE_REFLECTOR_KEY`]), peers with every node and reflects their routes
 //! (ORIGINATOR_ID, CLUSTER_LIST, reflected loops dropped); the other nodes then peer with
-//! the reflectors only. The BIRD engine is not here yet.
+//! the reflectors only.
+//!
+//! Two engines speak BGP for the same desired state (`"engine"`): `native`, the speaker
+//! inside the agent (the default, [`Bgp`]), and `bird`, BIRD 2 as a supervised child
+//! process with a rendered configuration, as Calico runs it ([`Bird`]). With
+//! [`Config::ipip`] either makes an IPIP device (as the `ipip` mode does) and installs the
+//! learned routes through it, `BLOCK via PEER dev DEVICE onlink` (crossSubnet: only for
+//! next hops outside the node's subnet).
 //!
 //! ## Modules
 //! - [`Bgp`]: the [`CrossNodeRouting`](cni_core::routing::CrossNodeRouting)
@@ -67,11 +74,12 @@
 //! `teardown` withdraws the node's blocks before its Cease, so no peer keeps them.
 //!
 //! ## What it owns
-//! The routes with protocol [`ROUTE_PROTOCOL`](cni_core::linux::kernel::ROUTE_PROTOCOL)
-//! in the main table (installed as they are learned), the listening socket and the
-//! sessions. The blackhole route of the node's own blocks is the node agent's. The `bird`
-//! engine owns BIRD's process and files in its run directory, and the routes BIRD writes:
-//! `proto bird` (12), since BIRD 2 marks its routes with its own number and no other.
+//! The routes with protocol [`ROUTE_PROTOCOL`](cni_core::linux::kernel::ROUTE_PROTOCOL) in
+//! the main table (installed as they are learned), the listening socket and the sessions,
+//! and with [`Config::ipip`] the IPIP device. The blackhole route of the node's own blocks
+//! is the node agent's. The `bird` engine owns BIRD's process and files in its run
+//! directory, and the routes BIRD writes: `proto bird` (12), since BIRD 2 marks its routes
+//! with its own number and no other.
 #![warn(missing_docs)]
 
 mod backend;
