@@ -10,9 +10,9 @@
 //! restarted for a peer change. Session state comes back through `birdc show protocols
 //! all`, the installed routes from the kernel (`proto bird`: BIRD 2 marks every route it
 //! writes with its own protocol number, 12; it cannot write cnikit's 107), both into the
-//! same [`Report`] the native engine fills. `teardown` ends BIRD by its PID (SIGTERM: it
-//! sends Cease to its peers and removes its routes), then removes any route it left, its
-//! socket, PID file and configuration.
+//! same [`Report`] the native engine fills. `teardown` withdraws the node's blocks, ends
+//! BIRD by its PID (SIGTERM: it sends Cease to its peers and removes its routes), then
+//! removes any route it left, its socket, PID file and configuration.
 
 mod birdc;
 mod render;
@@ -330,6 +330,7 @@ impl Bird {
     async fn teardown_inner(&mut self) -> Result<()> {
         if let Some(mut running) = self.running.take() {
             running.poller.abort();
+            withdraw_blocks(&self.paths).await;
             if let Some(stop) = running.stop.take() {
                 let _ = stop.send(());
             }
@@ -586,6 +587,24 @@ async fn birdc(paths: &Paths, args: &[&str]) -> Result<String> {
     let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
     text.push_str(&String::from_utf8_lossy(&out.stderr));
     Ok(text)
+}
+
+/// Has BIRD withdraw the node's blocks from every peer (`birdc disable cnikit_blocks`) and
+/// waits, a second at most, until no session exports anything: peers that do graceful
+/// restart keep the routes of a speaker that just closes its sessions, but never
+/// withdrawn ones.
+async fn withdraw_blocks(paths: &Paths) {
+    if birdc(paths, &["disable", render::BLOCKS]).await.is_err() {
+        return;
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+    while tokio::time::Instant::now() < deadline {
+        match birdc(paths, &["show", "protocols", "all"]).await {
+            Ok(out) if parse_protocols(&out).iter().all(|p| p.prefixes_sent == 0) => return,
+            Ok(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            Err(_) => return,
+        }
+    }
 }
 
 /// Waits until BIRD answers on its socket.
