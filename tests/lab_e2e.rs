@@ -373,11 +373,18 @@ fn lifecycle_with(test: &str, tag: &str, mode: &str, extra: &[&str]) {
             );
         }
         let status = assert_bgp_sessions(&lab, 2);
+        let ipip = extra.contains(&"--ipip-mode");
         assert_eq!(
-            assert_block_routes(&status, proto, |_, _| false),
-            0,
-            "BGP routes nothing through a tunnel"
+            assert_block_routes(&status, proto, |_, _| ipip),
+            if ipip { 6 } else { 0 },
+            "BGP routes through the tunnel with --ipip-mode always, else nothing"
         );
+        if ipip {
+            assert!(
+                show.contains("through the IPIP device: ENCAPSULATED"),
+                "show explains the tunnelled BGP routes:\n{show}"
+            );
+        }
         assert_bgp_listening(&status);
     }
     let node3_birds = if bird {
@@ -684,6 +691,24 @@ fn bgp_bird_lifecycle() {
         return;
     }
     lifecycle_with(test, "bb", "bgp", &["--bgp-engine", "bird"]);
+}
+
+/// BGP with IPIP (`--ipip-mode always`: the learned routes go through cnikit.ipip
+/// on-link), the native engine and then BIRD, 3 nodes x 2 pods each; in the VM when this
+/// kernel has no ipip module.
+#[test]
+fn bgp_ipip_lifecycle() {
+    let test = "bgp_ipip_lifecycle";
+    if lab_binary(test).is_none() || !testkit::vm::here_or_in_vm(test, "ipip") {
+        return;
+    }
+    lifecycle_with(test, "bi", "bgp", &["--ipip-mode", "always"]);
+    lifecycle_with(
+        test,
+        "bj",
+        "bgp",
+        &["--ipip-mode", "always", "--bgp-engine", "bird"],
+    );
 }
 
 /// IPIP (mode always), 3 nodes x 2 pods; in the VM when this kernel has no ipip module.

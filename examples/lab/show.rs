@@ -80,11 +80,11 @@ impl Cluster {
                 cnikit::vxlan::TYPE => device_address(&node.ns, modes::VXLAN_DEVICE).await,
                 _ => None,
             };
-            let tunnel = match lab.mode.as_str() {
-                cnikit::ipip::TYPE => device_address(&node.ns, modes::IPIP_DEVICE)
+            let tunnel = match lab.ipip_mode {
+                Some(_) => device_address(&node.ns, modes::IPIP_DEVICE)
                     .await
                     .map(|(addr, _)| addr),
-                _ => None,
+                None => None,
             };
             let pods = node
                 .pods
@@ -382,6 +382,15 @@ fn explain_bgp_route(me: &NodeView, owner: &str, dst: &str, gw: &str, dev: &str)
     } else {
         format!("{owner}'s")
     };
+    if dev == modes::IPIP_DEVICE {
+        return format!(
+            "learned over BGP from {peer}: {peer} announced {whose} block {dst} with NEXT_HOP \
+             {gw} (its underlay address) and {installer} put it here ({proto}) through the \
+             IPIP device: ENCAPSULATED, the packet gets an outer IPv4 header to {gw}; onlink \
+             because the tunnel has no subnet {gw} is in. It goes when {peer} withdraws the \
+             block or the session ends"
+        );
+    }
     format!(
         "learned over BGP from {peer}: {peer} announced {whose} block {dst} with NEXT_HOP \
          {gw} (its underlay address) and {installer} put it here ({proto}). \
@@ -652,7 +661,10 @@ fn ipip_peers(c: &Cluster, me: &NodeView, routes: &[Value]) {
         let blocks: Vec<String> = peer.blocks.iter().map(|b| b.to_string()).collect();
         let devs: Vec<&str> = routes
             .iter()
-            .filter(|r| s(r, "protocol") == "107" && blocks.iter().any(|b| b == s(r, "dst")))
+            .filter(|r| {
+                matches!(s(r, "protocol"), "107" | "bird")
+                    && blocks.iter().any(|b| b == s(r, "dst"))
+            })
             .map(|r| s(r, "dev"))
             .collect();
         let same = peer.subnet == me.subnet;
@@ -827,7 +839,7 @@ async fn show_node(c: &Cluster, node: &Node, me: &NodeView) -> Result<()> {
     for r in &routes {
         item(&route_line(r), &explain_route(c, me, r));
     }
-    if c.mode == cnikit::ipip::TYPE {
+    if c.ipip_mode.is_some() {
         ipip_peers(c, me, &routes);
     }
     println!("neighbours:");

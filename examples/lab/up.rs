@@ -47,7 +47,7 @@ pub async fn up(name: &str, args: &UpArgs) -> Result<()> {
     // Before anything is built: an agent making the ipip device would load the module.
     state::ipip_kernel(
         &args.mode,
-        args.mode != cnikit::ipip::TYPE || testkit::vm::kernel_has_link_kind("ipip"),
+        ipip_mode.is_none() || testkit::vm::kernel_has_link_kind("ipip"),
     )?;
     if args.store == StoreKind::Etcd && which("etcd").is_err() {
         bail!("--store etcd needs the etcd server: apt-get install -y etcd-server");
