@@ -1055,3 +1055,75 @@ async fn the_bird_engine_routes_through_ipip() {
     );
     b.teardown().await.unwrap();
 }
+
+/// The agent restarts without a teardown (`keepOnExit`): the dropped bird engine kills its
+/// BIRD as a crash, the next run's BIRD starts in graceful-restart recovery on the previous
+/// configuration; the routes stay in both kernels the whole time, and the session comes
+/// back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bird_engine_restarts_gracefully() {
+    if !tools(
+        "bgp bird engine graceful restart",
+        &[("bird", "bird2"), ("birdc", "bird2")],
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let net = Net::new("bgpbg");
+    let (a_cidr, b_cidr) = ("192.168.85.11/24", "192.168.85.12/24");
+    let a_ns = net.node("a", a_cidr);
+    let b_ns = net.node("b", b_cidr);
+    let records = [record("a", "192.168.85.11"), record("b", "192.168.85.12")];
+    let a_local = local("a", a_cidr, &["10.244.1.0/26"]);
+    let run_dir = dir.path().join("a");
+    let open = || async {
+        let mut a = backend_bgp::Bird::open(
+            Config {
+                engine: backend_bgp::Engine::Bird,
+                ..config(179)
+            },
+            &testkit::netns_path(&a_ns),
+            &run_dir,
+        )
+        .await
+        .expect("open");
+        a.init(&a_local).await.expect("bird starts");
+        a
+    };
+    let mut a = open().await;
+    a.reconcile(&records).await.unwrap();
+    let mut b = speaker(&b_ns, config(179), &local("b", b_cidr, &["10.244.2.0/26"])).await;
+    b.reconcile(&records).await.unwrap();
+    let in_a = [r("10.244.2.0/26", "192.168.85.12")];
+    let in_b = [r("10.244.1.0/26", "192.168.85.11")];
+    wait_routes(&a_ns, "bird", SECS, |now| now == in_a).await;
+    wait_routes(&b_ns, "107", SECS, |now| now == in_b).await;
+    let old = a.pid().unwrap();
+    let restarted = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    drop(a);
+    let mut a = open().await;
+    assert_ne!(a.pid(), Some(old));
+    assert_eq!(routes(&a_ns, "bird"), in_a, "a keeps b's block at start");
+    a.reconcile(&records).await.unwrap();
+    let deadline = Instant::now() + SECS;
+    loop {
+        assert_eq!(routes(&a_ns, "bird"), in_a, "a keeps b's block");
+        assert_eq!(routes(&b_ns, "107"), in_b, "b keeps a's block");
+        let back = a.refresh().await.unwrap().peers.iter().any(|p| {
+            p.name == "b"
+                && p.state == "established"
+                && p.established_at.is_some_and(|t| t >= restarted)
+                && p.prefixes_received == 1
+        });
+        if back {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the session never came back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    a.teardown().await.unwrap();
+    b.teardown().await.unwrap();
+}

@@ -13,6 +13,11 @@
 //! same [`Report`] the native engine fills. `teardown` withdraws the node's blocks, ends
 //! BIRD by its PID (SIGTERM: it sends Cease to its peers and removes its routes), then
 //! removes any route it left, its socket, PID file and configuration.
+//!
+//! Dropped without `teardown` (an agent restarting with `keepOnExit`), it kills BIRD as if
+//! it crashed: the peers keep the node's routes (graceful restart), the kernel keeps the
+//! learned ones, and the next run starts BIRD with `-R` on the previous configuration, so
+//! they stay until relearned (at most `restartTime`).
 
 mod birdc;
 mod render;
@@ -236,13 +241,27 @@ impl Bird {
             supervisor: tokio::spawn(async {}),
             poller: tokio::spawn(async {}),
         };
-        running.rendered = self.rendered(&running);
-        write_conf(&self.paths.conf, &running.rendered)?;
         // A BIRD of a previous run of this node (the agent was killed) would hold the
         // socket: end it first, by the PID it wrote.
         end_stale(&self.paths).await;
+        // Routes of a previous run (its agent restarted without a teardown): BIRD starts in
+        // graceful-restart recovery (`-R`) on that run's configuration, so that the sessions
+        // it had hold the routes in the kernel until they are relearned; the first
+        // reconcile brings the configuration up to date.
+        let previous = std::fs::read_to_string(&self.paths.conf).ok();
+        let inherited = match previous {
+            Some(conf) if !self.kernel.owned_routes().await?.is_empty() => {
+                running.rendered = conf;
+                true
+            }
+            _ => {
+                running.rendered = self.rendered(&running);
+                write_conf(&self.paths.conf, &running.rendered)?;
+                false
+            }
+        };
         let (stop, stopped) = oneshot::channel();
-        let first = spawn(&self.paths, &self.netns, false)?;
+        let first = spawn(&self.paths, &self.netns, inherited)?;
         running.pid.store(first.id().unwrap_or(0), Ordering::SeqCst);
         running.supervisor = tokio::spawn(supervise(
             self.paths.clone(),
@@ -425,7 +444,8 @@ impl CrossNodeRouting for Bird {
 impl Drop for Bird {
     /// Without a teardown (an agent restarting with `keepOnExit`): BIRD is killed as if
     /// it crashed, so its peers keep the node's routes (graceful restart) and its routes
-    /// stay in the kernel until the next run's BIRD has relearned them.
+    /// stay in the kernel until the next run's BIRD (started with `-R` on this run's
+    /// configuration) has relearned them.
     fn drop(&mut self) {
         if let Some(running) = &mut self.running {
             running.poller.abort();
@@ -453,7 +473,7 @@ fn write_conf(path: &Path, text: &str) -> Result<()> {
 }
 
 /// Starts `bird -f` in the namespace `netns` (with `-R`, graceful-restart recovery, when
-/// it is started again after it died).
+/// it is started again after it died or finds the routes of a previous run).
 fn spawn(paths: &Paths, netns: &Arc<OwnedFd>, again: bool) -> Result<tokio::process::Child> {
     let mut command = Command::new(&paths.bird);
     command
@@ -539,8 +559,9 @@ async fn supervise(
     }
 }
 
-/// Ends the BIRD whose PID is in our PID file, if that process is a `bird` still running
-/// (a previous run of this node was killed with it running).
+/// Kills the BIRD whose PID is in our PID file, if that process is a `bird` still running
+/// (a previous run of this node was killed with it running), as if it had crashed: its
+/// peers keep the node's routes through graceful restart until the new BIRD is up.
 async fn end_stale(paths: &Paths) {
     let Ok(text) = std::fs::read_to_string(&paths.pid) else {
         return;
@@ -548,20 +569,29 @@ async fn end_stale(paths: &Paths) {
     let Ok(pid) = text.trim().parse::<i32>() else {
         return;
     };
-    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-    if comm.trim() != "bird" {
+    if !bird_runs(pid) {
         return;
     }
-    let pid = nix::unistd::Pid::from_raw(pid);
-    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
     let deadline = tokio::time::Instant::now() + PATIENCE;
-    while std::path::Path::new(&format!("/proc/{pid}")).exists() {
-        if tokio::time::Instant::now() > deadline {
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    while bird_runs(pid) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// Whether `pid` is a `bird` that has not exited (a zombie has).
+fn bird_runs(pid: i32) -> bool {
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // `PID (COMM) STATE …`
+    let state = stat
+        .rsplit(')')
+        .next()
+        .and_then(|s| s.trim().chars().next());
+    comm.trim() == "bird" && !matches!(state, Some('Z' | 'X') | None)
 }
 
 /// Runs `birdc -s SOCKET ARGS…`; what it printed (stdout and stderr).

@@ -121,6 +121,10 @@ pub fn render(config: &Config, node: &Node<'_>) -> String {
          filter cnikit_reflect {{ if proto = \"{BLOCKS}\" || source = RTS_BGP then accept; reject; }}\n"
     );
 
+    if config.graceful_restart {
+        // How long a BIRD started in recovery (`-R`) keeps the previous run's routes at most.
+        let _ = writeln!(c, "graceful restart wait {};\n", config.restart_time);
+    }
     let graceful = if config.graceful_restart {
         format!(
             "graceful restart on;\n    graceful restart time {};",
@@ -258,6 +262,7 @@ mod tests {
             "hold time 9;",
             "connect retry time 1;",
             "graceful restart on;\n    graceful restart time 120;",
+            "graceful restart wait 120;",
             "protocol bgp peer_b from cnikit_peer {\n    neighbor 192.168.1.3 port 1179 as 64512;\n    direct;\n    ipv4 { gateway direct; import all; export filter cnikit_blocks_only; };\n}",
             "protocol bgp peer_tor from cnikit_peer {\n    neighbor 192.168.1.1 port 1179 as 65000;\n    ipv4 { gateway direct; import all; export filter cnikit_blocks_only; };\n}",
         ] {
@@ -299,6 +304,7 @@ mod tests {
         );
         assert_eq!(c.matches("rr client").count(), 1, "{c}");
         assert!(c.contains("graceful restart off;"), "{c}");
+        assert!(!c.contains("graceful restart wait"), "{c}");
     }
 
     #[test]
