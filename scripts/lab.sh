@@ -9,6 +9,8 @@
 #   sudo scripts/lab.sh                          # vxlan, host-gw, ipip, bgp, then ebpf
 #   sudo scripts/lab.sh --mode host-gw           # one mode
 #   sudo scripts/lab.sh --mode bgp               # BGP speakers in the agents, full mesh
+#   sudo scripts/lab.sh --mode bgp --bgp-engine bird   # BIRD 2 run by each agent instead
+#   sudo scripts/lab.sh --mode bgp --ipip-mode always   # BGP's routes through IPIP (VM)
 #   sudo scripts/lab.sh --mode ipip --ipip-mode cross-subnet --topology two-subnets
 #   sudo scripts/lab.sh --store etcd --topology two-subnets --pod-network routed
 #   sudo LAB_NODES=4 LAB_PODS=3 scripts/lab.sh
@@ -28,6 +30,7 @@ modes=(vxlan host-gw ipip bgp ebpf)
 extra=()
 pod_extra=()
 ipip_extra=()
+bgp_extra=()
 topology=flat
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -36,6 +39,7 @@ while [ $# -gt 0 ]; do
     --store) extra+=("$1" "$2"); shift 2 ;;
     --pod-network) pod_extra+=("$1" "$2"); shift 2 ;;
     --ipip-mode) ipip_extra+=("$1" "$2"); shift 2 ;;
+    --bgp-engine) bgp_extra+=("$1" "$2"); shift 2 ;;
     --direct-routing) extra+=("$1"); shift ;;
     -h|--help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "scripts/lab.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
@@ -50,8 +54,8 @@ if ! command -v cargo >/dev/null 2>&1; then
   echo "scripts/lab.sh: cargo is missing: install Rust (https://rustup.rs) first" >&2
   exit 1
 fi
-if [ ${#ipip_extra[@]} -gt 0 ] && ! [[ " ${modes[*]} " == *" ipip "* ]]; then
-  echo "scripts/lab.sh: --ipip-mode is for --mode ipip" >&2
+if [ ${#ipip_extra[@]} -gt 0 ] && ! [[ " ${modes[*]} " == *" ipip "* || " ${modes[*]} " == *" bgp "* ]]; then
+  echo "scripts/lab.sh: --ipip-mode is for --mode ipip or bgp" >&2
   exit 2
 fi
 
@@ -89,19 +93,21 @@ for mode in "${modes[@]}"; do
   if [ "$mode" != ebpf ]; then
     mode_extra+=("${pod_extra[@]}")
   fi
-  if [ "$mode" = ipip ]; then
-    mode_extra+=("${ipip_extra[@]}")
+  [ "$mode" = bgp ] && mode_extra+=("${bgp_extra[@]}" "${ipip_extra[@]}")
+  # bgp with --ipip-mode needs the ipip module as much as ipip does.
+  if [ "$mode" = ipip ] || { [ "$mode" = bgp ] && [ ${#ipip_extra[@]} -gt 0 ]; }; then
+    [ "$mode" = ipip ] && mode_extra+=("${ipip_extra[@]}")
     # The same rule as the tests' (testkit::vm): a loaded (or built-in) ipip module, or the
     # VM. Never load a tunnel module here: it would add tunl0 to the root namespace.
     if [ "$in_vm" = 0 ] && ! [ -d /sys/module/ipip ]; then
       echo
-      echo "################ mode ipip, in the test VM ################"
-      echo "scripts/lab.sh: this kernel has no ipip module loaded; running the ipip lab"
+      echo "################ mode $mode, in the test VM ################"
+      echo "scripts/lab.sh: this kernel has no ipip module loaded; running the $mode lab"
       echo "inside the user-mode-linux VM (scripts/vm.sh: Linux 6.1 with ipip, one CPU, the"
       echo "host's root read-only): up, check, show and down in one boot"
       started=$(date +%s)
-      bash scripts/vm.sh --mem 2G -- bash scripts/lab.sh --mode ipip "${extra[@]}" "${mode_extra[@]}"
-      echo "scripts/lab.sh: the ipip lab in the VM took $(($(date +%s) - started)) s, boot included"
+      bash scripts/vm.sh --mem 2G -- bash scripts/lab.sh --mode "$mode" "${extra[@]}" "${mode_extra[@]}"
+      echo "scripts/lab.sh: the $mode lab in the VM took $(($(date +%s) - started)) s, boot included"
       continue
     fi
   fi

@@ -15,7 +15,8 @@
 //! "device": "cnikit.ipip", "mtu": … }`; `"routing": "bgp"` from `"bgp": { "asNumber":
 //! 64512, "port": 179, "holdTime": 90, "connectRetry": 2, "gracefulRestart": true,
 //! "restartTime": 120, "listenAddress": …, "globalPeers": [{"address": …, "asNumber": …}],
-//! "routeReflectorClusterId": … }` (see [`backend_bgp::Config`] when the `bgp` feature is on);
+//! "routeReflectorClusterId": …, "engine": "native" | "bird", "bird": { "runDir": … } }`
+//! (see [`backend_bgp::Config`] when the `bgp` feature is on);
 //! `"routing": "ebpf"` (with `"podNetwork": "ebpf"`) from `"ebpf": { "vni": 1, "port": 4789,
 //! "device": "cnikit.ebpf", "mtu": … }`, and its maps live under the entry's `bpffs` as the
 //! plugin's do.
@@ -117,7 +118,7 @@ pub async fn build(conf: &NetConf, netns: &Path) -> Result<Agent> {
     let node = config.node_name()?;
     let data_dir = config.data_dir(&conf.name);
 
-    let routing = routing(&mode, conf, netns).await?;
+    let routing = routing(&mode, conf, netns, &data_dir).await?;
     let ipam = plugin::open_block_ipam(conf, &config, Some(config.pod_network.reserve())).await?;
     let registry = registry(conf, &config, ipam.config().key_prefix.as_str()).await?;
 
@@ -138,8 +139,16 @@ pub async fn build(conf: &NetConf, netns: &Path) -> Result<Agent> {
 }
 
 /// The routing mode `mode`, configured from the entry's key of the same name.
-async fn routing(mode: &str, conf: &NetConf, netns: &Path) -> Result<Box<dyn CrossNodeRouting>> {
-    let _ = (conf, netns);
+///
+/// The `bgp` mode's `bird` engine keeps its files in `bgp.bird.runDir`, by default
+/// `DATA_DIR/bird`.
+async fn routing(
+    mode: &str,
+    conf: &NetConf,
+    netns: &Path,
+    data_dir: &Path,
+) -> Result<Box<dyn CrossNodeRouting>> {
+    let _ = (conf, netns, data_dir);
     match mode {
         #[cfg(feature = "host-gw")]
         backend_hostgw::TYPE => Ok(Box::new(backend_hostgw::HostGw::new(
@@ -156,9 +165,22 @@ async fn routing(mode: &str, conf: &NetConf, netns: &Path) -> Result<Box<dyn Cro
             NetNs::open(netns).await?,
         )?)),
         #[cfg(feature = "bgp")]
-        backend_bgp::TYPE => Ok(Box::new(
-            backend_bgp::Bgp::open(mode_config(conf, backend_bgp::TYPE)?, netns).await?,
-        )),
+        backend_bgp::TYPE => {
+            let config: backend_bgp::Config = mode_config(conf, backend_bgp::TYPE)?;
+            Ok(match config.engine {
+                backend_bgp::Engine::Native => {
+                    Box::new(backend_bgp::Bgp::open(config, netns).await?)
+                }
+                backend_bgp::Engine::Bird => {
+                    let run_dir = config
+                        .bird
+                        .run_dir
+                        .clone()
+                        .unwrap_or_else(|| data_dir.join("bird"));
+                    Box::new(backend_bgp::Bird::open(config, netns, &run_dir).await?)
+                }
+            })
+        }
         #[cfg(feature = "ebpf")]
         backend_ebpf::TYPE => {
             // The pins are the plugin's: the same `bpffs` key of the same entry.
@@ -270,7 +292,9 @@ mod tests {
         };
         let own = own.as_path();
         let conf = entry(serde_json::json!({"ipip": {"mode": "crossSubnet"}}));
-        let mode = routing("ipip", &conf, own).await.unwrap();
+        let mode = routing("ipip", &conf, own, Path::new("/nonexistent"))
+            .await
+            .unwrap();
         assert_eq!(mode.mode(), "ipip");
         assert_eq!(mode.mtu_overhead(), 20);
         assert!(mode.needs_tunnel_address());
@@ -279,12 +303,13 @@ mod tests {
             serde_json::json!({"ipip": {"device": "tunl0"}}),
             serde_json::json!({"ipip": "always"}),
         ] {
-            let Err(e) = routing("ipip", &entry(bad.clone()), own).await else {
+            let Err(e) = routing("ipip", &entry(bad.clone()), own, Path::new("/nonexistent")).await
+            else {
                 panic!("{bad} was accepted");
             };
             assert_eq!(e.code().0, 7, "{bad}: {e}");
         }
-        let Err(e) = routing("ipipx", &conf, own).await else {
+        let Err(e) = routing("ipipx", &conf, own, Path::new("/nonexistent")).await else {
             panic!("an unknown mode was accepted");
         };
         assert_eq!(e.code().0, 7);
@@ -300,7 +325,9 @@ mod tests {
         };
         let own = own.as_path();
         let conf = entry(serde_json::json!({"podNetwork": "ebpf", "ebpf": {"vni": 7}}));
-        let mode = routing("ebpf", &conf, own).await.unwrap();
+        let mode = routing("ebpf", &conf, own, Path::new("/nonexistent"))
+            .await
+            .unwrap();
         assert_eq!(mode.mode(), "ebpf");
         assert_eq!(mode.mtu_overhead(), 50);
         assert!(!mode.needs_tunnel_address());
@@ -311,7 +338,8 @@ mod tests {
             serde_json::json!({"ebpf": 7}),
             serde_json::json!({"bpffs": "relative/bpf"}),
         ] {
-            let Err(e) = routing("ebpf", &entry(bad.clone()), own).await else {
+            let Err(e) = routing("ebpf", &entry(bad.clone()), own, Path::new("/nonexistent")).await
+            else {
                 panic!("{bad} was accepted");
             };
             assert_eq!(e.code().0, 7, "{bad}: {e}");
@@ -328,21 +356,36 @@ mod tests {
         let own = own.as_path();
         let conf =
             entry(serde_json::json!({"bgp": {"asNumber": 65000, "port": 1179, "holdTime": 9}}));
-        let mode = routing("bgp", &conf, own).await.unwrap();
-        assert_eq!(mode.mode(), "bgp");
-        assert_eq!(mode.mtu_overhead(), 0);
-        assert_eq!(mode.report(), None, "nothing to report before init");
-        let mode = routing("bgp", &entry(serde_json::json!({})), own)
+        let mode = routing("bgp", &conf, own, Path::new("/nonexistent"))
             .await
             .unwrap();
         assert_eq!(mode.mode(), "bgp");
+        assert_eq!(mode.mtu_overhead(), 0);
+        assert_eq!(mode.report(), None, "nothing to report before init");
+        let mode = routing(
+            "bgp",
+            &entry(serde_json::json!({})),
+            own,
+            Path::new("/nonexistent"),
+        )
+        .await
+        .unwrap();
+        assert_eq!(mode.mode(), "bgp");
+        let bird = entry(serde_json::json!({"bgp": {"engine": "bird"}}));
+        let mode = routing("bgp", &bird, own, Path::new("/nonexistent"))
+            .await
+            .unwrap();
+        assert_eq!(mode.report(), None, "bird is not started before init");
         for bad in [
             serde_json::json!({"bgp": {"holdTime": 2}}),
+            serde_json::json!({"bgp": {"engine": "frr"}}),
+            serde_json::json!({"bgp": {"ipip": {"device": "tun\"; }"}}}),
             serde_json::json!({"bgp": {"asNumber": 0}}),
             serde_json::json!({"bgp": {"asnumber": 65000}}),
             serde_json::json!({"bgp": 179}),
         ] {
-            let Err(e) = routing("bgp", &entry(bad.clone()), own).await else {
+            let Err(e) = routing("bgp", &entry(bad.clone()), own, Path::new("/nonexistent")).await
+            else {
                 panic!("{bad} was accepted");
             };
             assert_eq!(e.code().0, 7, "{bad}: {e}");

@@ -289,15 +289,25 @@ fn assert_all_ok(report: &Value, kind: &str) -> usize {
 /// node leaves (its entries disappear from the others), a node joins (its pods are
 /// reachable), down leaves nothing.
 fn lifecycle(test: &str, tag: &str, mode: &str) {
+    lifecycle_with(test, tag, mode, &[]);
+}
+
+/// [`lifecycle`] with more `up` arguments (`--bgp-engine bird`).
+fn lifecycle_with(test: &str, tag: &str, mode: &str, extra: &[&str]) {
     let Some(bin) = lab_binary(test) else {
         return;
     };
+    let bird = extra.contains(&"bird");
+    // The protocol of the routes the mode installs: BIRD writes its own.
+    let proto = if bird { "bird" } else { "107" };
     let mut lab = Lab::new(bin, tag);
     // Resync and TTL far longer than the wait below: entries that disappear in time were
     // removed by the watch event of the deregistration, not by a resync or an expiry.
-    lab.ok(&[
+    let mut up = vec![
         "up", "--mode", mode, "--nodes", "3", "--pods", "2", "--ttl", "60", "--resync", "60",
-    ]);
+    ];
+    up.extend(extra);
+    lab.ok(&up);
 
     let (report, ok) = lab.check();
     assert_eq!(assert_all_ok(&report, "podToPod"), 30, "3 nodes x 2 pods");
@@ -311,7 +321,12 @@ fn lifecycle(test: &str, tag: &str, mode: &str) {
     println!("{mode}: 30/30 pod pairs, 18/18 node->pod, 18/18 pod->node");
 
     let show = lab.ok(&["show"]);
-    for needle in ["blackhole", "proto 107", "underlay NIC", "-> "] {
+    for needle in [
+        "blackhole",
+        &format!("proto {proto}"),
+        "underlay NIC",
+        "-> ",
+    ] {
         assert!(show.contains(needle), "show lacks {needle:?}:\n{show}");
     }
     if mode != "ebpf" {
@@ -362,14 +377,38 @@ fn lifecycle(test: &str, tag: &str, mode: &str) {
         ] {
             assert!(show.contains(needle), "show lacks {needle:?}:\n{show}");
         }
+        if bird {
+            assert!(
+                show.contains("BIRD's kernel protocol put it here (proto bird)"),
+                "show explains BIRD's routes:\n{show}"
+            );
+        }
         let status = assert_bgp_sessions(&lab, 2);
+        let ipip = extra.contains(&"--ipip-mode");
         assert_eq!(
-            assert_block_routes(&status, |_, _| false),
-            0,
-            "BGP routes nothing through a tunnel"
+            assert_block_routes(&status, proto, |_, _| ipip),
+            if ipip { 6 } else { 0 },
+            "BGP routes through the tunnel with --ipip-mode always, else nothing"
         );
+        if ipip {
+            assert!(
+                show.contains("through the IPIP device: ENCAPSULATED"),
+                "show explains the tunnelled BGP routes:\n{show}"
+            );
+        }
         assert_bgp_listening(&status);
     }
+    let node3_birds = if bird {
+        let ns = node(&lab.status(), "node3")["ns"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let birds = birds_in(&ns);
+        assert_eq!(birds.len(), 1, "one bird in {ns}: {birds:?}");
+        birds
+    } else {
+        Vec::new()
+    };
 
     // node-del node3: its entries must vanish from node1 and node2.
     let before = lab.status();
@@ -442,6 +481,12 @@ fn lifecycle(test: &str, tag: &str, mode: &str) {
     if delay >= 1000 {
         eprintln!("SLOW: {mode}: removal took {delay} ms (target < 1000 ms)");
     }
+    for pid in &node3_birds {
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "node3's bird {pid} outlived node-del"
+        );
+    }
 
     // node-add: node4 joins, its pods reach and are reached by the old ones.
     let added = lab.ok(&["node-add"]);
@@ -478,11 +523,42 @@ fn lifecycle(test: &str, tag: &str, mode: &str) {
         let status = assert_bgp_sessions(&lab, 2);
         assert_bgp_listening(&status);
     }
+    let birds: Vec<(String, u32)> = lab.status()["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|n| {
+            let ns = n["ns"].as_str().unwrap().to_owned();
+            birds_in(&ns).into_iter().map(move |p| (ns.clone(), p))
+        })
+        .collect();
+    assert_eq!(birds.len(), if bird { 3 } else { 0 }, "{birds:?}");
     lab.down_and_verify();
     #[cfg(feature = "ebpf")]
     if mode == "ebpf" {
         ebpf::assert_gone(&lab, &programs);
     }
+    for (ns, pid) in birds {
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "the bird of {ns} ({pid}) outlived down"
+        );
+    }
+}
+
+/// The PIDs of the `bird` processes in namespace `ns`.
+fn birds_in(ns: &str) -> Vec<u32> {
+    let out = Command::new("ip")
+        .args(["netns", "pids", ns])
+        .output()
+        .expect("ip netns pids");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .filter(|p: &u32| {
+            std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "bird")
+        })
+        .collect()
 }
 
 /// What the ebpf lab shows and leaves, read from its own BPF filesystem.
@@ -607,8 +683,8 @@ fn assert_bgp_sessions(lab: &Lab, peers: usize) -> Value {
     }
 }
 
-/// Asserts every node's speaker listens on its underlay address, TCP 179 (`ss -ltn` in
-/// the node's namespace).
+/// Asserts every node's speaker (or BIRD) listens on its underlay address, TCP 179 (`ss
+/// -ltn` in the node's namespace).
 fn assert_bgp_listening(status: &Value) {
     for n in status["nodes"].as_array().expect("nodes") {
         let ns = n["ns"].as_str().unwrap();
@@ -630,23 +706,27 @@ fn assert_bgp_listening(status: &Value) {
 /// underlay subnet. Returns the number of tunnel routes.
 fn assert_ipip_routes(status: &Value) -> usize {
     let cross_subnet = status["ipipMode"] == "crossSubnet";
-    assert_block_routes(status, |me, peer| {
+    assert_block_routes(status, "107", |me, peer| {
         !cross_subnet || peer["subnet"] != me["subnet"]
     })
 }
 
-/// Checks the agents' routes (protocol 107) on every node: one per peer block, via the
-/// peer's underlay address, through `cnikit.ipip` (`onlink`) when `tunnel(me, peer)`, else
-/// through `eth0` without `onlink`; no other route of the agent. Returns the number of
-/// tunnel routes.
-fn assert_block_routes(status: &Value, tunnel: impl Fn(&Value, &Value) -> bool) -> usize {
+/// Checks the mode's routes (protocol `proto`: 107, the agent's; `bird` for BIRD's) on
+/// every node: one per peer block, via the peer's underlay address, through `cnikit.ipip`
+/// (`onlink`) when `tunnel(me, peer)`, else through `eth0` without `onlink`; no other
+/// route of the mode. Returns the number of tunnel routes.
+fn assert_block_routes(
+    status: &Value,
+    proto: &str,
+    tunnel: impl Fn(&Value, &Value) -> bool,
+) -> usize {
     let nodes = status["nodes"].as_array().expect("nodes");
     let mut tunnelled = 0;
     for me in nodes {
         let ns = me["ns"].as_str().unwrap();
         let routes: Vec<Value> = ip_json(ns, &["route", "show"])
             .into_iter()
-            .filter(|r| r["protocol"] == "107")
+            .filter(|r| r["protocol"] == proto)
             .collect();
         let mut expected = 0;
         for peer in nodes.iter().filter(|p| p["name"] != me["name"]) {
@@ -724,6 +804,37 @@ fn vxlan_lifecycle() {
 #[test]
 fn bgp_lifecycle() {
     lifecycle("bgp_lifecycle", "bg", "bgp");
+}
+
+/// BGP through BIRD (`--bgp-engine bird`: each agent supervises a BIRD in its node), 3
+/// nodes x 2 pods: every pair pings over BIRD's routes (`proto bird`); a node that leaves
+/// takes its routes and its BIRD with it; `down` leaves no BIRD and no socket.
+#[test]
+fn bgp_bird_lifecycle() {
+    let test = "bgp_bird_lifecycle";
+    if !testkit::on_path("bird") || !testkit::on_path("birdc") {
+        testkit::skip(test, "needs bird and birdc (Debian package bird2)");
+        return;
+    }
+    lifecycle_with(test, "bb", "bgp", &["--bgp-engine", "bird"]);
+}
+
+/// BGP with IPIP (`--ipip-mode always`: the learned routes go through cnikit.ipip
+/// on-link), the native engine and then BIRD, 3 nodes x 2 pods each; in the VM when this
+/// kernel has no ipip module.
+#[test]
+fn bgp_ipip_lifecycle() {
+    let test = "bgp_ipip_lifecycle";
+    if lab_binary(test).is_none() || !testkit::vm::here_or_in_vm(test, "ipip") {
+        return;
+    }
+    lifecycle_with(test, "bi", "bgp", &["--ipip-mode", "always"]);
+    lifecycle_with(
+        test,
+        "bj",
+        "bgp",
+        &["--ipip-mode", "always", "--bgp-engine", "bird"],
+    );
 }
 
 /// IPIP (mode always), 3 nodes x 2 pods; in the VM when this kernel has no ipip module.

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use cni_core::linux::NetNs;
-use cni_core::linux::kernel::{Desired, Kernel, Netlink, Ownership, Underlay};
+use cni_core::linux::kernel::{Desired, Kernel, Netlink, Ownership, Underlay, remove_owned};
 use cni_core::registry::NodeRecord;
 use cni_core::routing::{CrossNodeRouting, LocalNode, ReconcileReport};
 use ipnet::{IpNet, Ipv4Net};
@@ -18,7 +18,7 @@ use tokio::time::{Duration, Instant};
 
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::speaker::{Neighbor, PeerSummary, Shared, Speaker};
+use crate::speaker::{PeerSummary, Shared, Speaker};
 
 /// The key of a node record's backend data that makes the node a route reflector (its
 /// cluster id).
@@ -28,6 +28,10 @@ pub const ROUTE_REFLECTOR_KEY: &str = "bgpRouteReflector";
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Report {
+    /// The engine that speaks BGP (`native`, or `bird`: then the installed routes are
+    /// `proto bird`).
+    #[serde(default)]
+    pub engine: crate::config::Engine,
     /// The AS of the node.
     pub as_number: u32,
     /// The BGP identifier.
@@ -84,6 +88,8 @@ struct Node {
     underlay: Underlay,
     /// Peers the speaker cannot talk to (not IPv4), with why.
     unusable: BTreeMap<String, String>,
+    /// The IPIP device the learned routes go through (`bgp.ipip`).
+    tunnel: Option<crate::tunnel::Tunnel>,
 }
 
 impl Bgp<Netlink> {
@@ -132,6 +138,7 @@ impl<K: Kernel + 'static> Bgp<K> {
         let running = self.running.as_ref()?;
         let last = self.last.lock().unwrap_or_else(|e| e.into_inner()).clone();
         Some(Report {
+            engine: crate::config::Engine::Native,
             as_number: self.config.as_number,
             router_id: running.speaker.router_id(),
             listen: running.speaker.listen_address().to_string(),
@@ -148,6 +155,10 @@ impl<K: Kernel + 'static> Bgp<K> {
             });
         };
         let underlay = Underlay::resolve(&*self.kernel, local).await?;
+        let tunnel = match &self.config.ipip {
+            Some(ipip) => Some(crate::tunnel::ensure(&*self.kernel, ipip, &underlay, local).await?),
+            None => None,
+        };
         let blocks: Vec<Ipv4Net> = local
             .blocks
             .iter()
@@ -160,6 +171,7 @@ impl<K: Kernel + 'static> Bgp<K> {
             running.node.send_modify(|n| {
                 n.local = local.clone();
                 n.underlay = underlay;
+                n.tunnel = tunnel;
             });
             running.speaker.set_blocks(blocks);
             return Ok(());
@@ -174,6 +186,7 @@ impl<K: Kernel + 'static> Bgp<K> {
             local: local.clone(),
             underlay,
             unusable: BTreeMap::new(),
+            tunnel,
         });
         let install = Arc::new(Mutex::new(()));
         let defer_until = Instant::now()
@@ -205,43 +218,7 @@ impl<K: Kernel + 'static> Bgp<K> {
     async fn reconcile_inner(&mut self, peers: &[NodeRecord]) -> Result<ReconcileReport> {
         let running = self.running.as_ref().ok_or(Error::NotInitialized)?;
         let local_name = running.node.borrow().local.name.clone();
-        let mut wanted = BTreeMap::new();
-        let mut unusable = BTreeMap::new();
-        // Topology: a full mesh until some node is a route reflector; then nodes peer with
-        // the reflectors only, and reflectors with everyone (the others are their clients).
-        let reflector = |p: &NodeRecord| p.backend.contains_key(ROUTE_REFLECTOR_KEY);
-        let others = || peers.iter().filter(|p| p.name != local_name);
-        let local_reflects = self.config.route_reflector_cluster_id.is_some();
-        let mesh = !local_reflects && !others().any(reflector);
-        for peer in others() {
-            if !self.config.node_to_node_mesh || (!mesh && !local_reflects && !reflector(peer)) {
-                continue;
-            }
-            match peer.address {
-                IpAddr::V4(address) => {
-                    let neighbor = Neighbor {
-                        address,
-                        as_number: self.config.as_number,
-                        client: local_reflects && !reflector(peer),
-                    };
-                    wanted.insert(peer.name.clone(), neighbor);
-                }
-                IpAddr::V6(v6) => {
-                    unusable.insert(
-                        peer.name.clone(),
-                        format!("{v6} is IPv6: the speaker peers over IPv4 only"),
-                    );
-                }
-            }
-        }
-        for global in &self.config.global_peers {
-            let neighbor = Neighbor {
-                address: global.address,
-                as_number: global.as_number,
-                client: false,
-            };
-            wanted.insert(global.name(), neighbor);
-        }
+        let (wanted, unusable) = crate::topology::neighbors(&self.config, &local_name, peers);
         running.node.send_modify(|n| n.unusable = unusable);
         // A peer gone from the registry (its lease expired: the node died) loses its
         // session and its routes now, not after a hold time.
@@ -265,9 +242,12 @@ impl<K: Kernel + 'static> Bgp<K> {
             running.installer.abort();
             running.speaker.stop().await;
         }
-        Desired::new()
-            .apply(&*self.kernel, &Ownership::default())
-            .await?;
+        let device = self
+            .config
+            .ipip
+            .as_ref()
+            .map(|i| (i.device.as_str(), "ipip"));
+        remove_owned(&*self.kernel, device).await?;
         Ok(())
     }
 }
@@ -300,7 +280,8 @@ async fn installer<K: Kernel>(
     }
 }
 
-/// Makes the kernel hold exactly the learned routes: `PREFIX via NEXT_HOP dev UNDERLAY`.
+/// Makes the kernel hold exactly the learned routes: `PREFIX via NEXT_HOP dev UNDERLAY`
+/// (with `bgp.ipip`: `dev TUNNEL onlink`).
 ///
 /// Until `defer_until`, a route already in the kernel via a peer that has not sent all its
 /// routes yet stays (RFC 4724's deferral, for a node whose agent restarted: the routes of
@@ -359,8 +340,21 @@ fn desired(node: &Node, peers: &[(String, BTreeMap<Ipv4Net, Ipv4Addr>)]) -> Desi
         }
         for (nh, blocks) in by_next_hop {
             let via = IpAddr::V4(nh);
+            // Through the IPIP device: every next hop, or (crossSubnet) those off the subnet.
+            let tunnel = node
+                .tunnel
+                .filter(|t| !t.cross_subnet || !underlay.on_link(via));
             if via == underlay.address {
                 desired.unroutable(name, format!("next hop {nh} is this node"));
+            } else if let Some(tunnel) = tunnel {
+                let record = NodeRecord {
+                    name: name.clone(),
+                    address: via,
+                    prefix_len: 32,
+                    blocks,
+                    backend: BTreeMap::new(),
+                };
+                desired.blocks(&record, &node.local.blocks, via, tunnel.ifindex, true);
             } else if !underlay.on_link(via) {
                 desired.unroutable(
                     name,
@@ -408,8 +402,18 @@ impl<K: Kernel + 'static> CrossNodeRouting for Bgp<K> {
             .collect()
     }
 
+    /// 20 bytes with `bgp.ipip` (the outer IPv4 header), else 0.
     fn mtu_overhead(&self) -> u32 {
-        0
+        if self.config.ipip.is_some() {
+            crate::tunnel::OVERHEAD
+        } else {
+            0
+        }
+    }
+
+    /// With `bgp.ipip`: the IPIP device needs an address of the node's block.
+    fn needs_tunnel_address(&self) -> bool {
+        self.config.ipip.is_some()
     }
 
     /// Makes the sessions match `peers` (one iBGP session per peer, by address; the
@@ -468,6 +472,7 @@ mod tests {
                 mtu: 1500,
             },
             unusable: BTreeMap::new(),
+            tunnel: None,
         }
     }
 
@@ -488,6 +493,58 @@ mod tests {
             oif: ETH0,
             onlink: false,
         }
+    }
+
+    #[tokio::test]
+    async fn with_ipip_learned_routes_go_through_the_tunnel_on_link() {
+        let k = Recording::new();
+        assert_eq!(
+            k.add_plain_link("eth0", 1500, &["192.168.1.2/24".parse().unwrap()]),
+            ETH0
+        );
+        let tunl = k.add_plain_link("cnikit.ipip", 1480, &[]);
+        let mut node = node();
+        node.tunnel = Some(crate::tunnel::Tunnel {
+            ifindex: tunl,
+            cross_subnet: false,
+        });
+        let peers = [
+            learned("b", &[("10.244.1.0/26", "192.168.1.3")]),
+            learned("c", &[("10.244.3.0/26", "192.168.7.4")]),
+        ];
+        let tunnelled = |dst: &str, via: &str| GatewayRoute {
+            oif: tunl,
+            onlink: true,
+            ..route(dst, via)
+        };
+        desired(&node, &peers)
+            .apply(&k, &Ownership::default())
+            .await
+            .unwrap();
+        assert_eq!(
+            k.routes(),
+            vec![
+                tunnelled("10.244.1.0/26", "192.168.1.3"),
+                tunnelled("10.244.3.0/26", "192.168.7.4"),
+            ]
+        );
+        // crossSubnet: the peer on the subnet gets a plain route.
+        node.tunnel = Some(crate::tunnel::Tunnel {
+            ifindex: tunl,
+            cross_subnet: true,
+        });
+        let report = desired(&node, &peers)
+            .apply(&k, &Ownership::default())
+            .await
+            .unwrap();
+        assert!(report.unroutable.is_empty(), "{report:?}");
+        assert_eq!(
+            k.routes(),
+            vec![
+                route("10.244.1.0/26", "192.168.1.3"),
+                tunnelled("10.244.3.0/26", "192.168.7.4"),
+            ]
+        );
     }
 
     #[tokio::test]

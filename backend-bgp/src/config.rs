@@ -63,6 +63,58 @@ pub struct Config {
     /// [`global_peers`](Config::global_peers) in the nodes' AS, do it. Default true.
     #[serde(default = "default_true")]
     pub node_to_node_mesh: bool,
+    /// `engine`: which BGP speaker runs: `native` (in the agent, the default) or `bird`
+    /// (BIRD 2 as a supervised child process).
+    #[serde(default)]
+    pub engine: Engine,
+    /// `bird`: where and how the `bird` engine runs BIRD.
+    #[serde(default)]
+    pub bird: BirdConfig,
+    /// `ipip`: the mode makes this IPIP device (as the `ipip` mode does) and installs the
+    /// learned routes through it, on-link: Calico's IPIP with BGP.
+    #[serde(default)]
+    pub ipip: Option<IpipConfig>,
+}
+
+/// The speaker that runs BGP.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Engine {
+    /// The in-process speaker ([`Speaker`](crate::Speaker)).
+    #[default]
+    Native,
+    /// BIRD 2, run as a supervised child process with a rendered configuration
+    /// ([`Bird`](crate::Bird)).
+    Bird,
+}
+
+/// The `bird` engine's keys: `{"runDir": "/run/cnikit/bird", "binary": "bird", "birdc":
+/// "birdc"}`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BirdConfig {
+    /// `runDir`: where `bird.conf`, the control socket `bird.ctl` and `bird.pid` live (one
+    /// directory per node). Default: the agent's data directory's `bird/`.
+    #[serde(default)]
+    pub run_dir: Option<std::path::PathBuf>,
+    /// `binary`: the `bird` executable. Default `bird` (on `PATH`).
+    #[serde(default)]
+    pub binary: Option<std::path::PathBuf>,
+    /// `birdc`: the `birdc` executable. Default `birdc` (on `PATH`).
+    #[serde(default)]
+    pub birdc: Option<std::path::PathBuf>,
+}
+
+/// Learned routes through an IPIP device: `{"device": "cnikit.ipip", "crossSubnet": false}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IpipConfig {
+    /// `device`: the IPIP device's name.
+    pub device: String,
+    /// `crossSubnet`: encapsulate only towards next hops outside the node's subnet (the
+    /// others get plain routes). Default false: always.
+    #[serde(default)]
+    pub cross_subnet: bool,
 }
 
 /// A router every node peers with: `{"address": "192.168.1.1", "asNumber": 65000}`.
@@ -120,6 +172,9 @@ impl Default for Config {
             global_peers: Vec::new(),
             route_reflector_cluster_id: None,
             node_to_node_mesh: true,
+            engine: Engine::Native,
+            bird: BirdConfig::default(),
+            ipip: None,
         }
     }
 }
@@ -160,6 +215,15 @@ impl Config {
         if self.connect_retry == 0 {
             return bad("bgp.connectRetry", "must be at least 1 second".into());
         }
+        if let Some(ipip) = &self.ipip {
+            let ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_');
+            if ipip.device.is_empty() || ipip.device.len() > 15 || !ipip.device.chars().all(ok) {
+                return bad(
+                    "bgp.ipip.device",
+                    format!("{:?} is no interface name", ipip.device),
+                );
+            }
+        }
         Ok(())
     }
 }
@@ -183,6 +247,15 @@ mod tests {
         c.validate().unwrap();
         assert_eq!((c.as_number, c.port, c.hold_time), (65001, 1179, 9));
         assert!(serde_json::from_str::<Config>(r#"{"asnumber": 1}"#).is_err());
+        let c: Config = serde_json::from_str(
+            r#"{"engine": "bird", "bird": {"runDir": "/run/x"},
+                "ipip": {"device": "tunl0", "crossSubnet": true}}"#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.engine, Engine::Bird);
+        assert_eq!(c.bird.run_dir.as_deref(), Some("/run/x".as_ref()));
+        assert!(serde_json::from_str::<Config>(r#"{"engine": "frr"}"#).is_err());
     }
 
     #[test]
@@ -210,6 +283,14 @@ mod tests {
             },
             Config {
                 restart_time: 4096,
+                ..Config::default()
+            },
+            Config {
+                engine: Engine::Bird,
+                ipip: Some(IpipConfig {
+                    device: "tun\"; }".into(),
+                    cross_subnet: false,
+                }),
                 ..Config::default()
             },
             Config {

@@ -37,6 +37,23 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// BIRD could not be started, or its files written.
+    #[error("bird engine: {what}")]
+    Bird {
+        /// What failed (which file or command).
+        what: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// BIRD refused its configuration, or did not answer on its control socket.
+    #[error("bird engine: {what}: {output}")]
+    BirdSaid {
+        /// What was asked.
+        what: &'static str,
+        /// What `birdc` printed.
+        output: String,
+    },
     /// The node description is wrong or the kernel failed.
     #[error(transparent)]
     Core(#[from] cni_core::Error),
@@ -44,12 +61,13 @@ pub enum Error {
 
 impl Error {
     /// The CNI error code: 50 before init, 7 for a bad configuration or node address, 101
-    /// when the listening socket cannot be opened, else the code of the cause.
+    /// when the listening socket cannot be opened or BIRD fails, else the code of the
+    /// cause.
     pub fn code(&self) -> ErrorCode {
         match self {
             Error::NotInitialized => ErrorCode::NOT_AVAILABLE,
             Error::Config { .. } | Error::NotIpv4 { .. } => ErrorCode::INVALID_CONFIG,
-            Error::Listen { .. } => ErrorCode::KERNEL,
+            Error::Listen { .. } | Error::Bird { .. } | Error::BirdSaid { .. } => ErrorCode::KERNEL,
             Error::Core(e) => e.code(),
         }
     }

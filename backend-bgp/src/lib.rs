@@ -11,7 +11,14 @@
 //! `routeReflectorClusterId` becomes a route reflector (RFC 4456), publishes it in its
 //! node record ([`ROUTE_REFLECTOR_KEY`]), peers with every node and reflects their routes
 //! (ORIGINATOR_ID, CLUSTER_LIST, reflected loops dropped); the other nodes then peer with
-//! the reflectors only. The BIRD engine is not here yet.
+//! the reflectors only.
+//!
+//! Two engines speak BGP for the same desired state (`"engine"`): `native`, the speaker
+//! inside the agent (the default, [`Bgp`]), and `bird`, BIRD 2 as a supervised child
+//! process with a rendered configuration, as Calico runs it ([`Bird`]). With
+//! [`Config::ipip`] either makes an IPIP device (as the `ipip` mode does) and installs the
+//! learned routes through it, `BLOCK via PEER dev DEVICE onlink` (crossSubnet: only for
+//! next hops outside the node's subnet).
 //!
 //! ## Modules
 //! - [`Bgp`]: the [`CrossNodeRouting`](cni_core::routing::CrossNodeRouting)
@@ -22,6 +29,12 @@
 //!   NEXT_HOP and LOCAL_PREF, End-of-RIB, KEEPALIVE, NOTIFICATION, ROUTE-REFRESH answered,
 //!   malformed UPDATEs handled as RFC 7606 says), connection
 //!   collisions resolved by BGP identifier (RFC 4271 §6.8), [`PeerSummary`] per peer.
+//! - [`Bird`]: the `bird` engine: `bird.conf` rendered from the same desired state (router
+//!   id, AS, one `protocol bgp` per peer with the route-reflector roles, the node's blocks
+//!   as the export filter, a kernel protocol installing what BGP learned, through the IPIP
+//!   device on-link when [`Config::ipip`] is set), BIRD supervised (started again when it
+//!   dies), reloaded with `birdc configure` when peers change, read back through `birdc
+//!   show protocols all` into the same [`Report`].
 //! - [`Config`]: the `"bgp"` keys. [`Error`]: what can go wrong, with its CNI code.
 //!
 //! ## Quick start
@@ -61,22 +74,29 @@
 //! `teardown` withdraws the node's blocks before its Cease, so no peer keeps them.
 //!
 //! ## What it owns
-//! The routes with protocol [`ROUTE_PROTOCOL`](cni_core::linux::kernel::ROUTE_PROTOCOL)
-//! in the main table (installed as they are learned), the listening socket and the
-//! sessions. The blackhole route of the node's own blocks is the node agent's.
+//! The routes with protocol [`ROUTE_PROTOCOL`](cni_core::linux::kernel::ROUTE_PROTOCOL) in
+//! the main table (installed as they are learned), the listening socket and the sessions,
+//! and with [`Config::ipip`] the IPIP device. The blackhole route of the node's own blocks
+//! is the node agent's. The `bird` engine owns BIRD's process and files in its run
+//! directory, and the routes BIRD writes: `proto bird` (12), since BIRD 2 marks its routes
+//! with its own number and no other.
 #![warn(missing_docs)]
 
 mod backend;
+pub mod bird;
 mod config;
 mod connection;
 mod error;
 mod peer;
 mod speaker;
+mod topology;
+mod tunnel;
 
 pub use backend::{Bgp, ROUTE_REFLECTOR_KEY, Report};
+pub use bird::Bird;
 pub use config::{
-    Config, DEFAULT_AS, DEFAULT_CONNECT_RETRY, DEFAULT_HOLD_TIME, DEFAULT_PORT,
-    DEFAULT_RESTART_TIME, GlobalPeer,
+    BirdConfig, Config, DEFAULT_AS, DEFAULT_CONNECT_RETRY, DEFAULT_HOLD_TIME, DEFAULT_PORT,
+    DEFAULT_RESTART_TIME, Engine, GlobalPeer, IpipConfig,
 };
 pub use error::{Error, Result};
 pub use speaker::{Neighbor, PeerSummary, Speaker};

@@ -699,3 +699,431 @@ async fn a_gobgpd_route_reflector_serves_three_of_ours() {
         bgp.teardown().await.unwrap();
     }
 }
+
+/// The `bird` engine on node a, the native speaker on node b, gobgpd on node g: a full
+/// mesh, every block in every kernel; a peer removed is reconfigured away without a BIRD
+/// restart; a killed BIRD is started again and its routes come back; teardown leaves no
+/// process, socket or route.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bird_engine_meshes_with_the_native_speaker_and_gobgpd() {
+    if !tools(
+        "bgp bird engine",
+        &[
+            ("bird", "bird2"),
+            ("birdc", "bird2"),
+            ("gobgpd", "gobgpd"),
+            ("gobgp", "gobgpd"),
+        ],
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let net = Net::new("bgpe");
+    let (a_cidr, b_cidr, g_ip) = ("192.168.81.11/24", "192.168.81.12/24", "192.168.81.13");
+    let a_ns = net.node("a", a_cidr);
+    let b_ns = net.node("b", b_cidr);
+    let g_ns = net.node("g", &format!("{g_ip}/24"));
+    let toml = gobgp_conf(
+        64512,
+        g_ip,
+        &[("192.168.81.11", false), ("192.168.81.12", false)],
+    );
+    let gobgpd = gobgpd(&g_ns, dir.path(), &toml, "10.244.30.0/26", Some(g_ip)).await;
+
+    let records = [
+        record("a", "192.168.81.11"),
+        record("b", "192.168.81.12"),
+        record("g", g_ip),
+    ];
+    let run_dir = dir.path().join("a-bird");
+    let mut a = backend_bgp::Bird::open(
+        Config {
+            engine: backend_bgp::Engine::Bird,
+            ..config(179)
+        },
+        &testkit::netns_path(&a_ns),
+        &run_dir,
+    )
+    .await
+    .expect("open the bird engine");
+    a.init(&local("a", a_cidr, &["10.244.1.0/26"]))
+        .await
+        .expect("bird starts");
+    let pid = a.pid().expect("bird runs");
+    let report = a.reconcile(&records).await.expect("reconcile");
+    assert_eq!(report.writes, 1, "two sessions added: {report:?}");
+    assert_eq!(
+        a.reconcile(&records).await.unwrap().writes,
+        0,
+        "nothing changed, nothing reloaded"
+    );
+    let mut b = speaker(&b_ns, config(179), &local("b", b_cidr, &["10.244.2.0/26"])).await;
+    b.reconcile(&records).await.unwrap();
+
+    // Every block in every kernel: bird's are `proto bird`, the native speaker's 107.
+    let a_routes = [
+        r("10.244.2.0/26", "192.168.81.12"),
+        r("10.244.30.0/26", g_ip),
+    ];
+    wait_routes(&a_ns, "bird", SECS, |now| now == a_routes).await;
+    wait_routes(&b_ns, "107", SECS, |now| {
+        now == [
+            r("10.244.1.0/26", "192.168.81.11"),
+            r("10.244.30.0/26", g_ip),
+        ]
+    })
+    .await;
+    let rib = gobgp(&["global", "rib", "-a", "ipv4"]);
+    wait_output(&g_ns, &rib, SECS, |o| {
+        o.lines()
+            .any(|l| l.contains("10.244.1.0/26") && l.contains("192.168.81.11"))
+            && o.contains("10.244.2.0/26")
+    })
+    .await;
+    assert!(established(&b, "a"), "{:?}", b.summary());
+    wait_for("bird reports both sessions established", SECS, || {
+        let s = a.summary();
+        s.len() == 2 && s.iter().all(|p| p.state == "established")
+    })
+    .await;
+    let report = a.refresh().await.expect("report");
+    let bp = report.peers.iter().find(|p| p.name == "b").unwrap();
+    assert_eq!(bp.address, Some("192.168.81.12".parse().unwrap()));
+    assert_eq!((bp.prefixes_sent, bp.prefixes_received), (1, 1), "{bp:?}");
+    assert_eq!(bp.hold_time, Some(9));
+    assert!(bp.established_at.is_some());
+    assert_eq!(
+        report.installed["b"],
+        ["10.244.2.0/26 via 192.168.81.12".to_owned()]
+    );
+    assert_eq!(
+        report.installed["g"],
+        [format!("10.244.30.0/26 via {g_ip}")]
+    );
+    assert_eq!(a.report().unwrap()["routerId"], "192.168.81.11");
+    assert!(
+        std::fs::read_to_string(run_dir.join("bird.conf"))
+            .unwrap()
+            .contains("protocol bgp peer_g from cnikit_peer")
+    );
+
+    // g leaves the registry: reconfigured, not restarted; its route goes from a.
+    let report = a.reconcile(&records[..2]).await.unwrap();
+    assert_eq!(report.writes, 1);
+    assert_eq!(a.pid(), Some(pid), "a peer change never restarts bird");
+    wait_routes(&a_ns, "bird", SECS, |now| {
+        now == [r("10.244.2.0/26", "192.168.81.12")]
+    })
+    .await;
+    wait_for("g's session gone from the report", SECS, || {
+        a.summary().iter().all(|p| p.name != "g")
+    })
+    .await;
+    assert_eq!(a.restarts(), 0);
+    drop(gobgpd);
+
+    // bird dies: it is started again, and its routes are back.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill bird");
+    let killed_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    wait_for("bird started again", SECS, || {
+        a.restarts() == 1 && a.pid().is_some_and(|p| p != pid)
+    })
+    .await;
+    // The dead BIRD's route stays in the kernel (graceful restart): take it away, so that
+    // only the new BIRD, once it has relearned it, can put it back.
+    testkit::ip(&a_ns, &["route", "del", "10.244.2.0/26", "proto", "bird"]);
+    wait_routes(&a_ns, "bird", SECS, |now| {
+        now == [r("10.244.2.0/26", "192.168.81.12")]
+    })
+    .await;
+    let deadline = Instant::now() + SECS;
+    loop {
+        let report = a.refresh().await.expect("report");
+        let again = report.peers.iter().any(|p| {
+            p.name == "b"
+                && p.state == "established"
+                && p.established_at.is_some_and(|t| t >= killed_at)
+                && p.prefixes_received == 1
+        });
+        if again {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no new session to b: {report:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wait_for("the session to b back up", SECS, || established(&b, "a")).await;
+    wait_routes(&b_ns, "107", SECS, |now| {
+        now == [r("10.244.1.0/26", "192.168.81.11")]
+    })
+    .await;
+
+    // teardown: no bird, no socket, no route; b loses a's block at once (Cease).
+    let last = a.pid().unwrap();
+    a.teardown().await.unwrap();
+    assert!(!std::path::Path::new(&format!("/proc/{last}")).exists());
+    assert!(!run_dir.join("bird.ctl").exists());
+    assert!(!run_dir.join("bird.pid").exists());
+    assert_eq!(routes(&a_ns, "bird"), vec![]);
+    wait_routes(&b_ns, "107", SECS, |now| now.is_empty()).await;
+    a.teardown().await.expect("teardown again");
+    b.teardown().await.unwrap();
+}
+
+/// The `bird` engine as a route reflector (RFC 4456) for two native speakers: they peer
+/// with it only and learn each other's block through it, with the originator's next hop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bird_engine_reflects_for_native_clients() {
+    if !tools(
+        "bgp bird engine route reflector",
+        &[("bird", "bird2"), ("birdc", "bird2")],
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let net = Net::new("bgpbr");
+    let rr_ns = net.node("rr", "192.168.82.1/24");
+    let mut rr_record = record("rr", "192.168.82.1");
+    rr_record
+        .backend
+        .insert(backend_bgp::ROUTE_REFLECTOR_KEY.into(), "10.0.0.7".into());
+    let nodes = [
+        ("c1", "192.168.82.11/24", "10.244.1.0/26"),
+        ("c2", "192.168.82.12/24", "10.244.2.0/26"),
+    ];
+    let mut records = vec![rr_record];
+    records.extend(
+        nodes
+            .iter()
+            .map(|(n, cidr, _)| record(n, &addr(cidr).to_string())),
+    );
+    let mut rr = backend_bgp::Bird::open(
+        Config {
+            engine: backend_bgp::Engine::Bird,
+            route_reflector_cluster_id: Some("10.0.0.7".parse().unwrap()),
+            ..config(179)
+        },
+        &testkit::netns_path(&rr_ns),
+        &dir.path().join("rr"),
+    )
+    .await
+    .expect("open");
+    rr.init(&local("rr", "192.168.82.1/24", &["10.244.9.0/26"]))
+        .await
+        .expect("bird starts");
+    rr.reconcile(&records).await.unwrap();
+    let conf = std::fs::read_to_string(dir.path().join("rr/bird.conf")).unwrap();
+    assert_eq!(conf.matches("rr client;").count(), 2, "{conf}");
+
+    let mut clients = Vec::new();
+    let mut namespaces = Vec::new();
+    for (name, cidr, block) in nodes {
+        let ns = net.node(name, cidr);
+        let mut bgp = speaker(&ns, config(179), &local(name, cidr, &[block])).await;
+        bgp.reconcile(&records).await.unwrap();
+        clients.push(bgp);
+        namespaces.push(ns);
+    }
+    wait_routes(&namespaces[0], "107", SECS, |now| {
+        now == [
+            r("10.244.2.0/26", "192.168.82.12"),
+            r("10.244.9.0/26", "192.168.82.1"),
+        ]
+    })
+    .await;
+    wait_routes(&namespaces[1], "107", SECS, |now| {
+        now == [
+            r("10.244.1.0/26", "192.168.82.11"),
+            r("10.244.9.0/26", "192.168.82.1"),
+        ]
+    })
+    .await;
+    wait_routes(&rr_ns, "bird", SECS, |now| {
+        now == [
+            r("10.244.1.0/26", "192.168.82.11"),
+            r("10.244.2.0/26", "192.168.82.12"),
+        ]
+    })
+    .await;
+    for c in &clients {
+        let summary = c.summary();
+        assert_eq!(summary.len(), 1, "clients peer with the reflector only");
+        assert_eq!(summary[0].name, "rr");
+        assert_eq!(summary[0].prefixes_received, 2, "{summary:?}");
+    }
+    let report = rr.refresh().await.unwrap();
+    for p in &report.peers {
+        assert_eq!(
+            (p.state.as_str(), p.prefixes_sent, p.prefixes_received),
+            ("established", 2, 1),
+            "{p:?}"
+        );
+    }
+    for c in &mut clients {
+        c.teardown().await.unwrap();
+    }
+    rr.teardown().await.unwrap();
+}
+
+/// `bgp.ipip` with the bird engine beside a native speaker: BIRD's kernel protocol puts
+/// the learned block through the IPIP device on-link (`proto bird`), the native speaker
+/// through its own; the tunnel addresses ping each other. In the VM when this kernel has
+/// no ipip.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bird_engine_routes_through_ipip() {
+    let test = "the_bird_engine_routes_through_ipip";
+    if !tools(test, &[("bird", "bird2"), ("birdc", "bird2")])
+        || !testkit::vm::here_or_in_vm(test, "ipip")
+    {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let net = Net::new("bgpbi");
+    let ipip = Some(backend_bgp::IpipConfig {
+        device: "cnikit.ipip".into(),
+        cross_subnet: false,
+    });
+    let (a_cidr, b_cidr) = ("192.168.84.11/24", "192.168.84.12/24");
+    let a_ns = net.node("a", a_cidr);
+    let b_ns = net.node("b", b_cidr);
+    let records = [record("a", "192.168.84.11"), record("b", "192.168.84.12")];
+    let mut a_local = local("a", a_cidr, &["10.244.1.0/26"]);
+    a_local.tunnel_address = Some("10.244.1.1".parse().unwrap());
+    let mut b_local = local("b", b_cidr, &["10.244.2.0/26"]);
+    b_local.tunnel_address = Some("10.244.2.1".parse().unwrap());
+    let mut a = backend_bgp::Bird::open(
+        Config {
+            engine: backend_bgp::Engine::Bird,
+            ipip: ipip.clone(),
+            ..config(179)
+        },
+        &testkit::netns_path(&a_ns),
+        &dir.path().join("a"),
+    )
+    .await
+    .expect("open");
+    a.init(&a_local).await.expect("bird starts");
+    a.reconcile(&records).await.unwrap();
+    let mut b = speaker(
+        &b_ns,
+        Config {
+            ipip,
+            ..config(179)
+        },
+        &b_local,
+    )
+    .await;
+    b.reconcile(&records).await.unwrap();
+    wait_routes(&a_ns, "bird", SECS, |now| {
+        now == [r("10.244.2.0/26", "192.168.84.12")]
+    })
+    .await;
+    wait_routes(&b_ns, "107", SECS, |now| {
+        now == [r("10.244.1.0/26", "192.168.84.11")]
+    })
+    .await;
+    for (ns, proto) in [(&a_ns, "bird"), (&b_ns, "107")] {
+        let route = &testkit::ip_json(ns, &["route", "show", "proto", proto])[0];
+        assert_eq!(route["dev"], "cnikit.ipip", "{route}");
+        assert!(
+            route["flags"]
+                .as_array()
+                .is_some_and(|f| f.iter().any(|x| x == "onlink")),
+            "{route}"
+        );
+    }
+    let ping = try_in(
+        &a_ns,
+        &["ping", "-c1", "-W2", "-I", "10.244.1.1", "10.244.2.1"].map(String::from),
+    );
+    assert!(
+        ping.is_some(),
+        "a's tunnel address reaches b's through the tunnel"
+    );
+    a.teardown().await.unwrap();
+    assert!(
+        testkit::ip_json(&a_ns, &["link", "show"])
+            .iter()
+            .all(|l| l["ifname"] != "cnikit.ipip"),
+        "the device is gone"
+    );
+    b.teardown().await.unwrap();
+}
+
+/// The agent restarts without a teardown (`keepOnExit`): the dropped bird engine kills its
+/// BIRD as a crash, the next run's BIRD starts in graceful-restart recovery on the previous
+/// configuration; the routes stay in both kernels the whole time, and the session comes
+/// back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bird_engine_restarts_gracefully() {
+    if !tools(
+        "bgp bird engine graceful restart",
+        &[("bird", "bird2"), ("birdc", "bird2")],
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let net = Net::new("bgpbg");
+    let (a_cidr, b_cidr) = ("192.168.85.11/24", "192.168.85.12/24");
+    let a_ns = net.node("a", a_cidr);
+    let b_ns = net.node("b", b_cidr);
+    let records = [record("a", "192.168.85.11"), record("b", "192.168.85.12")];
+    let a_local = local("a", a_cidr, &["10.244.1.0/26"]);
+    let run_dir = dir.path().join("a");
+    let open = || async {
+        let mut a = backend_bgp::Bird::open(
+            Config {
+                engine: backend_bgp::Engine::Bird,
+                ..config(179)
+            },
+            &testkit::netns_path(&a_ns),
+            &run_dir,
+        )
+        .await
+        .expect("open");
+        a.init(&a_local).await.expect("bird starts");
+        a
+    };
+    let mut a = open().await;
+    a.reconcile(&records).await.unwrap();
+    let mut b = speaker(&b_ns, config(179), &local("b", b_cidr, &["10.244.2.0/26"])).await;
+    b.reconcile(&records).await.unwrap();
+    let in_a = [r("10.244.2.0/26", "192.168.85.12")];
+    let in_b = [r("10.244.1.0/26", "192.168.85.11")];
+    wait_routes(&a_ns, "bird", SECS, |now| now == in_a).await;
+    wait_routes(&b_ns, "107", SECS, |now| now == in_b).await;
+    let old = a.pid().unwrap();
+    let restarted = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    drop(a);
+    let mut a = open().await;
+    assert_ne!(a.pid(), Some(old));
+    assert_eq!(routes(&a_ns, "bird"), in_a, "a keeps b's block at start");
+    a.reconcile(&records).await.unwrap();
+    let deadline = Instant::now() + SECS;
+    loop {
+        assert_eq!(routes(&a_ns, "bird"), in_a, "a keeps b's block");
+        assert_eq!(routes(&b_ns, "107"), in_b, "b keeps a's block");
+        let back = a.refresh().await.unwrap().peers.iter().any(|p| {
+            p.name == "b"
+                && p.state == "established"
+                && p.established_at.is_some_and(|t| t >= restarted)
+                && p.prefixes_received == 1
+        });
+        if back {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the session never came back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    a.teardown().await.unwrap();
+    b.teardown().await.unwrap();
+}

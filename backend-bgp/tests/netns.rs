@@ -373,3 +373,77 @@ async fn nodes_peer_with_the_route_reflector_only_and_learn_every_block() {
         s.teardown().await.unwrap();
     }
 }
+
+/// `bgp.ipip` on the native speaker: the mode makes the IPIP device and the learned routes
+/// go through it on-link (`BLOCK via PEER dev cnikit.ipip onlink proto 107`); the tunnel
+/// addresses ping each other through it; teardown removes device and routes. In the VM
+/// when this kernel has no ipip.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_ipip_learned_routes_go_through_the_tunnel() {
+    let test = "with_ipip_learned_routes_go_through_the_tunnel";
+    if !root(test) || !testkit::vm::here_or_in_vm(test, "ipip") {
+        return;
+    }
+    let net = Net::new("bgpi");
+    let config = backend_bgp::Config {
+        ipip: Some(backend_bgp::IpipConfig {
+            device: "cnikit.ipip".into(),
+            cross_subnet: false,
+        }),
+        ..config(10179)
+    };
+    let nodes = [
+        ("a", "192.168.83.11/24", "10.244.1.0/26", "10.244.1.1"),
+        ("b", "192.168.83.12/24", "10.244.2.0/26", "10.244.2.1"),
+    ];
+    let records: Vec<_> = nodes
+        .iter()
+        .map(|(n, cidr, _, _)| record(n, &addr(cidr).to_string()))
+        .collect();
+    let mut speakers = Vec::new();
+    let mut namespaces = Vec::new();
+    for (name, cidr, block, tunnel) in nodes {
+        let ns = net.node(name, cidr);
+        let mut local = local(name, cidr, &[block]);
+        local.tunnel_address = Some(tunnel.parse().unwrap());
+        let mut bgp = speaker(&ns, config.clone(), &local).await;
+        assert_eq!(bgp.mtu_overhead(), 20);
+        assert!(bgp.needs_tunnel_address());
+        bgp.reconcile(&records).await.expect("reconcile");
+        speakers.push(bgp);
+        namespaces.push(ns);
+    }
+    for (i, ns) in namespaces.iter().enumerate() {
+        let (_, peer_cidr, peer_block, _) = nodes[1 - i];
+        let via = addr(peer_cidr).to_string();
+        wait_routes(ns, "107", SECS, |now| now == [r(peer_block, &via)]).await;
+        let route = &testkit::ip_json(ns, &["route", "show", "proto", "107"])[0];
+        assert_eq!(route["dev"], "cnikit.ipip", "{route}");
+        assert!(
+            route["flags"]
+                .as_array()
+                .is_some_and(|f| f.iter().any(|x| x == "onlink")),
+            "{route}"
+        );
+    }
+    let ping = std::process::Command::new("ip")
+        .args(["netns", "exec", &namespaces[0]])
+        .args(["ping", "-c1", "-W2", "-I", "10.244.1.1", "10.244.2.1"])
+        .output()
+        .expect("ping");
+    assert!(
+        ping.status.success(),
+        "a's tunnel address reaches b's through the tunnel: {}",
+        String::from_utf8_lossy(&ping.stdout)
+    );
+    for (bgp, ns) in speakers.iter_mut().zip(&namespaces) {
+        bgp.teardown().await.expect("teardown");
+        assert!(routes(ns, "107").is_empty());
+        assert!(
+            testkit::ip_json(ns, &["link", "show"])
+                .iter()
+                .all(|l| l["ifname"] != "cnikit.ipip"),
+            "the device is gone from {ns}"
+        );
+    }
+}

@@ -9,7 +9,7 @@ use cni_core::linux::kernel::{IpipParams, LinkKind, LinkSpec};
 /// The device `name` over the underlay `underlay` with address `local`: no `remote` (the
 /// route's gateway is the outer destination), the inner packet's TTL, don't-fragment on
 /// the outer packets. No MAC: an IPIP device's link-layer address is its `local`.
-pub(crate) fn spec(name: &str, mtu: u32, local: Ipv4Addr, underlay: u32) -> LinkSpec {
+pub fn spec(name: &str, mtu: u32, local: Ipv4Addr, underlay: u32) -> LinkSpec {
     LinkSpec {
         name: name.to_owned(),
         mtu,

@@ -86,6 +86,7 @@ mod error;
 
 pub use backend::Ipip;
 pub use config::{Config, DEFAULT_DEVICE, FALLBACK_DEVICE, Mode};
+pub use device::spec as device_spec;
 pub use error::{Error, Result};
 
 /// The mode name and configuration `type`.

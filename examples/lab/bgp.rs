@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use cnikit::bgp::{PeerSummary, Report};
+use cnikit::bgp::{Engine, PeerSummary, Report};
 use cnikit::core::state::NodeState;
 
 /// The BGP report in a node state, if the node runs the `bgp` mode and its speaker is up.
@@ -33,7 +33,11 @@ pub fn session_line(p: &PeerSummary) -> String {
 }
 
 /// What a session means for this node.
-pub fn session_why(p: &PeerSummary, local_as: u32, connect_retry: u16) -> String {
+pub fn session_why(p: &PeerSummary, engine: Engine, local_as: u32, connect_retry: u16) -> String {
+    let (proto, speaker) = match engine {
+        Engine::Bird => ("bird", "BIRD"),
+        _ => ("107", "the speaker"),
+    };
     let kind = if p.as_number == local_as {
         "iBGP (same AS; full mesh, so every node has a session with every other)"
     } else {
@@ -42,8 +46,8 @@ pub fn session_why(p: &PeerSummary, local_as: u32, connect_retry: u16) -> String
     if p.state == "established" {
         return format!(
             "{kind}: this node told {} about its {} block(s) and heard of {} of {}'s; each \
-             block heard is a route below `BLOCK via {} dev eth0 proto 107`, there as long as \
-             this session is",
+             block heard is a route below `BLOCK via {} dev eth0 proto {proto}`, there as \
+             long as this session is",
             p.name,
             p.prefixes_sent,
             p.prefixes_received,
@@ -54,7 +58,7 @@ pub fn session_why(p: &PeerSummary, local_as: u32, connect_retry: u16) -> String
         );
     }
     format!(
-        "{kind}, NOT established (state {}): no route to {}'s pods until it is; the speaker \
+        "{kind}, NOT established (state {}): no route to {}'s pods until it is; {speaker} \
          tries again every {connect_retry} s{}",
         p.state,
         p.name,
@@ -114,10 +118,14 @@ mod tests {
             line.ends_with(", hold 90 s, prefixes sent 1 received 2"),
             "{line}"
         );
-        let why = session_why(&peer("established"), 64512, 1);
+        let why = session_why(&peer("established"), Engine::Native, 64512, 1);
         assert!(why.starts_with("iBGP"), "{why}");
         assert!(why.contains("via 172.30.1.12 dev eth0 proto 107"), "{why}");
-        let down = session_why(&peer("active"), 64512, 1);
+        let why = session_why(&peer("established"), Engine::Bird, 64512, 1);
+        assert!(why.contains("via 172.30.1.12 dev eth0 proto bird"), "{why}");
+        let down = session_why(&peer("active"), Engine::Bird, 64512, 1);
+        assert!(down.contains("BIRD tries again every 1 s"), "{down}");
+        let down = session_why(&peer("active"), Engine::Native, 64512, 1);
         assert!(down.contains("NOT established (state active)"), "{down}");
         assert!(down.contains("last error: connection refused"), "{down}");
         assert!(!session_line(&peer("active")).contains(" for "));
@@ -133,6 +141,7 @@ mod tests {
     #[test]
     fn a_route_is_traced_to_its_peer() {
         let report = Report {
+            engine: Default::default(),
             as_number: 64512,
             router_id: "172.30.1.11".parse().unwrap(),
             listen: "172.30.1.11:179".into(),

@@ -105,6 +105,9 @@ async fn teardown_lab(lab: &Lab, problems: &mut Vec<String>) {
             Err(e) => problems.push(format!("stopping the agent of {node}: {e:#}")),
         }
     }
+    for node in &lab.nodes {
+        bird_left(&node.name, &node.data_dir().join("bird"), problems);
+    }
     let etcd_alive = lab
         .etcd
         .as_ref()
@@ -157,5 +160,29 @@ async fn teardown_lab(lab: &Lab, problems: &mut Vec<String>) {
             Ok(procs::Stopped::Killed) => println!("etcd (pid {}) killed", proc.pid),
             Err(e) => problems.push(format!("stopping etcd: {e:#}")),
         }
+    }
+}
+
+/// With the `bird` engine an agent's teardown ends its BIRD and removes its socket: one
+/// still running (its agent was killed) is a problem, and is ended by the PID it wrote.
+fn bird_left(node: &str, dir: &Path, problems: &mut Vec<String>) {
+    let pid = std::fs::read_to_string(dir.join("bird.pid"))
+        .ok()
+        .and_then(|p| p.trim().parse::<i32>().ok());
+    if let Some(pid) = pid {
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if comm.trim() == "bird" {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            problems.push(format!(
+                "bird of {node} (pid {pid}) outlived its agent: killed"
+            ));
+        }
+    }
+    let socket = dir.join("bird.ctl");
+    if socket.exists() {
+        problems.push(format!("bird's socket {} left", socket.display()));
     }
 }

@@ -110,6 +110,15 @@ enum Cmd {
     Down,
 }
 
+/// The `--bgp-engine` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BgpEngine {
+    /// The agent's own speaker.
+    Native,
+    /// BIRD 2, supervised by the agent.
+    Bird,
+}
+
 #[derive(Args, Clone)]
 pub struct UpArgs {
     /// Routing mode, the conflist's `routing` (host-gw, vxlan, ipip, bgp, ebpf).
@@ -139,6 +148,10 @@ pub struct UpArgs {
     /// `cross-subnet` with `--direct-routing`.
     #[arg(long, value_parser = state::ipip_mode_parser())]
     pub ipip_mode: Option<cnikit::ipip::Mode>,
+    /// BGP engine (`--mode bgp` only): `native`, the agent's own speaker (default), or
+    /// `bird`, BIRD 2 as the agent's supervised child.
+    #[arg(long, value_enum)]
+    pub bgp_engine: Option<BgpEngine>,
     /// Agent: lifetime of a node record without refresh, seconds.
     #[arg(long, default_value_t = 10)]
     pub ttl: u64,

@@ -102,13 +102,27 @@ pub const MODES: &[Mode] = &[
                 as Calico's BIRD does; like host-gw, that needs the peers on this L2 segment. \
                 A route lives as long as its session: a withdrawn block or a closed session \
                 takes it away; a node that leaves the registry has its session closed at \
-                once. The sessions and what they carry are in the node state (`routing`).",
-        keys: |_| {
+                once. The sessions and what they carry are in the node state (`routing`). \
+                With --bgp-engine bird the agent runs BIRD 2 instead (its own child, \
+                configuration rendered into the node's data dir `bird/bird.conf`, control \
+                socket `bird/bird.ctl`, reloaded with `birdc configure` when peers change, \
+                started again if it dies), and the routes are BIRD's: `proto bird`. With \
+                --ipip-mode the learned routes go through the IPIP device cnikit.ipip \
+                on-link, as in the ipip mode (Calico's IPIP with BGP).",
+        keys: |lab| {
             let mut keys = Map::new();
-            keys.insert(
-                "bgp".into(),
-                json!({ "asNumber": BGP_AS, "connectRetry": BGP_CONNECT_RETRY }),
-            );
+            let mut bgp = json!({
+                "asNumber": BGP_AS,
+                "connectRetry": BGP_CONNECT_RETRY,
+                "engine": lab.bgp_engine.unwrap_or_default(),
+            });
+            if let Some(mode) = lab.ipip_mode {
+                bgp["ipip"] = json!({
+                    "device": IPIP_DEVICE,
+                    "crossSubnet": mode == cnikit::ipip::Mode::CrossSubnet,
+                });
+            }
+            keys.insert("bgp".into(), bgp);
             keys
         },
     },

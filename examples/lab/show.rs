@@ -84,11 +84,11 @@ impl Cluster {
                 cnikit::vxlan::TYPE => device_address(&node.ns, modes::VXLAN_DEVICE).await,
                 _ => None,
             };
-            let tunnel = match lab.mode.as_str() {
-                cnikit::ipip::TYPE => device_address(&node.ns, modes::IPIP_DEVICE)
+            let tunnel = match lab.ipip_mode {
+                Some(_) => device_address(&node.ns, modes::IPIP_DEVICE)
                     .await
                     .map(|(addr, _)| addr),
-                _ => None,
+                None => None,
             };
             let pods = node
                 .pods
@@ -272,6 +272,10 @@ fn explain_route(c: &Cluster, me: &NodeView, r: &Value) -> String {
              {why}"
         );
     }
+    if c.mode == cnikit::bgp::TYPE && proto == "bird" {
+        let owner = c.node_of_block(dst).map(|n| n.name.as_str()).unwrap_or("?");
+        return explain_bgp_route(me, owner, dst, gw, dev);
+    }
     if proto == "107" {
         let owner = c.node_of_block(dst).map(|n| n.name.as_str()).unwrap_or("?");
         if c.mode == cnikit::bgp::TYPE {
@@ -374,20 +378,38 @@ fn explain_route(c: &Cluster, me: &NodeView, r: &Value) -> String {
 /// What a route the BGP speaker installed is for: which session brought it.
 fn explain_bgp_route(me: &NodeView, owner: &str, dst: &str, gw: &str, dev: &str) -> String {
     let report = me.state.as_ref().and_then(bgp::report);
+    let bird = report
+        .as_ref()
+        .is_some_and(|r| r.engine == cnikit::bgp::Engine::Bird);
+    let (proto, installer) = if bird {
+        ("proto bird", "BIRD's kernel protocol")
+    } else {
+        ("proto 107", "the speaker")
+    };
     let Some(peer) = report.as_ref().and_then(|r| bgp::learned_from(r, dst, gw)) else {
-        return "a route of the agent (proto 107) that its BGP report does not list: left \
-                from an earlier run (a restarted speaker keeps them until its peers have told \
-                again what they have) or the report is older than the route"
-            .into();
+        return format!(
+            "a BGP route ({proto}) that the node's BGP report does not list: left from an \
+             earlier run (a restarted speaker keeps them until its peers have told again what \
+             they have) or the report is older than the route"
+        );
     };
     let whose = if owner == peer {
         "its".to_owned()
     } else {
         format!("{owner}'s")
     };
+    if dev == modes::IPIP_DEVICE {
+        return format!(
+            "learned over BGP from {peer}: {peer} announced {whose} block {dst} with NEXT_HOP \
+             {gw} (its underlay address) and {installer} put it here ({proto}) through the \
+             IPIP device: ENCAPSULATED, the packet gets an outer IPv4 header to {gw}; onlink \
+             because the tunnel has no subnet {gw} is in. It goes when {peer} withdraws the \
+             block or the session ends"
+        );
+    }
     format!(
         "learned over BGP from {peer}: {peer} announced {whose} block {dst} with NEXT_HOP \
-         {gw} (its underlay address) and the speaker put it here (proto 107: the agent's). \
+         {gw} (its underlay address) and {installer} put it here ({proto}). \
          {gw} is on {dev}'s segment, so the packet goes to {owner}'s MAC as it is, no \
          encapsulation. Without it the pods of {owner} are unreachable from here; it goes \
          when {peer} withdraws the block or the session ends"
@@ -673,7 +695,10 @@ fn ipip_peers(c: &Cluster, me: &NodeView, routes: &[Value]) {
         let blocks: Vec<String> = peer.blocks.iter().map(|b| b.to_string()).collect();
         let devs: Vec<&str> = routes
             .iter()
-            .filter(|r| s(r, "protocol") == "107" && blocks.iter().any(|b| b == s(r, "dst")))
+            .filter(|r| {
+                matches!(s(r, "protocol"), "107" | "bird")
+                    && blocks.iter().any(|b| b == s(r, "dst"))
+            })
             .map(|r| s(r, "dev"))
             .collect();
         let same = peer.subnet == me.subnet;
@@ -727,7 +752,7 @@ fn bgp_sessions(report: &cnikit::bgp::Report) {
     for p in &report.peers {
         item(
             &bgp::session_line(p),
-            &bgp::session_why(p, report.as_number, modes::BGP_CONNECT_RETRY),
+            &bgp::session_why(p, report.engine, report.as_number, modes::BGP_CONNECT_RETRY),
         );
     }
     for (peer, why) in &report.unroutable {
@@ -848,7 +873,7 @@ async fn show_node(c: &Cluster, node: &Node, me: &NodeView) -> Result<()> {
     for r in &routes {
         item(&route_line(r), &explain_route(c, me, r));
     }
-    if c.mode == cnikit::ipip::TYPE {
+    if c.ipip_mode.is_some() {
         ipip_peers(c, me, &routes);
     }
     println!("neighbours:");

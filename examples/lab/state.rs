@@ -109,13 +109,17 @@ pub fn ipip_mode_parser() -> impl clap::builder::TypedValueParser<Value = cnikit
 
 /// The IPIP mode `up` gives a lab of routing `mode`: `--ipip-mode`, else `cross-subnet`
 /// with `--direct-routing` (the same idea: same-subnet peers get plain routes), else
-/// `always`; `None` for other modes, which refuse `--ipip-mode`.
+/// `always`; for `bgp`, `--ipip-mode` when given (BGP's routes through an IPIP device);
+/// `None` for other modes, which refuse `--ipip-mode`.
 pub fn ipip_mode(
     mode: &str,
     ipip_mode: Option<cnikit::ipip::Mode>,
     direct_routing: bool,
 ) -> Result<Option<cnikit::ipip::Mode>> {
     use cnikit::ipip::Mode;
+    if mode == cnikit::bgp::TYPE {
+        return Ok(ipip_mode);
+    }
     if mode != cnikit::ipip::TYPE {
         if ipip_mode.is_some() {
             bail!("--ipip-mode is for --mode ipip, not {mode}");
@@ -138,7 +142,7 @@ pub fn ipip_mode(
 /// VM or with the module loaded or built in). Loading it adds `tunl0` to every namespace,
 /// the machine's own included, so the lab never does: it points to the test VM instead.
 pub fn ipip_kernel(mode: &str, has_ipip: bool) -> Result<()> {
-    if mode == cnikit::ipip::TYPE && !has_ipip {
+    if (mode == cnikit::ipip::TYPE || mode == cnikit::bgp::TYPE) && !has_ipip {
         bail!(
             "--mode ipip needs the kernel's ipip module, and this kernel has none loaded: \
              making an ipip device would load it, which adds tunl0 to the machine's own \
@@ -293,6 +297,9 @@ pub struct Lab {
     /// Which peers IPIP tunnels to (only for `ipip`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ipip_mode: Option<cnikit::ipip::Mode>,
+    /// The BGP engine (only for `bgp`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bgp_engine: Option<cnikit::bgp::Engine>,
     /// Pod network.
     pub pod_network: PodNetwork,
     /// Datastore.
@@ -430,6 +437,12 @@ mod tests {
         let e = ipip_kernel("ipip", false).unwrap_err().to_string();
         assert!(e.contains("tunl0") && e.contains("scripts/vm.sh"), "{e}");
         ipip_kernel("ipip", true).unwrap();
+        assert!(ipip_kernel("bgp", false).is_err());
+        assert_eq!(ipip_mode("bgp", None, false).unwrap(), None);
+        assert_eq!(
+            ipip_mode("bgp", Some(Mode::Always), false).unwrap(),
+            Some(Mode::Always)
+        );
         ipip_kernel("vxlan", false).unwrap();
         ipip_kernel("host-gw", false).unwrap();
     }

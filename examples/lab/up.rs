@@ -33,10 +33,21 @@ pub async fn up(name: &str, args: &UpArgs) -> Result<()> {
         );
     }
     let ipip_mode = state::ipip_mode(&args.mode, args.ipip_mode, args.direct_routing)?;
+    let bgp_engine = match (args.mode == cnikit::bgp::TYPE, args.bgp_engine) {
+        (false, Some(_)) => bail!("--bgp-engine is for --mode bgp only"),
+        (false, None) => None,
+        (true, Some(crate::BgpEngine::Bird)) => {
+            if which("bird").is_err() || which("birdc").is_err() {
+                bail!("--bgp-engine bird needs BIRD 2: apt-get install -y bird2");
+            }
+            Some(cnikit::bgp::Engine::Bird)
+        }
+        (true, _) => Some(cnikit::bgp::Engine::Native),
+    };
     // Before anything is built: an agent making the ipip device would load the module.
     state::ipip_kernel(
         &args.mode,
-        args.mode != cnikit::ipip::TYPE || testkit::vm::kernel_has_link_kind("ipip"),
+        ipip_mode.is_none() || testkit::vm::kernel_has_link_kind("ipip"),
     )?;
     if args.store == StoreKind::Etcd && which("etcd").is_err() {
         bail!("--store etcd needs the etcd server: apt-get install -y etcd-server");
@@ -46,6 +57,7 @@ pub async fn up(name: &str, args: &UpArgs) -> Result<()> {
         mode: args.mode.clone(),
         direct_routing: args.direct_routing,
         ipip_mode,
+        bgp_engine,
         pod_network: args
             .pod_network
             .unwrap_or(if args.mode == cnikit::ebpf::TYPE {
