@@ -1,0 +1,212 @@
+//! The `cnikit` plugin binary on the Kubernetes datastore, one process per CNI command as a
+//! runtime runs it, against a real kube-apiserver (`testkit::kube`). The processes run in the
+//! server's network namespace and reach it with a kubeconfig file. Needs root, the
+//! kube-apiserver binary (`scripts/kube-apiserver.sh`) and the plugin built with the
+//! `kubernetes` feature: `cargo build --example cnikit --features kubernetes`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use cni_core::ipam::{BlockIpam, BlockIpamConfig};
+use ipam_crd::{Config, KubeStore};
+use ipnet::IpNet;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, ListParams, PostParams};
+use serde_json::{Value, json};
+use testkit::kube::KubeApi;
+use tokio::io::AsyncWriteExt;
+
+const BUILD: &str = "cargo build --example cnikit --features kubernetes";
+const POOL: &str = "10.81.0.0/24";
+
+fn plugin_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable");
+    let path = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(|profile| profile.join("examples/cnikit"))
+        .expect("target/<profile>/deps");
+    assert!(path.is_file(), "{} is missing: {BUILD}", path.display());
+    path
+}
+
+async fn server(test: &str, tag: &str) -> Option<KubeApi> {
+    let api = KubeApi::start(test, tag).await?;
+    let client = api.client().await;
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in ipam_crd::resources::crds() {
+        crds.create(&PostParams::default(), &crd)
+            .await
+            .expect("create CRD");
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let nodes: Api<ipam_crd::resources::IPAMNode> = Api::all(client);
+    while nodes.list(&ListParams::default()).await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the CRDs are not served within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Some(api)
+}
+
+/// The network configuration for `node`: a bridge whose IPAM is cnikit's block IPAM on the
+/// Kubernetes store; the plugin binary acts as a pure IPAM plugin for it.
+fn stdin(api: &KubeApi, node: &str, valid: Option<&[String]>) -> Vec<u8> {
+    let mut conf = json!({
+        "cniVersion": "1.1.0",
+        "name": "kube-net",
+        "type": "bridge",
+        "ipam": {
+            "type": "cnikit-ipam",
+            "pool": POOL,
+            "blockSize": 26,
+            "reserve": "none",
+            "nodeName": node,
+            "dataDir": "/nonexistent/cnikit-kube-tests",
+            "store": {"type": "kubernetes", "kubeconfig": api.kubeconfig(), "timeoutMs": 60000},
+        },
+    });
+    if let Some(valid) = valid {
+        conf["cni.dev/valid-attachments"] = valid
+            .iter()
+            .map(|c| json!({"containerID": c, "ifname": "eth0"}))
+            .collect();
+    }
+    serde_json::to_vec(&conf).unwrap()
+}
+
+/// Runs one CNI command in its own process; `Ok(stdout JSON)` or `Err((code, message))`.
+async fn cni(
+    api: &KubeApi,
+    command: &str,
+    node: &str,
+    container: Option<&str>,
+    valid: Option<&[String]>,
+) -> Result<Value, (u64, String)> {
+    let mut cmd: tokio::process::Command = api.command(plugin_binary()).into();
+    cmd.env("CNI_COMMAND", command)
+        .env("CNI_PATH", "/nonexistent/cni-bin")
+        .env("CNIKIT_LOG", "warn")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    if let Some(c) = container {
+        cmd.env("CNI_CONTAINERID", c).env("CNI_IFNAME", "eth0");
+    }
+    if command == "ADD" {
+        cmd.env("CNI_NETNS", "/proc/self/ns/net");
+    }
+    let mut child = cmd.spawn().expect("spawn the plugin");
+    let mut pipe = child.stdin.take().unwrap();
+    pipe.write_all(&stdin(api, node, valid)).await.unwrap();
+    drop(pipe);
+    let out = tokio::time::timeout(Duration::from_secs(300), child.wait_with_output())
+        .await
+        .expect("the plugin hung")
+        .unwrap();
+    let stdout: Value = if out.stdout.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "{command}: stdout is not JSON ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    };
+    if out.status.success() {
+        Ok(stdout)
+    } else {
+        Err((
+            stdout["code"].as_u64().unwrap_or(0),
+            format!("{stdout} {}", String::from_utf8_lossy(&out.stderr)),
+        ))
+    }
+}
+
+fn address(result: &Value) -> IpNet {
+    result["ips"][0]["address"]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {result}"))
+}
+
+async fn engine(api: &KubeApi, node: &str) -> BlockIpam<KubeStore> {
+    let mut c = BlockIpamConfig::new(POOL.parse().unwrap(), node, "kube-net");
+    c.block_prefix = 26;
+    c.reserve = cni_core::ipam::block::Reserve::None;
+    BlockIpam::new(KubeStore::new(api.client().await, &Config::new(None)), c).unwrap()
+}
+
+/// 4 nodes × 64 concurrent ADDs, each its own plugin process, on a pool of exactly four
+/// blocks: 256 distinct addresses, every block's addresses on one node; DEL of all leaves
+/// no allocation and no handle; the same again works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn race_256_plugin_processes_on_4_nodes_without_a_spare_block() {
+    let test = "race_256_plugin_processes_on_4_nodes_without_a_spare_block";
+    let Some(api) = server(test, "kprace").await else {
+        return;
+    };
+    plugin_binary();
+    for round in 0..2 {
+        let mut runs = Vec::new();
+        for n in 0..4 {
+            for i in 0..64 {
+                let api = &api;
+                runs.push(async move {
+                    let node = format!("node-{n}");
+                    let c = format!("r{round}-{n}-{i}");
+                    let r = cni(api, "ADD", &node, Some(&c), None).await;
+                    (n, c, r)
+                });
+            }
+        }
+        let results = futures::future::join_all(runs).await;
+        let mut all = BTreeSet::new();
+        let mut block_node: BTreeMap<IpNet, u32> = BTreeMap::new();
+        for (n, c, r) in &results {
+            let a = address(
+                r.as_ref()
+                    .unwrap_or_else(|e| panic!("ADD {c} on node-{n}: {e:?}")),
+            );
+            assert!(all.insert(a.addr()), "{a} handed out twice");
+            let block = a.trunc();
+            assert_eq!(
+                *block_node.entry(block).or_insert(*n),
+                *n,
+                "{block} on two nodes"
+            );
+        }
+        assert_eq!(all.len(), 256);
+        assert_eq!(block_node.len(), 4);
+        // ADD again for one attachment: the same address.
+        let (n, c, r) = &results[7];
+        let again = cni(&api, "ADD", &format!("node-{n}"), Some(c), None)
+            .await
+            .unwrap();
+        assert_eq!(address(&again), address(r.as_ref().unwrap()));
+        let dels = results.iter().map(|(n, c, _)| {
+            let api = &api;
+            async move { cni(api, "DEL", &format!("node-{n}"), Some(c), None).await }
+        });
+        for r in futures::future::join_all(dels).await {
+            r.expect("DEL");
+        }
+        let audit = engine(&api, "node-0").await;
+        assert_eq!(audit.audit().await.unwrap(), Vec::<String>::new());
+        for n in 0..4 {
+            let ipam = engine(&api, &format!("node-{n}")).await;
+            assert!(
+                ipam.allocations().await.unwrap().is_empty(),
+                "node-{n} holds addresses"
+            );
+            // The agent gives the empty blocks back; then the next round races for them again.
+            ipam.leave().await.unwrap();
+        }
+    }
+}
