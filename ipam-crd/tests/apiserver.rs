@@ -230,3 +230,77 @@ async fn four_nodes_race_64_allocations_each() {
         );
     }
 }
+
+/// The rules of `deploy/crds/rbac.yaml` are enough for every store operation of the engine
+/// (allocate, release, give back, audit), and nothing more: without them the store gets code
+/// 7 naming the refusal, with them it works, and deleting an object stays forbidden.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rbac_manifest_grants_what_the_store_uses() {
+    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+    use serde::Deserialize;
+
+    let Some(api) = server("the_rbac_manifest_grants_what_the_store_uses", "krbac").await else {
+        return;
+    };
+    let admin = api.client().await;
+    let node_client = api.client_for(testkit::kube::NODE_TOKEN).await;
+    let node_store = KubeStore::new(node_client.clone(), &Config::new(None));
+    let ipam = BlockIpam::new(node_store.clone(), config("10.72.0.0/24", 26, "n1")).unwrap();
+    let refused = ipam.allocate(&att("c0")).await.unwrap_err();
+    assert_eq!(refused.code().0, 7, "{refused}");
+    assert!(
+        refused.to_string().contains("403") || format!("{refused:?}").contains("403"),
+        "{refused:?}"
+    );
+
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/crds/rbac.yaml");
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut docs = serde_yaml::Deserializer::from_str(&text);
+    let role = ClusterRole::deserialize(docs.next().expect("the ClusterRole")).unwrap();
+    let mut binding = ClusterRoleBinding::deserialize(docs.next().expect("the binding")).unwrap();
+    Api::<ClusterRole>::all(admin.clone())
+        .create(&PostParams::default(), &role)
+        .await
+        .unwrap();
+    // The manifest binds the DaemonSet's service account; here the test's node user.
+    binding.subjects = Some(vec![k8s_openapi::api::rbac::v1::Subject {
+        kind: "User".into(),
+        name: "cnikit-node".into(),
+        api_group: Some("rbac.authorization.k8s.io".into()),
+        namespace: None,
+    }]);
+    Api::<ClusterRoleBinding>::all(admin.clone())
+        .create(&PostParams::default(), &binding)
+        .await
+        .unwrap();
+
+    // The authorizer learns of the binding from its own watch: wait for it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let first = loop {
+        match ipam.allocate(&att("c0")).await {
+            Ok(a) => break a,
+            Err(e) if Instant::now() < deadline && e.code().0 == 7 => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("allocate with the manifest's rights: {e}"),
+        }
+    };
+    assert!(!first.existing);
+    for i in 1..5 {
+        ipam.allocate(&att(&format!("c{i}"))).await.unwrap();
+    }
+    ipam.release(&att("c1")).await.unwrap();
+    ipam.gc(&[att("c0")]).await.unwrap();
+    ipam.release(&att("c0")).await.unwrap();
+    assert!(
+        !ipam.leave().await.unwrap().is_empty(),
+        "the empty block goes back"
+    );
+    assert_eq!(ipam.audit().await.unwrap(), Vec::<String>::new());
+    // No delete: the store never deletes an object, so the role does not allow it.
+    let nodes: Api<ipam_crd::resources::IPAMNode> = Api::all(node_client);
+    match nodes.delete("cnikit.n1", &Default::default()).await {
+        Err(kube::Error::Api(s)) => assert_eq!(s.code, 403),
+        other => panic!("delete must be forbidden: {other:?}"),
+    }
+}
