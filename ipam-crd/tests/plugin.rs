@@ -55,7 +55,12 @@ async fn server(test: &str, tag: &str) -> Option<KubeApi> {
 
 /// The network configuration for `node`: a bridge whose IPAM is cnikit's block IPAM on the
 /// Kubernetes store; the plugin binary acts as a pure IPAM plugin for it.
-fn stdin(api: &KubeApi, node: &str, valid: Option<&[String]>) -> Vec<u8> {
+fn stdin_with_timeout(
+    api: &KubeApi,
+    node: &str,
+    valid: Option<&[String]>,
+    timeout_ms: u64,
+) -> Vec<u8> {
     let mut conf = json!({
         "cniVersion": "1.1.0",
         "name": "kube-net",
@@ -67,7 +72,7 @@ fn stdin(api: &KubeApi, node: &str, valid: Option<&[String]>) -> Vec<u8> {
             "reserve": "none",
             "nodeName": node,
             "dataDir": "/nonexistent/cnikit-kube-tests",
-            "store": {"type": "kubernetes", "kubeconfig": api.kubeconfig(), "timeoutMs": 60000},
+            "store": {"type": "kubernetes", "kubeconfig": api.kubeconfig(), "timeoutMs": timeout_ms},
         },
     });
     if let Some(valid) = valid {
@@ -87,11 +92,9 @@ async fn cni(
     container: Option<&str>,
     valid: Option<&[String]>,
 ) -> Result<Value, (u64, String)> {
-    cni_killed_after(api, command, node, container, valid, None).await
+    cni_full(api, command, node, container, valid, None, 60_000).await
 }
 
-/// [`cni`], killed with SIGKILL after `kill_after` unless it exited before (then the
-/// outcome is `Err((0, "killed"))`).
 async fn cni_killed_after(
     api: &KubeApi,
     command: &str,
@@ -99,6 +102,20 @@ async fn cni_killed_after(
     container: Option<&str>,
     valid: Option<&[String]>,
     kill_after: Option<Duration>,
+) -> Result<Value, (u64, String)> {
+    cni_full(api, command, node, container, valid, kill_after, 60_000).await
+}
+
+/// [`cni`] with a store deadline of `timeout_ms`, killed with SIGKILL after `kill_after`
+/// unless it exited before (then the outcome is `Err((0, "killed"))`).
+async fn cni_full(
+    api: &KubeApi,
+    command: &str,
+    node: &str,
+    container: Option<&str>,
+    valid: Option<&[String]>,
+    kill_after: Option<Duration>,
+    timeout_ms: u64,
 ) -> Result<Value, (u64, String)> {
     let mut cmd: tokio::process::Command = api.command(plugin_binary()).into();
     cmd.env("CNI_COMMAND", command)
@@ -117,7 +134,9 @@ async fn cni_killed_after(
     let mut child = cmd.spawn().expect("spawn the plugin");
     let mut pipe = child.stdin.take().unwrap();
     // A plugin killed before it read its stdin breaks the pipe: not an error here.
-    let _ = pipe.write_all(&stdin(api, node, valid)).await;
+    let _ = pipe
+        .write_all(&stdin_with_timeout(api, node, valid, timeout_ms))
+        .await;
     drop(pipe);
     if let Some(after) = kill_after {
         tokio::select! {
@@ -300,4 +319,78 @@ async fn killed_adds_then_gc_leak_nothing() {
         assert!(seen.insert(address(&r.expect("ADD after the kills")).addr()));
     }
     assert_eq!(audit.audit().await.unwrap(), Vec::<String>::new());
+}
+
+/// The API server is killed during a burst of 64 ADDs and started again: every ADD gets an
+/// address of its own or code 11; after the runtime's DEL of the failed ones, exactly the
+/// successful ones hold addresses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_apiserver_restart_during_a_burst_loses_nothing() {
+    let Some(api) = server(
+        "an_apiserver_restart_during_a_burst_loses_nothing",
+        "krestart",
+    )
+    .await
+    else {
+        return;
+    };
+    plugin_binary();
+    // Claim the blocks first, so the burst is about allocations.
+    for n in 0..2 {
+        cni(&api, "ADD", &format!("node-{n}"), Some("warm"), None)
+            .await
+            .unwrap();
+    }
+    let burst = futures::future::join_all((0..64).map(|i| {
+        let api = &api;
+        async move {
+            let c = format!("b{i}");
+            let node = format!("node-{}", i % 2);
+            let r = cni_full(api, "ADD", &node, Some(&c), None, None, 3_000).await;
+            (i, c, r)
+        }
+    }));
+    let chaos = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        api.kill_apiserver();
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        api.start_apiserver()
+            .await
+            .expect("the API server comes back");
+    };
+    let (results, ()) = tokio::join!(burst, chaos);
+    let mut seen = BTreeSet::new();
+    let mut ok = Vec::new();
+    let mut failed = 0;
+    for (i, c, r) in results {
+        match r {
+            Ok(v) => {
+                assert!(seen.insert(address(&v).addr()), "ADD {i}: address doubled");
+                ok.push(c);
+            }
+            Err((code, e)) => {
+                assert_eq!(code, 11, "ADD {c}: {e}");
+                failed += 1;
+                cni(&api, "DEL", &format!("node-{}", i % 2), Some(&c), None)
+                    .await
+                    .expect("DEL");
+            }
+        }
+    }
+    let mut held = BTreeSet::new();
+    for n in 0..2 {
+        let ipam = engine(&api, &format!("node-{n}")).await;
+        for (a, _) in ipam.allocations().await.unwrap() {
+            held.insert(a.container_id);
+        }
+    }
+    eprintln!("{} ADDs got an address, {failed} code 11", ok.len());
+    assert!(failed > 0, "the restart hit the burst");
+    ok.extend(["warm".to_owned()]);
+    let ok: BTreeSet<String> = ok.into_iter().collect();
+    assert_eq!(held, ok, "exactly the successful ADDs hold addresses");
+    assert_eq!(
+        engine(&api, "node-0").await.audit().await.unwrap(),
+        Vec::<String>::new()
+    );
 }

@@ -25,6 +25,7 @@ use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -74,7 +75,8 @@ pub struct KubeApi {
     _namespaces: Namespaces,
     ns: String,
     etcd: Option<Child>,
-    apiserver: Option<Child>,
+    // Behind a lock so that a test can restart the server while requests to it run.
+    apiserver: Mutex<Option<Child>>,
 }
 
 impl std::fmt::Debug for KubeApi {
@@ -135,7 +137,7 @@ impl KubeApi {
             _namespaces: namespaces,
             ns,
             etcd: None,
-            apiserver: None,
+            apiserver: Mutex::new(None),
         };
         api.write_files().map_err(|e| format!("write files: {e}"))?;
         api.spawn_etcd()?;
@@ -212,25 +214,21 @@ impl KubeApi {
         kube::Client::new(service, "default")
     }
 
-    /// Stops the API server (SIGKILL) and starts it again on the same etcd; waits until it
-    /// is ready.
-    pub async fn restart_apiserver(&mut self) -> Result<(), String> {
-        stop(&mut self.apiserver, Signal::SIGKILL);
-        self.spawn_apiserver(&kube_apiserver_binary())?;
-        self.wait_ready().await
+    /// Stops the API server (SIGKILL) without restarting it; etcd keeps running.
+    pub fn kill_apiserver(&self) {
+        stop(&mut self.apiserver_child(), Signal::SIGKILL);
     }
 
-    /// Stops the API server (SIGKILL) without restarting it.
-    pub fn kill_apiserver(&mut self) {
-        stop(&mut self.apiserver, Signal::SIGKILL);
-    }
-
-    /// Starts a stopped API server again and waits until it is ready.
-    pub async fn start_apiserver(&mut self) -> Result<(), String> {
-        if self.apiserver.is_none() {
+    /// Starts a stopped API server again on the same etcd and waits until it is ready.
+    pub async fn start_apiserver(&self) -> Result<(), String> {
+        if self.apiserver_child().is_none() {
             self.spawn_apiserver(&kube_apiserver_binary())?;
         }
         self.wait_ready().await
+    }
+
+    fn apiserver_child(&self) -> std::sync::MutexGuard<'_, Option<Child>> {
+        self.apiserver.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn write_files(&self) -> Result<(), Box<dyn std::error::Error>> {
@@ -307,7 +305,7 @@ impl KubeApi {
         Ok(())
     }
 
-    fn spawn_apiserver(&mut self, binary: &Path) -> Result<(), String> {
+    fn spawn_apiserver(&self, binary: &Path) -> Result<(), String> {
         let d = self.dir.path();
         let p = |f: &str| d.join(f).display().to_string();
         let log = log_file(&d.join("kube-apiserver.log"))?;
@@ -343,26 +341,23 @@ impl KubeApi {
             .stderr(log)
             .spawn()
             .map_err(|e| format!("spawn {}: {e}", binary.display()))?;
-        self.apiserver = Some(child);
+        *self.apiserver_child() = Some(child);
         Ok(())
     }
 
-    async fn wait_ready(&mut self) -> Result<(), String> {
+    async fn wait_ready(&self) -> Result<(), String> {
         let client = self.client().await;
         let deadline = Instant::now() + READY_WITHIN;
         loop {
-            for (name, child) in [
-                ("etcd", &mut self.etcd),
-                ("kube-apiserver", &mut self.apiserver),
-            ] {
-                if let Some(c) = child
-                    && let Ok(Some(status)) = c.try_wait()
-                {
-                    return Err(format!(
-                        "{name} exited with {status}; its log: {}",
-                        tail(&self.dir.path().join(format!("{name}.log")))
-                    ));
-                }
+            let exited = self
+                .apiserver_child()
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            if let Some(status) = exited {
+                return Err(format!(
+                    "kube-apiserver exited with {status}; its log: {}",
+                    tail(&self.dir.path().join("kube-apiserver.log"))
+                ));
             }
             let request = http::Request::get("/readyz")
                 .body(Vec::new())
@@ -383,7 +378,7 @@ impl KubeApi {
 
 impl Drop for KubeApi {
     fn drop(&mut self) {
-        stop(&mut self.apiserver, Signal::SIGTERM);
+        stop(&mut self.apiserver_child(), Signal::SIGTERM);
         stop(&mut self.etcd, Signal::SIGTERM);
         // `namespaces` and `dir` are removed by their own drops, after this.
     }
