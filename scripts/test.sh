@@ -9,6 +9,8 @@ if [ "$(id -u)" != 0 ]; then
   exit 1
 fi
 bash scripts/deps.sh
+# The ipam-crd tests run a real kube-apiserver: built once into /var/cache/cnikit.
+bash scripts/kube-apiserver.sh >/dev/null
 
 export CARGO_TERM_COLOR=never
 cargo fmt --all --check

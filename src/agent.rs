@@ -231,6 +231,12 @@ async fn registry(
         let etcd = plugin::etcd_config(object)?;
         return Ok(Arc::new(ipam_etcd::EtcdRegistry::connect(&etcd).await?));
     }
+    if let StoreKind::Kubernetes(_) = &kind {
+        return Err(Error::invalid_config(
+            "ipam.store.type",
+            "the kubernetes datastore serves the IPAM only; it has no node registry yet",
+        ));
+    }
     let store = plugin::open_store(&kind, &config.data_dir(&conf.name)).await?;
     Ok(Arc::new(cni_core::registry::StoreRegistry::with_prefix(
         store, key_prefix,

@@ -153,6 +153,8 @@ pub enum StoreKind {
     },
     /// etcd v3; the object's other keys configure it.
     Etcd(Map<String, Value>),
+    /// Kubernetes custom resources (`ipam-crd`); the object's other keys configure it.
+    Kubernetes(Map<String, Value>),
 }
 
 impl StoreKind {
@@ -179,9 +181,10 @@ impl StoreKind {
                 Ok(StoreKind::File { path })
             }
             Some("etcd") => Ok(StoreKind::Etcd(obj.clone())),
+            Some("kubernetes") => Ok(StoreKind::Kubernetes(obj.clone())),
             Some(other) => Err(Error::invalid_config(
                 "ipam.store.type",
-                format!("unknown store {other:?} (file, etcd)"),
+                format!("unknown store {other:?} (file, etcd, kubernetes)"),
             )),
         }
     }

@@ -255,6 +255,21 @@ pub async fn open_block_ipam(
         }
         block.key_prefix = prefix;
     }
+    if let StoreKind::Kubernetes(object) = &kind {
+        // The prefix names the pool's objects; the store and the engine must agree on it.
+        let prefix = kubernetes_config(object)?.prefix;
+        if ipam.config.contains_key("keyPrefix") && block.key_prefix != prefix {
+            return Err(Error::invalid_config(
+                "ipam.keyPrefix",
+                format!(
+                    "{:?} differs from ipam.store.prefix {prefix:?}; with kubernetes, set \
+                     only ipam.store.prefix",
+                    block.key_prefix
+                ),
+            ));
+        }
+        block.key_prefix = prefix;
+    }
     block.validate()?;
     let store = open_store(&kind, &config.data_dir(&conf.name)).await?;
     BlockIpam::new(store, block)
@@ -275,7 +290,40 @@ pub async fn open_store(kind: &StoreKind, data_dir: &std::path::Path) -> Result<
         )),
         #[cfg(not(feature = "etcd"))]
         StoreKind::Etcd(_) => Err(no_etcd()),
+        #[cfg(feature = "kubernetes")]
+        StoreKind::Kubernetes(object) => Ok(Arc::new(
+            ipam_crd::KubeStore::connect(&kubernetes_config(object)?).await?,
+        )),
+        #[cfg(not(feature = "kubernetes"))]
+        StoreKind::Kubernetes(_) => Err(no_kubernetes()),
     }
+}
+
+/// The `ipam.store` object of type `kubernetes`, validated. Errors: code 7.
+#[cfg(feature = "kubernetes")]
+pub(crate) fn kubernetes_config(
+    object: &serde_json::Map<String, serde_json::Value>,
+) -> Result<ipam_crd::Config> {
+    ipam_crd::Config::from_value(&serde_json::Value::Object(object.clone()))
+}
+
+/// Without the `kubernetes` feature: code 7.
+#[cfg(not(feature = "kubernetes"))]
+fn kubernetes_config(
+    _object: &serde_json::Map<String, serde_json::Value>,
+) -> Result<KubernetesConfigUnavailable> {
+    Err(no_kubernetes())
+}
+
+/// Stands in for `ipam_crd::Config` in builds without the `kubernetes` feature.
+#[cfg(not(feature = "kubernetes"))]
+struct KubernetesConfigUnavailable {
+    prefix: String,
+}
+
+#[cfg(not(feature = "kubernetes"))]
+fn no_kubernetes() -> Error {
+    Error::invalid_config("ipam.store.type", "this build has no `kubernetes` feature")
 }
 
 /// The key prefix an `ipam.store` object of type `etcd` names. Errors: code 7.

@@ -13,6 +13,9 @@
 //! example binaries of the end-to-end tests ([`examples_dir`], [`assert_fresh`]), and a
 //! BPF filesystem of a test's own ([`Bpffs`]).
 //!
+//! [`kube`] (feature `kube`) runs a private etcd + kube-apiserver in a namespace of the
+//! test's own.
+//!
 //! [`vm`] runs kernel tests inside a user-mode-linux VM when the running kernel lacks a link
 //! kind they need (ipip here): [`vm::here_or_in_vm`].
 
@@ -20,6 +23,8 @@
 
 mod bpffs;
 mod example;
+#[cfg(feature = "kube")]
+pub mod kube;
 mod netns;
 mod segment;
 pub mod vm;

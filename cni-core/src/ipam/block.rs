@@ -4,7 +4,11 @@
 //! block when it needs addresses and hands out the addresses of its blocks to its pods, so
 //! an allocation only touches the node's own keys, and routing needs one route per block,
 //! not per pod. The same engine runs on the local [`FileStore`](crate::store::FileStore),
-//! on etcd and on Kubernetes resources: it only needs multi-key compare-and-swap.
+//! on etcd and on Kubernetes resources: it only needs compare-and-swap within one *object*
+//! (see [`object_of`](crate::store::object_of)): the pool record, one block's ownership
+//! record, or all the keys of one node. No step writes two objects at once and no step
+//! takes a lock, so a store with per-object compare-and-swap only (Kubernetes'
+//! `resourceVersion`) runs it as well as etcd.
 //!
 //! # Key layout
 //!
@@ -13,9 +17,9 @@
 //!
 //! | key | value | role |
 //! |---|---|---|
-//! | `<prefix>/pool` | `{"pool":"10.244.0.0/16","blockSize":26}` | written with the first block claim and compared by every claim: a configuration that disagrees gets code 7 (between claims, a node's blocks must be blocks of the configured pool, else code 7 too) |
+//! | `<prefix>/pool` | `{"pool":"10.244.0.0/16","blockSize":26}` | created by the first block claim and read by every claim: a configuration that disagrees gets code 7 (between claims, a node's blocks must be blocks of the configured pool, else code 7 too) |
 //! | `<prefix>/blocks/<block>` | `{"node":"n1"}` | global ownership, created only if absent: two nodes never own one block |
-//! | `<prefix>/nodes/<node>/blocks/<block>` | `{"draining":false}` | the node's affinity; every allocation compares its revision |
+//! | `<prefix>/nodes/<node>/blocks/<block>` | `{"draining":false}` | the node's affinity (`"pending":true` while its claim is in progress); every allocation compares its revision |
 //! | `<prefix>/nodes/<node>/claim` | `{"lastClaimed":"10.244.0.64/26"}` | rewritten by every claim, so that claims racing on one node conflict |
 //! | `<prefix>/nodes/<node>/used/<ip>` | the [`Attachment`] | an address in use |
 //! | `<prefix>/nodes/<node>/free/<ip>` | `{}` | a released address; its revision orders reuse |
@@ -36,12 +40,18 @@
 //!   `free`. Two round trips in the common case. A failed commit returns the current
 //!   values, which update the view; a second failure re-lists. When no address is left, the
 //!   node claims the first free block of the pool (up to `maxBlocksPerNode`, else code 100).
+//! - **block claim**, in three one-object steps: a *pending* affinity and a new claim record
+//!   (racing claims of one node conflict on it); the ownership record, created if absent;
+//!   the affinity *confirmed*. Only confirmed affinities are allocated from. A crash leaves
+//!   a pending affinity, which the node's next claim finishes, or drops when another node
+//!   won the block.
 //! - **release**: deletes handle and `used` and writes `free`, comparing all three.
 //! - **block give-back** ([`BlockIpam::release_empty_blocks`], for the node agent): first
 //!   marks the affinity draining (which makes every allocation that read the old affinity
-//!   fail), then, if the block is still unused, deletes the ownership, the affinity and the
-//!   block's `free` records, comparing the draining affinity. The node keeps at least one
-//!   block.
+//!   fail), then, if the block is still unused, deletes the ownership (comparing it), then
+//!   the affinity and the block's `free` records (comparing the draining affinity). A crash
+//!   in between leaves a draining affinity without ownership, never allocated from, which
+//!   the next give-back removes. The node keeps at least one block.
 //!
 //! Every retry loop is bounded; beyond the bound the datastore is too contended and the
 //! operation fails with [`StoreError::Conflict`] (code 11).
@@ -98,10 +108,16 @@ pub struct BlockIpam<S> {
     rng: Mutex<fastrand::Rng>,
 }
 
+/// Who owns a block after step (2) of a claim.
+enum Owned {
+    ByUs,
+    ByOther,
+}
+
 /// What a claim attempt did.
 enum Claim {
-    /// The node now holds `block`; its affinity and claim records were written at `revision`.
-    Claimed { block: IpNet, revision: u64 },
+    /// The node now holds `block`, confirmed.
+    Claimed { block: IpNet },
     /// The node's own keys changed meanwhile (another process of this node claimed a block
     /// or released an address): re-read them.
     NodeChanged,
@@ -224,12 +240,20 @@ impl<S: Store> BlockIpam<S> {
         }
         let mut released = Vec::new();
         for (block, (rev, affinity)) in &state.affinities {
+            if affinity.pending {
+                // A claim in progress: it is finished (or dropped) by the node's next claim.
+                continue;
+            }
             let key = self.keys.affinity(block);
             if keep.contains(block) {
-                if affinity.draining {
-                    self.set_draining(&key, *rev, false).await?;
+                // A block left draining is un-drained while the node still owns it; if an
+                // interrupted give-back already deleted the ownership, it is finished.
+                if !affinity.draining || self.owned_by_us(block).await? {
+                    if affinity.draining {
+                        self.set_draining(&key, *rev, false).await?;
+                    }
+                    continue;
                 }
-                continue;
             }
             let draining_rev = if affinity.draining {
                 *rev
@@ -247,19 +271,24 @@ impl<S: Store> BlockIpam<S> {
                 self.set_draining(&key, draining_rev, false).await?;
                 continue;
             }
+            // The ownership goes first, then the affinity: a crash in between leaves a
+            // draining affinity (never allocated from) that the next run removes, never an
+            // ownership record nobody acts on.
             let owner_key = self.keys.block(block);
-            let owner = self.store.get(&owner_key).await?;
+            if let Some(kv) = self.store.get(&owner_key).await? {
+                let record: OwnerRecord = decode(&kv)?;
+                if record.node == self.config.node {
+                    let txn = Txn::new()
+                        .when(Compare::ModRevision(owner_key.clone(), kv.mod_revision))
+                        .delete(owner_key);
+                    if let TxnOutcome::Failed(_) = self.store.commit(txn).await? {
+                        continue;
+                    }
+                }
+            }
             let mut txn = Txn::new()
                 .when(Compare::ModRevision(key.clone(), draining_rev))
                 .delete(key);
-            if let Some(kv) = &owner {
-                let record: OwnerRecord = decode(kv)?;
-                if record.node == self.config.node {
-                    txn = txn
-                        .when(Compare::ModRevision(owner_key.clone(), kv.mod_revision))
-                        .delete(owner_key);
-                }
-            }
             for ip in fresh.free.keys().filter(|ip| block.contains(*ip)) {
                 txn = txn.delete(self.keys.free(ip));
             }
@@ -271,12 +300,26 @@ impl<S: Store> BlockIpam<S> {
         Ok(released)
     }
 
+    /// Whether this node's ownership record of `block` exists. One read.
+    async fn owned_by_us(&self, block: &IpNet) -> Result<bool> {
+        match self.store.get(&self.keys.block(block)).await? {
+            Some(kv) => Ok(decode::<OwnerRecord>(&kv)?.node == self.config.node),
+            None => Ok(false),
+        }
+    }
+
     /// Sets the draining flag of an affinity last written at `rev`; the new revision, or
     /// `None` if the affinity changed meanwhile.
     async fn set_draining(&self, key: &str, rev: u64, draining: bool) -> Result<Option<u64>> {
         let txn = Txn::new()
             .when(Compare::ModRevision(key.to_owned(), rev))
-            .put(key, encode(&AffinityRecord { draining }));
+            .put(
+                key,
+                encode(&AffinityRecord {
+                    draining,
+                    pending: false,
+                }),
+            );
         Ok(match self.store.commit(txn).await? {
             TxnOutcome::Committed(r) => Some(r),
             TxnOutcome::Failed(_) => None,
@@ -394,8 +437,45 @@ impl<S: Store> BlockIpam<S> {
         })
     }
 
-    /// Claims a new block for this node, whose current keys are `state`.
+    /// Makes sure the pool record exists and matches the configuration (code 7 if not).
+    /// One read, and one write the first time.
+    async fn ensure_pool_record(&self) -> Result<()> {
+        let pool_key = self.keys.pool();
+        if let Some(kv) = self.store.get(&pool_key).await? {
+            return self.check_pool_record(&kv);
+        }
+        let record = PoolRecord {
+            pool: self.config.pool,
+            block_size: self.config.block_prefix,
+        };
+        let txn = Txn::new()
+            .when(Compare::Absent(pool_key.clone()))
+            .put(pool_key.clone(), encode(&record));
+        match self.store.commit(txn).await? {
+            TxnOutcome::Committed(_) => Ok(()),
+            TxnOutcome::Failed(current) => match current.iter().find(|kv| kv.key == pool_key) {
+                Some(kv) => self.check_pool_record(kv),
+                // Written and deleted meanwhile: nothing deletes it, so this is a race with
+                // an operator; let the caller retry.
+                None => Err(self.conflict("the pool record")),
+            },
+        }
+    }
+
+    /// Claims a new block for this node, whose current keys are `state`, or finishes the
+    /// claim of a pending affinity found there.
+    ///
+    /// Three one-object steps, so that no step needs a multi-object transaction: (1) the
+    /// node's object gets a *pending* affinity to the block and a new claim record (two
+    /// claims of one node conflict on it), (2) the block's ownership record is created if
+    /// absent, (3) the affinity is *confirmed*. Allocations use confirmed affinities only,
+    /// so a crash between steps leaves nothing half-owned: a pending affinity is finished by
+    /// the node's next claim (any process of the node may drive it on), or dropped when
+    /// another node owns the block.
     async fn claim_block(&self, state: &NodeState) -> Result<Claim> {
+        if let Some((block, (rev, _))) = state.affinities.iter().find(|(_, (_, a))| a.pending) {
+            return self.finish_claim(*block, *rev).await;
+        }
         let held = state.affinities.len();
         if u32::try_from(held).unwrap_or(u32::MAX) >= self.config.max_blocks_per_node {
             let reason = format!(
@@ -405,12 +485,9 @@ impl<S: Store> BlockIpam<S> {
             );
             return self.no_room(state, reason).await;
         }
-        let pool_key = self.keys.pool();
-        let mut pool_kv = self.store.get(&pool_key).await?;
-        if let Some(kv) = &pool_kv {
-            self.check_pool_record(kv)?;
-        }
+        self.ensure_pool_record().await?;
         let mut taken = self.taken_blocks().await?;
+        let mut claim = state.claim;
         let mut lost_races = 0;
         for failures in 0..MAX_ATTEMPTS {
             let Some(block) = self.choose_free_block(&taken, lost_races) else {
@@ -420,62 +497,98 @@ impl<S: Store> BlockIpam<S> {
                 );
                 return self.no_room(state, reason).await;
             };
-            let owner_key = self.keys.block(&block);
             let affinity_key = self.keys.affinity(&block);
-            let mut txn = Txn::new()
-                .when(Compare::unchanged(pool_key.clone(), pool_kv.as_ref()))
-                .when(Compare::Absent(owner_key.clone()))
+            let claim_compare = match claim {
+                Some(rev) => Compare::ModRevision(self.keys.claim(), rev),
+                None => Compare::Absent(self.keys.claim()),
+            };
+            let intent = Txn::new()
+                .when(claim_compare)
                 .when(Compare::Absent(affinity_key.clone()))
-                .when(state.claim_compare(&self.keys))
-                .put(
-                    owner_key.clone(),
-                    encode(&OwnerRecord {
-                        node: self.config.node.clone(),
-                    }),
-                )
-                .put(affinity_key.clone(), encode(&AffinityRecord::default()))
+                .put(affinity_key.clone(), encode(&AffinityRecord::pending()))
                 .put(
                     self.keys.claim(),
                     encode(&ClaimRecord {
                         last_claimed: block,
                     }),
                 );
-            if pool_kv.is_none() {
-                txn = txn.put(
-                    pool_key.clone(),
-                    encode(&PoolRecord {
-                        pool: self.config.pool,
-                        block_size: self.config.block_prefix,
-                    }),
-                );
-            }
-            let current = match self.store.commit(txn).await? {
-                TxnOutcome::Committed(revision) => {
-                    tracing::debug!(%block, node = %self.config.node, "block claimed");
-                    return Ok(Claim::Claimed { block, revision });
-                }
-                TxnOutcome::Failed(current) => current,
+            let pending_rev = match self.store.commit(intent).await? {
+                TxnOutcome::Committed(rev) => rev,
+                // Another process of this node claimed meanwhile.
+                TxnOutcome::Failed(_) => return Ok(Claim::NodeChanged),
             };
-            let now = |key: &str| current.iter().find(|kv| kv.key == key);
-            let claim_now = now(&self.keys.claim()).map(|kv| kv.mod_revision);
-            if claim_now != state.claim || now(&affinity_key).is_some() {
-                return Ok(Claim::NodeChanged);
-            }
-            pool_kv = now(&pool_key).cloned();
-            if let Some(kv) = &pool_kv {
-                self.check_pool_record(kv)?;
-            }
-            if let Some(kv) = now(&owner_key) {
-                let owner: OwnerRecord = decode(kv)?;
-                if owner.node == self.config.node {
-                    return Ok(Claim::NodeChanged);
+            match self.own_block(block).await? {
+                Owned::ByUs => return self.confirm(block, pending_rev).await,
+                Owned::ByOther => {
+                    // Lost the race for this block: drop the intent (if it is still ours as
+                    // written) and pick another block.
+                    let drop = Txn::new()
+                        .when(Compare::ModRevision(affinity_key.clone(), pending_rev))
+                        .delete(affinity_key);
+                    if let TxnOutcome::Failed(_) = self.store.commit(drop).await? {
+                        return Ok(Claim::NodeChanged);
+                    }
+                    let current = self.store.get(&self.keys.claim()).await?;
+                    claim = current.map(|kv| kv.mod_revision);
+                    lost_races += 1;
+                    taken = self.taken_blocks().await?;
                 }
-                lost_races += 1;
-                taken = self.taken_blocks().await?;
             }
             self.backoff(failures + 1).await;
         }
         Err(self.conflict("a block"))
+    }
+
+    /// Steps (2) and (3) of a claim for a pending affinity written at `rev`.
+    async fn finish_claim(&self, block: IpNet, rev: u64) -> Result<Claim> {
+        match self.own_block(block).await? {
+            Owned::ByUs => self.confirm(block, rev).await,
+            Owned::ByOther => {
+                let key = self.keys.affinity(&block);
+                let drop = Txn::new()
+                    .when(Compare::ModRevision(key.clone(), rev))
+                    .delete(key);
+                self.store.commit(drop).await?;
+                Ok(Claim::NodeChanged)
+            }
+        }
+    }
+
+    /// Step (2) of a claim: creates the ownership record of `block` for this node unless it
+    /// exists; who owns it now.
+    async fn own_block(&self, block: IpNet) -> Result<Owned> {
+        let owner_key = self.keys.block(&block);
+        let txn = Txn::new().when(Compare::Absent(owner_key.clone())).put(
+            owner_key.clone(),
+            encode(&OwnerRecord {
+                node: self.config.node.clone(),
+            }),
+        );
+        match self.store.commit(txn).await? {
+            TxnOutcome::Committed(_) => Ok(Owned::ByUs),
+            TxnOutcome::Failed(current) => match current.iter().find(|kv| kv.key == owner_key) {
+                Some(kv) if decode::<OwnerRecord>(kv)?.node == self.config.node => Ok(Owned::ByUs),
+                Some(_) => Ok(Owned::ByOther),
+                // Deleted again meanwhile (a give-back): treat as lost, pick again.
+                None => Ok(Owned::ByOther),
+            },
+        }
+    }
+
+    /// Step (3) of a claim: confirms the pending affinity written at `rev`.
+    async fn confirm(&self, block: IpNet, rev: u64) -> Result<Claim> {
+        let key = self.keys.affinity(&block);
+        let txn = Txn::new()
+            .when(Compare::ModRevision(key.clone(), rev))
+            .put(key, encode(&AffinityRecord::default()));
+        match self.store.commit(txn).await? {
+            TxnOutcome::Committed(_) => {
+                tracing::debug!(%block, node = %self.config.node, "block claimed");
+                Ok(Claim::Claimed { block })
+            }
+            // Another process of this node confirmed (or dropped) it first.
+            TxnOutcome::Failed(_) => Ok(Claim::NodeChanged),
+        }
     }
 
     /// The allocation of a handle that was there before this call.
@@ -536,13 +649,7 @@ impl<S: Store> BlockIpam<S> {
             let candidates = state.candidates(&self.geometry, window(failures));
             if candidates.pick_among == 0 {
                 match self.claim_block(&state).await? {
-                    Claim::Claimed { block, revision } => {
-                        state
-                            .affinities
-                            .insert(block, (revision, AffinityRecord::default()));
-                        state.claim = Some(revision);
-                    }
-                    Claim::NodeChanged => state = self.load().await?,
+                    Claim::Claimed { .. } | Claim::NodeChanged => state = self.load().await?,
                 }
                 continue;
             }
@@ -697,11 +804,19 @@ pub(crate) fn audit_kvs(config: &BlockIpamConfig, kvs: &[KeyValue]) -> Vec<Strin
     }
     let mut seen: BTreeMap<IpAddr, &str> = BTreeMap::new();
     for (node, state) in &nodes {
-        for block in state.affinities.keys() {
-            if owners.get(block) != Some(node) {
+        for (block, (_, affinity)) in &state.affinities {
+            // A pending affinity (a claim in progress) or a draining one (a give-back in
+            // progress) may lack the ownership; neither is allocated from.
+            let settled = !affinity.pending && !affinity.draining;
+            if settled && owners.get(block) != Some(node) {
                 problems.push(format!(
                     "node {node} has an affinity to {block}, owned by {:?}",
                     owners.get(block)
+                ));
+            }
+            if affinity.pending && state.used.keys().any(|ip| block.contains(ip)) {
+                problems.push(format!(
+                    "node {node} has addresses in {block}, whose claim is pending"
                 ));
             }
         }

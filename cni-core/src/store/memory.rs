@@ -29,6 +29,9 @@ pub struct StoreStats {
     pub commits: u64,
     /// Commits whose compares failed.
     pub failed_commits: u64,
+    /// Commits whose keys lie in more than one object (see [`object_of`](super::object_of)):
+    /// a store of per-object compare-and-swap (Kubernetes) could not apply them atomically.
+    pub multi_object_commits: u64,
 }
 
 impl StoreStats {
@@ -47,6 +50,7 @@ pub struct MemoryStore {
     lists: AtomicU64,
     commits: AtomicU64,
     failed_commits: AtomicU64,
+    multi_object_commits: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -82,6 +86,7 @@ impl MemoryStore {
             lists: self.lists.load(Ordering::Relaxed),
             commits: self.commits.load(Ordering::Relaxed),
             failed_commits: self.failed_commits.load(Ordering::Relaxed),
+            multi_object_commits: self.multi_object_commits.load(Ordering::Relaxed),
         }
     }
 
@@ -135,6 +140,9 @@ impl Store for MemoryStore {
     async fn commit(&self, txn: Txn) -> Result<TxnOutcome, StoreError> {
         self.interleave().await;
         self.commits.fetch_add(1, Ordering::Relaxed);
+        if super::objects(&txn).len() > 1 {
+            self.multi_object_commits.fetch_add(1, Ordering::Relaxed);
+        }
         let outcome = self.table().commit(txn);
         if matches!(outcome, TxnOutcome::Failed(_)) {
             self.failed_commits.fetch_add(1, Ordering::Relaxed);

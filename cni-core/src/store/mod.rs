@@ -5,6 +5,17 @@
 //! [`FileStore`] emulates under a file lock, so the block IPAM engine and the
 //! node registry are written once for all datastores.
 //!
+//! # Objects: the unit of atomicity
+//!
+//! etcd and the file store apply any transaction atomically; the Kubernetes API offers
+//! compare-and-swap on one object at a time (its `resourceVersion`) and no multi-object
+//! transaction. So cnikit groups keys into *objects* ([`object_of`]) and commits only
+//! transactions whose keys lie in one object: every key is its own object, except that the
+//! keys under `…/nodes/<node>/` form one object per node (a node's affinities, used and
+//! released addresses, handles and claim record). The block engine is written so (claims and
+//! block give-backs are several one-object steps, safe at every step), and so a store that
+//! maps each object to one Kubernetes resource needs no lock and no transaction of its own.
+//!
 //! Keys are `/`-separated strings; values are opaque bytes (cnikit writes JSON). Revisions
 //! grow monotonically over the whole store, as in etcd: a key's `mod_revision` is the
 //! revision of the transaction that last wrote it.
@@ -20,6 +31,42 @@ mod table;
 
 pub use file::FileStore;
 pub use memory::MemoryStore;
+
+/// The object a key belongs to (see the [module docs](self)): the key up to and including
+/// `/nodes/<node>/` when it has more segments after that, else the key itself.
+///
+/// ```
+/// use cni_core::store::object_of;
+/// assert_eq!(object_of("/cnikit/nodes/n1/used/10.0.0.5"), "/cnikit/nodes/n1/");
+/// assert_eq!(object_of("/cnikit/blocks/10.0.0.0-26"), "/cnikit/blocks/10.0.0.0-26");
+/// assert_eq!(object_of("/cnikit/registry/nodes/n1"), "/cnikit/registry/nodes/n1");
+/// ```
+pub fn object_of(key: &str) -> &str {
+    let mut from = 0;
+    while let Some(i) = key[from..].find("/nodes/") {
+        let node_start = from + i + "/nodes/".len();
+        if let Some(j) = key[node_start..].find('/') {
+            let end = node_start + j + 1;
+            if j > 0 && end < key.len() {
+                return &key[..end];
+            }
+        }
+        from = node_start;
+    }
+    key
+}
+
+/// The objects a transaction touches (compared or written), sorted.
+pub fn objects(txn: &Txn) -> std::collections::BTreeSet<&str> {
+    txn.compares
+        .iter()
+        .map(Compare::key)
+        .chain(txn.ops.iter().map(|op| match op {
+            Op::Put(k, _) | Op::Delete(k) => k.as_str(),
+        }))
+        .map(object_of)
+        .collect()
+}
 
 /// A store-wide revision number; 0 means "never written".
 pub type Revision = u64;

@@ -26,9 +26,24 @@ pub(crate) struct OwnerRecord {
 }
 
 /// `<prefix>/nodes/<node>/blocks/<block>`: the node's affinity to a block.
+///
+/// A claim writes it `pending` before it creates the block's ownership record and confirms
+/// it after; only confirmed, not draining affinities are allocated from.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct AffinityRecord {
     pub(crate) draining: bool,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) pending: bool,
+}
+
+impl AffinityRecord {
+    /// The affinity of a claim in progress.
+    pub(crate) fn pending() -> Self {
+        AffinityRecord {
+            draining: false,
+            pending: true,
+        }
+    }
 }
 
 /// `<prefix>/nodes/<node>/handles/<network>/<containerID>/<ifname>`: what an attachment holds.

@@ -104,18 +104,11 @@ impl NodeState {
         }
     }
 
-    pub(crate) fn claim_compare(&self, keys: &Keys) -> Compare {
-        match self.claim {
-            Some(rev) => Compare::ModRevision(keys.claim(), rev),
-            None => Compare::Absent(keys.claim()),
-        }
-    }
-
     /// Blocks addresses may be taken from, lowest first.
     pub(crate) fn open_blocks(&self) -> impl Iterator<Item = &IpNet> {
         self.affinities
             .iter()
-            .filter(|(_, (_, a))| !a.draining)
+            .filter(|(_, (_, a))| !a.draining && !a.pending)
             .map(|(b, _)| b)
     }
 

@@ -44,6 +44,11 @@ async fn addr(ipam: &BlockIpam<Mem>, cid: &str) -> IpAddr {
 async fn assert_consistent(ipam: &BlockIpam<Mem>) {
     let problems = ipam.audit().await.unwrap();
     assert!(problems.is_empty(), "inconsistent datastore: {problems:#?}");
+    assert_eq!(
+        ipam.store().stats().multi_object_commits,
+        0,
+        "every commit stays within one object (a Kubernetes store can apply it)"
+    );
 }
 
 fn code(e: &Error) -> u32 {
@@ -757,6 +762,7 @@ async fn racing_allocations_on_one_node_claim_one_block() {
     assert_eq!(addrs.len(), 12);
     assert_eq!(engines[0].node_blocks().await.unwrap().len(), 1);
     assert!(store.stats().failed_commits > 0, "the allocations did race");
+    assert_eq!(store.stats().multi_object_commits, 0);
     assert_consistent(&engines[0]).await;
 }
 
@@ -958,6 +964,11 @@ mod properties {
         check("filling the pool");
         let failures = failures.into_inner().unwrap();
         assert!(failures.is_empty(), "{failures:#?}");
+        assert_eq!(
+            store.stats().multi_object_commits,
+            0,
+            "one object per commit"
+        );
     }
 }
 
@@ -1089,4 +1100,87 @@ async fn leave_gives_back_the_last_empty_block_but_never_a_used_one() {
         blocks.last().unwrap().contains(&block),
         "the freed block is claimable"
     );
+}
+
+/// Writes `value` at `key` unconditionally, as an interrupted process would have left it.
+async fn leave(store: &Mem, key: &str, value: &str) {
+    let txn = Txn::new().put(key, value.as_bytes().to_vec());
+    assert!(matches!(
+        store.commit(txn).await.unwrap(),
+        TxnOutcome::Committed(_)
+    ));
+}
+
+#[tokio::test]
+async fn a_claim_interrupted_after_its_intent_is_finished_by_the_next_allocation() {
+    let store = Mem::default();
+    let ipam = engine(&store, config("10.13.0.0/28", 29, "n1"));
+    ipam.ready().await.unwrap();
+    // Step 1 done (pending affinity), steps 2 and 3 never ran.
+    leave(
+        &store,
+        "/cnikit/nodes/n1/blocks/10.13.0.8-29",
+        r#"{"draining":false,"pending":true}"#,
+    )
+    .await;
+    let a = addr(&ipam, "c1").await;
+    assert!(
+        net("10.13.0.8/29").contains(&a),
+        "the pending block is finished and used: {a}"
+    );
+    assert_eq!(ipam.node_blocks().await.unwrap(), vec![net("10.13.0.8/29")]);
+    assert_consistent(&ipam).await;
+}
+
+#[tokio::test]
+async fn a_pending_claim_on_a_block_another_node_owns_is_dropped() {
+    let store = Mem::default();
+    let n2 = engine(&store, config("10.14.0.0/28", 29, "n2"));
+    let owned = n2.ensure_block().await.unwrap();
+    assert_eq!(owned, net("10.14.0.0/29"));
+    let ipam = engine(&store, config("10.14.0.0/28", 29, "n1"));
+    leave(
+        &store,
+        "/cnikit/nodes/n1/blocks/10.14.0.0-29",
+        r#"{"draining":false,"pending":true}"#,
+    )
+    .await;
+    let a = addr(&ipam, "c1").await;
+    assert!(
+        net("10.14.0.8/29").contains(&a),
+        "n1 gets the other block: {a}"
+    );
+    assert_eq!(ipam.node_blocks().await.unwrap(), vec![net("10.14.0.8/29")]);
+    assert_consistent(&ipam).await;
+    assert_consistent(&n2).await;
+}
+
+#[tokio::test]
+async fn a_give_back_interrupted_after_the_ownership_went_is_finished() {
+    let store = Mem::default();
+    let ipam = engine(&store, config("10.15.0.0/28", 29, "n1"));
+    let blocks = [net("10.15.0.0/29"), net("10.15.0.8/29")];
+    ipam.ensure_block().await.unwrap();
+    // Fill the first block so that a second one is claimed, then free everything.
+    let mut n = 0;
+    while ipam.node_blocks().await.unwrap().len() < 2 {
+        addr(&ipam, &format!("c{n}")).await;
+        n += 1;
+    }
+    ipam.gc(&[]).await.unwrap();
+    // The second block: drained, ownership deleted, the process died before the affinity.
+    let key = "/cnikit/nodes/n1/blocks/10.15.0.8-29";
+    let kv = store.get(key).await.unwrap().unwrap();
+    ipam.set_draining(key, kv.mod_revision, true).await.unwrap();
+    let txn = Txn::new().delete("/cnikit/blocks/10.15.0.8-29");
+    store.commit(txn).await.unwrap();
+    assert_consistent(&ipam).await;
+    // Another node may take the block meanwhile; n1 never allocates from it.
+    let n2 = engine(&store, config("10.15.0.0/28", 29, "n2"));
+    let a2 = addr(&n2, "x").await;
+    assert!(blocks[1].contains(&a2));
+    assert_eq!(ipam.release_empty_blocks().await.unwrap(), vec![blocks[1]]);
+    assert_eq!(ipam.node_blocks().await.unwrap(), vec![blocks[0]]);
+    assert_consistent(&ipam).await;
+    assert_consistent(&n2).await;
 }

@@ -1,0 +1,127 @@
+//! The custom resources (group [`GROUP`], version `v1alpha1`, all cluster-scoped) and their
+//! CRD manifests.
+//!
+//! Each resource is one *object* of the block engine (see
+//! [`cni_core::store::object_of`]): the engine's compare-and-swap on a few records of one
+//! object is one `replace` of one resource, guarded by its `resourceVersion`.
+//!
+//! | kind | name | holds |
+//! |---|---|---|
+//! | [`IPPool`] | `<pool>` | the pool record (CIDR and block size the pool was set up with) |
+//! | [`IPAMBlock`] | `<pool>.<block>` (`10.244.0.64-26`, `:` written `x`) | which node owns the block |
+//! | [`IPAMNode`] | `<pool>.<node>` | the node's block affinities (pending → confirmed, draining), its used and released addresses, its handles (one per attachment) and its claim record |
+//!
+//! `<pool>` is the store prefix without its leading `/`, `/` written `.` (`cnikit` for the
+//! default prefix `/cnikit`); every object carries the label [`PREFIX_LABEL`] with it.
+//! Records are kept as the engine writes them (a JSON text each) with the revision of the
+//! object's [`RecordsSpec::revision`] counter at which they were written; an object whose
+//! records are all deleted stays, empty, so its counter never restarts.
+
+use std::collections::BTreeMap;
+
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// The API group of the resources.
+pub const GROUP: &str = "ipam.cnikit.io";
+
+/// The label that names the store prefix an object belongs to.
+pub const PREFIX_LABEL: &str = "ipam.cnikit.io/prefix";
+
+/// One record of an object: a value the engine wrote and when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Record {
+    /// The record as the block engine encodes it (JSON text).
+    pub value: String,
+    /// The revision of the object when the record was last written.
+    pub revision: i64,
+}
+
+/// The records of one object, by key (the full datastore key).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct RecordsSpec {
+    /// Bumped by every write of the object; the revision of the records it writes.
+    #[serde(default)]
+    pub revision: i64,
+    /// The records.
+    #[serde(default)]
+    pub records: BTreeMap<String, Record>,
+}
+
+/// The pool record of one IPAM pool.
+#[derive(
+    CustomResource, Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema,
+)]
+#[kube(
+    group = "ipam.cnikit.io",
+    version = "v1alpha1",
+    kind = "IPPool",
+    plural = "ippools",
+    shortname = "cnkpool",
+    printcolumn = r#"{"name":"Revision","type":"integer","jsonPath":".spec.revision"}"#
+)]
+pub struct IPPoolSpec {
+    /// The pool's records.
+    #[serde(flatten)]
+    pub records: RecordsSpec,
+}
+
+/// The ownership record of one block of a pool.
+#[derive(
+    CustomResource, Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema,
+)]
+#[kube(
+    group = "ipam.cnikit.io",
+    version = "v1alpha1",
+    kind = "IPAMBlock",
+    plural = "ipamblocks",
+    shortname = "cnkblock",
+    printcolumn = r#"{"name":"Revision","type":"integer","jsonPath":".spec.revision"}"#
+)]
+pub struct IPAMBlockSpec {
+    /// The block's records.
+    #[serde(flatten)]
+    pub records: RecordsSpec,
+}
+
+/// One node's affinities, allocations and handles in a pool.
+#[derive(
+    CustomResource, Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema,
+)]
+#[kube(
+    group = "ipam.cnikit.io",
+    version = "v1alpha1",
+    kind = "IPAMNode",
+    plural = "ipamnodes",
+    shortname = "cnknode",
+    printcolumn = r#"{"name":"Revision","type":"integer","jsonPath":".spec.revision"}"#
+)]
+pub struct IPAMNodeSpec {
+    /// The node's records.
+    #[serde(flatten)]
+    pub records: RecordsSpec,
+}
+
+/// The CRDs of every resource of this crate.
+pub fn crds()
+-> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
+{
+    use kube::CustomResourceExt;
+    vec![IPPool::crd(), IPAMBlock::crd(), IPAMNode::crd()]
+}
+
+/// The CRD manifest checked in as `deploy/crds/ipam.cnikit.io.yaml`: every CRD, as YAML
+/// documents separated by `---`.
+pub fn crds_yaml() -> String {
+    let mut out = String::from(
+        "# Generated from ipam-crd/src/resources.rs by `cargo run -p ipam-crd --example crds`;\n\
+         # a test checks that it is current.\n",
+    );
+    for crd in crds() {
+        out.push_str("---\n");
+        // A CRD is plain data: it always serializes.
+        out.push_str(&serde_yaml::to_string(&crd).unwrap_or_default());
+    }
+    out
+}
