@@ -299,13 +299,20 @@ impl Locked<'_> {
         let temp = &self.paths.temp;
         let bytes =
             serde_json::to_vec(&table).map_err(|e| io_error(temp, std::io::Error::other(e)))?;
-        let mut file = File::create(temp).map_err(|e| io_error(temp, e))?;
-        file.write_all(&bytes).map_err(|e| io_error(temp, e))?;
-        // The data must be on disk before the rename makes it the store: otherwise a crash
-        // could leave `store.json` naming an empty or partial file.
-        file.sync_data().map_err(|e| io_error(temp, e))?;
-        let id = FileId::of(&file.metadata().map_err(|e| io_error(temp, e))?);
-        drop(file);
+        let write = || -> std::io::Result<FileId> {
+            let mut file = File::create(temp)?;
+            file.write_all(&bytes)?;
+            // The data must be on disk before the rename makes it the store: otherwise a
+            // crash could leave `store.json` naming an empty or partial file.
+            file.sync_data()?;
+            Ok(FileId::of(&file.metadata()?))
+        };
+        let id = write().map_err(|e| {
+            // A partial temporary file (disk full) would hold on to the space that is
+            // left, which the node's other writers (state file, logs) need too.
+            let _ = fs::remove_file(temp);
+            io_error(temp, e)
+        })?;
         // Bump the generation before the rename: if we die in between, readers merely
         // re-parse an unchanged file; the other order could let them keep a stale table.
         let generation = generation.wrapping_add(1);
