@@ -58,7 +58,10 @@ fn data_dir_store_and_log_are_private() {
     });
     rt.add("c1", &pod, &conf);
     assert!(log.is_file(), "the plugin wrote its log");
-    assert!(data.join("ipam").is_dir(), "the store is under the data directory");
+    assert!(
+        data.join("ipam").is_dir(),
+        "the store is under the data directory"
+    );
     let mut open = open_to_others(&lab.path("var/lib/cni/cnikit"));
     open.extend(open_to_others(&log));
     rt.del("c1", Some(&pod.path), &conf);
