@@ -15,7 +15,7 @@
 //! |---|---|---|
 //! | [`netconf`] | a plugin's stdin | the runner's checks for every command, `prevResult`, the `cnikit` plugin's keys, the block IPAM, store, etcd, pod network and routing mode sections |
 //! | [`conflist`] | a `.conflist` file | decoding, version negotiation, the per-plugin configuration a runtime builds, the agent's `cnikit` entry |
-//! | [`env`] | the process environment (`KEY=VALUE` lines) | `CNI_COMMAND`, `CNI_CONTAINERID`, `CNI_IFNAME`, `CNI_ARGS`, `CNI_PATH`… |
+//! | [`env()`] | the process environment (`KEY=VALUE` lines) | `CNI_COMMAND`, `CNI_CONTAINERID`, `CNI_IFNAME`, `CNI_ARGS`, `CNI_PATH`… |
 //! | [`result`] | a result, error or VERSION answer a delegated plugin prints | results of every version and their conversions |
 //! | [`store_file`] | the file store's `store.json` | the file store, the block IPAM engine and the node registry over it |
 //! | [`store_records`] | the keys and values of any datastore (file, etcd) | the block IPAM engine's and the node registry's record decoding and repairs |
@@ -317,8 +317,8 @@ pub fn store_file(data: &[u8]) {
 }
 
 /// Keys and values of a datastore, as pairs of NUL-terminated strings (`key\0value\0`…),
-/// put into a store (etcd and the file store hold the same records), then run through
-/// [`exercise`].
+/// put into a store (etcd and the file store hold the same records), then read, committed
+/// to and repaired as in [`store_file`].
 pub fn store_records(data: &[u8]) {
     let mut parts = data.split(|b| *b == 0);
     let mut txn = Txn::new();
