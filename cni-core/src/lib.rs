@@ -20,6 +20,7 @@
 //! - [`state`]: the node state file the agent writes and the plugin reads (pod MTU,
 //!   readiness for STATUS).
 //! - [`linux`]: network namespace handles and the netlink helpers.
+//! - [`private_fs`]: the node's files and directories, readable by their owner only.
 #![warn(missing_docs)]
 
 pub mod agent;
@@ -29,6 +30,7 @@ pub mod exec;
 pub mod ipam;
 pub mod linux;
 pub mod network;
+pub mod private_fs;
 pub mod registry;
 pub mod routing;
 pub mod runner;

@@ -90,13 +90,14 @@ impl NodeState {
     /// Writes the state file atomically (temporary file, then rename).
     pub fn write(&self, data_dir: &Path) -> Result<()> {
         let io = |what: String, source| Error::Io { what, source };
-        std::fs::create_dir_all(data_dir)
+        crate::private_fs::create_dir_all(data_dir)
             .map_err(|e| io(format!("create {}", data_dir.display()), e))?;
         let path = Self::path(data_dir);
         let tmp = data_dir.join(format!(".{}.{}", Self::FILE, std::process::id()));
         // Serializing a struct of strings, numbers and prefixes cannot fail.
         let bytes = serde_json::to_vec_pretty(self).expect("NodeState serializes");
-        std::fs::write(&tmp, bytes).map_err(|e| io(format!("write {}", tmp.display()), e))?;
+        crate::private_fs::write(&tmp, &bytes)
+            .map_err(|e| io(format!("write {}", tmp.display()), e))?;
         std::fs::rename(&tmp, &path).map_err(|e| io(format!("rename to {}", path.display()), e))
     }
 
@@ -136,5 +137,19 @@ mod tests {
         NodeState::remove(dir.path()).unwrap();
         NodeState::remove(dir.path()).unwrap();
         assert_eq!(NodeState::read(dir.path()).unwrap(), None);
+    }
+
+    #[test]
+    fn state_file_and_its_directory_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let data_dir = tmp.path().join("data");
+        NodeState::new("n1", "host-gw", 1500, vec![])
+            .write(&data_dir)
+            .unwrap();
+        for path in [data_dir.clone(), NodeState::path(&data_dir)] {
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode & 0o077, 0, "{} is {mode:o}", path.display());
+        }
     }
 }

@@ -509,7 +509,8 @@ fn init_logging(stdin: &[u8]) {
         .with_env_filter(filter)
         .with_ansi(false);
     let opened = file.and_then(|path| {
-        std::fs::OpenOptions::new()
+        // The log names pods, addresses and paths: for root's eyes only.
+        cni_core::private_fs::open_options()
             .create(true)
             .append(true)
             .open(path)

@@ -21,7 +21,7 @@
 //! [`StoreError::Timeout`] (code 11) and is abandoned: it never applies later. So is one
 //! whose future is dropped (its caller cancelled) before it got the lock.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::os::unix::fs::{FileExt as _, MetadataExt};
@@ -299,13 +299,24 @@ impl Locked<'_> {
         let temp = &self.paths.temp;
         let bytes =
             serde_json::to_vec(&table).map_err(|e| io_error(temp, std::io::Error::other(e)))?;
-        let mut file = File::create(temp).map_err(|e| io_error(temp, e))?;
-        file.write_all(&bytes).map_err(|e| io_error(temp, e))?;
-        // The data must be on disk before the rename makes it the store: otherwise a crash
-        // could leave `store.json` naming an empty or partial file.
-        file.sync_data().map_err(|e| io_error(temp, e))?;
-        let id = FileId::of(&file.metadata().map_err(|e| io_error(temp, e))?);
-        drop(file);
+        let write = || -> std::io::Result<FileId> {
+            let mut file = crate::private_fs::open_options()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(temp)?;
+            file.write_all(&bytes)?;
+            // The data must be on disk before the rename makes it the store: otherwise a
+            // crash could leave `store.json` naming an empty or partial file.
+            file.sync_data()?;
+            Ok(FileId::of(&file.metadata()?))
+        };
+        let id = write().map_err(|e| {
+            // A partial temporary file (disk full) would hold on to the space that is
+            // left, which the node's other writers (state file, logs) need too.
+            let _ = fs::remove_file(temp);
+            io_error(temp, e)
+        })?;
         // Bump the generation before the rename: if we die in between, readers merely
         // re-parse an unchanged file; the other order could let them keep a stale table.
         let generation = generation.wrapping_add(1);
@@ -334,7 +345,7 @@ fn io_error(path: &Path, source: std::io::Error) -> StoreError {
 
 fn open_lock(paths: &Paths) -> Result<File, StoreError> {
     let open = || {
-        OpenOptions::new()
+        crate::private_fs::open_options()
             .read(true)
             .write(true)
             .create(true)
@@ -344,7 +355,7 @@ fn open_lock(paths: &Paths) -> Result<File, StoreError> {
     match open() {
         Ok(f) => Ok(f),
         Err(e) if e.kind() == ErrorKind::NotFound => {
-            fs::create_dir_all(&paths.dir).map_err(|e| io_error(&paths.dir, e))?;
+            crate::private_fs::create_dir_all(&paths.dir).map_err(|e| io_error(&paths.dir, e))?;
             open().map_err(|e| io_error(&paths.lock, e))
         }
         Err(e) => Err(io_error(&paths.lock, e)),
@@ -466,6 +477,23 @@ mod tests {
         match o {
             TxnOutcome::Committed(r) => r,
             TxnOutcome::Failed(kv) => panic!("unexpected compare failure: {kv:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn store_files_and_directories_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let s = FileStore::new(tmp.path().join("data/ipam"));
+        s.commit(Txn::new().put("/x", "1")).await.unwrap();
+        for path in [
+            tmp.path().join("data"),
+            s.dir().to_owned(),
+            s.path().to_owned(),
+            s.dir().join(LOCK_FILE),
+        ] {
+            let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode & 0o077, 0, "{} is {mode:o}", path.display());
         }
     }
 

@@ -155,8 +155,12 @@ impl Net {
         let mut cmd = Command::new(plugin_binary());
         cmd.env("CNI_COMMAND", command)
             .env("CNI_PATH", "/nonexistent/cni-bin")
-            // Warnings only, and never the test runner's own log settings.
-            .env("CNIKIT_LOG", "warn")
+            // Warnings only unless the network asks for more (`ipam.logLevel`), and never
+            // the test runner's own log settings.
+            .env(
+                "CNIKIT_LOG",
+                self.ipam["logLevel"].as_str().unwrap_or("warn"),
+            )
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

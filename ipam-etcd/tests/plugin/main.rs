@@ -718,3 +718,64 @@ async fn frozen_etcd_times_out_then_recovers() {
     );
     assert_clean(&inspect.audit().await, "after the freeze");
 }
+
+/// etcd with authentication, and the plugin logging everything it and its libraries say
+/// (`trace`): neither the right password nor a wrong one appears in the log or in an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passwords_never_reach_the_log_or_an_error() {
+    let Some(etcd) = Etcd::start("pwlog").await else {
+        return;
+    };
+    cni::plugin_binary();
+    const PASSWORD: &str = "pw-Lk3s9Qx-never-in-a-log";
+    const WRONG: &str = "wrong-Pz7c2Vb-never-in-a-log";
+    let mut raw = etcd.raw_client().await.unwrap();
+    raw.user_add("root", PASSWORD, None).await.unwrap();
+    raw.user_grant_role("root", "root").await.unwrap();
+    raw.auth_enable().await.unwrap();
+    let dir = etcd.dir();
+    std::fs::write(dir.join("pw"), format!("{PASSWORD}\n")).unwrap();
+    std::fs::write(dir.join("bad-pw"), WRONG).unwrap();
+    let log = dir.join("plugin.log");
+
+    let mut net = Net::new(
+        "pwlog",
+        "10.87.0.0/24",
+        26,
+        "n0",
+        &etcd.endpoint(),
+        &etcd.prefix(),
+        5_000,
+    );
+    net.ipam["logFile"] = serde_json::json!(log);
+    net.ipam["logLevel"] = serde_json::json!("trace");
+    net.ipam["store"]["username"] = serde_json::json!("root");
+    net.ipam["store"]["passwordFile"] = serde_json::json!(dir.join("pw"));
+    net.add("c1").await.ip("ADD with the right password");
+    net.del("c1").await.expect_ok("DEL with the right password");
+
+    let mut wrong = net.clone();
+    wrong.ipam["store"]["passwordFile"] = serde_json::json!(dir.join("bad-pw"));
+    let e = wrong
+        .add("c2")
+        .await
+        .error("ADD with a wrong password")
+        .clone();
+    eprintln!("ADD with a wrong password: {e}");
+    assert_eq!(e.code, 7, "{e}");
+
+    let text = std::fs::read_to_string(&log).expect("the plugin's log");
+    let lines = text.lines().count();
+    eprintln!("{lines} log lines at trace level");
+    assert!(
+        text.contains("h2") || text.contains("tonic") || text.contains("hyper"),
+        "the log holds the gRPC stack's trace too: {lines} lines"
+    );
+    for secret in [PASSWORD, WRONG] {
+        assert!(!text.contains(secret), "a password is in the log");
+        assert!(
+            !e.to_string().contains(secret),
+            "a password is in the error: {e}"
+        );
+    }
+}
