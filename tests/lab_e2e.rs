@@ -412,6 +412,20 @@ fn lifecycle_with(test: &str, tag: &str, mode: &str, extra: &[&str]) {
 
     // node-del node3: its entries must vanish from node1 and node2.
     let before = lab.status();
+    // The agents' endpoints: `status` shows every node alive and ready; node1's /metrics,
+    // curled inside its namespace, follows node3 leaving and node4 joining below.
+    for n in before["nodes"].as_array().expect("nodes") {
+        assert_eq!(n["endpoints"]["healthz"]["status"], 200, "{n}");
+        assert_eq!(n["endpoints"]["readyz"]["status"], 200, "{n}");
+        assert_eq!(n["endpoints"]["metrics"]["peers"], 2.0, "{n}");
+    }
+    let metrics = AgentMetrics::of(&before, "node1");
+    let routes_before = metrics.until("node1 routes node2 and node3", |m| {
+        m.get("cnikit_agent_peers") == Some(2.0)
+            && m.get("cnikit_agent_programmed_routes")
+                .is_some_and(|r| r > 0.0)
+    });
+    let routes = |m: &Page| m.get("cnikit_agent_programmed_routes").unwrap_or(-1.0);
     let gone = Peer::of(&before, "node3");
     let others: Vec<String> = ["node1", "node2"]
         .iter()
@@ -487,6 +501,10 @@ fn lifecycle_with(test: &str, tag: &str, mode: &str, extra: &[&str]) {
             "node3's bird {pid} outlived node-del"
         );
     }
+    let routes_after_del = metrics.until("node3 gone from node1's metrics", |m| {
+        m.get("cnikit_agent_peers") == Some(1.0)
+            && (0.0..routes(&routes_before)).contains(&routes(m))
+    });
 
     // node-add: node4 joins, its pods reach and are reached by the old ones.
     let added = lab.ok(&["node-add"]);
@@ -516,6 +534,22 @@ fn lifecycle_with(test: &str, tag: &str, mode: &str, extra: &[&str]) {
         !report.to_string().contains("node3"),
         "node3 is gone from the lab"
     );
+    let joined = metrics.until("node4 in node1's metrics", |m| {
+        m.get("cnikit_agent_peers") == Some(2.0) && routes(m) == routes(&routes_before)
+    });
+    assert!(
+        joined.get("cnikit_agent_reconciles_total").unwrap_or(0.0)
+            > routes_after_del
+                .get("cnikit_agent_reconciles_total")
+                .unwrap_or(f64::MAX),
+        "node4's arrival was reconciled"
+    );
+    println!(
+        "{mode}: node1's /metrics: peers 2 -> 1 -> 2, programmed routes {} -> {} -> {}",
+        routes(&routes_before),
+        routes(&routes_after_del),
+        routes(&joined),
+    );
 
     if mode == "bgp" {
         // The survivors and the newcomer listen; `down` must take their sockets away with
@@ -543,6 +577,68 @@ fn lifecycle_with(test: &str, tag: &str, mode: &str, extra: &[&str]) {
             !Path::new(&format!("/proc/{pid}")).exists(),
             "the bird of {ns} ({pid}) outlived down"
         );
+    }
+}
+
+/// A node agent's `/metrics`, fetched with `curl` inside the node's namespace at the
+/// address `status --json` reports.
+struct AgentMetrics {
+    ns: String,
+    url: String,
+}
+
+/// One fetched metrics page.
+struct Page(String);
+
+impl Page {
+    /// The value of the sample `name` (a whole line `name value`).
+    fn get(&self, name: &str) -> Option<f64> {
+        self.0
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+    }
+}
+
+impl AgentMetrics {
+    fn of(status: &Value, name: &str) -> Self {
+        let n = node(status, name);
+        AgentMetrics {
+            ns: n["ns"].as_str().expect("ns").to_owned(),
+            url: format!(
+                "http://{}/metrics",
+                n["endpoints"]["address"]
+                    .as_str()
+                    .expect("endpoints address")
+            ),
+        }
+    }
+
+    fn fetch(&self) -> Page {
+        let out = Command::new("ip")
+            .args([
+                "netns", "exec", &self.ns, "curl", "-sf", "-m", "5", &self.url,
+            ])
+            .output()
+            .expect("run curl");
+        Page(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Fetches until `cond` holds (20 s at most); the page it held on.
+    fn until(&self, what: &str, cond: impl Fn(&Page) -> bool) -> Page {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let page = self.fetch();
+            if cond(&page) {
+                return page;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; {} said\n{}",
+                self.url,
+                page.0
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 }
 

@@ -57,6 +57,20 @@ pub struct ReconcileReport {
     pub routed: usize,
     /// Peers this mode cannot route, with the reason (a host-gw peer that is not on-link).
     pub unroutable: BTreeMap<String, String>,
+    /// The entries the mode has in the kernel for its peers after the pass.
+    pub programmed: Programmed,
+}
+
+/// Kernel entries a routing mode has programmed for its peers (wanted and written, or
+/// found in place), as the node agent's metrics report them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Programmed {
+    /// Routes to peers' blocks.
+    pub routes: usize,
+    /// Permanent neighbour (ARP) entries.
+    pub neighbours: usize,
+    /// Bridge forwarding database entries of a VXLAN device.
+    pub fdb: usize,
 }
 
 /// Programs the node's kernel so that pods reach the blocks of other nodes.

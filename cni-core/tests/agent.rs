@@ -14,7 +14,8 @@
 //! - The node state file follows the peer list.
 //! - The endpoints, fetched over TCP inside the node namespace: `/readyz` is 503 while the
 //!   node comes up and 200 after the first reconcile, `/healthz` is 200 while the loop
-//!   runs, and `/metrics` counts reconciles, more of them once a peer joins.
+//!   runs, and `/metrics` counts reconciles, more of them once a peer joins; the
+//!   addresses in use follow a pod's allocation and release within a block poll.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -659,6 +660,34 @@ async fn the_endpoints_report_health_readiness_and_reconciles() {
     let after = sample(&page, "cnikit_agent_reconciles_total").expect(&page);
     assert!(after > before, "reconciles {before} -> {after}\n{page}");
     s.registry.deregister("p1").await.unwrap();
+
+    // A pod allocated on the node (as the plugin does, in the same store): one more
+    // address in use besides the tunnel address; released: back.
+    let in_use = |page: &str| sample(page, "cnikit_agent_addresses_in_use");
+    assert_eq!(in_use(&page), Some(1.0), "the tunnel address\n{page}");
+    let pods: AgentIpam = BlockIpam::new(s.store.clone(), ipam_config()).expect("ipam");
+    let pod = Attachment::new("agent-test", "pod-1", "eth0");
+    pods.allocate(&pod).await.expect("allocate");
+    let until = |want: f64| {
+        let ns = &ns;
+        async move {
+            let mut page = String::new();
+            let seen = tokio::time::timeout(Duration::from_secs(10), async {
+                loop {
+                    page = get(ns, address, "/metrics").await.1;
+                    if in_use(&page) == Some(want) {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+            .await;
+            assert!(seen.is_ok(), "addresses in use never {want} in\n{page}");
+        }
+    };
+    until(2.0).await;
+    pods.release(&pod).await.expect("release");
+    until(1.0).await;
 
     stop_cleanly(&stop, run).await;
 }

@@ -36,6 +36,7 @@ pub fn conflist(lab: &Lab, node: &Node) -> Value {
             "interface": NODE_NIC,
             "ttlSeconds": lab.ttl_seconds,
             "resyncSeconds": lab.resync_seconds,
+            "metricsAddress": crate::endpoints::address(node),
         },
         "ipam": {
             "type": "cnikit-ipam",

@@ -39,6 +39,7 @@ mod check;
 mod cni;
 mod down;
 mod ebpf;
+mod endpoints;
 mod modes;
 mod net;
 mod nodes;

@@ -4,7 +4,7 @@ use anyhow::Result;
 use serde_json::json;
 
 use crate::state::Lab;
-use crate::{bgp, cni, net, procs};
+use crate::{bgp, cni, endpoints, net, procs};
 
 /// `status`: the nodes, their agents and readiness, the pods, etcd.
 pub async fn status(name: &str, as_json: bool) -> Result<()> {
@@ -29,6 +29,7 @@ pub async fn status(name: &str, as_json: bool) -> Result<()> {
             "ready": ready.is_ok(),
             "notReady": ready.err().map(|e| format!("{e:#}")),
             "nodeState": node_state,
+            "endpoints": endpoints::report(node).await,
             "dataDir": node.data_dir(),
             "pods": node.pods.iter().map(|p| json!({
                 "name": p.name, "ns": p.ns, "containerId": p.container_id, "ips": p.ips,
@@ -97,6 +98,7 @@ pub async fn status(name: &str, as_json: bool) -> Result<()> {
                 format!("NOT READY: {}", n["notReady"].as_str().unwrap_or("?"))
             }
         );
+        println!("  agent {}", endpoints::line(&n["endpoints"]));
         if let Ok(report) =
             serde_json::from_value::<cnikit::bgp::Report>(n["nodeState"]["routing"].clone())
         {

@@ -342,6 +342,10 @@ impl Bird {
                 .iter()
                 .filter(|p| p.state == "established")
                 .count(),
+            programmed: cni_core::routing::Programmed {
+                routes: report.installed.values().map(Vec::len).sum(),
+                ..Default::default()
+            },
             unroutable: report.unroutable,
         })
     }

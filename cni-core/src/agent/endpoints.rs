@@ -20,12 +20,28 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::error::{Error, Result};
 use crate::linux::NetNs;
+use crate::routing::Programmed;
+
+/// The RFC 4271 session states (as the BGP mode's report names them), each exported for a
+/// mode that reports sessions, with 0 when no session is in it.
+pub const SESSION_STATES: [&str; 6] = [
+    "idle",
+    "connect",
+    "active",
+    "open_sent",
+    "open_confirm",
+    "established",
+];
+
+/// The label set of `cnikit_agent_bgp_sessions`: `state`.
+type StateLabel = Vec<(String, String)>;
 
 /// What the agent has done, in Prometheus metrics (all prefixed `cnikit_agent_`), and
 /// whether it is alive and ready. Shared between the agent and its endpoints.
@@ -49,6 +65,20 @@ pub struct Metrics {
     pub unroutable_peers: Gauge,
     /// `cnikit_agent_blocks`: IPAM blocks the node holds.
     pub blocks: Gauge,
+    /// `cnikit_agent_addresses_in_use`: addresses in use in the node's blocks (pods' and
+    /// the tunnel address).
+    pub addresses_in_use: Gauge,
+    /// `cnikit_agent_programmed_routes`: routes to peers' blocks in the kernel.
+    pub programmed_routes: Gauge,
+    /// `cnikit_agent_programmed_neighbours`: permanent neighbour entries for peers.
+    pub programmed_neighbours: Gauge,
+    /// `cnikit_agent_programmed_fdb_entries`: VXLAN FDB entries for peers.
+    pub programmed_fdb: Gauge,
+    /// `cnikit_agent_bgp_sessions{state}`: BGP sessions by state (modes that report
+    /// sessions only).
+    pub bgp_sessions: Family<StateLabel, Gauge>,
+    /// States that have had a session, so that one emptied goes back to 0.
+    session_states: Mutex<std::collections::BTreeSet<String>>,
     /// `cnikit_agent_datastore_errors_total`: failed registry and datastore calls.
     pub datastore_errors: Counter,
     alive: AtomicBool,
@@ -75,6 +105,11 @@ impl Metrics {
         let routed_peers = Gauge::default();
         let unroutable_peers = Gauge::default();
         let blocks = Gauge::default();
+        let addresses_in_use = Gauge::default();
+        let programmed_routes = Gauge::default();
+        let programmed_neighbours = Gauge::default();
+        let programmed_fdb = Gauge::default();
+        let bgp_sessions = Family::<StateLabel, Gauge>::default();
         let datastore_errors = Counter::default();
         registry.register("reconciles", "Reconciles run", reconciles.clone());
         registry.register(
@@ -101,6 +136,31 @@ impl Metrics {
         );
         registry.register("blocks", "IPAM blocks held by the node", blocks.clone());
         registry.register(
+            "addresses_in_use",
+            "Addresses in use in the node's IPAM blocks",
+            addresses_in_use.clone(),
+        );
+        registry.register(
+            "programmed_routes",
+            "Routes to peers' blocks programmed in the kernel",
+            programmed_routes.clone(),
+        );
+        registry.register(
+            "programmed_neighbours",
+            "Permanent neighbour entries programmed for peers",
+            programmed_neighbours.clone(),
+        );
+        registry.register(
+            "programmed_fdb_entries",
+            "VXLAN forwarding database entries programmed for peers",
+            programmed_fdb.clone(),
+        );
+        registry.register(
+            "bgp_sessions",
+            "BGP sessions by state",
+            bgp_sessions.clone(),
+        );
+        registry.register(
             "datastore_errors",
             "Failed registry and datastore calls",
             datastore_errors.clone(),
@@ -115,9 +175,66 @@ impl Metrics {
             routed_peers,
             unroutable_peers,
             blocks,
+            addresses_in_use,
+            programmed_routes,
+            programmed_neighbours,
+            programmed_fdb,
+            bgp_sessions,
+            session_states: Mutex::new(std::collections::BTreeSet::new()),
             datastore_errors,
             alive: AtomicBool::new(false),
             not_ready: Mutex::new(Some("starting".to_owned())),
+        }
+    }
+
+    /// Sets the programmed-entry gauges.
+    pub fn set_programmed(&self, programmed: &Programmed) {
+        self.programmed_routes.set(gauge(programmed.routes));
+        self.programmed_neighbours.set(gauge(programmed.neighbours));
+        self.programmed_fdb.set(gauge(programmed.fdb));
+    }
+
+    /// Takes what a mode reports by itself ([`CrossNodeRouting::report`]) into the
+    /// metrics. The BGP mode's report (both engines) has `peers`, each with a `state`,
+    /// counted into `cnikit_agent_bgp_sessions{state}` (every RFC 4271 state, 0 when
+    /// empty), and `installed`, the routes in the kernel by peer, which then make
+    /// `cnikit_agent_programmed_routes` (the speaker installs them between reconciles).
+    /// Anything else is ignored.
+    ///
+    /// [`CrossNodeRouting::report`]: crate::routing::CrossNodeRouting::report
+    pub fn observe_report(&self, report: &serde_json::Value) {
+        if let Some(peers) = report.get("peers").and_then(|p| p.as_array()) {
+            let mut counts: std::collections::BTreeMap<String, usize> = SESSION_STATES
+                .iter()
+                .map(|s| ((*s).to_owned(), 0))
+                .collect();
+            for state in peers
+                .iter()
+                .filter_map(|p| p.get("state").and_then(|s| s.as_str()))
+            {
+                *counts.entry(state.to_owned()).or_default() += 1;
+            }
+            let mut seen = self
+                .session_states
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for state in seen.iter() {
+                counts.entry(state.clone()).or_default();
+            }
+            for (state, n) in counts {
+                self.bgp_sessions
+                    .get_or_create(&vec![("state".to_owned(), state.clone())])
+                    .set(gauge(n));
+                seen.insert(state);
+            }
+        }
+        if let Some(installed) = report.get("installed").and_then(|i| i.as_object()) {
+            let routes = installed
+                .values()
+                .filter_map(|r| r.as_array())
+                .map(Vec::len)
+                .sum();
+            self.programmed_routes.set(gauge(routes));
         }
     }
 
@@ -155,6 +272,11 @@ impl Metrics {
         let _ = encode(&mut out, &self.registry);
         out
     }
+}
+
+/// A count as a gauge value (saturating; counts here are far below `i64::MAX`).
+pub(crate) fn gauge(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 /// The endpoints' routes over `metrics`.
@@ -245,10 +367,59 @@ mod tests {
             "cnikit_agent_blocks 0",
             "cnikit_agent_datastore_errors_total 0",
             "cnikit_agent_kernel_writes_total 0",
+            "cnikit_agent_addresses_in_use 0",
+            "cnikit_agent_programmed_routes 0",
+            "cnikit_agent_programmed_neighbours 0",
+            "cnikit_agent_programmed_fdb_entries 0",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
         }
+        assert!(
+            !text.contains("cnikit_agent_bgp_sessions{"),
+            "no sessions without a mode that reports them\n{text}"
+        );
         assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+
+    #[test]
+    fn a_bgp_report_gives_sessions_by_state_and_routes() {
+        let m = Metrics::new();
+        m.set_programmed(&Programmed {
+            routes: 0,
+            neighbours: 2,
+            fdb: 1,
+        });
+        m.observe_report(&serde_json::json!({
+            "peers": [
+                {"name": "a", "state": "established"},
+                {"name": "b", "state": "established"},
+                {"name": "c", "state": "active"},
+                {"name": "d", "state": "graceful_restart"},
+            ],
+            "installed": {"a": ["10.0.1.0/26 via 192.0.2.2"], "b": ["10.0.2.0/26 via 192.0.2.3", "10.0.3.0/26 via 192.0.2.3"]},
+        }));
+        let text = m.encode();
+        for line in [
+            "cnikit_agent_bgp_sessions{state=\"established\"} 2",
+            "cnikit_agent_bgp_sessions{state=\"active\"} 1",
+            "cnikit_agent_bgp_sessions{state=\"idle\"} 0",
+            "cnikit_agent_bgp_sessions{state=\"graceful_restart\"} 1",
+            "cnikit_agent_programmed_routes 3",
+            "cnikit_agent_programmed_neighbours 2",
+            "cnikit_agent_programmed_fdb_entries 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
+        }
+        // Sessions gone: their states go back to 0, an unusual one included.
+        m.observe_report(&serde_json::json!({"peers": [], "installed": {}}));
+        let text = m.encode();
+        for line in [
+            "cnikit_agent_bgp_sessions{state=\"established\"} 0",
+            "cnikit_agent_bgp_sessions{state=\"graceful_restart\"} 0",
+            "cnikit_agent_programmed_routes 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
+        }
     }
 
     #[test]

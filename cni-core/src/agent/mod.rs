@@ -45,6 +45,8 @@ pub mod endpoints;
 
 pub use endpoints::Metrics;
 
+use endpoints::gauge;
+
 /// The block IPAM the agent claims blocks and tunnel addresses from.
 pub type AgentIpam = BlockIpam<Arc<dyn Store>>;
 
@@ -283,6 +285,12 @@ impl Agent {
             .await
             .inspect_err(|_| self.datastore_failed())?;
         self.metrics.blocks.set(gauge(record.blocks.len()));
+        match self.ipam.usage().await {
+            Ok(usage) => {
+                self.metrics.addresses_in_use.set(gauge(usage.addresses));
+            }
+            Err(_) => self.datastore_failed(),
+        }
         self.local = Some(local);
         self.record = Some(record);
         self.metrics
@@ -442,12 +450,14 @@ impl Agent {
 
     /// The plugin may have claimed more blocks for this node: follow them.
     async fn refresh_blocks(&mut self) -> Result<()> {
-        let blocks = self
+        let usage = self
             .ipam
-            .node_blocks()
+            .usage()
             .await
             .inspect_err(|_| self.datastore_failed())?;
+        let blocks = usage.blocks;
         self.metrics.blocks.set(gauge(blocks.len()));
+        self.metrics.addresses_in_use.set(gauge(usage.addresses));
         let (Some(record), Some(local)) = (&self.record, &self.local) else {
             return Ok(());
         };
@@ -509,6 +519,7 @@ impl Agent {
         m.kernel_writes.inc_by(report.writes as u64);
         m.routed_peers.set(gauge(report.routed));
         m.unroutable_peers.set(gauge(report.unroutable.len()));
+        m.set_programmed(&report.programmed);
         for (peer, why) in &report.unroutable {
             if self.report.unroutable.get(peer) != Some(why) {
                 tracing::warn!(peer = %peer, reason = %why, "peer is not routed");
@@ -544,6 +555,9 @@ impl Agent {
             unroutable: self.report.unroutable.clone(),
             routing: self.routing.report(),
         };
+        if let Some(report) = &state.routing {
+            self.metrics.observe_report(report);
+        }
         if self.written.as_ref() == Some(&state) && NodeState::path(&self.config.data_dir).exists()
         {
             return Ok(());
@@ -649,11 +663,6 @@ fn is_global(ip: IpAddr) -> bool {
         IpAddr::V4(v4) => !v4.is_loopback() && !v4.is_link_local() && !v4.is_unspecified(),
         IpAddr::V6(_) => false,
     }
-}
-
-/// A count as a gauge value (saturating; counts here are far below `i64::MAX`).
-fn gauge(n: usize) -> i64 {
-    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 fn event_revision(event: &NodeEvent) -> u64 {

@@ -114,6 +114,15 @@ enum Owned {
     ByOther,
 }
 
+/// What a node holds of the pool: [`BlockIpam::usage`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeUsage {
+    /// The node's blocks, lowest first.
+    pub blocks: Vec<IpNet>,
+    /// Addresses in use in them.
+    pub addresses: usize,
+}
+
 /// What a claim attempt did.
 enum Claim {
     /// The node now holds `block`, confirmed.
@@ -158,6 +167,17 @@ impl<S: Store> BlockIpam<S> {
         let kvs = self.store.list(&self.keys.affinities()).await?;
         let state = NodeState::from_kvs(&self.keys, &kvs)?;
         Ok(state.affinities.into_keys().collect())
+    }
+
+    /// The blocks this node holds (as [`node_blocks`](Self::node_blocks)) and how many
+    /// addresses of them are in use (every network's, tunnel addresses included). One list
+    /// of the node's keys.
+    pub async fn usage(&self) -> Result<NodeUsage> {
+        let state = self.load().await?;
+        Ok(NodeUsage {
+            addresses: state.used.len(),
+            blocks: state.affinities.into_keys().collect(),
+        })
     }
 
     /// Makes sure this node holds a block it can allocate from, claiming one if needed, and

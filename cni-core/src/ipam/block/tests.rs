@@ -245,6 +245,11 @@ async fn a_second_block_is_claimed_when_the_first_is_full() {
         ipam.node_blocks().await.unwrap(),
         vec![net("10.2.0.0/29"), net("10.2.0.8/29")]
     );
+    let usage = ipam.usage().await.unwrap();
+    assert_eq!(usage.blocks, ipam.node_blocks().await.unwrap());
+    assert_eq!(usage.addresses, 9);
+    ipam.release(&att("c0")).await.unwrap();
+    assert_eq!(ipam.usage().await.unwrap().addresses, 8);
     assert_consistent(&ipam).await;
 }
 

@@ -10,7 +10,7 @@ use ipnet::IpNet;
 use super::{FdbEntry, GatewayRoute, Kernel, Neighbour};
 use crate::error::{Error, Result};
 use crate::registry::NodeRecord;
-use crate::routing::ReconcileReport;
+use crate::routing::{Programmed, ReconcileReport};
 
 /// How many netlink requests are in flight at once: enough to hide the round trips,
 /// few enough to stay far from the socket's receive buffer.
@@ -194,7 +194,8 @@ impl Desired {
     /// packet; then routes; then deletions, routes before the entries they used.
     ///
     /// A failed write for a wanted entry marks its peer unroutable with the error and the
-    /// pass goes on; a failed deletion is returned as an error once everything else is
+    /// pass goes on (the entry is not counted in the report's
+    /// [`programmed`](ReconcileReport::programmed)); a failed deletion is returned as an error once everything else is
     /// done. Errors: 101 when listing or deleting fails.
     pub async fn apply<K: Kernel + ?Sized>(
         mut self,
@@ -219,11 +220,19 @@ impl Desired {
         let upserts = neighbour_upserts
             .into_iter()
             .map(move |(i, n, peer)| async move { (peer, kernel.replace_neighbour(i, &n).await) });
-        failures.extend(run(upserts).await);
+        let failed = run(upserts).await;
+        let mut programmed = Programmed {
+            routes: self.routes.len(),
+            neighbours: self.neighbours.len().saturating_sub(failed.len()),
+            fdb: self.fdb.len(),
+        };
+        failures.extend(failed);
         let upserts = fdb_upserts
             .into_iter()
             .map(move |(i, e, peer)| async move { (peer, kernel.replace_fdb(i, &e).await) });
-        failures.extend(run(upserts).await);
+        let failed = run(upserts).await;
+        programmed.fdb = programmed.fdb.saturating_sub(failed.len());
+        failures.extend(failed);
         let routes = route_writes
             .into_iter()
             .map(move |(r, replace, peer)| async move {
@@ -234,7 +243,9 @@ impl Desired {
                 };
                 (peer, result)
             });
-        failures.extend(run(routes).await);
+        let failed = run(routes).await;
+        programmed.routes = programmed.routes.saturating_sub(failed.len());
+        failures.extend(failed);
         for (peer, e) in failures {
             tracing::warn!(peer = %peer, error = %e, "cannot program an entry for a peer");
             self.unroutable(&peer, e.to_string());
@@ -266,6 +277,7 @@ impl Desired {
             writes,
             routed,
             unroutable: self.unroutable,
+            programmed,
         })
     }
 
@@ -436,8 +448,18 @@ mod tests {
         let report = d.clone().apply(&k, &Ownership::default()).await.unwrap();
         assert_eq!(report.writes, 1);
         assert_eq!(report.routed, 1);
+        assert_eq!(
+            report.programmed,
+            Programmed {
+                routes: 0,
+                neighbours: 1,
+                fdb: 0
+            }
+        );
         assert_eq!(k.neighbours(eth0), vec![ours, theirs]);
-        assert_eq!(d.apply(&k, &Ownership::default()).await.unwrap().writes, 0);
+        let again = d.apply(&k, &Ownership::default()).await.unwrap();
+        assert_eq!(again.writes, 0);
+        assert_eq!(again.programmed.neighbours, 1, "an entry in place counts");
         // Owning the device makes its other permanent entries stale.
         let owned = Ownership {
             neighbour_devices: vec![eth0],
@@ -447,6 +469,31 @@ mod tests {
         d.neighbour("p", eth0, ours);
         assert_eq!(d.apply(&k, &owned).await.unwrap().writes, 1);
         assert_eq!(k.neighbours(eth0), vec![ours]);
+    }
+
+    #[tokio::test]
+    async fn entries_that_failed_are_not_counted_as_programmed() {
+        use crate::linux::kernel::Write;
+        let k = Recording::new();
+        let eth0 = k.add_plain_link("eth0", 1500, &[net("192.0.2.1/24")]);
+        let blocked = net("10.2.0.0/24");
+        k.fail_writes(move |w| matches!(w, Write::AddRoute(r) if r.dst == blocked));
+        let mut d = Desired::new();
+        for (peer, dst) in [("a", "10.1.0.0/24"), ("b", "10.2.0.0/24")] {
+            d.route(
+                peer,
+                GatewayRoute {
+                    dst: net(dst),
+                    via: ip("192.0.2.2"),
+                    oif: eth0,
+                    onlink: false,
+                },
+            );
+        }
+        let report = d.apply(&k, &Ownership::default()).await.unwrap();
+        assert_eq!(report.programmed.routes, 1);
+        assert_eq!(report.routed, 1);
+        assert!(report.unroutable.contains_key("b"));
     }
 
     #[test]
