@@ -623,6 +623,10 @@ async fn our_route_reflector_serves_three_bird2_clients() {
         })
         .await;
     }
+    wait_routes(&ours, "107", SECS, |now| {
+        now.iter().all(|(b, _)| *b != block(2)) && now.len() == 2
+    })
+    .await;
     bgp.teardown().await.unwrap();
 }
 
@@ -687,6 +691,27 @@ async fn a_gobgpd_route_reflector_serves_three_of_ours() {
         assert_eq!(summary[0].name, "rr");
         assert_eq!(summary[0].prefixes_received, 3, "{summary:?}");
     }
+    // What the reflector sends node a for node b's block carries, as RFC 4456 says, b
+    // as ORIGINATOR_ID and the reflector's cluster in CLUSTER_LIST.
+    let sent = try_in(&rr, &gobgp(&["neighbor", "192.168.79.11", "adj-out", "-j"]))
+        .expect("gobgp adj-out");
+    let sent: serde_json::Value = serde_json::from_str(&sent).expect("adj-out JSON");
+    let path = &sent["10.244.2.0/26"][0];
+    let attrs = path["attrs"].as_array().expect("attrs");
+    let originator = attrs
+        .iter()
+        .find(|a| a["type"] == 9)
+        .expect("ORIGINATOR_ID");
+    assert_eq!(originator["value"], "192.168.79.12", "{path}");
+    let clusters = attrs
+        .iter()
+        .find(|a| a["type"] == 10)
+        .expect("CLUSTER_LIST");
+    assert_eq!(
+        clusters["value"],
+        serde_json::json!(["192.168.79.1"]),
+        "{path}"
+    );
     // One node stops: the others lose its block through the reflector.
     speakers[2].teardown().await.unwrap();
     for ns in &namespaces[..2] {

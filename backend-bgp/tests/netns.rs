@@ -163,8 +163,9 @@ async fn connect_from(ns: &str, to: SocketAddr) -> TcpStream {
     socket.connect(to).await.expect("connect")
 }
 
-/// Reads messages until a NOTIFICATION; its (code, subcode). Panics if the stream ends
-/// first.
+/// Reads messages until a NOTIFICATION, then until the speaker closes the connection
+/// (the session resets); the NOTIFICATION's (code, subcode). Panics if the stream ends
+/// before a NOTIFICATION or stays open after it.
 async fn notification(stream: &mut TcpStream) -> (u8, u8) {
     let mut buf = BytesMut::new();
     loop {
@@ -173,6 +174,11 @@ async fn notification(stream: &mut TcpStream) -> (u8, u8) {
         {
             let mut bytes: Bytes = buf.split_to(usize::from(len)).freeze();
             if let Message::Notification(n) = decode_message(&mut bytes, 4096).expect("decode") {
+                let mut rest = Vec::new();
+                tokio::time::timeout(SECS, stream.read_to_end(&mut rest))
+                    .await
+                    .expect("the connection closed after the NOTIFICATION")
+                    .expect("read to the end");
                 return (n.code.as_u8(), n.subcode);
             }
             continue;
@@ -282,6 +288,44 @@ async fn bad_peers_get_the_right_notification_and_good_sessions_stay() {
     s.write_all(&encode_message(&Message::Keepalive).unwrap())
         .await
         .unwrap();
+    // A valid UPDATE: the block lands in our kernel.
+    let good_attrs: &[u8] = &[
+        0x40, 1, 1, 0, // ORIGIN IGP
+        0x40, 2, 0, // AS_PATH empty (iBGP)
+        0x40, 3, 4, 192, 168, 71, 13, // NEXT_HOP
+        0x40, 5, 4, 0, 0, 0, 100, // LOCAL_PREF
+    ];
+    let block_9 = Bytes::from_static(&[26, 10, 244, 9, 0]);
+    let announce = |attrs: Vec<u8>| {
+        encode_message(&Message::Update(rustbgpd_wire::UpdateMessage {
+            withdrawn_routes: Bytes::new(),
+            path_attributes: Bytes::from(attrs),
+            nlri: block_9.clone(),
+        }))
+        .unwrap()
+    };
+    let both = [
+        r("10.244.2.0/26", "192.168.71.12"),
+        r("10.244.9.0/26", "192.168.71.13"),
+    ];
+    let only_good = [r("10.244.2.0/26", "192.168.71.12")];
+    s.write_all(&announce(good_attrs.to_vec())).await.unwrap();
+    wait_routes(&ours, "107", SECS, |now| now == both).await;
+    // RFC 7606 treat-as-withdraw: the same block with an invalid ORIGIN (7), then with an
+    // AS_PATH whose segment claims more ASes than it holds: the block leaves the kernel
+    // and the session stays up.
+    let mut bad_origin = good_attrs.to_vec();
+    bad_origin[3] = 7;
+    let mut bad_path = good_attrs.to_vec();
+    bad_path.splice(4..7, [0x40, 2, 4, 2, 5, 0, 0]);
+    for (what, attrs) in [("ORIGIN 7", bad_origin), ("a short AS_PATH", bad_path)] {
+        s.write_all(&announce(attrs)).await.unwrap();
+        wait_routes(&ours, "107", SECS, |now| now == only_good).await;
+        let bad_peer = a.summary().into_iter().find(|p| p.name == "bad").unwrap();
+        assert_eq!(bad_peer.state, "established", "after {what}: {bad_peer:?}");
+        s.write_all(&announce(good_attrs.to_vec())).await.unwrap();
+        wait_routes(&ours, "107", SECS, |now| now == both).await;
+    }
     let nlri_33 = rustbgpd_wire::UpdateMessage {
         withdrawn_routes: Bytes::new(),
         path_attributes: Bytes::new(),
@@ -291,6 +335,8 @@ async fn bad_peers_get_the_right_notification_and_good_sessions_stay() {
         .await
         .unwrap();
     assert_eq!(notification(&mut s).await, (3, 10));
+    // The reset session's block goes with it.
+    wait_routes(&ours, "107", SECS, |now| now == only_good).await;
     // An address that is no peer: Cease / Connection Rejected.
     let mut s = connect_from(&stranger, to).await;
     assert_eq!(notification(&mut s).await, (6, 5));
