@@ -9,7 +9,7 @@ CNIKIT_DEBS=(
   containernetworking-plugins                      # reference CNI plugins in /usr/lib/cni
   podman runc busybox-static                       # a real CNI client and a local image
   protobuf-compiler libprotobuf-dev                # etcd-client build
-  user-mode-linux kmod util-linux                  # scripts/vm.sh: kernel tests needing ipip
+  user-mode-linux kmod util-linux gcc libc6-dev    # scripts/vm.sh: kernel tests needing ipip
   tcpdump                                          # what the ipip tests see on the underlay
   clang llvm libbpf-dev                            # scripts/bpf.sh: the eBPF objects (--check)
   bird2 gobgpd                                     # BGP peers of the bgp interop tests

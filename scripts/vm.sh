@@ -133,6 +133,12 @@ poweroff -f
 EOF
 chmod +x "$scratch/init" "$scratch/stage2" "$scratch/cmd"
 
+# UML 6.1 saves each guest thread's FPU state in a buffer sized for AVX (832 bytes); a host
+# with a larger XSAVE area (AVX-512, AMX) refuses to restore it from there and the guest's
+# init dies at once. The shim keeps a full-size copy beside each buffer (see its comment).
+cc -O2 -shared -fPIC -o "$scratch/uml-xstate.so" "$(dirname "$0")/uml-xstate.c" -ldl \
+  || die "cannot build scripts/uml-xstate.c (apt-get install gcc libc6-dev)"
+
 # The guest's memory is a file in TMPDIR: keep it on a tmpfs.
 uml_tmp=/dev/shm
 [ -d "$uml_tmp" ] && [ -w "$uml_tmp" ] || uml_tmp=$scratch
@@ -142,7 +148,7 @@ uml_tmp=/dev/shm
 # the VM), and gets SIGTERM when vm.sh dies, also of SIGKILL, where no cleanup runs: the
 # parent-death signal (setpriv, util-linux), kept across the exec of the kernel. SIGTERM,
 # not SIGKILL: the UML kernel then ends the host processes it made before it exits.
-TMPDIR=$uml_tmp setsid setpriv --pdeathsig TERM "$kernel" \
+LD_PRELOAD="$scratch/uml-xstate.so" TMPDIR=$uml_tmp setsid setpriv --pdeathsig TERM "$kernel" \
   mem="$mem" umid="${scratch##*/}" uml_dir="$scratch" \
   root=/dev/root rootfstype=hostfs rootflags=/ ro init="$scratch/init" \
   con=null ssl=null con0=null,fd:3 ssl1=null,fd:4 ssl2=null,fd:5 ssl-non-raw \
