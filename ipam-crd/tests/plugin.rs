@@ -394,3 +394,73 @@ async fn an_apiserver_restart_during_a_burst_loses_nothing() {
         Vec::<String>::new()
     );
 }
+
+/// The API server freezes (SIGSTOP: it accepts connections and answers nothing) after serving
+/// an ADD: the next ADD and a DEL fail with code 11 at the store's deadline, not at the
+/// runtime's; once it runs again, ADDs succeed and the first address is still held, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_apiserver_times_out_with_code_11_then_recovers() {
+    let Some(api) = server(
+        "a_frozen_apiserver_times_out_with_code_11_then_recovers",
+        "frozen",
+    )
+    .await
+    else {
+        return;
+    };
+    plugin_binary();
+    let first = address(
+        &cni(&api, "ADD", "n0", Some("c1"), None)
+            .await
+            .expect("first ADD"),
+    );
+    let frozen = api.freeze_apiserver();
+    for (command, container) in [("ADD", "c2"), ("DEL", "c1")] {
+        let started = Instant::now();
+        let (code, msg) = cni_full(&api, command, "n0", Some(container), None, None, 1_500)
+            .await
+            .expect_err("a command against a frozen API server");
+        eprintln!(
+            "{command} against a frozen API server: code {code} after {:?}: {msg}",
+            started.elapsed()
+        );
+        assert_eq!(code, 11, "{command}: {msg}");
+        // The request's deadline, or the client's connect deadline (the same 1500 ms) when
+        // the command opened a new connection to the frozen server.
+        assert!(
+            msg.contains("timed out after 1500 ms") || msg.contains("deadline has elapsed"),
+            "{command}: {msg}"
+        );
+    }
+    drop(frozen);
+    let second = address(
+        &cni(&api, "ADD", "n0", Some("c2"), None)
+            .await
+            .expect("ADD once the server runs again"),
+    );
+    assert_ne!(first.addr(), second.addr());
+    assert_eq!(
+        address(
+            &cni(&api, "ADD", "n0", Some("c1"), None)
+                .await
+                .expect("repeated ADD")
+        ),
+        first,
+        "ADD is idempotent: the DEL that timed out released nothing"
+    );
+    let held: BTreeSet<_> = engine(&api, "n0")
+        .await
+        .allocations()
+        .await
+        .expect("allocations")
+        .into_iter()
+        .map(|(attachment, ip)| (attachment.container_id, ip))
+        .collect();
+    assert_eq!(
+        held,
+        BTreeSet::from([
+            ("c1".to_owned(), first.addr()),
+            ("c2".to_owned(), second.addr())
+        ])
+    );
+}

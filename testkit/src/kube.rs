@@ -227,6 +227,19 @@ impl KubeApi {
         self.wait_ready().await
     }
 
+    /// Freezes the API server (SIGSTOP): it keeps its connections and accepts new ones but
+    /// answers nothing until the returned guard is dropped (SIGCONT).
+    pub fn freeze_apiserver(&self) -> Frozen {
+        let pid = self
+            .apiserver_child()
+            .as_ref()
+            .and_then(|c| i32::try_from(c.id()).ok())
+            .map(Pid::from_raw)
+            .expect("the API server runs");
+        kill(pid, Signal::SIGSTOP).expect("SIGSTOP the API server");
+        Frozen(pid)
+    }
+
     fn apiserver_child(&self) -> std::sync::MutexGuard<'_, Option<Child>> {
         self.apiserver.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -488,4 +501,15 @@ fn connect_in(netns: &Path, addr: SocketAddr) -> std::io::Result<TcpStream> {
     let file = fs::File::open(netns)?;
     setns(file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
     TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+}
+
+/// A frozen API server ([`KubeApi::freeze_apiserver`]); dropping it lets the server run again.
+#[derive(Debug)]
+#[must_use = "the server runs again when this is dropped"]
+pub struct Frozen(Pid);
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let _ = kill(self.0, Signal::SIGCONT);
+    }
 }
