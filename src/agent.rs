@@ -27,7 +27,9 @@
 //! metric prefixed `cnikit_agent_`; see [`cni_core::agent::Metrics`]).
 //!
 //! The node registry lives in the same datastore as the IPAM: the file store (shared by
-//! nodes that share a filesystem, such as the lab's namespaces) or etcd.
+//! nodes that share a filesystem, such as the lab's namespaces), etcd (records on leases),
+//! or the Kubernetes API (`NetworkNode` records, liveness as `coordination.k8s.io` Leases;
+//! see `ipam_crd::registry`, feature `kubernetes`).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -214,7 +216,7 @@ where
     }
 }
 
-/// The node registry on the datastore the IPAM uses: etcd's own registry, else a registry
+/// The node registry on the datastore the IPAM uses: etcd's or Kubernetes' own registry, else a registry
 /// on the store [`plugin::open_store`] opens for the IPAM (same directory, same errors).
 async fn registry(
     conf: &NetConf,
@@ -231,11 +233,10 @@ async fn registry(
         let etcd = plugin::etcd_config(object)?;
         return Ok(Arc::new(ipam_etcd::EtcdRegistry::connect(&etcd).await?));
     }
-    if let StoreKind::Kubernetes(_) = &kind {
-        return Err(Error::invalid_config(
-            "ipam.store.type",
-            "the kubernetes datastore serves the IPAM only; it has no node registry yet",
-        ));
+    #[cfg(feature = "kubernetes")]
+    if let StoreKind::Kubernetes(object) = &kind {
+        let config = plugin::kubernetes_config(object)?;
+        return Ok(Arc::new(ipam_crd::KubeRegistry::connect(&config).await?));
     }
     let store = plugin::open_store(&kind, &config.data_dir(&conf.name)).await?;
     Ok(Arc::new(cni_core::registry::StoreRegistry::with_prefix(

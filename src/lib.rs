@@ -12,7 +12,7 @@
 //! | `routed` (default) | pod network: Calico-style /32 veth, gateway 169.254.1.1 |
 //! | `ebpf` (default) | pod network: routed, same-node traffic delivered by a tc eBPF program ([`ebpf`]) |
 //! | `etcd` | datastore and node registry on etcd v3 ([`etcd`]) |
-//! | `kubernetes` | IPAM datastore on Kubernetes custom resources ([`kubernetes`]) |
+//! | `kubernetes` | datastore and node registry on Kubernetes custom resources and Leases ([`kubernetes`]) |
 //! | `host-gw` | cross-node routing: static routes to on-link peers' blocks ([`hostgw`]) |
 //! | `vxlan` | cross-node routing: a VXLAN overlay ([`vxlan`]) |
 //! | `ipip` | cross-node routing: IP-in-IP tunnels, always or only across subnets ([`ipip`]) |
@@ -37,7 +37,7 @@ pub mod plugin;
 #[cfg(feature = "etcd")]
 pub use ipam_etcd as etcd;
 
-/// The IPAM datastore on Kubernetes custom resources (feature `kubernetes`).
+/// The datastore and node registry on Kubernetes custom resources and Leases (feature `kubernetes`).
 #[cfg(feature = "kubernetes")]
 pub use ipam_crd as kubernetes;
 

@@ -347,26 +347,90 @@ fn the_manifests_pass_the_api_servers_validation() -> Result<()> {
         );
     }
 
-    // The role the Kubernetes variant binds is the one deploy/crds/ defines with the custom
-    // resources it grants.
+    // deploy/crds/ and cnikit-kubernetes.yaml are one install: the roles deploy/crds/ defines
+    // (the custom resources, the node registry's Leases) are bound there to the service
+    // account the Kubernetes variant's DaemonSet runs as, and grant the registry's verbs.
     let crds = deploy_dir().join("crds");
-    if crds.is_dir() {
-        let objects = match server.dry_run(&crds)? {
-            Ok(objects) => objects,
-            Err(e) => bail!("the API server refused {}: {e}", crds.display()),
-        };
+    let objects = match server.dry_run(&crds)? {
+        Ok(objects) => objects,
+        Err(e) => bail!("the API server refused {}: {e}", crds.display()),
+    };
+    let found = names(&objects);
+    for want in [
+        "ClusterRole/cnikit-node",
+        "ClusterRoleBinding/cnikit-node",
+        "Role/cnikit-node",
+        "RoleBinding/cnikit-node",
+    ] {
         ensure!(
-            names(&objects).contains(&"ClusterRole/cnikit-node".to_owned()),
-            "deploy/crds/ defines no ClusterRole cnikit-node for deploy/cnikit-kubernetes.yaml \
-             to bind: {}",
-            names(&objects).join(", ")
-        );
-    } else {
-        println!(
-            "{} is not there: the ClusterRole that cnikit-kubernetes.yaml binds is unchecked",
-            crds.display()
+            found.contains(&want.to_owned()),
+            "deploy/crds/ defines no {want}: {}",
+            found.join(", ")
         );
     }
+    let kubernetes = match server.dry_run(&deploy_dir().join("cnikit-kubernetes.yaml"))? {
+        Ok(objects) => objects,
+        Err(e) => bail!("the API server refused cnikit-kubernetes.yaml: {e}"),
+    };
+    let daemonset = kubernetes
+        .iter()
+        .find(|o| o["kind"] == "DaemonSet")
+        .context("no DaemonSet in cnikit-kubernetes.yaml")?;
+    let account = serde_json::json!({
+        "kind": "ServiceAccount",
+        "name": daemonset["spec"]["template"]["spec"]["serviceAccountName"],
+        "namespace": daemonset["metadata"]["namespace"],
+    });
+    ensure!(
+        kubernetes
+            .iter()
+            .any(|o| o["kind"] == "ServiceAccount" && o["metadata"]["name"] == account["name"]),
+        "cnikit-kubernetes.yaml does not define its DaemonSet's service account {account}"
+    );
+    for binding in objects
+        .iter()
+        .filter(|o| o["kind"] == "ClusterRoleBinding" || o["kind"] == "RoleBinding")
+    {
+        let subjects = binding["subjects"].as_array().cloned().unwrap_or_default();
+        ensure!(
+            subjects.iter().any(|s| s["kind"] == account["kind"]
+                && s["name"] == account["name"]
+                && s["namespace"] == account["namespace"]),
+            "{} {} does not bind the DaemonSet's service account {account}",
+            binding["kind"],
+            binding["metadata"]["name"]
+        );
+    }
+    let grants = |kind: &str, resource: &str, verb: &str| {
+        objects.iter().filter(|o| o["kind"] == kind).any(|role| {
+            role["rules"].as_array().into_iter().flatten().any(|rule| {
+                rule["resources"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|r| r == resource)
+                    && rule["verbs"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .any(|v| v == verb)
+            })
+        })
+    };
+    for verb in ["get", "list", "watch", "create", "update", "delete"] {
+        ensure!(
+            grants("ClusterRole", "networknodes", verb),
+            "the ClusterRole does not grant {verb} on networknodes (the node registry's records)"
+        );
+        ensure!(
+            grants("Role", "leases", verb),
+            "the Role does not grant {verb} on leases (the node registry's liveness)"
+        );
+    }
+    ensure!(
+        !grants("ClusterRole", "leases", "update"),
+        "Leases are granted cluster-wide: only the Role's namespace needs them"
+    );
 
     // The validation is real: a DaemonSet whose selector does not match its pods (the
     // server's validation) and one with a misspelt field (the schema the server publishes)

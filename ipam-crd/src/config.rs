@@ -34,6 +34,13 @@ pub struct Config {
     /// Deadline of every request, in milliseconds.
     #[serde(default = "default_timeout")]
     pub timeout_ms: u64,
+    /// The namespace of the node registry's Leases (one per node), default `kube-system`.
+    #[serde(default = "default_lease_namespace")]
+    pub lease_namespace: String,
+}
+
+fn default_lease_namespace() -> String {
+    "kube-system".to_owned()
 }
 
 fn default_prefix() -> String {
@@ -52,6 +59,7 @@ impl Config {
             kubeconfig,
             prefix: default_prefix(),
             timeout_ms: default_timeout(),
+            lease_namespace: default_lease_namespace(),
         }
     }
 
@@ -83,6 +91,15 @@ impl Config {
             return Err(cni_core::Error::invalid_config(
                 "ipam.store.kubeconfig",
                 format!("{} is not an absolute path", k.display()),
+            ));
+        }
+        if !crate::store::is_dns_subdomain(&self.lease_namespace)
+            || self.lease_namespace.contains('.')
+            || self.lease_namespace.len() > 63
+        {
+            return Err(cni_core::Error::invalid_config(
+                "ipam.store.leaseNamespace",
+                format!("{:?} is not a namespace name", self.lease_namespace),
             ));
         }
         if self.timeout_ms == 0 {
@@ -156,6 +173,7 @@ mod tests {
             serde_json::json!({"type": "kubernetes", "kubeconfig": "relative"}),
             serde_json::json!({"type": "kubernetes", "prefix": "x"}),
             serde_json::json!({"type": "kubernetes", "timeoutMs": 0}),
+            serde_json::json!({"type": "kubernetes", "leaseNamespace": "Kube_System"}),
             serde_json::json!({"type": "kubernetes", "nope": 1}),
         ] {
             let e = Config::from_value(&bad).unwrap_err();

@@ -41,8 +41,10 @@
 #![warn(missing_docs)]
 
 pub mod config;
+pub mod registry;
 pub mod resources;
 pub mod store;
 
 pub use config::{Config, TYPE};
+pub use registry::KubeRegistry;
 pub use store::KubeStore;

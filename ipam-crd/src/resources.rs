@@ -10,6 +10,10 @@
 //! | [`IPPool`] | `<pool>` | the pool record (CIDR and block size the pool was set up with) |
 //! | [`IPAMBlock`] | `<pool>.<block>` (`10.244.0.64-26`, `:` written `x`) | which node owns the block |
 //! | [`IPAMNode`] | `<pool>.<node>` | the node's block affinities (pending → confirmed, draining), its used and released addresses, its handles (one per attachment) and its claim record |
+//! | [`NetworkNode`] | `<pool>.<node>` | the node registry's record of the node: underlay address, blocks, the routing mode's data (the agent's [`NodeRecord`](cni_core::registry::NodeRecord)) |
+//!
+//! A [`NetworkNode`] is live while its node's `coordination.k8s.io/v1` Lease of the same
+//! name (see [`crate::registry`]) is renewed.
 //!
 //! `<pool>` is the store prefix without its leading `/`, `/` written `.` (`cnikit` for the
 //! default prefix `/cnikit`); every object carries the label [`PREFIX_LABEL`] with it.
@@ -103,12 +107,79 @@ pub struct IPAMNodeSpec {
     pub records: RecordsSpec,
 }
 
+/// The node registry's record of one node: what its agent publishes to its peers.
+///
+/// The same content as [`cni_core::registry::NodeRecord`] (and the etcd registry's record);
+/// the node is a live peer only while its Lease is renewed (see [`crate::registry`]).
+#[derive(CustomResource, Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "ipam.cnikit.io",
+    version = "v1alpha1",
+    kind = "NetworkNode",
+    plural = "networknodes",
+    shortname = "cnknet",
+    printcolumn = r#"{"name":"Address","type":"string","jsonPath":".spec.address"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkNodeSpec {
+    /// The node's name (as in `nodeName`).
+    pub name: String,
+    /// The underlay address other nodes reach this node at.
+    pub address: String,
+    /// The prefix length of the underlay subnet.
+    pub prefix_len: u8,
+    /// The pod address blocks the node owns (CIDRs).
+    #[serde(default)]
+    pub blocks: Vec<String>,
+    /// What the routing mode publishes (VTEP MAC, AS number…), by key.
+    #[serde(default)]
+    pub backend: BTreeMap<String, String>,
+}
+
+impl From<&cni_core::registry::NodeRecord> for NetworkNodeSpec {
+    fn from(r: &cni_core::registry::NodeRecord) -> Self {
+        NetworkNodeSpec {
+            name: r.name.clone(),
+            address: r.address.to_string(),
+            prefix_len: r.prefix_len,
+            blocks: r.blocks.iter().map(ToString::to_string).collect(),
+            backend: r.backend.clone(),
+        }
+    }
+}
+
+impl TryFrom<&NetworkNodeSpec> for cni_core::registry::NodeRecord {
+    type Error = String;
+
+    fn try_from(s: &NetworkNodeSpec) -> Result<Self, String> {
+        Ok(cni_core::registry::NodeRecord {
+            name: s.name.clone(),
+            address: s
+                .address
+                .parse()
+                .map_err(|e| format!("address {:?}: {e}", s.address))?,
+            prefix_len: s.prefix_len,
+            blocks: s
+                .blocks
+                .iter()
+                .map(|b| b.parse().map_err(|e| format!("block {b:?}: {e}")))
+                .collect::<Result<_, _>>()?,
+            backend: s.backend.clone(),
+        })
+    }
+}
+
 /// The CRDs of every resource of this crate.
 pub fn crds()
 -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
 {
     use kube::CustomResourceExt;
-    vec![IPPool::crd(), IPAMBlock::crd(), IPAMNode::crd()]
+    vec![
+        IPPool::crd(),
+        IPAMBlock::crd(),
+        IPAMNode::crd(),
+        NetworkNode::crd(),
+    ]
 }
 
 /// The CRD manifest checked in as `deploy/crds/ipam.cnikit.io.yaml`: every CRD, as YAML

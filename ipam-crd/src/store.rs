@@ -214,25 +214,7 @@ impl KubeStore {
     }
 
     fn api_error(&self, e: kube::Error) -> StoreError {
-        match &e {
-            kube::Error::Api(status) if matches!(status.code, 401 | 403 | 404) => {
-                StoreError::Config {
-                    reason: format!(
-                        "{} answered {} {}: {} (are the CRDs of deploy/crds/ installed and \
-                         the RBAC rules bound?)",
-                        self.describe(),
-                        status.code,
-                        status.reason,
-                        status.message
-                    ),
-                    source: Some(Box::new(e)),
-                }
-            }
-            _ => StoreError::Unavailable {
-                endpoint: self.describe(),
-                source: Box::new(e),
-            },
-        }
+        api_error(self.describe(), e)
     }
 
     /// A new object of `at` holding `spec`.
@@ -250,6 +232,25 @@ impl KubeStore {
     async fn backoff(&self, conflicts: u32) {
         let max = (1u64 << conflicts.min(6)).min(MAX_PAUSE_MS);
         tokio::time::sleep(Duration::from_millis(fastrand::u64(0..=max))).await;
+    }
+}
+
+/// A failed request as a store error: 401, 403 and 404 are configuration (code 7: the CRDs
+/// or the RBAC rules are missing), anything else unavailability (code 11).
+pub(crate) fn api_error(endpoint: String, e: kube::Error) -> StoreError {
+    match &e {
+        kube::Error::Api(status) if matches!(status.code, 401 | 403 | 404) => StoreError::Config {
+            reason: format!(
+                "{endpoint} answered {} {}: {} (are the CRDs of deploy/crds/ installed and \
+                 the RBAC rules bound?)",
+                status.code, status.reason, status.message
+            ),
+            source: Some(Box::new(e)),
+        },
+        _ => StoreError::Unavailable {
+            endpoint,
+            source: Box::new(e),
+        },
     }
 }
 
@@ -301,7 +302,7 @@ pub fn pool_name(prefix: &str) -> String {
 }
 
 /// Whether `name` is a DNS-1123 subdomain, as Kubernetes object names must be.
-fn is_dns_subdomain(name: &str) -> bool {
+pub(crate) fn is_dns_subdomain(name: &str) -> bool {
     name.len() <= 253
         && name.split('.').all(|label| {
             !label.is_empty()

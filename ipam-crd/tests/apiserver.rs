@@ -7,8 +7,10 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use cni_core::ipam::{Attachment, BlockIpam, BlockIpamConfig, Ipam};
+use cni_core::registry::{NodeEvent, NodeRegistry};
 use cni_core::store::{Compare, Store, Txn, TxnOutcome};
-use ipam_crd::{Config, KubeStore};
+use futures::StreamExt;
+use ipam_crd::{Config, KubeRegistry, KubeStore};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, ListParams, PostParams};
 use testkit::kube::KubeApi;
@@ -232,11 +234,13 @@ async fn four_nodes_race_64_allocations_each() {
 }
 
 /// The rules of `deploy/crds/rbac.yaml` are enough for every store operation of the engine
-/// (allocate, release, give back, audit), and nothing more: without them the store gets code
-/// 7 naming the refusal, with them it works, and deleting an object stays forbidden.
+/// (allocate, release, give back, audit) and every registry operation (register, renew,
+/// list, watch, deregister), and nothing more: without them the store and the registry get
+/// code 7 naming the refusal, with them they work, and deleting an IPAM object or a Lease
+/// outside the registry's namespace stays forbidden.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_rbac_manifest_grants_what_the_store_uses() {
-    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
     use serde::Deserialize;
 
     let Some(api) = server("the_rbac_manifest_grants_what_the_store_uses", "krbac").await else {
@@ -253,26 +257,62 @@ async fn the_rbac_manifest_grants_what_the_store_uses() {
         "{refused:?}"
     );
 
+    // The registry (records, Leases) is refused too.
+    let node_registry = KubeRegistry::new(node_client.clone(), &Config::new(None));
+    let refused = node_registry.list().await.unwrap_err();
+    assert_eq!(refused.code().0, 7, "{refused}");
+
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/crds/rbac.yaml");
     let text = std::fs::read_to_string(path).unwrap();
-    let mut docs = serde_yaml::Deserializer::from_str(&text);
-    let role = ClusterRole::deserialize(docs.next().expect("the ClusterRole")).unwrap();
-    let mut binding = ClusterRoleBinding::deserialize(docs.next().expect("the binding")).unwrap();
-    Api::<ClusterRole>::all(admin.clone())
-        .create(&PostParams::default(), &role)
-        .await
-        .unwrap();
     // The manifest binds the DaemonSet's service account; here the test's node user.
-    binding.subjects = Some(vec![k8s_openapi::api::rbac::v1::Subject {
+    let user = vec![k8s_openapi::api::rbac::v1::Subject {
         kind: "User".into(),
         name: "cnikit-node".into(),
         api_group: Some("rbac.authorization.k8s.io".into()),
         namespace: None,
-    }]);
-    Api::<ClusterRoleBinding>::all(admin.clone())
-        .create(&PostParams::default(), &binding)
-        .await
-        .unwrap();
+    }];
+    let mut kinds = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let value = serde_json::Value::deserialize(doc).unwrap();
+        let kind = value["kind"].as_str().unwrap_or_default().to_owned();
+        let pp = PostParams::default();
+        match kind.as_str() {
+            "ClusterRole" => drop(
+                Api::<ClusterRole>::all(admin.clone())
+                    .create(&pp, &serde_json::from_value(value).unwrap())
+                    .await
+                    .unwrap(),
+            ),
+            "Role" => drop(
+                Api::<Role>::namespaced(admin.clone(), "kube-system")
+                    .create(&pp, &serde_json::from_value(value).unwrap())
+                    .await
+                    .unwrap(),
+            ),
+            "ClusterRoleBinding" => {
+                let mut binding: ClusterRoleBinding = serde_json::from_value(value).unwrap();
+                binding.subjects = Some(user.clone());
+                Api::<ClusterRoleBinding>::all(admin.clone())
+                    .create(&pp, &binding)
+                    .await
+                    .unwrap();
+            }
+            "RoleBinding" => {
+                let mut binding: RoleBinding = serde_json::from_value(value).unwrap();
+                binding.subjects = Some(user.clone());
+                Api::<RoleBinding>::namespaced(admin.clone(), "kube-system")
+                    .create(&pp, &binding)
+                    .await
+                    .unwrap();
+            }
+            other => panic!("{path}: unexpected kind {other:?}"),
+        }
+        kinds.push(kind);
+    }
+    assert_eq!(
+        kinds,
+        ["ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"]
+    );
 
     // The authorizer learns of the binding from its own watch: wait for it.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -298,9 +338,44 @@ async fn the_rbac_manifest_grants_what_the_store_uses() {
     );
     assert_eq!(ipam.audit().await.unwrap(), Vec::<String>::new());
     // No delete: the store never deletes an object, so the role does not allow it.
-    let nodes: Api<ipam_crd::resources::IPAMNode> = Api::all(node_client);
+    let nodes: Api<ipam_crd::resources::IPAMNode> = Api::all(node_client.clone());
     match nodes.delete("cnikit.n1", &Default::default()).await {
         Err(kube::Error::Api(s)) => assert_eq!(s.code, 403),
         other => panic!("delete must be forbidden: {other:?}"),
+    }
+
+    // The registry: register (record and Lease), renew, list, watch, deregister.
+    let record = cni_core::registry::NodeRecord {
+        name: "n1".into(),
+        address: "192.0.2.10".parse().unwrap(),
+        prefix_len: 24,
+        blocks: vec!["10.72.0.0/26".parse().unwrap()],
+        backend: Default::default(),
+    };
+    node_registry
+        .register(&record, Duration::from_secs(3))
+        .await
+        .unwrap();
+    let list = node_registry.list().await.unwrap();
+    assert_eq!(list.nodes, vec![record.clone()]);
+    let mut events = node_registry.watch(list.revision).await.unwrap();
+    // Renewals go on (they would log and retry if refused): still live after two TTLs.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(node_registry.list().await.unwrap().nodes, vec![record]);
+    node_registry.deregister("n1").await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match tokio::time::timeout_at(deadline, events.next()).await {
+            Ok(Some(Ok(NodeEvent::Delete(name, _)))) if name == "n1" => break,
+            Ok(Some(Ok(_))) => {}
+            other => panic!("no Delete of n1 from the watch: {other:?}"),
+        }
+    }
+    // Leases elsewhere (kubelet's namespace) stay out of reach.
+    let elsewhere: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(node_client, "kube-node-lease");
+    match elsewhere.list(&Default::default()).await {
+        Err(kube::Error::Api(s)) => assert_eq!(s.code, 403),
+        other => panic!("leases outside kube-system must be forbidden: {other:?}"),
     }
 }

@@ -52,8 +52,9 @@ pub const ADMIN_TOKEN: &str = "cnikit-test-admin-token";
 pub const NODE_TOKEN: &str = "cnikit-test-node-token";
 
 /// The address the API server advertises: on `lo` of its namespace (the server refuses a
-/// loopback address for its own endpoints).
-const ADVERTISE: &str = "192.0.2.1";
+/// loopback address for its own endpoints). It also serves there, for processes in other
+/// namespaces of the test that the test routes to it (see [`KubeApi::remote_kubeconfig`]).
+pub const ADVERTISE: &str = "192.0.2.1";
 
 /// The port the API server serves on inside its namespace.
 pub const PORT: u16 = 6443;
@@ -161,6 +162,13 @@ impl KubeApi {
         self.dir.path().join("kubeconfig")
     }
 
+    /// A kubeconfig file for the admin user with the server at [`ADVERTISE`]: for processes
+    /// in other namespaces of the test that reach the server's namespace (a veth into it and
+    /// a route to [`ADVERTISE`]; the server's certificate names that address too).
+    pub fn remote_kubeconfig(&self) -> PathBuf {
+        self.dir.path().join("remote.kubeconfig")
+    }
+
     /// A kubeconfig file for the unprivileged user `cnikit-node` (token [`NODE_TOKEN`]).
     pub fn node_kubeconfig(&self) -> PathBuf {
         self.dir.path().join("node.kubeconfig")
@@ -266,6 +274,7 @@ impl KubeApi {
             "127.0.0.1".to_owned(),
             "localhost".to_owned(),
             "kubernetes.default.svc".to_owned(),
+            ADVERTISE.to_owned(),
         ])?;
         server
             .distinguished_name
@@ -285,11 +294,13 @@ impl KubeApi {
                 "{ADMIN_TOKEN},admin,admin,system:masters\n{NODE_TOKEN},cnikit-node,cnikit-node,cnikit:nodes\n"
             ),
         )?;
-        for (file, token) in [("kubeconfig", ADMIN_TOKEN), ("node.kubeconfig", NODE_TOKEN)] {
-            fs::write(
-                d.join(file),
-                kubeconfig(&self.server(), &d.join("ca.crt"), token),
-            )?;
+        let remote = format!("https://{ADVERTISE}:{PORT}");
+        for (file, server, token) in [
+            ("kubeconfig", self.server(), ADMIN_TOKEN),
+            ("node.kubeconfig", self.server(), NODE_TOKEN),
+            ("remote.kubeconfig", remote, ADMIN_TOKEN),
+        ] {
+            fs::write(d.join(file), kubeconfig(&server, &d.join("ca.crt"), token))?;
         }
         Ok(())
     }
@@ -327,7 +338,8 @@ impl KubeApi {
             .args([
                 "--etcd-servers=http://127.0.0.1:2379".to_owned(),
                 format!("--advertise-address={ADVERTISE}"),
-                "--bind-address=127.0.0.1".to_owned(),
+                // Every address of its namespace: loopback and ADVERTISE.
+                "--bind-address=0.0.0.0".to_owned(),
                 format!("--secure-port={PORT}"),
                 "--insecure-port=0".to_owned(),
                 format!("--cert-dir={}", p("certs")),

@@ -1,0 +1,311 @@
+//! Three `cnikit-agent` processes (`host-gw`) whose IPAM and node registry are the
+//! Kubernetes API find each other and program routes to each other's blocks; a node that
+//! stops cleanly (deregisters) and a node that is killed (its Lease expires) both lose
+//! their routes on the others.
+//!
+//! The API server runs with its own etcd in a namespace of the test (`testkit::kube`); that
+//! namespace holds the underlay bridge `br0` (10.98.0.254/24), each node is a namespace with
+//! a veth `eth0` on it (10.98.0.N/24) and a route to the server's address. Needs root, the
+//! kube-apiserver binary and the example binary built with the `kubernetes` feature
+//! (`cargo build -p cnikit --examples --all-features`); skips loudly otherwise.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cni_core::registry::NodeRegistry;
+use ipam_crd::resources::NetworkNode;
+use ipam_crd::{Config, KubeRegistry};
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, ListParams, PostParams};
+use serde_json::json;
+use testkit::kube::{ADVERTISE, KubeApi};
+use testkit::{Namespaces, ip, ip_json};
+
+const WAIT: Duration = Duration::from_secs(90);
+
+/// The agent process; killed (SIGKILL, by PID) on drop if still running.
+struct Agent(Child);
+
+impl Agent {
+    fn start(bin: &Path, ns: &str, conflist: &Path, log: &Path) -> Agent {
+        let log = std::fs::File::create(log).expect("log file");
+        // `ip netns exec` execs the agent: the child's PID is the agent's.
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns])
+            .arg(bin)
+            .arg("--conflist")
+            .arg(conflist)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start cnikit-agent");
+        Agent(child)
+    }
+
+    fn signal(&self, signal: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.0.id()).expect("a pid"));
+        nix::sys::signal::kill(pid, signal).expect("signal the agent");
+    }
+
+    /// SIGTERM; whether it exited cleanly within 30 s.
+    fn stop(&mut self) -> bool {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.0.try_wait() {
+                return status.success();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    fn kill(&mut self) {
+        self.signal(nix::sys::signal::Signal::SIGKILL);
+        self.0.wait().expect("reap the agent");
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+fn agent_binary(test: &str) -> Option<PathBuf> {
+    let bin = testkit::examples_dir().join("cnikit-agent");
+    if !bin.is_file() {
+        testkit::skip(
+            test,
+            format_args!(
+                "{} is not built (run `cargo build -p cnikit --examples --all-features` first)",
+                bin.display()
+            ),
+        );
+        return None;
+    }
+    testkit::assert_fresh(&bin);
+    Some(bin)
+}
+
+/// The gateway routes on `eth0` of `ns`: (block, via).
+fn peer_routes(ns: &str) -> BTreeSet<(String, String)> {
+    ip_json(ns, &["route", "show", "dev", "eth0"])
+        .iter()
+        .filter_map(|r| {
+            let via = r["gateway"].as_str()?;
+            let dst = r["dst"].as_str()?;
+            (dst != ADVERTISE).then(|| (dst.to_owned(), via.to_owned()))
+        })
+        .collect()
+}
+
+async fn wait_until(what: &str, logs: &[PathBuf], mut cond: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !cond().await {
+        if Instant::now() > deadline {
+            let logs: Vec<String> = logs
+                .iter()
+                .map(|l| {
+                    format!(
+                        "{}:\n{}",
+                        l.display(),
+                        std::fs::read_to_string(l).unwrap_or_default()
+                    )
+                })
+                .collect();
+            panic!(
+                "timed out waiting for {what}; agent logs:\n{}",
+                logs.join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_on_the_kubernetes_store_route_to_each_other() {
+    let test = "agents_on_the_kubernetes_store_route_to_each_other";
+    if !testkit::root(test) {
+        return;
+    }
+    let Some(bin) = agent_binary(test) else {
+        return;
+    };
+    let Some(api) = KubeApi::start(test, "kagent").await else {
+        return;
+    };
+    let client = api.client().await;
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in ipam_crd::resources::crds() {
+        crds.create(&PostParams::default(), &crd).await.unwrap();
+    }
+    let records: Api<NetworkNode> = Api::all(client.clone());
+    let namespaces_api: Api<Namespace> = Api::all(client.clone());
+    let deadline = Instant::now() + WAIT;
+    while records.list(&ListParams::default()).await.is_err()
+        || namespaces_api
+            .get_opt("kube-system")
+            .await
+            .ok()
+            .flatten()
+            .is_none()
+    {
+        assert!(Instant::now() < deadline, "CRDs or kube-system missing");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // The underlay: a bridge in the server's namespace, a veth per node.
+    let hub = api.netns().to_owned();
+    ip(&hub, &["link", "add", "br0", "type", "bridge"]);
+    ip(&hub, &["addr", "add", "10.98.0.254/24", "dev", "br0"]);
+    ip(&hub, &["link", "set", "br0", "up"]);
+    let namespaces = Namespaces::new("kagn");
+    let dir = tempfile::tempdir().unwrap();
+    let nodes: Vec<(String, String)> = (1..=3)
+        .map(|i| {
+            let ns = namespaces.add(&format!("n{i}"));
+            ip(&ns, &["link", "set", "lo", "up"]);
+            ip(
+                &ns,
+                &[
+                    "link",
+                    "add",
+                    "eth0",
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    &format!("v{i}"),
+                    "netns",
+                    &hub,
+                ],
+            );
+            ip(
+                &hub,
+                &["link", "set", &format!("v{i}"), "master", "br0", "up"],
+            );
+            ip(
+                &ns,
+                &["addr", "add", &format!("10.98.0.{i}/24"), "dev", "eth0"],
+            );
+            ip(&ns, &["link", "set", "eth0", "up"]);
+            ip(&ns, &["route", "add", ADVERTISE, "via", "10.98.0.254"]);
+            (format!("node-{i}"), ns)
+        })
+        .collect();
+
+    let mut agents = Vec::new();
+    let mut logs = Vec::new();
+    for (name, ns) in &nodes {
+        let conflist = dir.path().join(format!("{name}.conflist"));
+        std::fs::write(
+            &conflist,
+            serde_json::to_vec_pretty(&json!({
+                "cniVersion": "1.1.0",
+                "name": "kubenet",
+                "plugins": [{
+                    "type": "cnikit",
+                    "nodeName": name,
+                    "dataDir": dir.path().join(name),
+                    "routing": "host-gw",
+                    "agent": {"interface": "eth0", "ttlSeconds": 3, "resyncSeconds": 2},
+                    "ipam": {
+                        "type": "cnikit-ipam",
+                        "pool": "10.253.0.0/16",
+                        "blockSize": 26,
+                        "store": {"type": "kubernetes", "kubeconfig": api.remote_kubeconfig()},
+                    },
+                }],
+            }))
+            .unwrap(),
+        )
+        .unwrap();
+        let log = dir.path().join(format!("{name}.log"));
+        agents.push(Agent::start(&bin, ns, &conflist, &log));
+        logs.push(log);
+    }
+
+    // Every node routes every other node's block via its underlay address.
+    let mut config = Config::new(Some(api.kubeconfig()));
+    config.timeout_ms = 60_000;
+    let registry = KubeRegistry::new(client.clone(), &config);
+    let expected = async |peers: &[&str]| -> BTreeSet<(String, String)> {
+        let list = registry.list().await.unwrap();
+        list.nodes
+            .iter()
+            .filter(|n| peers.contains(&n.name.as_str()))
+            .flat_map(|n| {
+                n.blocks
+                    .iter()
+                    .map(|b| (b.to_string(), n.address.to_string()))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    let all = ["node-1", "node-2", "node-3"];
+    wait_until("three live nodes", &logs, async || {
+        registry.list().await.unwrap().nodes.len() == 3
+    })
+    .await;
+    for (name, ns) in &nodes {
+        let peers: Vec<&str> = all.iter().copied().filter(|n| n != name).collect();
+        let want = expected(&peers).await;
+        assert_eq!(want.len(), 2, "one block per peer: {want:?}");
+        wait_until(
+            &format!("{name}'s routes to {peers:?}"),
+            &logs,
+            async || peer_routes(ns) == want,
+        )
+        .await;
+    }
+    let ping = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &nodes[0].1,
+            "ping",
+            "-c1",
+            "-W5",
+            "10.98.0.2",
+        ])
+        .output()
+        .unwrap();
+    assert!(ping.status.success(), "the underlay works");
+
+    // node-3 stops cleanly: it deregisters, the others drop its routes.
+    let node3_blocks = expected(&["node-3"]).await;
+    assert!(agents[2].stop(), "node-3 stops cleanly");
+    assert!(records.get_opt("cnikit.node-3").await.unwrap().is_none());
+    for (_, ns) in &nodes[..2] {
+        wait_until("node-3's routes gone", &logs, async || {
+            peer_routes(ns).is_disjoint(&node3_blocks)
+        })
+        .await;
+    }
+    assert!(
+        peer_routes(&nodes[2].1).is_empty(),
+        "a clean stop removes node-3's routes"
+    );
+
+    // node-2 is killed: no deregistration; its Lease expires and node-1 drops its route.
+    let node2_blocks = expected(&["node-2"]).await;
+    agents[1].kill();
+    wait_until("node-2's lease to expire on node-1", &logs, async || {
+        peer_routes(&nodes[0].1).is_empty()
+    })
+    .await;
+    assert!(
+        records.get_opt("cnikit.node-2").await.unwrap().is_some(),
+        "a killed node's record stays; only its Lease lapses"
+    );
+    assert!(!node2_blocks.is_empty());
+    assert!(agents[0].stop(), "node-1 stops cleanly");
+}
