@@ -1237,6 +1237,52 @@ fn two_subnets_ipip_cross_subnet_tunnels_only_across() {
     lab.down_and_verify();
 }
 
+/// BGP with `--ipip-mode cross-subnet` on two subnets joined by a router, the native engine
+/// and then BIRD: the sessions across the router come up (multihop), every pod pair pings,
+/// and only the blocks of peers on the other subnet go through the tunnel (4 routes), the
+/// others plainly via eth0. In the VM when this kernel has no ipip module.
+#[test]
+fn two_subnets_bgp_cross_subnet_tunnels_only_across() {
+    let test = "two_subnets_bgp_cross_subnet_tunnels_only_across";
+    let Some(bin) = lab_binary(test) else {
+        return;
+    };
+    if !testkit::vm::here_or_in_vm(test, "ipip") {
+        return;
+    }
+    let mut engines = vec![("tsb", "native", "107")];
+    if testkit::on_path("bird") && testkit::on_path("birdc") {
+        engines.push(("tsc", "bird", "bird"));
+    } else {
+        testkit::skip(test, "the bird engine's half needs bird and birdc (bird2)");
+    }
+    for (tag, engine, proto) in engines {
+        let mut lab = Lab::new(bin.clone(), tag);
+        two_subnets_every_pair(
+            &lab,
+            &[
+                "--mode",
+                "bgp",
+                "--bgp-engine",
+                engine,
+                "--ipip-mode",
+                "cross-subnet",
+            ],
+        );
+        let status = assert_bgp_sessions(&lab, 2);
+        let tunnelled =
+            assert_block_routes(&status, proto, |me, peer| peer["subnet"] != me["subnet"]);
+        assert_eq!(
+            tunnelled, 4,
+            "{engine}: node2's block and node2's routes to 1 and 3"
+        );
+        println!(
+            "bgp ({engine}) crossSubnet, two subnets: 30/30 pod pairs; 4 tunnel routes, 2 direct"
+        );
+        lab.down_and_verify();
+    }
+}
+
 /// Two subnets joined by a router: host-gw reports the off-link peers, routes only the
 /// on-link one, and pods across the router do not reach each other.
 #[test]
