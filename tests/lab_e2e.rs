@@ -992,6 +992,11 @@ fn reflector_with_tor(test: &str, tag: &str, extra: &[&str]) {
 
     let (report, ok) = lab.check();
     assert_eq!(assert_all_ok(&report, "podToPod"), 20, "5 nodes x 1 pod");
+    assert_eq!(
+        assert_all_ok(&report, "torToPod"),
+        5,
+        "the router reaches every pod over what it learned"
+    );
     assert!(ok, "check exits 0 when every probe answers: {report}");
 
     // Sessions: the reflector with the 4 clients and the router; each client with the

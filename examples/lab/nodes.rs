@@ -25,6 +25,7 @@ pub async fn node_add(name: &str, pods: Option<u32>) -> Result<()> {
         let count = pods.unwrap_or(lab.pods_per_node);
         up::add_pods(&mut lab, &node, count).await?;
         up::wait_blocks_announced(&lab, std::slice::from_ref(&node)).await?;
+        crate::tor::wait_learned(&lab, Duration::from_secs(20)).await?;
         Ok::<_, anyhow::Error>(node)
     }
     .await;

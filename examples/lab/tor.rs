@@ -338,6 +338,45 @@ pub async fn print(lab: &Lab) {
     }
 }
 
+/// Waits until the router has every block of every node (the blocks the agents wrote into
+/// their node state) via that node: its sessions are up and carried them.
+pub async fn wait_learned(lab: &Lab, within: Duration) -> Result<()> {
+    if lab.tor.is_none() {
+        return Ok(());
+    }
+    let started = Instant::now();
+    loop {
+        let table = routes(lab).await?;
+        let mut missing = Vec::new();
+        for node in &lab.nodes {
+            let blocks = cnikit::core::state::NodeState::read(&node.data_dir())?
+                .map(|s| s.blocks)
+                .unwrap_or_default();
+            let via = node.address.to_string();
+            for block in blocks {
+                let dst = block.to_string();
+                if !table.iter().any(|r| r.dst == dst && r.via == via) {
+                    missing.push(format!("{dst} of {}", node.name));
+                }
+            }
+        }
+        if missing.is_empty() {
+            println!(
+                "the top-of-rack router learned every block in {} ms",
+                started.elapsed().as_millis()
+            );
+            return Ok(());
+        }
+        if started.elapsed() > within {
+            bail!(
+                "the top-of-rack router lacks {} after {within:?}",
+                missing.join(", ")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Waits until the router holds no route via `address` (a removed node); how long it took.
 pub async fn forgotten(lab: &Lab, address: &str, within: Duration) -> Result<Duration> {
     let started = Instant::now();

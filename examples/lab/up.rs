@@ -265,7 +265,8 @@ async fn build(lab: &mut Lab, bins: &Binaries, args: &UpArgs) -> Result<()> {
         lab.pods().count(),
         phase.elapsed().as_millis()
     );
-    wait_blocks_announced(lab, &names).await
+    wait_blocks_announced(lab, &names).await?;
+    tor::wait_learned(lab, Duration::from_secs(20)).await
 }
 
 /// Waits until the agents of `nodes` announce every block their pods got addresses from.
