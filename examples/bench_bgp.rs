@@ -14,6 +14,17 @@
 //! The kernels are polled over netlink every `--poll-ms`. Printed: the median of each
 //! phase per engine over the rounds, and the ratio bird / native.
 //!
+//! Then, per engine, a receiving node runs as an agent would: in a process of its own (this
+//! binary, `receive`), its mode peered with a native speaker (the feeder) in another
+//! namespace:
+//!
+//! - **prefixes**: once the session carries one route, the feeder announces
+//!   `--prefixes` more (1000 /26 blocks by default, packed into UPDATEs as any speaker
+//!   does) → all of them in the receiver's kernel;
+//! - **memory**: the resident set (VmRSS) of the receiving process with those prefixes
+//!   learned and installed, and for the bird engine the same plus BIRD's own (BIRD holds
+//!   the routes there; the agent only supervises it); also before the prefixes came.
+//!
 //! Needs root and, for the bird engine, Debian's `bird2`. Everything happens in
 //! namespaces the benchmark creates and removes.
 //!
@@ -36,6 +47,12 @@ use testkit::{Namespaces, Segment};
 
 #[derive(Parser)]
 struct Args {
+    /// Runs one receiving node (used by the benchmark itself, as a child process).
+    #[command(subcommand)]
+    receive: Option<Receive>,
+    /// Prefixes the feeder announces in the `prefixes` phase.
+    #[arg(long, default_value_t = 1000)]
+    prefixes: u16,
     /// Rounds per engine (each a fresh set of namespaces).
     #[arg(long, default_value_t = 5)]
     rounds: usize,
@@ -49,6 +66,28 @@ struct Args {
     #[arg(long, default_value_t = 60)]
     timeout: u64,
 }
+
+/// The receiving node of the `prefixes` phase, in a process of its own.
+#[derive(clap::Subcommand)]
+enum Receive {
+    /// Runs the `bgp` mode of one node until standard input closes.
+    Receive {
+        /// `native` or `bird`.
+        #[arg(long)]
+        engine: String,
+        /// The node's network namespace (a path).
+        #[arg(long)]
+        netns: std::path::PathBuf,
+        /// The bird engine's run directory.
+        #[arg(long)]
+        dir: std::path::PathBuf,
+    },
+}
+
+/// The receiving node of the `prefixes` phase.
+const RECEIVER: &str = "192.168.92.12/24";
+/// The node that announces the prefixes.
+const FEEDER: &str = "192.168.92.11/24";
 
 /// One node of a round.
 struct Node {
@@ -65,6 +104,9 @@ const PHASES: [&str; 3] = ["start", "join", "vanish"];
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<()> {
     let args = Args::parse();
+    if let Some(Receive::Receive { engine, netns, dir }) = &args.receive {
+        return receive(&args, engine, netns, dir).await;
+    }
     if !nix::unistd::geteuid().is_root() {
         bail!("needs root (it creates network namespaces)");
     }
@@ -114,7 +156,307 @@ async fn main() -> Result<()> {
             bird.as_secs_f64() / native.as_secs_f64().max(1e-9)
         );
     }
+
+    // prefixes and memory, with the receiver in a process of its own.
+    let mut learned = vec![Vec::new(); engines.len()];
+    let mut memory = vec![Vec::new(); engines.len()];
+    for round in 0..args.rounds {
+        for i in 0..engines.len() {
+            let e = (i + round) % engines.len();
+            let (took, rss) = prefixes_round(&args, engines[e], round)
+                .await
+                .with_context(|| format!("{:?} prefixes round {round}", engines[e]))?;
+            println!(
+                "round {round} {:<6} {} prefixes {:>8.1} ms  rss before {:>6.1} MiB  with \
+                 them {:>6.1} MiB (agent {:.1} + bird {:.1})",
+                name(engines[e]),
+                args.prefixes,
+                ms(took),
+                mib(rss.before),
+                mib(rss.total()),
+                mib(rss.agent),
+                mib(rss.bird)
+            );
+            learned[e].push(took);
+            memory[e].push(rss);
+        }
+    }
+    println!(
+        "\nmedians over {} rounds ({} prefixes from a native feeder over one iBGP session):",
+        args.rounds, args.prefixes
+    );
+    println!(
+        "{:<22} {:>12} {:>12} {:>14}",
+        "", "native", "bird", "bird / native"
+    );
+    let native = median(&mut learned[0]);
+    let bird = median(&mut learned[1]);
+    println!(
+        "{:<22} {:>12.1} {:>12.1} {:>14.2}",
+        "prefixes -> kernel ms",
+        ms(native),
+        ms(bird),
+        bird.as_secs_f64() / native.as_secs_f64().max(1e-9)
+    );
+    for (label, f) in [
+        ("rss before MiB", (|r: &Rss| r.before) as fn(&Rss) -> u64),
+        ("rss with them MiB", |r: &Rss| r.total()),
+    ] {
+        let mut n: Vec<u64> = memory[0].iter().map(f).collect();
+        let mut b: Vec<u64> = memory[1].iter().map(f).collect();
+        let (n, b) = (median_u64(&mut n), median_u64(&mut b));
+        println!(
+            "{label:<22} {:>12.1} {:>12.1} {:>14.2}",
+            mib(n),
+            mib(b),
+            b as f64 / (n as f64).max(1.0)
+        );
+    }
     Ok(())
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+fn median_u64(v: &mut [u64]) -> u64 {
+    v.sort();
+    v.get(v.len() / 2).copied().unwrap_or_default()
+}
+
+/// The resident memory of a receiving node, bytes.
+#[derive(Clone, Copy, Default)]
+struct Rss {
+    /// The receiving process and its children, before the prefixes came.
+    before: u64,
+    /// The receiving process with the prefixes.
+    agent: u64,
+    /// Its BIRD with the prefixes (bird engine).
+    bird: u64,
+}
+
+impl Rss {
+    fn total(&self) -> u64 {
+        self.agent + self.bird
+    }
+}
+
+/// VmRSS of `pid`, bytes.
+fn vm_rss(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// The children of `pid`, all its threads'.
+fn children(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|c| {
+            c.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect()
+}
+
+/// The resident memory of `pid` (the agent) and of its descendants (BIRD).
+fn rss_of(pid: u32) -> (u64, u64) {
+    let mut rest = 0;
+    let mut todo = children(pid);
+    while let Some(c) = todo.pop() {
+        rest += vm_rss(c);
+        todo.extend(children(c));
+    }
+    (vm_rss(pid), rest)
+}
+
+/// A node record and local node for `cidr` with `blocks`.
+fn node(name: &str, cidr: &str, blocks: Vec<ipnet::IpNet>) -> Result<(NodeRecord, LocalNode)> {
+    let net: ipnet::IpNet = cidr.parse()?;
+    Ok((
+        NodeRecord {
+            name: name.into(),
+            address: net.addr(),
+            prefix_len: net.prefix_len(),
+            blocks: blocks.clone(),
+            backend: Default::default(),
+        },
+        LocalNode {
+            name: name.into(),
+            address: net.addr(),
+            prefix_len: net.prefix_len(),
+            interface: "eth0".into(),
+            underlay_mtu: 1500,
+            blocks,
+            tunnel_address: None,
+        },
+    ))
+}
+
+/// `count` /26 blocks from 10.200.0.0 up.
+fn blocks(count: u16) -> Vec<ipnet::IpNet> {
+    (0..u32::from(count))
+        .map(|i| {
+            let base = u32::from(std::net::Ipv4Addr::new(10, 200, 0, 0)) + (i << 6);
+            ipnet::IpNet::V4(
+                ipnet::Ipv4Net::new(std::net::Ipv4Addr::from(base), 26).expect("a /26"),
+            )
+        })
+        .collect()
+}
+
+/// The child process: the `bgp` mode of the receiving node, peered with the feeder, until
+/// standard input closes.
+async fn receive(
+    args: &Args,
+    engine: &str,
+    netns: &std::path::Path,
+    dir: &std::path::Path,
+) -> Result<()> {
+    let engine = if engine == "bird" {
+        Engine::Bird
+    } else {
+        Engine::Native
+    };
+    let config = Config {
+        engine,
+        connect_retry: args.connect_retry,
+        ..Config::default()
+    };
+    let mut mode: Box<dyn CrossNodeRouting> = match engine {
+        Engine::Bird => Box::new(Bird::open(config, netns, dir).await?),
+        _ => Box::new(Bgp::open(config, netns).await?),
+    };
+    let (_, local) = node("receiver", RECEIVER, vec!["10.244.2.0/26".parse()?])?;
+    let (feeder, _) = node("feeder", FEEDER, vec!["10.244.1.0/26".parse()?])?;
+    mode.init(&local).await?;
+    mode.reconcile(&[feeder]).await?;
+    println!("ready");
+    // Until the parent closes standard input (a blocking read, on a thread of its own).
+    tokio::task::spawn_blocking(|| {
+        std::io::Read::read_to_end(&mut std::io::stdin(), &mut Vec::new())
+    })
+    .await??;
+    mode.teardown().await?;
+    Ok(())
+}
+
+/// One `prefixes` round with the receiver on `engine`: how long the prefixes took to reach
+/// its kernel, and its memory.
+async fn prefixes_round(args: &Args, engine: Engine, round: usize) -> Result<(Duration, Rss)> {
+    let namespaces = Namespaces::new(&format!("bp{}{round}", &name(engine)[..1]));
+    let segment = Segment::new(&namespaces, "sw");
+    let dir = tempfile::tempdir()?;
+    let feeder_ns = namespaces.add("f");
+    let receiver_ns = namespaces.add("r");
+    segment.plug(&feeder_ns, "eth0", FEEDER);
+    segment.plug(&receiver_ns, "eth0", RECEIVER);
+    let receiver_path = testkit::netns_path(&receiver_ns);
+    let timeout = Duration::from_secs(args.timeout);
+    let poll = Duration::from_millis(args.poll_ms);
+
+    let mut child = tokio::process::Command::new(std::env::current_exe()?)
+        .args([
+            "--connect-retry",
+            &args.connect_retry.to_string(),
+            "receive",
+        ])
+        .args(["--engine", name(engine)])
+        .arg("--netns")
+        .arg(&receiver_path)
+        .arg("--dir")
+        .arg(dir.path())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let pid = child.id().context("the receiver's pid")?;
+    let mut out = tokio::io::BufReader::new(child.stdout.take().context("stdout")?);
+    let mut line = String::new();
+    tokio::io::AsyncBufReadExt::read_line(&mut out, &mut line).await?;
+    if line.trim() != "ready" {
+        bail!("the receiver did not start: {line:?}");
+    }
+
+    let base: ipnet::IpNet = "10.244.1.0/26".parse()?;
+    let (receiver, _) = node("receiver", RECEIVER, vec!["10.244.2.0/26".parse()?])?;
+    let (_, mut feeder_local) = node("feeder", FEEDER, vec![base])?;
+    let mut feeder = Bgp::open(
+        Config {
+            connect_retry: args.connect_retry,
+            ..Config::default()
+        },
+        &testkit::netns_path(&feeder_ns),
+    )
+    .await?;
+    feeder.init(&feeder_local).await?;
+    feeder.reconcile(std::slice::from_ref(&receiver)).await?;
+    let protocol = match engine {
+        Engine::Bird => cnikit::bgp::bird::BIRD_ROUTE_PROTOCOL,
+        _ => cni_core::linux::kernel::ROUTE_PROTOCOL,
+    };
+    let kernel = Netlink::with_protocol(NetNs::open(&receiver_path).await?, protocol);
+    let feeder_address: IpAddr = FEEDER.parse::<ipnet::IpNet>()?.addr();
+    let installed = |want: usize| {
+        let kernel = &kernel;
+        async move {
+            let started = Instant::now();
+            loop {
+                let have = kernel
+                    .owned_routes()
+                    .await?
+                    .into_iter()
+                    .filter(|r| r.via == feeder_address)
+                    .count();
+                if have == want {
+                    return Ok::<_, anyhow::Error>(());
+                }
+                if started.elapsed() > timeout {
+                    bail!("{have} routes from the feeder, not {want}, after {timeout:?}");
+                }
+                tokio::time::sleep(poll).await;
+            }
+        }
+    };
+    // The session is up and carries the feeder's block.
+    installed(1).await?;
+    let before: u64 = {
+        let (agent, bird) = rss_of(pid);
+        agent + bird
+    };
+
+    feeder_local.blocks.extend(blocks(args.prefixes));
+    let started = Instant::now();
+    feeder.init(&feeder_local).await?;
+    installed(1 + usize::from(args.prefixes)).await?;
+    let took = started.elapsed();
+    // Let the receiver settle (allocations after the routes are in) before measuring.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (agent, bird) = rss_of(pid);
+
+    drop(child.stdin.take());
+    tokio::time::timeout(timeout, child.wait())
+        .await
+        .context("the receiver did not stop")??;
+    feeder.teardown().await?;
+    Ok((
+        took,
+        Rss {
+            before,
+            agent,
+            bird,
+        },
+    ))
 }
 
 fn name(engine: Engine) -> &'static str {

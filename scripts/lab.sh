@@ -11,6 +11,7 @@
 #   sudo scripts/lab.sh --mode bgp               # BGP speakers in the agents, full mesh
 #   sudo scripts/lab.sh --mode bgp --bgp-engine bird   # BIRD 2 run by each agent instead
 #   sudo scripts/lab.sh --mode bgp --ipip-mode always   # BGP's routes through IPIP (VM)
+#   sudo scripts/lab.sh --mode bgp --bgp-topology reflector --reflectors 1 --tor bird
 #   sudo scripts/lab.sh --mode ipip --ipip-mode cross-subnet --topology two-subnets
 #   sudo scripts/lab.sh --store etcd --topology two-subnets --pod-network routed
 #   sudo LAB_NODES=4 LAB_PODS=3 scripts/lab.sh
@@ -20,7 +21,9 @@
 # loading it never adds tunl0 to the machine's own namespace; lab.sh says so. --ipip-mode
 # (always, cross-subnet) is for ipip only; --direct-routing is vxlan's DirectRouting and,
 # for ipip, cross-subnet. bgp runs the agents' own BGP speakers (iBGP full mesh, AS 64512)
-# on one segment: `show` lists each node's sessions and the routes they brought. ebpf runs
+# on one segment: `show` lists each node's sessions and the routes they brought;
+# --bgp-topology reflector makes the first --reflectors nodes route reflectors, --tor bird
+# adds a top-of-rack router (BIRD 2, AS 65000) peering with every node over eBGP. ebpf runs
 # pods on tc eBPF programs (its own pod network; --pod-network is for the other modes): `show`
 # lists each program with its id and every entry of the maps.
 set -euo pipefail
@@ -41,7 +44,8 @@ while [ $# -gt 0 ]; do
     --ipip-mode) ipip_extra+=("$1" "$2"); shift 2 ;;
     --bgp-engine) bgp_extra+=("$1" "$2"); shift 2 ;;
     --direct-routing) extra+=("$1"); shift ;;
-    -h|--help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --bgp-topology|--reflectors|--tor) bgp_extra+=("$1" "$2"); shift 2 ;;
+    -h|--help) sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "scripts/lab.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done

@@ -123,6 +123,7 @@ impl Lab {
             .iter()
             .filter_map(|n| n["agentPid"].as_i64())
             .chain(status["etcd"]["pid"].as_i64())
+            .chain(status["tor"]["pid"].as_i64())
             .collect();
         let out = self.ok(&["down"]);
         self.down = true;
@@ -933,6 +934,260 @@ fn bgp_ipip_lifecycle() {
     );
 }
 
+/// BGP with a route reflector and a top-of-rack router (the agents' own speakers): 5
+/// nodes, node1 the reflector and the others its clients; a BIRD in AS 65000 peers with
+/// every node over eBGP. See [`reflector_with_tor`].
+#[test]
+fn bgp_reflector_tor_lifecycle() {
+    reflector_with_tor("bgp_reflector_tor_lifecycle", "br", &[]);
+}
+
+/// [`bgp_reflector_tor_lifecycle`] with BIRD as every node's engine.
+#[test]
+fn bgp_bird_reflector_tor_lifecycle() {
+    reflector_with_tor(
+        "bgp_bird_reflector_tor_lifecycle",
+        "bt",
+        &["--bgp-engine", "bird"],
+    );
+}
+
+/// A 5-node `bgp` lab, `--bgp-topology reflector --reflectors 1 --tor bird`: the clients
+/// peer with node1 and the router only; every pod pair pings over the reflected routes; the
+/// router has every node's block via that node; `show` explains each role and the router's
+/// view; node5 leaves → its block is gone from every node and from the router; `down`
+/// leaves no agent, no BIRD (the router's included), no socket, no namespace.
+fn reflector_with_tor(test: &str, tag: &str, extra: &[&str]) {
+    let Some(bin) = lab_binary(test) else {
+        return;
+    };
+    if !testkit::on_path("bird") || !testkit::on_path("birdc") {
+        testkit::skip(test, "needs bird and birdc (Debian package bird2)");
+        return;
+    }
+    let bird = extra.contains(&"bird");
+    let proto = if bird { "bird" } else { "107" };
+    let mut lab = Lab::new(bin, tag);
+    let mut up = vec![
+        "up",
+        "--mode",
+        "bgp",
+        "--nodes",
+        "5",
+        "--pods",
+        "1",
+        "--bgp-topology",
+        "reflector",
+        "--reflectors",
+        "1",
+        "--tor",
+        "bird",
+        "--ttl",
+        "60",
+        "--resync",
+        "60",
+    ];
+    up.extend(extra);
+    lab.ok(&up);
+
+    let (report, ok) = lab.check();
+    assert_eq!(assert_all_ok(&report, "podToPod"), 20, "5 nodes x 1 pod");
+    assert_eq!(
+        assert_all_ok(&report, "torToPod"),
+        5,
+        "the router reaches every pod over what it learned"
+    );
+    assert!(ok, "check exits 0 when every probe answers: {report}");
+
+    // Sessions: the reflector with the 4 clients and the router; each client with the
+    // reflector and the router only.
+    let status = tor_sessions(&lab);
+    for n in status["nodes"].as_array().expect("nodes") {
+        let name = n["name"].as_str().unwrap();
+        let mut peers: Vec<&str> = n["nodeState"]["routing"]["peers"]
+            .as_array()
+            .expect("BGP report")
+            .iter()
+            .map(|p| p["name"].as_str().unwrap())
+            .collect();
+        peers.sort();
+        let want: Vec<&str> = if name == "node1" {
+            vec!["node2", "node3", "node4", "node5", "tor"]
+        } else {
+            vec!["node1", "tor"]
+        };
+        assert_eq!(peers, want, "{name}'s sessions");
+        assert_eq!(n["reflector"], name == "node1", "{name}");
+        // Every other node's block is in its kernel, via that node (reflection keeps the
+        // next hop).
+        let ns = n["ns"].as_str().unwrap();
+        let routes: BTreeSet<(String, String)> = ip_json(ns, &["route", "show"])
+            .into_iter()
+            .filter(|r| r["protocol"] == proto)
+            .map(|r| {
+                (
+                    r["dst"].as_str().unwrap().to_owned(),
+                    r["gateway"].as_str().unwrap_or("").to_owned(),
+                )
+            })
+            .collect();
+        let want: BTreeSet<(String, String)> = status["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|o| o["name"] != n["name"])
+            .flat_map(|o| {
+                let via = o["address"].as_str().unwrap().to_owned();
+                o["nodeState"]["blocks"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(move |b| (b.as_str().unwrap().to_owned(), via.clone()))
+            })
+            .collect();
+        assert_eq!(routes, want, "{name}'s BGP routes");
+    }
+    assert_tor_table(&status, &["node1", "node2", "node3", "node4", "node5"]);
+
+    let show = lab.ok(&["show"]);
+    for needle in [
+        "1 route reflector, top-of-rack router",
+        "iBGP to a route-reflector client",
+        "iBGP to a route reflector (a client",
+        "eBGP (another AS",
+        "== top-of-rack router (",
+        "tor 172.30.1.254 AS 65000 established",
+        "learned over eBGP from node5",
+        "sessions (5):",
+        "table (5 routes):",
+    ] {
+        assert!(show.contains(needle), "show lacks {needle:?}:\n{show}");
+    }
+    assert!(
+        show.contains("a route reflector, reflected") || show.contains("through a route reflector"),
+        "show explains the reflected routes:\n{show}"
+    );
+
+    // node5 leaves: its block goes from every node and from the router.
+    let gone = Peer::of(&status, "node5");
+    let out = lab.ok(&["node-del", "node5"]);
+    assert!(
+        out.contains("top-of-rack router: no route via node5"),
+        "node-del follows node5 out of the router: {out}"
+    );
+    let status = lab.status();
+    for n in status["nodes"].as_array().unwrap() {
+        let ns = n["ns"].as_str().unwrap();
+        assert_eq!(gone.traces_in(ns), Vec::<String>::new(), "node5 on {ns}");
+    }
+    assert_tor_table(&status, &["node1", "node2", "node3", "node4"]);
+    let tor_pid = status["tor"]["pid"].as_i64().expect("the router's pid");
+    let tor_ns = status["tor"]["ns"].as_str().unwrap().to_owned();
+    assert_eq!(
+        birds_in(&tor_ns),
+        vec![tor_pid as u32],
+        "one bird in {tor_ns}"
+    );
+
+    // `down_and_verify` checks the router's BIRD too (its PID is in `status`).
+    lab.down_and_verify();
+    assert!(
+        !runs_for_lab(tor_pid, &lab.name),
+        "the router's bird {tor_pid} outlived down"
+    );
+    println!(
+        "{test}: 5 nodes (1 reflector), 20/20 pod pairs, the router learned 5 blocks; node5 \
+         left every table; down left nothing"
+    );
+}
+
+/// Waits (15 s at most) until every node's sessions, and the router's, are established;
+/// returns that status.
+fn tor_sessions(lab: &Lab) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let status = lab.status();
+        let mut wrong: Vec<String> = Vec::new();
+        for n in status["nodes"].as_array().expect("nodes") {
+            let peers = n["nodeState"]["routing"]["peers"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            if peers.is_empty() || peers.iter().any(|p| p["state"] != "established") {
+                wrong.push(format!("{}: {peers:?}", n["name"]));
+            }
+        }
+        let tor = status["tor"]["sessions"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        if tor.len() != status["nodes"].as_array().unwrap().len()
+            || tor.iter().any(|p| p["state"] != "established")
+        {
+            wrong.push(format!("tor: {tor:?}"));
+        }
+        if wrong.is_empty() {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "BGP sessions not all established after 15 s: {wrong:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Asserts the router's table (from `status`) holds exactly the blocks of `nodes`, each via
+/// its node's address and learned from it, and that its kernel has them too.
+fn assert_tor_table(status: &Value, nodes: &[&str]) {
+    let table: BTreeSet<(String, String, String)> = status["tor"]["routes"]
+        .as_array()
+        .expect("the router's table")
+        .iter()
+        .map(|r| {
+            (
+                r["dst"].as_str().unwrap().to_owned(),
+                r["via"].as_str().unwrap().to_owned(),
+                r["from"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let want: BTreeSet<(String, String, String)> = nodes
+        .iter()
+        .flat_map(|name| {
+            let n = node(status, name);
+            let via = n["address"].as_str().unwrap().to_owned();
+            n["nodeState"]["blocks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(move |b| {
+                    (
+                        b.as_str().unwrap().to_owned(),
+                        via.clone(),
+                        name.to_string(),
+                    )
+                })
+        })
+        .collect();
+    assert_eq!(table, want, "the router's table");
+    let ns = status["tor"]["ns"].as_str().unwrap();
+    let kernel: BTreeSet<(String, String, String)> = ip_json(ns, &["route", "show"])
+        .into_iter()
+        .filter(|r| r["protocol"] == "bird")
+        .map(|r| {
+            let via = r["gateway"].as_str().unwrap_or("").to_owned();
+            let from = nodes
+                .iter()
+                .find(|n| node(status, n)["address"] == via.as_str())
+                .map(|n| n.to_string())
+                .unwrap_or_default();
+            (r["dst"].as_str().unwrap().to_owned(), via, from)
+        })
+        .collect();
+    assert_eq!(kernel, want, "the router's kernel routes");
+}
+
 /// IPIP (mode always), 3 nodes x 2 pods; in the VM when this kernel has no ipip module.
 #[test]
 fn ipip_lifecycle() {
@@ -985,6 +1240,52 @@ fn two_subnets_ipip_cross_subnet_tunnels_only_across() {
     assert!(!show.contains("UNEXPECTED"), "{show}");
     println!("ipip crossSubnet, two subnets: 30/30 pod pairs; 4 tunnel routes, 2 direct");
     lab.down_and_verify();
+}
+
+/// BGP with `--ipip-mode cross-subnet` on two subnets joined by a router, the native engine
+/// and then BIRD: the sessions across the router come up (multihop), every pod pair pings,
+/// and only the blocks of peers on the other subnet go through the tunnel (4 routes), the
+/// others plainly via eth0. In the VM when this kernel has no ipip module.
+#[test]
+fn two_subnets_bgp_cross_subnet_tunnels_only_across() {
+    let test = "two_subnets_bgp_cross_subnet_tunnels_only_across";
+    let Some(bin) = lab_binary(test) else {
+        return;
+    };
+    if !testkit::vm::here_or_in_vm(test, "ipip") {
+        return;
+    }
+    let mut engines = vec![("tsb", "native", "107")];
+    if testkit::on_path("bird") && testkit::on_path("birdc") {
+        engines.push(("tsc", "bird", "bird"));
+    } else {
+        testkit::skip(test, "the bird engine's half needs bird and birdc (bird2)");
+    }
+    for (tag, engine, proto) in engines {
+        let mut lab = Lab::new(bin.clone(), tag);
+        two_subnets_every_pair(
+            &lab,
+            &[
+                "--mode",
+                "bgp",
+                "--bgp-engine",
+                engine,
+                "--ipip-mode",
+                "cross-subnet",
+            ],
+        );
+        let status = assert_bgp_sessions(&lab, 2);
+        let tunnelled =
+            assert_block_routes(&status, proto, |me, peer| peer["subnet"] != me["subnet"]);
+        assert_eq!(
+            tunnelled, 4,
+            "{engine}: node2's block and node2's routes to 1 and 3"
+        );
+        println!(
+            "bgp ({engine}) crossSubnet, two subnets: 30/30 pod pairs; 4 tunnel routes, 2 direct"
+        );
+        lab.down_and_verify();
+    }
 }
 
 /// Two subnets joined by a router: host-gw reports the off-link peers, routes only the

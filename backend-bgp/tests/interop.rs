@@ -1081,6 +1081,132 @@ async fn the_bird_engine_routes_through_ipip() {
     b.teardown().await.unwrap();
 }
 
+/// The bird engine with `crossSubnet` IPIP, its peers on two subnets joined by a router (as
+/// Calico's CrossSubnet is meant for): node a (BIRD) on 192.168.87.0/24 with c (native) on the
+/// same segment, b (native) behind the router on 192.168.88.0/24. a's session with b crosses
+/// the router (a multihop iBGP session), b's block is installed through the tunnel on-link
+/// via b's underlay address, c's plainly via c on eth0; a's tunnel address reaches b's. In
+/// the VM when this kernel has no ipip module.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bird_engine_tunnels_cross_subnet_peers_only() {
+    let test = "the_bird_engine_tunnels_cross_subnet_peers_only";
+    if !tools(test, &[("bird", "bird2"), ("birdc", "bird2")])
+        || !testkit::vm::here_or_in_vm(test, "ipip")
+    {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let namespaces = testkit::Namespaces::new("bgpxs");
+    let left = testkit::Segment::new(&namespaces, "sw1");
+    let right = testkit::Segment::new(&namespaces, "sw2");
+    let router = namespaces.add("r");
+    left.plug(&router, "eth1", "192.168.87.1/24");
+    right.plug(&router, "eth2", "192.168.88.1/24");
+    testkit::ip(&router, &["link", "set", "lo", "up"]);
+    let forward = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &router,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+        ])
+        .status()
+        .expect("sysctl");
+    assert!(forward.success(), "forwarding on in the router");
+    let (a_cidr, b_cidr, c_cidr) = ("192.168.87.11/24", "192.168.88.12/24", "192.168.87.13/24");
+    let a_ns = namespaces.add("a");
+    left.plug(&a_ns, "eth0", a_cidr);
+    let c_ns = namespaces.add("c");
+    left.plug(&c_ns, "eth0", c_cidr);
+    let b_ns = namespaces.add("b");
+    right.plug(&b_ns, "eth0", b_cidr);
+    for ns in [&a_ns, &c_ns] {
+        testkit::ip(
+            ns,
+            &["route", "add", "192.168.88.0/24", "via", "192.168.87.1"],
+        );
+    }
+    testkit::ip(
+        &b_ns,
+        &["route", "add", "192.168.87.0/24", "via", "192.168.88.1"],
+    );
+    let ipip = Some(backend_bgp::IpipConfig {
+        device: "cnikit.ipip".into(),
+        cross_subnet: true,
+    });
+    let records = [
+        record("a", "192.168.87.11"),
+        record("b", "192.168.88.12"),
+        record("c", "192.168.87.13"),
+    ];
+    let mut a_local = local("a", a_cidr, &["10.244.1.0/26"]);
+    a_local.tunnel_address = Some("10.244.1.1".parse().unwrap());
+    let mut b_local = local("b", b_cidr, &["10.244.2.0/26"]);
+    b_local.tunnel_address = Some("10.244.2.1".parse().unwrap());
+    let mut c_local = local("c", c_cidr, &["10.244.3.0/26"]);
+    c_local.tunnel_address = Some("10.244.3.1".parse().unwrap());
+    let mut a = backend_bgp::Bird::open(
+        Config {
+            engine: backend_bgp::Engine::Bird,
+            ipip: ipip.clone(),
+            ..config(179)
+        },
+        &testkit::netns_path(&a_ns),
+        &dir.path().join("a"),
+    )
+    .await
+    .expect("open");
+    a.init(&a_local).await.expect("bird starts");
+    a.reconcile(&records).await.unwrap();
+    let native = Config {
+        ipip,
+        ..config(179)
+    };
+    let mut b = speaker(&b_ns, native.clone(), &b_local).await;
+    b.reconcile(&records).await.unwrap();
+    let mut c = speaker(&c_ns, native, &c_local).await;
+    c.reconcile(&records).await.unwrap();
+    wait_routes(&a_ns, "bird", SECS, |now| {
+        now == [
+            r("10.244.2.0/26", "192.168.88.12"),
+            r("10.244.3.0/26", "192.168.87.13"),
+        ]
+    })
+    .await;
+    wait_routes(&b_ns, "107", SECS, |now| {
+        now.contains(&r("10.244.1.0/26", "192.168.87.11"))
+    })
+    .await;
+    let routes = testkit::ip_json(&a_ns, &["route", "show", "proto", "bird"]);
+    let onlink = |route: &serde_json::Value| {
+        route["flags"]
+            .as_array()
+            .is_some_and(|f| f.iter().any(|x| x == "onlink"))
+    };
+    for route in &routes {
+        if route["dst"] == "10.244.2.0/26" {
+            assert_eq!(route["dev"], "cnikit.ipip", "across the router: {route}");
+            assert!(onlink(route), "{route}");
+        } else {
+            assert_eq!(route["dev"], "eth0", "same subnet, no tunnel: {route}");
+            assert!(!onlink(route), "{route}");
+        }
+    }
+    let ping = try_in(
+        &a_ns,
+        &["ping", "-c1", "-W2", "-I", "10.244.1.1", "10.244.2.1"].map(String::from),
+    );
+    assert!(
+        ping.is_some(),
+        "a's tunnel address reaches b's through the tunnel, across the router"
+    );
+    a.teardown().await.unwrap();
+    b.teardown().await.unwrap();
+    c.teardown().await.unwrap();
+}
+
 /// The agent restarts without a teardown (`keepOnExit`): the dropped bird engine kills its
 /// BIRD as a crash, the next run's BIRD starts in graceful-restart recovery on the previous
 /// configuration; the routes stay in both kernels the whole time, and the session comes

@@ -32,29 +32,92 @@ pub fn session_line(p: &PeerSummary) -> String {
     )
 }
 
-/// What a session means for this node.
-pub fn session_why(p: &PeerSummary, engine: Engine, local_as: u32, connect_retry: u16) -> String {
+/// Which side of a lab's iBGP topology each end of a session is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Full mesh: no route reflectors.
+    Mesh,
+    /// This node is a route reflector; `peer_reflects`: so is the peer.
+    Reflector {
+        /// The peer is a route reflector too.
+        peer_reflects: bool,
+    },
+    /// This node is a route-reflector client (the peer is a reflector).
+    Client,
+}
+
+/// What a session means for this node (`role`: in the lab's iBGP topology).
+pub fn session_why(
+    p: &PeerSummary,
+    engine: Engine,
+    local_as: u32,
+    connect_retry: u16,
+    role: Role,
+) -> String {
     let (proto, speaker) = match engine {
         Engine::Bird => ("bird", "BIRD"),
         _ => ("107", "the speaker"),
     };
-    let kind = if p.as_number == local_as {
-        "iBGP (same AS; full mesh, so every node has a session with every other)"
-    } else {
-        "eBGP (another AS)"
+    let kind = match (p.as_number == local_as, role) {
+        (false, _) => {
+            "eBGP (another AS: a router outside the cluster; it gets this node's \
+                       blocks, and what it announces would be installed)"
+        }
+        (true, Role::Mesh) => {
+            "iBGP (same AS; full mesh, so every node has a session with every other)"
+        }
+        (
+            true,
+            Role::Reflector {
+                peer_reflects: false,
+            },
+        ) => {
+            "iBGP to a route-reflector client (this node is a route reflector, cluster id \
+             244.0.0.1: it reflects every block the client announces to its other peers, and \
+             the others' blocks to the client, NEXT_HOP unchanged)"
+        }
+        (
+            true,
+            Role::Reflector {
+                peer_reflects: true,
+            },
+        ) => {
+            "iBGP between two route reflectors (non-clients of each other: each hears the \
+             other's own blocks; what one reflects carries their shared cluster id and the \
+             other drops it, it has those clients itself)"
+        }
+        (true, Role::Client) => {
+            "iBGP to a route reflector (a client peers with the reflectors only, not with \
+             every node: through them come the blocks of every other node, NEXT_HOP still \
+             the node that owns the block)"
+        }
     };
     if p.state == "established" {
+        let address = p
+            .address
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "PEER".into());
+        let (heard, via) = if p.as_number == local_as && role != Role::Mesh {
+            (
+                format!("heard of {} block(s) through it", p.prefixes_received),
+                "NEXT_HOP".to_owned(),
+            )
+        } else {
+            (
+                format!("heard of {} of {}'s", p.prefixes_received, p.name),
+                address,
+            )
+        };
+        let told = match role {
+            Role::Reflector { .. } if p.as_number == local_as => format!(
+                "told {} of {} block(s), its own and the ones it reflects,",
+                p.name, p.prefixes_sent
+            ),
+            _ => format!("told {} about its {} block(s)", p.name, p.prefixes_sent),
+        };
         return format!(
-            "{kind}: this node told {} about its {} block(s) and heard of {} of {}'s; each \
-             block heard is a route below `BLOCK via {} dev eth0 proto {proto}`, there as \
-             long as this session is",
-            p.name,
-            p.prefixes_sent,
-            p.prefixes_received,
-            p.name,
-            p.address
-                .map(|a| a.to_string())
-                .unwrap_or_else(|| "PEER".into())
+            "{kind}: this node {told} and {heard}; each block heard is a route below `BLOCK \
+             via {via} dev eth0 proto {proto}`, there as long as this session carries it"
         );
     }
     format!(
@@ -118,14 +181,32 @@ mod tests {
             line.ends_with(", hold 90 s, prefixes sent 1 received 2"),
             "{line}"
         );
-        let why = session_why(&peer("established"), Engine::Native, 64512, 1);
-        assert!(why.starts_with("iBGP"), "{why}");
+        let why = session_why(&peer("established"), Engine::Native, 64512, 1, Role::Mesh);
+        assert!(why.starts_with("iBGP (same AS; full mesh"), "{why}");
         assert!(why.contains("via 172.30.1.12 dev eth0 proto 107"), "{why}");
-        let why = session_why(&peer("established"), Engine::Bird, 64512, 1);
+        assert!(why.contains("heard of 2 of node2's"), "{why}");
+        let why = session_why(&peer("established"), Engine::Bird, 64512, 1, Role::Mesh);
         assert!(why.contains("via 172.30.1.12 dev eth0 proto bird"), "{why}");
-        let down = session_why(&peer("active"), Engine::Bird, 64512, 1);
+        let why = session_why(&peer("established"), Engine::Native, 64512, 1, Role::Client);
+        assert!(why.starts_with("iBGP to a route reflector"), "{why}");
+        assert!(why.contains("heard of 2 block(s) through it"), "{why}");
+        assert!(why.contains("via NEXT_HOP dev eth0"), "{why}");
+        let why = session_why(
+            &peer("established"),
+            Engine::Native,
+            64512,
+            1,
+            Role::Reflector {
+                peer_reflects: false,
+            },
+        );
+        assert!(why.starts_with("iBGP to a route-reflector client"), "{why}");
+        assert!(why.contains("told node2 of 1 block(s), its own and the ones it reflects"));
+        let why = session_why(&peer("established"), Engine::Native, 65000, 1, Role::Client);
+        assert!(why.starts_with("eBGP"), "{why}");
+        let down = session_why(&peer("active"), Engine::Bird, 64512, 1, Role::Mesh);
         assert!(down.contains("BIRD tries again every 1 s"), "{down}");
-        let down = session_why(&peer("active"), Engine::Native, 64512, 1);
+        let down = session_why(&peer("active"), Engine::Native, 64512, 1, Role::Mesh);
         assert!(down.contains("NOT established (state active)"), "{down}");
         assert!(down.contains("last error: connection refused"), "{down}");
         assert!(!session_line(&peer("active")).contains(" for "));

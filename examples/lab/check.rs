@@ -1,6 +1,7 @@
 //! `check`: every pod pings every other pod (and each node pings each pod, and each pod each
 //! node's underlay address), all at once, with `ip netns exec <ns> ping -c1 -W1 <ip>`; a probe
-//! that fails is tried once more with `-W2` before it counts as unreachable.
+//! that fails is tried once more with `-W2` before it counts as unreachable. With `--tor`
+//! the top-of-rack router pings every pod too.
 
 use std::time::{Duration, Instant};
 
@@ -52,6 +53,9 @@ pub struct Report {
     pub node_to_pod: Vec<Probe>,
     /// Pod to node: every pod to every node's underlay address.
     pub pod_to_node: Vec<Probe>,
+    /// The top-of-rack router (`--tor`) to every pod, over the routes it learned by eBGP.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tor_to_pod: Vec<Probe>,
     /// Whether every probe succeeded.
     pub ok: bool,
     /// Wall time of the check, milliseconds.
@@ -109,6 +113,17 @@ pub async fn run(lab: &Lab) -> Result<Report> {
             });
         }
     }
+    if let Some(tor) = &lab.tor {
+        for (to, _, ip) in &pods {
+            jobs.push(Job {
+                ns: tor.ns.clone(),
+                from: crate::tor::TOR_PEER.to_owned(),
+                to: to.clone(),
+                ip: ip.clone(),
+                kind: 3,
+            });
+        }
+    }
     let first: Vec<(usize, usize, (Probe, String))> =
         futures::stream::iter(jobs.into_iter().enumerate())
             .map(|(i, job)| async move {
@@ -142,15 +157,16 @@ pub async fn run(lab: &Lab) -> Result<Report> {
         .collect()
         .await;
     results.sort_by_key(|(i, _, _)| *i);
-    let mut sets: [Vec<Probe>; 3] = Default::default();
+    let mut sets: [Vec<Probe>; 4] = Default::default();
     for (_, kind, probe) in results {
         sets[kind].push(probe);
     }
-    let [pod_to_pod, node_to_pod, pod_to_node] = sets;
+    let [pod_to_pod, node_to_pod, pod_to_node, tor_to_pod] = sets;
     let ok = pod_to_pod
         .iter()
         .chain(&node_to_pod)
         .chain(&pod_to_node)
+        .chain(&tor_to_pod)
         .all(|p| p.ok);
     Ok(Report {
         pods: pods.into_iter().map(|(n, _, ip)| (n, ip)).collect(),
@@ -162,6 +178,7 @@ pub async fn run(lab: &Lab) -> Result<Report> {
         pod_to_pod,
         node_to_pod,
         pod_to_node,
+        tor_to_pod,
         ok,
         elapsed_ms: started.elapsed().as_millis() as u64,
     })
@@ -250,6 +267,21 @@ pub fn print(report: &Report) {
         }
         println!();
     }
+    if !report.tor_to_pod.is_empty() {
+        let (ok, total) = count(&report.tor_to_pod);
+        println!(
+            "\ntop-of-rack router -> pod (over the routes it learned by eBGP): {ok}/{total} \
+             answer"
+        );
+        print!("{:width$}", crate::tor::TOR_PEER);
+        for to in &pods {
+            print!(
+                " {:>5}",
+                verdict(&report.tor_to_pod, crate::tor::TOR_PEER, to)
+            );
+        }
+        println!();
+    }
     println!("\npods:");
     for (name, ip) in &report.pods {
         println!("  {:>5}  {name:width$} {ip}", tag(name));
@@ -259,6 +291,7 @@ pub fn print(report: &Report) {
         .iter()
         .chain(&report.node_to_pod)
         .chain(&report.pod_to_node)
+        .chain(&report.tor_to_pod)
         .filter(|p| p.retried)
         .count();
     if retried > 0 {

@@ -52,6 +52,14 @@ pub fn conflist(lab: &Lab, node: &Node) -> Value {
     }
     if let (Some(mode), Value::Object(obj)) = (modes::find(&lab.mode), &mut entry) {
         obj.extend((mode.keys)(lab));
+        if node.reflector
+            && let Some(Value::Object(bgp)) = obj.get_mut("bgp")
+        {
+            bgp.insert(
+                "routeReflectorClusterId".into(),
+                json!(modes::BGP_CLUSTER_ID),
+            );
+        }
     }
     json!({
         "cniVersion": "1.1.0",

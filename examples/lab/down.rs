@@ -62,7 +62,8 @@ pub async fn down(name: &str) -> Result<ExitCode> {
     }
 }
 
-/// DEL every pod, stop every agent, look at the store, stop etcd.
+/// DEL every pod, stop every agent and the top-of-rack router, look at the store, stop
+/// etcd.
 async fn teardown_lab(lab: &Lab, problems: &mut Vec<String>) {
     // Pods first, while agents and the datastore still run.
     let dels = lab
@@ -108,6 +109,7 @@ async fn teardown_lab(lab: &Lab, problems: &mut Vec<String>) {
     for node in &lab.nodes {
         bird_left(&node.name, &node.data_dir().join("bird"), problems);
     }
+    crate::tor::stop(lab, problems).await;
     let etcd_alive = lab
         .etcd
         .as_ref()

@@ -6,8 +6,9 @@
 //! `cnikit-agent` per node running inside its node namespace, and M pods per node plugged
 //! in by the real `cnikit` plugin exec'd as a container runtime does. `check` pings every
 //! pod from every pod; `show` prints each node's devices, routes, neighbours and FDB entries
-//! with what each one is for (in `bgp` mode also each BGP session; with the `ebpf` pod
-//! network each attached program and every map entry); `node-add`/`node-del` grow and shrink the cluster; `down`
+//! with what each one is for (in `bgp` mode also each BGP session, and with `--tor` the
+//! top-of-rack router's sessions and table; with the `ebpf` pod network each attached
+//! program and every map entry); `node-add`/`node-del` grow and shrink the cluster; `down`
 //! removes everything. Every namespace is named `cnkl-<name>-…`; nothing is done in the
 //! machine's own network namespace. State lives in `/run/cnikit-lab/<name>/`.
 //!
@@ -48,6 +49,7 @@ mod show;
 mod state;
 mod status;
 mod store;
+mod tor;
 mod up;
 
 use std::process::ExitCode;
@@ -111,6 +113,23 @@ enum Cmd {
     Down,
 }
 
+/// The `--bgp-topology` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BgpTopology {
+    /// Every node peers with every other (iBGP full mesh).
+    Mesh,
+    /// The first `--reflectors` nodes are route reflectors (RFC 4456); the others peer with
+    /// them only.
+    Reflector,
+}
+
+/// The `--tor` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TorKind {
+    /// BIRD 2 in a namespace of its own on the first segment.
+    Bird,
+}
+
 /// The `--bgp-engine` values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum BgpEngine {
@@ -153,6 +172,19 @@ pub struct UpArgs {
     /// `bird`, BIRD 2 as the agent's supervised child.
     #[arg(long, value_enum)]
     pub bgp_engine: Option<BgpEngine>,
+    /// BGP topology (`--mode bgp` only): `mesh` (default) or `reflector` (route reflectors
+    /// among the nodes, see `--reflectors`).
+    #[arg(long, value_enum)]
+    pub bgp_topology: Option<BgpTopology>,
+    /// How many nodes are route reflectors with `--bgp-topology reflector` (the first ones;
+    /// `node-add` makes the new node one when fewer are left). Default 1.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=200))]
+    pub reflectors: Option<u32>,
+    /// A top-of-rack router (`--mode bgp` only): a namespace on the first segment at
+    /// `.254`, running BIRD 2 in AS 65000, peering with every node over eBGP and learning
+    /// every block (it announces nothing back).
+    #[arg(long, value_enum)]
+    pub tor: Option<TorKind>,
     /// Agent: lifetime of a node record without refresh, seconds.
     #[arg(long, default_value_t = 10)]
     pub ttl: u64,

@@ -25,6 +25,8 @@ pub const BGP_AS: u32 = cnikit::bgp::DEFAULT_AS;
 /// Seconds between a `bgp` lab speaker's connection attempts: the backend's default is 2;
 /// 1 lets a fresh lab, whose speakers start one after the other, converge sooner.
 pub const BGP_CONNECT_RETRY: u16 = 1;
+/// The route reflector cluster id of the lab's reflectors (`--bgp-topology reflector`).
+pub const BGP_CLUSTER_ID: std::net::Ipv4Addr = std::net::Ipv4Addr::new(244, 0, 0, 1);
 
 /// One routing mode.
 pub struct Mode {
@@ -108,7 +110,11 @@ pub const MODES: &[Mode] = &[
                 socket `bird/bird.ctl`, reloaded with `birdc configure` when peers change, \
                 started again if it dies), and the routes are BIRD's: `proto bird`. With \
                 --ipip-mode the learned routes go through the IPIP device cnikit.ipip \
-                on-link, as in the ipip mode (Calico's IPIP with BGP).",
+                on-link, as in the ipip mode (Calico's IPIP with BGP). With --bgp-topology \
+                reflector the first --reflectors nodes are route reflectors (cluster id \
+                244.0.0.1): they peer with every node and reflect the routes, the others \
+                peer with them only. With --tor bird a top-of-rack router (BIRD 2, AS 65000) \
+                is every node's global peer over eBGP and learns every block.",
         keys: |lab| {
             let mut keys = Map::new();
             let mut bgp = json!({
@@ -116,6 +122,13 @@ pub const MODES: &[Mode] = &[
                 "connectRetry": BGP_CONNECT_RETRY,
                 "engine": lab.bgp_engine.unwrap_or_default(),
             });
+            if let Some(tor) = &lab.tor {
+                bgp["globalPeers"] = json!([{
+                    "address": tor.address,
+                    "asNumber": tor.as_number,
+                    "name": crate::tor::TOR_PEER,
+                }]);
+            }
             if let Some(mode) = lab.ipip_mode {
                 bgp["ipip"] = json!({
                     "device": IPIP_DEVICE,

@@ -196,11 +196,12 @@ pub async fn build_node(lab: &Lab, node: &Node) -> Result<()> {
     Ok(())
 }
 
-/// The address of node `index` on `underlay`: `172.30.<octet>.<10 + index>`.
+/// The address of node `index` on `underlay`: `172.30.<octet>.<10 + index>` (`.254` is the
+/// top-of-rack router's).
 pub fn node_address(underlay: &Underlay, index: u32) -> Result<Ipv4Addr> {
     let host = u8::try_from(10 + index)
         .ok()
-        .filter(|h| *h < 255)
+        .filter(|h| *h < 254)
         .with_context(|| format!("node index {index} does not fit the /24 underlay"))?;
     Ok(Ipv4Addr::new(172, 30, underlay.octet, host))
 }

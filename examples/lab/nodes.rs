@@ -20,10 +20,12 @@ pub async fn node_add(name: &str, pods: Option<u32>) -> Result<()> {
     let result = async {
         let node = up::add_node(&mut lab, index).await?;
         let child = up::start_agent(&mut lab, &bins, index)?;
+        crate::tor::sync(&mut lab).await?;
         up::wait_ready_all(&lab, vec![(node.clone(), child)]).await?;
         let count = pods.unwrap_or(lab.pods_per_node);
         up::add_pods(&mut lab, &node, count).await?;
         up::wait_blocks_announced(&lab, std::slice::from_ref(&node)).await?;
+        crate::tor::wait_learned(&lab, Duration::from_secs(20)).await?;
         Ok::<_, anyhow::Error>(node)
     }
     .await;
@@ -159,6 +161,17 @@ async fn remove_node(lab: &mut Lab, node: &str, watch: Option<&show::Cluster>) -
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
+    if watch.is_some() && lab.tor.is_some() {
+        let address = gone.address.to_string();
+        match crate::tor::forgotten(lab, &address, Duration::from_secs(5)).await {
+            Ok(_) => forgotten.push(format!(
+                "top-of-rack router: no route via {node} ({address}) left {} ms after the \
+                 SIGTERM",
+                signalled.elapsed().as_millis()
+            )),
+            Err(e) => errors.push(format!("{e:#}")),
+        }
+    }
     for pod in &gone.pods {
         if let Err(e) = net::delete_ns(&pod.ns) {
             errors.push(format!("{e:#}"));
@@ -188,6 +201,10 @@ async fn remove_node(lab: &mut Lab, node: &str, watch: Option<&show::Cluster>) -
     }
     lab.nodes.retain(|n| n.name != node);
     lab.save()?;
+    // The router's session with the node goes from its configuration.
+    if let Err(e) = crate::tor::sync(lab).await {
+        errors.push(format!("{e:#}"));
+    }
     if gone.dir.starts_with(lab.dir()) {
         let _ = std::fs::remove_dir_all(&gone.dir);
     }

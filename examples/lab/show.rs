@@ -71,6 +71,8 @@ pub struct Cluster {
     pub lab: String,
     /// Whether the pod network is `ebpf` (its maps and programs are shown).
     pub ebpf: bool,
+    /// The nodes that are BGP route reflectors.
+    pub reflectors: Vec<String>,
 }
 
 impl Cluster {
@@ -118,6 +120,12 @@ impl Cluster {
             lab: lab.name.clone(),
             ebpf: lab.pod_network == state::PodNetwork::Ebpf,
             ipip_mode: lab.ipip_mode,
+            reflectors: lab
+                .nodes
+                .iter()
+                .filter(|n| n.reflector)
+                .map(|n| n.name.clone())
+                .collect(),
             routers: if lab.router.is_some() {
                 lab.underlays
                     .iter()
@@ -386,30 +394,52 @@ fn explain_bgp_route(me: &NodeView, owner: &str, dst: &str, gw: &str, dev: &str)
     } else {
         ("proto 107", "the speaker")
     };
-    let Some(peer) = report.as_ref().and_then(|r| bgp::learned_from(r, dst, gw)) else {
+    // BIRD's report names the peer of a route after its next hop: a reflected route is
+    // listed under its owner (or the bare next hop), with whom this node has no session.
+    let peer = report.as_ref().and_then(|r| {
+        bgp::learned_from(r, dst, gw).filter(|p| r.peers.iter().any(|s| s.name == *p))
+    });
+    if peer.is_none()
+        && owner != "?"
+        && report.as_ref().is_some_and(|r| {
+            r.installed
+                .values()
+                .flatten()
+                .any(|x| x == &format!("{dst} via {gw}"))
+        })
+    {
+        return format!(
+            "learned over BGP through a route reflector: it reflected {owner}'s block {dst} \
+             with NEXT_HOP {gw} ({owner}'s underlay address, unchanged by reflection) and \
+             {installer} put it here ({proto}); {gw} is on {dev}'s segment, no \
+             encapsulation. It goes when {owner} withdraws the block or leaves"
+        );
+    }
+    let Some(peer) = peer else {
         return format!(
             "a BGP route ({proto}) that the node's BGP report does not list: left from an \
              earlier run (a restarted speaker keeps them until its peers have told again what \
              they have) or the report is older than the route"
         );
     };
-    let whose = if owner == peer {
-        "its".to_owned()
+    let announced = if owner == peer {
+        format!("{peer} announced its block {dst} with NEXT_HOP {gw} (its underlay address)")
     } else {
-        format!("{owner}'s")
+        format!(
+            "{peer}, a route reflector, reflected {owner}'s block {dst} with NEXT_HOP {gw} \
+             ({owner}'s underlay address: reflection keeps it)"
+        )
     };
     if dev == modes::IPIP_DEVICE {
         return format!(
-            "learned over BGP from {peer}: {peer} announced {whose} block {dst} with NEXT_HOP \
-             {gw} (its underlay address) and {installer} put it here ({proto}) through the \
-             IPIP device: ENCAPSULATED, the packet gets an outer IPv4 header to {gw}; onlink \
+            "learned over BGP from {peer}: {announced} and {installer} put it here ({proto}) \
+             through the IPIP device: ENCAPSULATED, the packet gets an outer IPv4 header to {gw}; onlink \
              because the tunnel has no subnet {gw} is in. It goes when {peer} withdraws the \
              block or the session ends"
         );
     }
     format!(
-        "learned over BGP from {peer}: {peer} announced {whose} block {dst} with NEXT_HOP \
-         {gw} (its underlay address) and {installer} put it here ({proto}). \
+        "learned over BGP from {peer}: {announced} and {installer} put it here ({proto}). \
          {gw} is on {dev}'s segment, so the packet goes to {owner}'s MAC as it is, no \
          encapsulation. Without it the pods of {owner} are unreachable from here; it goes \
          when {peer} withdraws the block or the session ends"
@@ -740,8 +770,8 @@ fn ipip_peers(c: &Cluster, me: &NodeView, routes: &[Value]) {
     }
 }
 
-/// Each BGP session of a node, then what its speaker could not install.
-fn bgp_sessions(report: &cnikit::bgp::Report) {
+/// Each BGP session of node `me`, then what its speaker could not install.
+fn bgp_sessions(c: &Cluster, me: &str, report: &cnikit::bgp::Report) {
     println!(
         "BGP sessions (AS {}, router id {}, listening on {}):",
         report.as_number, report.router_id, report.listen
@@ -750,9 +780,23 @@ fn bgp_sessions(report: &cnikit::bgp::Report) {
         println!("  (none: no peer in the registry)");
     }
     for p in &report.peers {
+        let reflects = |name: &str| c.reflectors.iter().any(|r| r == name);
+        let role = match (c.reflectors.is_empty(), reflects(me)) {
+            (true, _) => bgp::Role::Mesh,
+            (false, true) => bgp::Role::Reflector {
+                peer_reflects: reflects(&p.name),
+            },
+            (false, false) => bgp::Role::Client,
+        };
         item(
             &bgp::session_line(p),
-            &bgp::session_why(p, report.engine, report.as_number, modes::BGP_CONNECT_RETRY),
+            &bgp::session_why(
+                p,
+                report.engine,
+                report.as_number,
+                modes::BGP_CONNECT_RETRY,
+                role,
+            ),
         );
     }
     for (peer, why) in &report.unroutable {
@@ -828,6 +872,10 @@ pub async fn show(lab: &Lab, only: Option<&str>) -> Result<()> {
             continue;
         };
         show_node(&c, node, me).await?;
+    }
+    if only.is_none() {
+        println!();
+        crate::tor::print(lab).await;
     }
     Ok(())
 }
@@ -918,7 +966,7 @@ async fn show_node(c: &Cluster, node: &Node, me: &NodeView) -> Result<()> {
         crate::ebpf::show_node(c, node, me, devices).await?;
     }
     if let Some(report) = me.state.as_ref().and_then(bgp::report) {
-        bgp_sessions(&report);
+        bgp_sessions(c, &node.name, &report);
     }
     match &me.state {
         Some(st) => {

@@ -170,6 +170,26 @@ pub struct Proc {
     pub log: PathBuf,
 }
 
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// The top-of-rack router: a namespace on the first segment running BIRD 2 in an AS of its
+/// own, peering with every node over eBGP.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Tor {
+    /// Namespace name.
+    pub ns: String,
+    /// Its address on the first segment.
+    pub address: Ipv4Addr,
+    /// Its AS.
+    pub as_number: u32,
+    /// BIRD, once started.
+    #[serde(default)]
+    pub proc: Option<Proc>,
+}
+
 /// One L2 segment: a namespace holding a bridge.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -194,6 +214,11 @@ impl Underlay {
     /// The bridge's own address (`.2`): where the lab's etcd listens.
     pub fn host(&self) -> Ipv4Addr {
         Ipv4Addr::new(172, 30, self.octet, 2)
+    }
+
+    /// The top-of-rack router's address (`.254`).
+    pub fn tor(&self) -> Ipv4Addr {
+        Ipv4Addr::new(172, 30, self.octet, 254)
     }
 }
 
@@ -245,6 +270,9 @@ pub struct Node {
     /// The agent, once started.
     #[serde(default)]
     pub agent: Option<Proc>,
+    /// A BGP route reflector (`--bgp-topology reflector`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reflector: bool,
     /// Its pods.
     #[serde(default)]
     pub pods: Vec<Pod>,
@@ -300,6 +328,13 @@ pub struct Lab {
     /// The BGP engine (only for `bgp`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bgp_engine: Option<cnikit::bgp::Engine>,
+    /// How many nodes are BGP route reflectors (`--bgp-topology reflector --reflectors
+    /// N`); 0: iBGP full mesh.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub bgp_reflectors: u32,
+    /// The top-of-rack router every node peers with over eBGP (`--tor`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tor: Option<Tor>,
     /// Pod network.
     pub pod_network: PodNetwork,
     /// Datastore.
@@ -332,14 +367,24 @@ pub struct Lab {
 
 impl Lab {
     /// The routing mode as printed: `ipip (crossSubnet)`, `vxlan (DirectRouting)`, `host-gw`.
+    /// With BGP route reflectors or a top-of-rack router: `bgp, 1 route reflector, ToR`.
     pub fn mode_label(&self) -> String {
-        match self.ipip_mode {
+        let mut label = match self.ipip_mode {
             Some(m) => format!("{} ({})", self.mode, m.as_str()),
             None if self.direct_routing && self.mode == cnikit::vxlan::TYPE => {
                 format!("{} (DirectRouting)", self.mode)
             }
             None => self.mode.clone(),
+        };
+        match self.bgp_reflectors {
+            0 => {}
+            1 => label.push_str(", 1 route reflector"),
+            n => label.push_str(&format!(", {n} route reflectors")),
         }
+        if self.tor.is_some() {
+            label.push_str(", top-of-rack router");
+        }
+        label
     }
 
     /// The state directory.

@@ -24,6 +24,7 @@ pub async fn status(name: &str, as_json: bool) -> Result<()> {
             "ns": node.ns,
             "address": node.address,
             "subnet": lab.underlays[node.underlay].subnet(),
+            "reflector": node.reflector,
             "agentPid": node.agent.as_ref().map(|p| p.pid),
             "agentAlive": alive,
             "ready": ready.is_ok(),
@@ -43,6 +44,25 @@ pub async fn status(name: &str, as_json: bool) -> Result<()> {
             "alive": e.proc.as_ref().is_some_and(|p| procs::liveness(p) == procs::Liveness::Alive),
         })
     });
+    let tor = match &lab.tor {
+        Some(t) => {
+            let sessions = crate::tor::sessions(&lab).await.ok();
+            let routes = crate::tor::routes(&lab).await.ok();
+            Some(json!({
+                "ns": t.ns,
+                "address": t.address,
+                "asNumber": t.as_number,
+                "pid": t.proc.as_ref().map(|p| p.pid),
+                "alive": t.proc.as_ref().is_some_and(|p| procs::liveness(p) == procs::Liveness::Alive),
+                "socket": crate::tor::socket(&lab),
+                "sessions": sessions,
+                "routes": routes.map(|r| r.iter().map(|r| json!({
+                    "dst": r.dst, "via": r.via, "from": r.from, "best": r.best,
+                })).collect::<Vec<_>>()),
+            }))
+        }
+        None => None,
+    };
     let report = json!({
         "name": lab.name,
         "mode": lab.mode,
@@ -53,6 +73,8 @@ pub async fn status(name: &str, as_json: bool) -> Result<()> {
         "stateDir": lab.dir(),
         "namespaces": net::lab_namespaces(&lab.name),
         "etcd": etcd,
+        "bgpReflectors": lab.bgp_reflectors,
+        "tor": tor,
         "nodes": nodes,
     });
     if as_json {
@@ -78,6 +100,22 @@ pub async fn status(name: &str, as_json: bool) -> Result<()> {
             } else {
                 "NOT RUNNING"
             }
+        );
+    }
+    if let Some(tor) = report["tor"].as_object() {
+        println!(
+            "top-of-rack router {} ({}) AS {}: BIRD pid {} {}, {} sessions, {} routes",
+            tor["address"].as_str().unwrap_or("?"),
+            tor["ns"].as_str().unwrap_or("?"),
+            tor["asNumber"],
+            tor["pid"],
+            if tor["alive"] == true {
+                "running"
+            } else {
+                "NOT RUNNING"
+            },
+            tor["sessions"].as_array().map_or(0, Vec::len),
+            tor["routes"].as_array().map_or(0, Vec::len),
         );
     }
     for n in report["nodes"].as_array().into_iter().flatten() {

@@ -6,7 +6,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::cni::{self, Binaries};
 use crate::state::{self, Etcd, Lab, Node, Pod, PodNetwork, StoreKind, Topology, Underlay};
-use crate::{UpArgs, down, ebpf, modes, net, procs, store};
+use crate::{UpArgs, down, ebpf, modes, net, procs, store, tor};
 
 /// How long a node may take to become ready (agent up, STATUS ok).
 const READY_WITHIN: Duration = Duration::from_secs(60);
@@ -44,6 +44,23 @@ pub async fn up(name: &str, args: &UpArgs) -> Result<()> {
         }
         (true, _) => Some(cnikit::bgp::Engine::Native),
     };
+    let bgp = args.mode == cnikit::bgp::TYPE;
+    if !bgp && (args.bgp_topology.is_some() || args.reflectors.is_some() || args.tor.is_some()) {
+        bail!("--bgp-topology, --reflectors and --tor are for --mode bgp only");
+    }
+    let bgp_reflectors = match (args.bgp_topology, args.reflectors) {
+        (Some(crate::BgpTopology::Reflector), n) => n.unwrap_or(1),
+        (_, Some(_)) => bail!("--reflectors needs --bgp-topology reflector"),
+        _ => 0,
+    };
+    if args.tor.is_some() {
+        if args.topology != Topology::Flat {
+            bail!("--tor needs --topology flat (the router peers over one segment)");
+        }
+        if which("bird").is_err() || which("birdc").is_err() {
+            bail!("--tor bird needs BIRD 2: apt-get install -y bird2");
+        }
+    }
     // Before anything is built: an agent making the ipip device would load the module.
     state::ipip_kernel(
         &args.mode,
@@ -58,6 +75,8 @@ pub async fn up(name: &str, args: &UpArgs) -> Result<()> {
         direct_routing: args.direct_routing,
         ipip_mode,
         bgp_engine,
+        bgp_reflectors,
+        tor: None,
         pod_network: args
             .pod_network
             .unwrap_or(if args.mode == cnikit::ebpf::TYPE {
@@ -200,11 +219,21 @@ async fn build(lab: &mut Lab, bins: &Binaries, args: &UpArgs) -> Result<()> {
     if lab.store == StoreKind::Etcd {
         start_etcd(lab).await?;
     }
+    if args.tor.is_some() {
+        lab.tor = Some(tor::plan(lab));
+        lab.save()?;
+        tor::build(lab).await?;
+    }
     println!(
-        "underlay ready ({} segment(s){}) in {} ms",
+        "underlay ready ({} segment(s){}{}) in {} ms",
         lab.underlays.len(),
         if lab.store == StoreKind::Etcd {
             ", etcd up"
+        } else {
+            ""
+        },
+        if lab.tor.is_some() {
+            ", top-of-rack router namespace"
         } else {
             ""
         },
@@ -218,6 +247,7 @@ async fn build(lab: &mut Lab, bins: &Binaries, args: &UpArgs) -> Result<()> {
         let node = add_node(lab, index).await?;
         children.push((node, start_agent(lab, bins, index)?));
     }
+    tor::sync(lab).await?;
     wait_ready_all(lab, children).await?;
     println!(
         "{} nodes ready (agents up, STATUS ok) in {} ms",
@@ -235,7 +265,8 @@ async fn build(lab: &mut Lab, bins: &Binaries, args: &UpArgs) -> Result<()> {
         lab.pods().count(),
         phase.elapsed().as_millis()
     );
-    wait_blocks_announced(lab, &names).await
+    wait_blocks_announced(lab, &names).await?;
+    tor::wait_learned(lab, Duration::from_secs(20)).await
 }
 
 /// Waits until the agents of `nodes` announce every block their pods got addresses from.
@@ -358,7 +389,10 @@ pub async fn add_node(lab: &mut Lab, index: u32) -> Result<String> {
         Topology::Flat => 0,
         Topology::TwoSubnets => ((index - 1) % 2) as usize,
     };
+    // Reflectors: the first nodes, and a new one while fewer than asked for are left.
+    let reflector = lab.nodes.iter().filter(|n| n.reflector).count() < lab.bgp_reflectors as usize;
     let node = Node {
+        reflector,
         name: name.clone(),
         index,
         ns: lab.ns(&name),

@@ -69,9 +69,10 @@ pub fn peer_name(protocol: &str) -> Option<String> {
 /// The whole `bird.conf`.
 ///
 /// Sessions as the native speaker keeps them: iBGP with on-link next hops (`direct`,
-/// `gateway direct`), the node's blocks exported to every peer, and on a route reflector
-/// (`rr client` on its clients, `rr cluster id`) the iBGP routes reflected as RFC 4456
-/// says; eBGP to the global peers with the blocks only. The kernel protocol installs what
+/// `gateway direct`) on the node's segment, `multihop` (`gateway recursive`) to a peer on
+/// another subnet, whose routes only a tunnel can carry (`ipip`, crossSubnet or always);
+/// the node's blocks exported to every peer, and on a route reflector (`rr client` on its
+/// clients, `rr cluster id`) the iBGP routes reflected as RFC 4456 says; eBGP to the global peers with the blocks only. The kernel protocol installs what
 /// BGP learned (BIRD marks it `proto bird`; its `graceful restart` keeps the routes while a
 /// restarted BIRD relearns them) and, with `ipip`, through the IPIP device on-link.
 pub fn render(config: &Config, node: &Node<'_>) -> String {
@@ -94,19 +95,28 @@ pub fn render(config: &Config, node: &Node<'_>) -> String {
     }
     let _ = writeln!(c, "}}\n");
 
+    // The tunnel's outer destination is the BGP next hop itself: a peer behind a router has
+    // no route BIRD could resolve it through (the session is multihop, below), so such a
+    // route reaches this filter unreachable, and only the tunnel makes it usable.
     let mut export = String::from("if source != RTS_BGP then reject; ");
     if let Some(ipip) = &config.ipip {
         let tunnel = format!(
-            "ip g = gw; onlink = true; ifname = \"{}\"; gw = g; ",
+            "ip g = bgp_next_hop; onlink = true; ifname = \"{}\"; gw = g; ",
             ipip.device
         );
         if ipip.cross_subnet {
-            let _ = write!(export, "if gw !~ {} then {{ {tunnel}}} ", node.subnet);
+            let _ = write!(
+                export,
+                "if bgp_next_hop !~ {} then {{ {tunnel}}} ",
+                node.subnet
+            );
         } else {
             export.push_str(&tunnel);
         }
     }
-    export.push_str("accept;");
+    // Without a tunnel a next hop off the segment cannot be routed to (the native engine
+    // reports such peers unroutable): no `unreachable` route in the kernel for it.
+    export.push_str("if dest = RTD_UNREACHABLE then reject; accept;");
     let _ = writeln!(
         c,
         "protocol kernel {KERNEL} {{\n    \
@@ -172,16 +182,24 @@ pub fn render(config: &Config, node: &Node<'_>) -> String {
             config.port,
             peer.as_number
         );
+        // iBGP next hops on the shared segment are on-link; a peer on another subnet is
+        // reached through the underlay's router (a multihop session), its next hop resolved
+        // recursively (unresolvable here, so only a tunnel route can carry it).
+        let on_segment = node.subnet.contains(&peer.address);
         if ibgp {
-            // iBGP next hops on the shared segment are on-link.
-            let _ = writeln!(c, "    direct;");
+            let _ = writeln!(c, "    {};", if on_segment { "direct" } else { "multihop" });
         }
+        let gateway = if ibgp && !on_segment {
+            "recursive"
+        } else {
+            "direct"
+        };
         if let (Some(cluster), true) = (reflector, ibgp && peer.client) {
             let _ = writeln!(c, "    rr client;\n    rr cluster id {cluster};");
         }
         let _ = writeln!(
             c,
-            "    ipv4 {{ gateway direct; import all; export filter {filter}; }};\n}}\n"
+            "    ipv4 {{ gateway {gateway}; import all; export filter {filter}; }};\n}}\n"
         );
     }
     c
@@ -257,7 +275,7 @@ mod tests {
         for line in [
             "router id 192.168.1.2;",
             "protocol static cnikit_blocks {\n    ipv4;\n    route 10.244.1.0/26 blackhole;\n    route 10.244.9.0/26 blackhole;\n}",
-            "ipv4 { import none; export filter { if source != RTS_BGP then reject; accept; }; };",
+            "ipv4 { import none; export filter { if source != RTS_BGP then reject; if dest = RTD_UNREACHABLE then reject; accept; }; };",
             "local 192.168.1.2 port 1179 as 64512;\n    strict bind on;",
             "hold time 9;",
             "connect retry time 1;",
@@ -319,14 +337,28 @@ mod tests {
         };
         let c = render_with(&config, &BTreeMap::new());
         assert!(
-            c.contains("export filter { if source != RTS_BGP then reject; ip g = gw; onlink = true; ifname = \"cnikit.ipip\"; gw = g; accept; };"),
+            c.contains("export filter { if source != RTS_BGP then reject; ip g = bgp_next_hop; onlink = true; ifname = \"cnikit.ipip\"; gw = g; if dest = RTD_UNREACHABLE then reject; accept; };"),
             "{c}"
         );
         config.ipip.as_mut().unwrap().cross_subnet = true;
         let c = render_with(&config, &BTreeMap::new());
         assert!(
-            c.contains("if gw !~ 192.168.1.0/24 then { ip g = gw; onlink = true; ifname = \"cnikit.ipip\"; gw = g; } accept;"),
+            c.contains("if bgp_next_hop !~ 192.168.1.0/24 then { ip g = bgp_next_hop; onlink = true; ifname = \"cnikit.ipip\"; gw = g; } if dest = RTD_UNREACHABLE then reject; accept;"),
             "{c}"
+        );
+        // A peer behind the router: a multihop session, its next hop resolved recursively.
+        let far = BTreeMap::from([
+            ("b".to_owned(), neighbor("192.168.1.3", 64512, false)),
+            ("c".to_owned(), neighbor("192.168.2.5", 64512, false)),
+        ]);
+        let with_peers = render_with(&config, &far);
+        assert!(
+            with_peers.contains("neighbor 192.168.2.5 port 179 as 64512;\n    multihop;\n    ipv4 { gateway recursive; import all;"),
+            "{with_peers}"
+        );
+        assert!(
+            with_peers.contains("neighbor 192.168.1.3 port 179 as 64512;\n    direct;\n    ipv4 { gateway direct; import all;"),
+            "{with_peers}"
         );
         assert!(!c.contains("protocol bgp "), "no peers, no sessions:\n{c}");
     }
