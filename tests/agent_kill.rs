@@ -10,8 +10,7 @@
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, Ipv4Addr};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,8 +19,9 @@ use cni_core::registry::{NodeRecord, NodeRegistry, StoreRegistry};
 use cni_core::store::{FileStore, Store};
 use ipnet::IpNet;
 use serde_json::json;
-use testkit::{Namespaces, ip, ip_json};
+use testkit::{AgentProcess, Namespaces, agent_binary, ip, ip_json};
 
+const BUILD_AGENT: &str = "cargo build -p cnikit --example cnikit-agent";
 const WAIT: Duration = Duration::from_secs(60);
 /// Enough peers that programming their routes takes a while.
 const PEERS: u32 = 300;
@@ -81,85 +81,10 @@ fn expected(peers: &BTreeSet<u32>) -> Vec<(String, String)> {
     routes
 }
 
-fn agent_binary(test: &str) -> Option<PathBuf> {
-    if !testkit::root(test) {
-        return None;
-    }
-    let bin = testkit::examples_dir().join("cnikit-agent");
-    if !bin.is_file() {
-        testkit::skip(
-            test,
-            format_args!(
-                "{} is not built (run `cargo build -p cnikit --example cnikit-agent` first)",
-                bin.display()
-            ),
-        );
-        return None;
-    }
-    testkit::assert_fresh(&bin);
-    Some(bin)
-}
-
-/// The agent process; killed (SIGKILL, by PID) on drop if still running.
-struct Agent(Child);
-
-impl Agent {
-    fn start(bin: &Path, ns: &str, conflist: &Path, log: &Path) -> Agent {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .expect("log file");
-        // `ip netns exec` execs the agent: the child's PID is the agent's.
-        let child = Command::new("ip")
-            .args(["netns", "exec", ns])
-            .arg(bin)
-            .arg("--conflist")
-            .arg(conflist)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start cnikit-agent");
-        Agent(child)
-    }
-
-    fn pid(&self) -> nix::unistd::Pid {
-        nix::unistd::Pid::from_raw(i32::try_from(self.0.id()).expect("a pid"))
-    }
-
-    fn sigkill(&mut self) {
-        nix::sys::signal::kill(self.pid(), nix::sys::signal::Signal::SIGKILL).expect("SIGKILL");
-        self.0.wait().expect("reap the agent");
-    }
-
-    /// SIGTERM; whether it exited cleanly within 20 s.
-    fn stop(&mut self) -> bool {
-        let _ = nix::sys::signal::kill(self.pid(), nix::sys::signal::Signal::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.0.try_wait() {
-                return status.success();
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        false
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if matches!(self.0.try_wait(), Ok(None)) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
 /// Waits for the first peer route the agent adds (from `ip monitor`), then SIGKILLs it:
 /// the agent dies with its first reconcile under way. Returns how many peer routes it
 /// had programmed by then.
-fn kill_mid_reconcile(agent: &mut Agent, ns: &str) -> usize {
+fn kill_mid_reconcile(agent: &mut AgentProcess, ns: &str) -> usize {
     let mut monitor = Command::new("ip")
         .args(["-n", ns, "monitor", "route"])
         .stdout(Stdio::piped())
@@ -170,7 +95,7 @@ fn kill_mid_reconcile(agent: &mut Agent, ns: &str) -> usize {
     for line in lines.lines() {
         let line = line.expect("monitor output");
         if line.contains("via 172.29.") {
-            agent.sigkill();
+            agent.kill();
             break;
         }
     }
@@ -190,7 +115,7 @@ fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_reconcile_then_restart_converges_without_duplicates_or_stale_routes() {
     let test = "sigkill_mid_reconcile_then_restart_converges_without_duplicates_or_stale_routes";
-    let Some(bin) = agent_binary(test) else {
+    let Some(bin) = agent_binary(test, BUILD_AGENT) else {
         return;
     };
     let dir = tempfile::tempdir().expect("tempdir");
@@ -247,7 +172,7 @@ async fn sigkill_mid_reconcile_then_restart_converges_without_duplicates_or_stal
             .expect("register a peer");
     }
 
-    let mut agent = Agent::start(&bin, &ns, &conflist, &log);
+    let mut agent = AgentProcess::start(&bin, &ns, &conflist, &log);
     let programmed = kill_mid_reconcile(&mut agent, &ns);
     eprintln!("agent killed with {programmed} of {PEERS} peer routes programmed");
     assert!(
@@ -271,7 +196,7 @@ async fn sigkill_mid_reconcile_then_restart_converges_without_duplicates_or_stal
         live.insert(i);
     }
 
-    let mut agent = Agent::start(&bin, &ns, &conflist, &log);
+    let mut agent = AgentProcess::start(&bin, &ns, &conflist, &log);
     let want = expected(&live);
     wait_until("the restarted agent to converge", || {
         peer_routes(&ns) == want

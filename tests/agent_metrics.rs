@@ -12,58 +12,14 @@
 //! cnikit-agent`) and, for the bird engine, BIRD 2; skips loudly otherwise.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use testkit::{Namespaces, Segment};
+use testkit::{AgentProcess, Namespaces, Segment};
 
 const WAIT: Duration = Duration::from_secs(30);
 const METRICS: &str = "127.0.0.1:9153";
-
-/// An agent process in a node namespace, stopped by SIGTERM (then killed) on drop.
-struct AgentProcess(Child);
-
-impl AgentProcess {
-    fn start(bin: &Path, ns: &str, conflist: &Path, log: &Path) -> Self {
-        let log = std::fs::File::create(log).expect("log file");
-        let child = Command::new("ip")
-            .args(["netns", "exec", ns])
-            .arg(bin)
-            .arg("--conflist")
-            .arg(conflist)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start cnikit-agent");
-        AgentProcess(child)
-    }
-
-    /// SIGTERM, and waits up to 10 s for a clean exit; whether it exited with 0.
-    fn stop(&mut self) -> bool {
-        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.0.try_wait() {
-                return status.success();
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-        false
-    }
-}
-
-impl Drop for AgentProcess {
-    fn drop(&mut self) {
-        if matches!(self.0.try_wait(), Ok(None)) {
-            self.stop();
-        }
-    }
-}
 
 /// `GET path` on the agent's endpoints with `curl` inside `ns`: (status, body); status 0
 /// when nothing answers.
@@ -141,19 +97,7 @@ fn agent_binary(test: &str) -> Option<PathBuf> {
         testkit::skip(test, "curl is not installed (scripts/deps.sh installs it)");
         return None;
     }
-    let bin = testkit::examples_dir().join("cnikit-agent");
-    if !bin.is_file() {
-        testkit::skip(
-            test,
-            format_args!(
-                "{} is not built (run `cargo build -p cnikit --example cnikit-agent` first)",
-                bin.display()
-            ),
-        );
-        return None;
-    }
-    testkit::assert_fresh(&bin);
-    Some(bin)
+    testkit::agent_binary(test, "cargo build -p cnikit --example cnikit-agent")
 }
 
 /// What a second node adds to the first node's metrics in a mode, besides a peer and a

@@ -6,58 +6,14 @@
 //! Needs root and the example binary (`cargo build -p cnikit --example cnikit-agent`);
 //! skips loudly otherwise.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use testkit::{Namespaces, Segment, ip_json};
+use testkit::{AgentProcess, Namespaces, Segment, agent_binary, ip_json};
 
+const BUILD_AGENT: &str = "cargo build -p cnikit --example cnikit-agent";
 const WAIT: Duration = Duration::from_secs(20);
-
-/// An agent process in a node namespace, stopped by SIGTERM (then killed) on drop.
-struct AgentProcess(Child);
-
-impl AgentProcess {
-    fn start(bin: &Path, ns: &str, conflist: &Path, log: &Path) -> Self {
-        let log = std::fs::File::create(log).expect("log file");
-        let child = Command::new("ip")
-            .args(["netns", "exec", ns])
-            .arg(bin)
-            .arg("--conflist")
-            .arg(conflist)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start cnikit-agent");
-        AgentProcess(child)
-    }
-
-    /// SIGTERM, and waits up to 10 s for a clean exit; whether it exited with 0.
-    fn stop(&mut self) -> bool {
-        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.0.try_wait() {
-                return status.success();
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-        false
-    }
-}
-
-impl Drop for AgentProcess {
-    fn drop(&mut self) {
-        if matches!(self.0.try_wait(), Ok(None)) {
-            self.stop();
-        }
-    }
-}
 
 fn conflist(node: &str, data: &Path, store: &Path) -> Value {
     json!({
@@ -107,28 +63,9 @@ fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
-fn agent_binary(test: &str) -> Option<PathBuf> {
-    if !testkit::root(test) {
-        return None;
-    }
-    let bin = testkit::examples_dir().join("cnikit-agent");
-    if !bin.is_file() {
-        testkit::skip(
-            test,
-            format_args!(
-                "{} is not built (run `cargo build -p cnikit --example cnikit-agent` first)",
-                bin.display()
-            ),
-        );
-        return None;
-    }
-    testkit::assert_fresh(&bin);
-    Some(bin)
-}
-
 #[test]
 fn two_agents_exchange_their_blocks_over_bgp() {
-    let Some(bin) = agent_binary("two_agents_exchange_their_blocks_over_bgp") else {
+    let Some(bin) = agent_binary("two_agents_exchange_their_blocks_over_bgp", BUILD_AGENT) else {
         return;
     };
     let dir = tempfile::tempdir().expect("tempdir");

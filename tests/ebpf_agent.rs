@@ -14,65 +14,17 @@
 #![cfg(feature = "ebpf")]
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use cni_core::exec::{self, Invocation};
 use cni_core::spec::{CniResult, ConfList};
 use cnikit::ebpf::Pins;
 use serde_json::{Value, json};
-use testkit::{Bpffs, Namespaces, Segment, netns_path};
+use testkit::{AgentProcess, Bpffs, Namespaces, Segment, netns_path};
 
 const WAIT: Duration = Duration::from_secs(20);
 const NETWORK: &str = "ebpfnet";
-
-/// An agent process in a node namespace, stopped by SIGTERM (then killed) on drop.
-struct AgentProcess(Child);
-
-impl AgentProcess {
-    fn start(bin: &Path, ns: &str, conflist: &Path, log: &Path) -> Self {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .expect("log file");
-        let child = Command::new("ip")
-            .args(["netns", "exec", ns])
-            .arg(bin)
-            .arg("--conflist")
-            .arg(conflist)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start cnikit-agent");
-        AgentProcess(child)
-    }
-
-    /// SIGTERM, and waits up to 10 s for a clean exit; whether it exited with 0.
-    fn stop(&mut self) -> bool {
-        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.0.try_wait() {
-                return status.success();
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-        false
-    }
-}
-
-impl Drop for AgentProcess {
-    fn drop(&mut self) {
-        if matches!(self.0.try_wait(), Ok(None)) {
-            self.stop();
-        }
-    }
-}
 
 fn conflist(node: &str, data: &Path, store: &Path, bpffs: &Path) -> Value {
     json!({

@@ -60,6 +60,27 @@ async fn wait_output(ns: &str, args: &[String], within: Duration, want: impl Fn(
 }
 
 /// `birdc -s SOCK ARGS…`.
+/// The bird engine with `config` in `ns` (BIRD's files under `run_dir`), started for `local`.
+async fn bird_engine(
+    ns: &str,
+    run_dir: &Path,
+    config: Config,
+    local: &cni_core::routing::LocalNode,
+) -> backend_bgp::Bird {
+    let mut bird = backend_bgp::Bird::open(
+        Config {
+            engine: backend_bgp::Engine::Bird,
+            ..config
+        },
+        &testkit::netns_path(ns),
+        run_dir,
+    )
+    .await
+    .expect("open the bird engine");
+    bird.init(local).await.expect("bird starts");
+    bird
+}
+
 fn birdc(sock: &str, args: &[&str]) -> Vec<String> {
     ["birdc", "-s", sock]
         .iter()
@@ -761,19 +782,13 @@ async fn the_bird_engine_meshes_with_the_native_speaker_and_gobgpd() {
         record("g", g_ip),
     ];
     let run_dir = dir.path().join("a-bird");
-    let mut a = backend_bgp::Bird::open(
-        Config {
-            engine: backend_bgp::Engine::Bird,
-            ..config(179)
-        },
-        &testkit::netns_path(&a_ns),
+    let mut a = bird_engine(
+        &a_ns,
         &run_dir,
+        config(179),
+        &local("a", a_cidr, &["10.244.1.0/26"]),
     )
-    .await
-    .expect("open the bird engine");
-    a.init(&local("a", a_cidr, &["10.244.1.0/26"]))
-        .await
-        .expect("bird starts");
+    .await;
     let pid = a.pid().expect("bird runs");
     let report = a.reconcile(&records).await.expect("reconcile");
     assert_eq!(report.writes, 1, "two sessions added: {report:?}");
@@ -928,20 +943,16 @@ async fn the_bird_engine_reflects_for_native_clients() {
             .iter()
             .map(|(n, cidr, _)| record(n, &addr(cidr).to_string())),
     );
-    let mut rr = backend_bgp::Bird::open(
+    let mut rr = bird_engine(
+        &rr_ns,
+        &dir.path().join("rr"),
         Config {
-            engine: backend_bgp::Engine::Bird,
             route_reflector_cluster_id: Some("10.0.0.7".parse().unwrap()),
             ..config(179)
         },
-        &testkit::netns_path(&rr_ns),
-        &dir.path().join("rr"),
+        &local("rr", "192.168.82.1/24", &["10.244.9.0/26"]),
     )
-    .await
-    .expect("open");
-    rr.init(&local("rr", "192.168.82.1/24", &["10.244.9.0/26"]))
-        .await
-        .expect("bird starts");
+    .await;
     rr.reconcile(&records).await.unwrap();
     let conf = std::fs::read_to_string(dir.path().join("rr/bird.conf")).unwrap();
     assert_eq!(conf.matches("rr client;").count(), 2, "{conf}");
@@ -1022,18 +1033,16 @@ async fn the_bird_engine_routes_through_ipip() {
     a_local.tunnel_address = Some("10.244.1.1".parse().unwrap());
     let mut b_local = local("b", b_cidr, &["10.244.2.0/26"]);
     b_local.tunnel_address = Some("10.244.2.1".parse().unwrap());
-    let mut a = backend_bgp::Bird::open(
+    let mut a = bird_engine(
+        &a_ns,
+        &dir.path().join("a"),
         Config {
-            engine: backend_bgp::Engine::Bird,
             ipip: ipip.clone(),
             ..config(179)
         },
-        &testkit::netns_path(&a_ns),
-        &dir.path().join("a"),
+        &a_local,
     )
-    .await
-    .expect("open");
-    a.init(&a_local).await.expect("bird starts");
+    .await;
     a.reconcile(&records).await.unwrap();
     let mut b = speaker(
         &b_ns,
@@ -1147,18 +1156,16 @@ async fn the_bird_engine_tunnels_cross_subnet_peers_only() {
     b_local.tunnel_address = Some("10.244.2.1".parse().unwrap());
     let mut c_local = local("c", c_cidr, &["10.244.3.0/26"]);
     c_local.tunnel_address = Some("10.244.3.1".parse().unwrap());
-    let mut a = backend_bgp::Bird::open(
+    let mut a = bird_engine(
+        &a_ns,
+        &dir.path().join("a"),
         Config {
-            engine: backend_bgp::Engine::Bird,
             ipip: ipip.clone(),
             ..config(179)
         },
-        &testkit::netns_path(&a_ns),
-        &dir.path().join("a"),
+        &a_local,
     )
-    .await
-    .expect("open");
-    a.init(&a_local).await.expect("bird starts");
+    .await;
     a.reconcile(&records).await.unwrap();
     let native = Config {
         ipip,
@@ -1227,20 +1234,7 @@ async fn the_bird_engine_restarts_gracefully() {
     let records = [record("a", "192.168.85.11"), record("b", "192.168.85.12")];
     let a_local = local("a", a_cidr, &["10.244.1.0/26"]);
     let run_dir = dir.path().join("a");
-    let open = || async {
-        let mut a = backend_bgp::Bird::open(
-            Config {
-                engine: backend_bgp::Engine::Bird,
-                ..config(179)
-            },
-            &testkit::netns_path(&a_ns),
-            &run_dir,
-        )
-        .await
-        .expect("open");
-        a.init(&a_local).await.expect("bird starts");
-        a
-    };
+    let open = || async { bird_engine(&a_ns, &run_dir, config(179), &a_local).await };
     let mut a = open().await;
     a.reconcile(&records).await.unwrap();
     let mut b = speaker(&b_ns, config(179), &local("b", b_cidr, &["10.244.2.0/26"])).await;

@@ -36,7 +36,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::Config;
 use crate::resources::{NetworkNode, NetworkNodeSpec, PREFIX_LABEL};
-use crate::store::{api_error, is_dns_subdomain, pool_name};
+use crate::store::{api_error, is_dns_subdomain, pool_name, within};
 
 /// First pause after a failed request of a background task; doubles up to [`MAX_BACKOFF`].
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
@@ -174,13 +174,7 @@ impl Apis {
         op: &'static str,
         request: impl Future<Output = kube::Result<T>>,
     ) -> Result<kube::Result<T>, StoreError> {
-        tokio::time::timeout(self.timeout, request)
-            .await
-            .map_err(|_| StoreError::Timeout {
-                endpoint: self.describe(),
-                op,
-                millis: u64::try_from(self.timeout.as_millis()).unwrap_or(u64::MAX),
-            })
+        within(self.timeout, || self.describe(), op, request).await
     }
 
     fn error(&self, e: kube::Error) -> StoreError {

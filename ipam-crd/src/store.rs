@@ -171,13 +171,7 @@ impl KubeStore {
         request: impl Future<Output = kube::Result<T>>,
     ) -> Result<kube::Result<T>, StoreError> {
         self.requests.fetch_add(1, Ordering::Relaxed);
-        tokio::time::timeout(self.timeout, request)
-            .await
-            .map_err(|_| StoreError::Timeout {
-                endpoint: self.describe(),
-                op,
-                millis: u64::try_from(self.timeout.as_millis()).unwrap_or(u64::MAX),
-            })
+        within(self.timeout, || self.describe(), op, request).await
     }
 
     /// Reads an object and remembers it.
@@ -233,6 +227,23 @@ impl KubeStore {
         let max = (1u64 << conflicts.min(6)).min(MAX_PAUSE_MS);
         tokio::time::sleep(Duration::from_millis(fastrand::u64(0..=max))).await;
     }
+}
+
+/// Runs one API request within `timeout`; one that takes longer fails as a timeout of
+/// `endpoint` during `op` (code 11).
+pub(crate) async fn within<T>(
+    timeout: Duration,
+    endpoint: impl FnOnce() -> String,
+    op: &'static str,
+    request: impl Future<Output = kube::Result<T>>,
+) -> Result<kube::Result<T>, StoreError> {
+    tokio::time::timeout(timeout, request)
+        .await
+        .map_err(|_| StoreError::Timeout {
+            endpoint: endpoint(),
+            op,
+            millis: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+        })
 }
 
 /// A failed request as a store error: 401, 403 and 404 are configuration (code 7: the CRDs

@@ -10,90 +10,20 @@
 //! (`cargo build -p cnikit --examples --all-features`); skips loudly otherwise.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use cni_core::registry::NodeRegistry;
 use ipam_crd::resources::NetworkNode;
 use ipam_crd::{Config, KubeRegistry};
-use k8s_openapi::api::core::v1::Namespace;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, ListParams, PostParams};
+use kube::api::Api;
 use serde_json::json;
 use testkit::kube::{ADVERTISE, KubeApi};
-use testkit::{Namespaces, ip, ip_json};
+use testkit::{AgentProcess, Namespaces, agent_binary, ip, ip_json};
 
+const BUILD_AGENT: &str = "cargo build -p cnikit --examples --all-features";
 const WAIT: Duration = Duration::from_secs(90);
-
-/// The agent process; killed (SIGKILL, by PID) on drop if still running.
-struct Agent(Child);
-
-impl Agent {
-    fn start(bin: &Path, ns: &str, conflist: &Path, log: &Path) -> Agent {
-        let log = std::fs::File::create(log).expect("log file");
-        // `ip netns exec` execs the agent: the child's PID is the agent's.
-        let child = Command::new("ip")
-            .args(["netns", "exec", ns])
-            .arg(bin)
-            .arg("--conflist")
-            .arg(conflist)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start cnikit-agent");
-        Agent(child)
-    }
-
-    fn signal(&self, signal: nix::sys::signal::Signal) {
-        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.0.id()).expect("a pid"));
-        nix::sys::signal::kill(pid, signal).expect("signal the agent");
-    }
-
-    /// SIGTERM; whether it exited cleanly within 30 s.
-    fn stop(&mut self) -> bool {
-        self.signal(nix::sys::signal::Signal::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.0.try_wait() {
-                return status.success();
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        false
-    }
-
-    fn kill(&mut self) {
-        self.signal(nix::sys::signal::Signal::SIGKILL);
-        self.0.wait().expect("reap the agent");
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if matches!(self.0.try_wait(), Ok(None)) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
-fn agent_binary(test: &str) -> Option<PathBuf> {
-    let bin = testkit::examples_dir().join("cnikit-agent");
-    if !bin.is_file() {
-        testkit::skip(
-            test,
-            format_args!(
-                "{} is not built (run `cargo build -p cnikit --examples --all-features` first)",
-                bin.display()
-            ),
-        );
-        return None;
-    }
-    testkit::assert_fresh(&bin);
-    Some(bin)
-}
 
 /// The gateway routes on `eth0` of `ns`: (block, via).
 fn peer_routes(ns: &str) -> BTreeSet<(String, String)> {
@@ -136,31 +66,15 @@ async fn agents_on_the_kubernetes_store_route_to_each_other() {
     if !testkit::root(test) {
         return;
     }
-    let Some(bin) = agent_binary(test) else {
+    let Some(bin) = agent_binary(test, BUILD_AGENT) else {
         return;
     };
     let Some(api) = KubeApi::start(test, "kagent").await else {
         return;
     };
+    api.install_crds(&ipam_crd::resources::crds()).await;
     let client = api.client().await;
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for crd in ipam_crd::resources::crds() {
-        crds.create(&PostParams::default(), &crd).await.unwrap();
-    }
     let records: Api<NetworkNode> = Api::all(client.clone());
-    let namespaces_api: Api<Namespace> = Api::all(client.clone());
-    let deadline = Instant::now() + WAIT;
-    while records.list(&ListParams::default()).await.is_err()
-        || namespaces_api
-            .get_opt("kube-system")
-            .await
-            .ok()
-            .flatten()
-            .is_none()
-    {
-        assert!(Instant::now() < deadline, "CRDs or kube-system missing");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 
     // The underlay: a bridge in the server's namespace, a veth per node.
     let hub = api.netns().to_owned();
@@ -229,7 +143,7 @@ async fn agents_on_the_kubernetes_store_route_to_each_other() {
         )
         .unwrap();
         let log = dir.path().join(format!("{name}.log"));
-        agents.push(Agent::start(&bin, ns, &conflist, &log));
+        agents.push(AgentProcess::start(&bin, ns, &conflist, &log));
         logs.push(log);
     }
 

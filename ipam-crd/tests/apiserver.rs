@@ -11,29 +11,13 @@ use cni_core::registry::{NodeEvent, NodeRegistry};
 use cni_core::store::{Compare, Store, Txn, TxnOutcome};
 use futures::StreamExt;
 use ipam_crd::{Config, KubeRegistry, KubeStore};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, ListParams, PostParams};
+use kube::api::{Api, PostParams};
 use testkit::kube::KubeApi;
 
 /// Starts a server and installs the CRDs of `deploy/crds/`; waits until they are served.
 async fn server(test: &str, tag: &str) -> Option<KubeApi> {
     let api = KubeApi::start(test, tag).await?;
-    let client = api.client().await;
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for crd in ipam_crd::resources::crds() {
-        crds.create(&PostParams::default(), &crd)
-            .await
-            .expect("create CRD");
-    }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let nodes: Api<ipam_crd::resources::IPAMNode> = Api::all(client);
-    while nodes.list(&ListParams::default()).await.is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "the CRDs are not served within 30 s"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    api.install_crds(&ipam_crd::resources::crds()).await;
     Some(api)
 }
 

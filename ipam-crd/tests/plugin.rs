@@ -12,8 +12,6 @@ use std::time::{Duration, Instant};
 use cni_core::ipam::{BlockIpam, BlockIpamConfig};
 use ipam_crd::{Config, KubeStore};
 use ipnet::IpNet;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, ListParams, PostParams};
 use serde_json::{Value, json};
 use testkit::kube::KubeApi;
 use tokio::io::AsyncWriteExt;
@@ -34,22 +32,7 @@ fn plugin_binary() -> PathBuf {
 
 async fn server(test: &str, tag: &str) -> Option<KubeApi> {
     let api = KubeApi::start(test, tag).await?;
-    let client = api.client().await;
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for crd in ipam_crd::resources::crds() {
-        crds.create(&PostParams::default(), &crd)
-            .await
-            .expect("create CRD");
-    }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let nodes: Api<ipam_crd::resources::IPAMNode> = Api::all(client);
-    while nodes.list(&ListParams::default()).await.is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "the CRDs are not served within 30 s"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    api.install_crds(&ipam_crd::resources::crds()).await;
     Some(api)
 }
 

@@ -12,9 +12,7 @@ use futures::stream::BoxStream;
 use ipam_crd::resources::NetworkNode;
 use ipam_crd::{Config, KubeRegistry};
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::Namespace;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, ListParams, PostParams};
+use kube::api::Api;
 use testkit::kube::KubeApi;
 
 /// A generous bound for things that take a moment on a busy machine: a deadline, not a
@@ -24,27 +22,7 @@ const DEADLINE: Duration = Duration::from_secs(60);
 /// Starts a server, installs the CRDs and waits until they and `kube-system` are there.
 async fn server(test: &str, tag: &str) -> Option<KubeApi> {
     let api = KubeApi::start(test, tag).await?;
-    let client = api.client().await;
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for crd in ipam_crd::resources::crds() {
-        crds.create(&PostParams::default(), &crd)
-            .await
-            .expect("create CRD");
-    }
-    let deadline = Instant::now() + DEADLINE;
-    let records: Api<NetworkNode> = Api::all(client.clone());
-    let namespaces: Api<Namespace> = Api::all(client);
-    while records.list(&ListParams::default()).await.is_err()
-        || namespaces
-            .get_opt("kube-system")
-            .await
-            .ok()
-            .flatten()
-            .is_none()
-    {
-        assert!(Instant::now() < deadline, "CRDs or kube-system missing");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    api.install_crds(&ipam_crd::resources::crds()).await;
     Some(api)
 }
 

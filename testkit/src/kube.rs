@@ -30,6 +30,9 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, PostParams};
 use kube::client::ConfigExt;
 use nix::sched::{CloneFlags, setns};
 use nix::sys::signal::{Signal, kill};
@@ -220,6 +223,46 @@ impl KubeApi {
             .map_err(tower::BoxError::from)
             .service(http);
         kube::Client::new(service, "default")
+    }
+
+    /// Creates `crds` and waits until the server lists every one of their resources and has
+    /// the `kube-system` namespace. Panics when that takes longer than a fresh server may.
+    pub async fn install_crds(&self, crds: &[CustomResourceDefinition]) {
+        let client = self.client().await;
+        let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+        for crd in crds {
+            api.create(&PostParams::default(), crd)
+                .await
+                .expect("create CRD");
+        }
+        let resources: Vec<ApiResource> = crds
+            .iter()
+            .map(|crd| {
+                let version = &crd.spec.versions[0].name;
+                let gvk = GroupVersionKind::gvk(&crd.spec.group, version, &crd.spec.names.kind);
+                ApiResource::from_gvk_with_plural(&gvk, &crd.spec.names.plural)
+            })
+            .collect();
+        let namespaces: Api<Namespace> = Api::all(client.clone());
+        let deadline = Instant::now() + READY_WITHIN;
+        loop {
+            let mut ready = matches!(namespaces.get_opt("kube-system").await, Ok(Some(_)));
+            for resource in &resources {
+                ready = ready
+                    && Api::<DynamicObject>::all_with(client.clone(), resource)
+                        .list(&ListParams::default())
+                        .await
+                        .is_ok();
+            }
+            if ready {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the CRDs are not served, or kube-system is missing, after {READY_WITHIN:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// Stops the API server (SIGKILL) without restarting it; etcd keeps running.

@@ -21,6 +21,7 @@
 
 #![warn(missing_docs)]
 
+mod agent;
 mod bpffs;
 mod example;
 #[cfg(feature = "kube")]
@@ -32,6 +33,7 @@ pub mod vm;
 use std::io::Write;
 use std::path::Path;
 
+pub use agent::{AgentProcess, agent_binary};
 pub use bpffs::Bpffs;
 pub use example::{assert_fresh, examples_dir, sources_of, stale};
 pub use netns::{
