@@ -14,6 +14,7 @@
 #   sudo scripts/lab.sh --mode bgp --bgp-topology reflector --reflectors 1 --tor bird
 #   sudo scripts/lab.sh --mode ipip --ipip-mode cross-subnet --topology two-subnets
 #   sudo scripts/lab.sh --store etcd --topology two-subnets --pod-network routed
+#   sudo scripts/lab.sh --mode vxlan --store kubernetes   # IPAM and registry in CRDs
 #   sudo LAB_NODES=4 LAB_PODS=3 scripts/lab.sh
 #
 # ipip needs the kernel's ipip module. When it is not loaded, the ipip run (up, check, show,
@@ -25,7 +26,9 @@
 # --bgp-topology reflector makes the first --reflectors nodes route reflectors, --tor bird
 # adds a top-of-rack router (BIRD 2, AS 65000) peering with every node over eBGP. ebpf runs
 # pods on tc eBPF programs (its own pod network; --pod-network is for the other modes): `show`
-# lists each program with its id and every entry of the maps.
+# lists each program with its id and every entry of the maps. --store kubernetes runs a private
+# kube-apiserver (built once by scripts/kube-apiserver.sh, several minutes the first time) in
+# the underlay namespace and builds the binaries with the kubernetes feature.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,17 +38,18 @@ pod_extra=()
 ipip_extra=()
 bgp_extra=()
 topology=flat
+store=file
 while [ $# -gt 0 ]; do
   case "$1" in
     --mode) modes=("$2"); shift 2 ;;
     --topology) topology="$2"; extra+=("$1" "$2"); shift 2 ;;
-    --store) extra+=("$1" "$2"); shift 2 ;;
+    --store) store="$2"; extra+=("$1" "$2"); shift 2 ;;
     --pod-network) pod_extra+=("$1" "$2"); shift 2 ;;
     --ipip-mode) ipip_extra+=("$1" "$2"); shift 2 ;;
     --bgp-engine) bgp_extra+=("$1" "$2"); shift 2 ;;
     --direct-routing) extra+=("$1"); shift ;;
     --bgp-topology|--reflectors|--tor) bgp_extra+=("$1" "$2"); shift 2 ;;
-    -h|--help) sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,31p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "scripts/lab.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -70,7 +74,12 @@ grep -qw cnikit.vm=1 /proc/cmdline 2>/dev/null && in_vm=1
 if [ "$in_vm" = 0 ]; then
   bash scripts/deps.sh
   export CARGO_TERM_COLOR=never
-  cargo build --release --examples
+  features=()
+  if [ "$store" = kubernetes ]; then
+    bash scripts/kube-apiserver.sh >/dev/null
+    features=(--features kubernetes)
+  fi
+  cargo build --release --examples "${features[@]}"
 fi
 LAB="${CARGO_TARGET_DIR:-target}/release/examples/lab"
 NAME="${LAB_NAME:-lab}"

@@ -9,7 +9,8 @@
 //! test harness); skips loudly otherwise. The ipip tests run in the test VM
 //! (`testkit::vm::here_or_in_vm`) when this kernel has no ipip module loaded: there the
 //! same test binary drives the lab binaries read from the host's filesystem. The etcd test needs the `etcd` binary (Debian
-//! `etcd-server`). With `CNIKIT_REQUIRE_ALL=1` (set by `scripts/test.sh`) a skip fails.
+//! `etcd-server`); the Kubernetes store tests also kube-apiserver (`scripts/kube-apiserver.sh`)
+//! and `kubectl`. With `CNIKIT_REQUIRE_ALL=1` (set by `scripts/test.sh`) a skip fails.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -113,7 +114,7 @@ impl Lab {
         (report, out.status.success())
     }
 
-    /// `down`, then checks that nothing is left: no namespace, no agent or etcd process,
+    /// `down`, then checks that nothing is left: no namespace, no agent, etcd or API server process,
     /// no state directory (which holds the file store).
     fn down_and_verify(&mut self) {
         let status = self.status();
@@ -123,6 +124,7 @@ impl Lab {
             .iter()
             .filter_map(|n| n["agentPid"].as_i64())
             .chain(status["etcd"]["pid"].as_i64())
+            .chain(status["kubeApiserver"]["pid"].as_i64())
             .chain(status["tor"]["pid"].as_i64())
             .collect();
         let out = self.ok(&["down"]);
@@ -309,6 +311,11 @@ fn lifecycle_with(test: &str, tag: &str, mode: &str, extra: &[&str]) {
     ];
     up.extend(extra);
     lab.ok(&up);
+    let kube = extra.contains(&"kubernetes").then(|| Kubectl::of(&lab));
+    if let Some(kube) = &kube {
+        kube.assert_registry(&["node1", "node2", "node3"]);
+        kube.assert_node_rights();
+    }
 
     let (report, ok) = lab.check();
     assert_eq!(assert_all_ok(&report, "podToPod"), 30, "3 nodes x 2 pods");
@@ -502,6 +509,9 @@ fn lifecycle_with(test: &str, tag: &str, mode: &str, extra: &[&str]) {
             "node3's bird {pid} outlived node-del"
         );
     }
+    if let Some(kube) = &kube {
+        kube.assert_registry(&["node1", "node2"]);
+    }
     let routes_after_del = metrics.until("node3 gone from node1's metrics", |m| {
         m.get("cnikit_agent_peers") == Some(1.0)
             && (0.0..routes(&routes_before)).contains(&routes(m))
@@ -535,6 +545,14 @@ fn lifecycle_with(test: &str, tag: &str, mode: &str, extra: &[&str]) {
         !report.to_string().contains("node3"),
         "node3 is gone from the lab"
     );
+    if let Some(kube) = &kube {
+        kube.assert_registry(&["node1", "node2", "node4"]);
+        let blocks = kube.names("ipamblocks", None);
+        assert!(
+            blocks.len() >= 4,
+            "a block for each node that ever ran: {blocks:?}"
+        );
+    }
     let joined = metrics.until("node4 in node1's metrics", |m| {
         m.get("cnikit_agent_peers") == Some(2.0) && routes(m) == routes(&routes_before)
     });
@@ -989,6 +1007,11 @@ fn reflector_with_tor(test: &str, tag: &str, extra: &[&str]) {
     ];
     up.extend(extra);
     lab.ok(&up);
+    let kube = extra.contains(&"kubernetes").then(|| Kubectl::of(&lab));
+    if let Some(kube) = &kube {
+        kube.assert_registry(&["node1", "node2", "node3"]);
+        kube.assert_node_rights();
+    }
 
     let (report, ok) = lab.check();
     assert_eq!(assert_all_ok(&report, "podToPod"), 20, "5 nodes x 1 pod");
@@ -1433,6 +1456,172 @@ fn routed_pod_network_with_vxlan() {
     }
     println!("routed + vxlan: 30/30 pod pairs");
     lab.down_and_verify();
+}
+
+/// `kubectl` against the API server of a lab with `--store kubernetes`, run inside the
+/// underlay namespace as `status` says, with the lab's administrator or its nodes' kubeconfig.
+struct Kubectl {
+    ns: String,
+    admin: String,
+    node: String,
+}
+
+impl Kubectl {
+    fn of(lab: &Lab) -> Kubectl {
+        let status = lab.status();
+        let kube = &status["kubeApiserver"];
+        assert_eq!(status["store"], "kubernetes", "{status}");
+        assert_eq!(kube["alive"], true, "{status}");
+        assert_eq!(
+            status["etcd"]["alive"], true,
+            "the API server's etcd: {status}"
+        );
+        let hint = kube["kubectl"]
+            .as_str()
+            .expect("status prints a kubectl command line");
+        let words: Vec<&str> = hint.split_whitespace().collect();
+        assert_eq!(words[..3], ["ip", "netns", "exec"], "{hint}");
+        Kubectl {
+            ns: words[3].to_owned(),
+            admin: kube["kubeconfig"].as_str().unwrap().to_owned(),
+            node: kube["nodeKubeconfig"].as_str().unwrap().to_owned(),
+        }
+    }
+
+    fn run(&self, kubeconfig: &str, args: &[&str]) -> Output {
+        // Its discovery cache beside the kubeconfig, in the lab's state dir.
+        let cache = Path::new(kubeconfig).with_file_name("kubectl-cache");
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.ns,
+                "kubectl",
+                "--kubeconfig",
+                kubeconfig,
+            ])
+            .arg("--cache-dir")
+            .arg(cache)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run kubectl")
+    }
+
+    /// The names of the lab's objects of `resource` (the prefix label `cnikit`), without
+    /// the pool's `cnikit.` prefix, sorted.
+    fn names(&self, resource: &str, namespace: Option<&str>) -> Vec<String> {
+        let mut args = vec![
+            "get",
+            resource,
+            "-l",
+            "ipam.cnikit.io/prefix=cnikit",
+            "-o",
+            "name",
+        ];
+        if let Some(ns) = namespace {
+            args.extend(["-n", ns]);
+        }
+        let out = self.run(&self.admin, &args);
+        assert!(
+            out.status.success(),
+            "kubectl get {resource}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut names: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| {
+                let name = l.rsplit('/').next().unwrap_or(l);
+                name.strip_prefix("cnikit.").unwrap_or(name).to_owned()
+            })
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// The registry holds a NetworkNode and a Lease for exactly `nodes`.
+    fn assert_registry(&self, nodes: &[&str]) {
+        assert_eq!(
+            self.names("networknodes", None),
+            nodes,
+            "NetworkNode objects"
+        );
+        assert_eq!(
+            self.names("leases", Some("kube-system")),
+            nodes,
+            "Leases in kube-system"
+        );
+        println!("kubernetes store: a NetworkNode and a Lease for each of {nodes:?}");
+    }
+
+    /// The nodes' identity has the rights of `deploy/crds/rbac.yaml`, no more.
+    fn assert_node_rights(&self) {
+        for (args, allowed) in [
+            (&["create", "ipamblocks.ipam.cnikit.io"][..], true),
+            (&["update", "ipamnodes.ipam.cnikit.io"], true),
+            (&["watch", "networknodes.ipam.cnikit.io"], true),
+            (&["update", "leases", "-n", "kube-system"], true),
+            (&["delete", "ipamblocks.ipam.cnikit.io"], false),
+            (&["update", "leases", "-n", "default"], false),
+            (&["get", "secrets", "-n", "kube-system"], false),
+        ] {
+            let mut can = vec!["auth", "can-i"];
+            can.extend(args);
+            let out = self.run(&self.node, &can);
+            let answer = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+            assert_eq!(
+                answer,
+                if allowed { "yes" } else { "no" },
+                "kubectl auth can-i {} as the nodes: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        println!("kubernetes store: the nodes run as kube-system/cnikit-node with the RBAC rules");
+    }
+}
+
+/// [`lifecycle`] on the Kubernetes datastore (`--store kubernetes`: a kube-apiserver on the
+/// lab's etcd in the underlay namespace), or a loud skip without kube-apiserver or kubectl.
+#[cfg(feature = "kubernetes")]
+fn kubernetes_lifecycle(test: &str, tag: &str, mode: &str) {
+    let binary = testkit::apiserver::kube_apiserver_binary();
+    if !binary.is_file() {
+        testkit::skip(
+            test,
+            format_args!(
+                "{} is missing (build it: scripts/kube-apiserver.sh)",
+                binary.display()
+            ),
+        );
+        return;
+    }
+    for (tool, package) in [("etcd", "etcd-server"), ("kubectl", "kubernetes-client")] {
+        if !testkit::on_path(tool) {
+            testkit::skip(
+                test,
+                format_args!("{tool} is not on PATH (apt-get install -y {package})"),
+            );
+            return;
+        }
+    }
+    lifecycle_with(test, tag, mode, &["--store", "kubernetes"]);
+}
+
+/// host-gw with the IPAM and the node registry in custom resources: the lifecycle, with
+/// the nodes' NetworkNodes and Leases following node-del and node-add, and the nodes'
+/// identity limited to the RBAC rules.
+#[cfg(feature = "kubernetes")]
+#[test]
+fn host_gw_kubernetes_store_lifecycle() {
+    kubernetes_lifecycle("host_gw_kubernetes_store_lifecycle", "hk", "host-gw");
+}
+
+/// vxlan on the Kubernetes datastore (see [`host_gw_kubernetes_store_lifecycle`]).
+#[cfg(feature = "kubernetes")]
+#[test]
+fn vxlan_kubernetes_store_lifecycle() {
+    kubernetes_lifecycle("vxlan_kubernetes_store_lifecycle", "vk", "vxlan");
 }
 
 /// Nodes sharing a private etcd that runs inside the underlay namespace.

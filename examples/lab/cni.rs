@@ -22,6 +22,11 @@ pub fn conflist(lab: &Lab, node: &Node) -> Value {
             "endpoints": [lab.etcd.as_ref().map(|e| e.endpoint.clone()).unwrap_or_default()],
             "prefix": crate::store::PREFIX,
         }),
+        StoreKind::Kubernetes => json!({
+            "type": "kubernetes",
+            "kubeconfig": crate::kube::node_kubeconfig(lab),
+            "prefix": crate::store::PREFIX,
+        }),
     };
     let mut entry = json!({
         "type": "cnikit",

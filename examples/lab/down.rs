@@ -16,7 +16,7 @@ pub async fn down(name: &str) -> Result<ExitCode> {
         Err(e) => {
             eprintln!(
                 "lab: the state file is unreadable ({e:#}); sweeping namespaces only (the \
-                 agents and etcd it recorded are not stopped: their PIDs are unknown)"
+                 agents, etcd and kube-apiserver it recorded are not stopped: their PIDs are unknown)"
             );
             None
         }
@@ -63,7 +63,7 @@ pub async fn down(name: &str) -> Result<ExitCode> {
 }
 
 /// DEL every pod, stop every agent and the top-of-rack router, look at the store, stop
-/// etcd.
+/// the API server and etcd.
 async fn teardown_lab(lab: &Lab, problems: &mut Vec<String>) {
     // Pods first, while agents and the datastore still run.
     let dels = lab
@@ -110,12 +110,18 @@ async fn teardown_lab(lab: &Lab, problems: &mut Vec<String>) {
         bird_left(&node.name, &node.data_dir().join("bird"), problems);
     }
     crate::tor::stop(lab, problems).await;
-    let etcd_alive = lab
-        .etcd
-        .as_ref()
-        .and_then(|e| e.proc.as_ref())
-        .is_some_and(|p| procs::liveness(p) == procs::Liveness::Alive);
-    if lab.store == StoreKind::File || etcd_alive {
+    let alive = |proc: Option<&state::Proc>| {
+        proc.is_some_and(|p| procs::liveness(p) == procs::Liveness::Alive)
+    };
+    let etcd_alive = alive(lab.etcd.as_ref().and_then(|e| e.proc.as_ref()));
+    let readable = match lab.store {
+        StoreKind::File => true,
+        StoreKind::Etcd => etcd_alive,
+        StoreKind::Kubernetes => {
+            etcd_alive && alive(lab.kube.as_ref().and_then(|k| k.proc.as_ref()))
+        }
+    };
+    if readable {
         match store::keys(lab).await {
             Ok(keys) => {
                 let groups = store::summarize(&keys);
@@ -149,18 +155,29 @@ async fn teardown_lab(lab: &Lab, problems: &mut Vec<String>) {
             Err(e) => problems.push(format!("reading the store: {e:#}")),
         }
     }
-    if let Some(proc) = lab.etcd.as_ref().and_then(|e| e.proc.as_ref()) {
+    // The API server first: it is etcd's client.
+    let servers = [
+        (
+            "kube-apiserver",
+            lab.kube.as_ref().and_then(|k| k.proc.as_ref()),
+        ),
+        ("etcd", lab.etcd.as_ref().and_then(|e| e.proc.as_ref())),
+    ];
+    for (what, proc) in servers {
+        let Some(proc) = proc else { continue };
         match procs::stop(proc, STOP_GRACE).await {
             Ok(procs::Stopped::Terminated(after)) => {
                 println!(
-                    "etcd (pid {}) stopped after {} ms",
+                    "{what} (pid {}) stopped after {} ms",
                     proc.pid,
                     after.as_millis()
                 )
             }
-            Ok(procs::Stopped::AlreadyGone) => println!("etcd (pid {}) was not running", proc.pid),
-            Ok(procs::Stopped::Killed) => println!("etcd (pid {}) killed", proc.pid),
-            Err(e) => problems.push(format!("stopping etcd: {e:#}")),
+            Ok(procs::Stopped::AlreadyGone) => {
+                println!("{what} (pid {}) was not running", proc.pid)
+            }
+            Ok(procs::Stopped::Killed) => println!("{what} (pid {}) killed", proc.pid),
+            Err(e) => problems.push(format!("stopping {what}: {e:#}")),
         }
     }
 }

@@ -34,6 +34,16 @@
 //! `--mode ebpf` (pods on tc eBPF programs, other nodes' blocks through a collect_md VXLAN
 //! device) pins its maps and program links on a BPF filesystem of the lab's own, mounted at
 //! `/run/cnikit-lab/<name>/bpffs` by `up` and unmounted by `down`.
+//!
+//! `--store kubernetes` keeps the IPAM and the node registry in custom resources behind a
+//! private kube-apiserver (`scripts/kube-apiserver.sh` builds it once) that runs, on the lab's
+//! etcd, inside the underlay namespace; `up` applies `deploy/crds/` with `kubectl`, and the
+//! nodes authenticate as the DaemonSet's service account. Build with the feature:
+//!
+//! ```text
+//! cargo build --release --examples --features kubernetes
+//! sudo target/release/examples/lab up --mode host-gw --store kubernetes
+//! ```
 
 mod bgp;
 mod check;
@@ -41,6 +51,7 @@ mod cni;
 mod down;
 mod ebpf;
 mod endpoints;
+mod kube;
 mod modes;
 mod net;
 mod nodes;

@@ -62,6 +62,9 @@ pub enum StoreKind {
     File,
     /// A private etcd inside the underlay namespace.
     Etcd,
+    /// A private kube-apiserver (on the lab's etcd) inside the underlay namespace: the IPAM
+    /// and the node registry in custom resources and Leases (feature `kubernetes`).
+    Kubernetes,
 }
 
 /// How the nodes' underlay is wired.
@@ -311,6 +314,17 @@ pub struct Etcd {
     pub proc: Option<Proc>,
 }
 
+/// The private kube-apiserver of `--store kubernetes` (files in `<state>/kube`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct KubeApiserver {
+    /// `https://<underlay .2>:6443`.
+    pub server: String,
+    /// The process, once started.
+    #[serde(default)]
+    pub proc: Option<Proc>,
+}
+
 /// Everything a lab is made of.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -357,9 +371,12 @@ pub struct Lab {
     /// The router namespace joining the segments.
     #[serde(default)]
     pub router: Option<String>,
-    /// etcd, with `--store etcd`.
+    /// etcd, with `--store etcd` (and under the API server with `--store kubernetes`).
     #[serde(default)]
     pub etcd: Option<Etcd>,
+    /// The API server, with `--store kubernetes`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kube: Option<KubeApiserver>,
     /// The nodes.
     #[serde(default)]
     pub nodes: Vec<Node>,

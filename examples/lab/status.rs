@@ -6,7 +6,7 @@ use serde_json::json;
 use crate::state::Lab;
 use crate::{bgp, cni, endpoints, net, procs};
 
-/// `status`: the nodes, their agents and readiness, the pods, etcd.
+/// `status`: the nodes, their agents and readiness, the pods, etcd, the API server.
 pub async fn status(name: &str, as_json: bool) -> Result<()> {
     let lab = Lab::require(name)?;
     let mut nodes = Vec::new();
@@ -44,6 +44,16 @@ pub async fn status(name: &str, as_json: bool) -> Result<()> {
             "alive": e.proc.as_ref().is_some_and(|p| procs::liveness(p) == procs::Liveness::Alive),
         })
     });
+    let kube = lab.kube.as_ref().map(|k| {
+        json!({
+            "server": k.server,
+            "pid": k.proc.as_ref().map(|p| p.pid),
+            "alive": k.proc.as_ref().is_some_and(|p| procs::liveness(p) == procs::Liveness::Alive),
+            "kubeconfig": crate::kube::admin_kubeconfig(&lab),
+            "nodeKubeconfig": crate::kube::node_kubeconfig(&lab),
+            "kubectl": crate::kube::kubectl_hint(&lab),
+        })
+    });
     let tor = match &lab.tor {
         Some(t) => {
             let sessions = crate::tor::sessions(&lab).await.ok();
@@ -73,6 +83,7 @@ pub async fn status(name: &str, as_json: bool) -> Result<()> {
         "stateDir": lab.dir(),
         "namespaces": net::lab_namespaces(&lab.name),
         "etcd": etcd,
+        "kubeApiserver": kube,
         "bgpReflectors": lab.bgp_reflectors,
         "tor": tor,
         "nodes": nodes,
@@ -100,6 +111,24 @@ pub async fn status(name: &str, as_json: bool) -> Result<()> {
             } else {
                 "NOT RUNNING"
             }
+        );
+    }
+    if let Some(kube) = report["kubeApiserver"].as_object() {
+        println!(
+            "kube-apiserver {} pid {} {} (stored in the etcd above; the nodes authenticate as \
+             service account kube-system/cnikit-node)",
+            kube["server"].as_str().unwrap_or("?"),
+            kube["pid"],
+            if kube["alive"] == true {
+                "running"
+            } else {
+                "NOT RUNNING"
+            }
+        );
+        println!(
+            "  look inside: {} get ippools,ipamblocks,ipamnodes,networknodes; \
+             ... -n kube-system get leases",
+            kube["kubectl"].as_str().unwrap_or("?")
         );
     }
     if let Some(tor) = report["tor"].as_object() {

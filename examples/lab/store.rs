@@ -3,7 +3,8 @@
 //!
 //! The file store is read directly. The lab's etcd listens only on the underlay, which the
 //! root namespace cannot reach: it is read from a thread that entered the underlay namespace
-//! and runs its own small runtime there.
+//! and runs its own small runtime there. The Kubernetes store is read the same way, and its
+//! node registry objects with `kubectl` ([`crate::kube::keys`]).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -27,33 +28,37 @@ pub async fn keys(lab: &Lab) -> Result<Vec<KeyValue>> {
             }
             Ok(FileStore::new(dir).list("").await?)
         }
-        StoreKind::Etcd => {
-            let etcd = lab.etcd.as_ref().context("the lab has no etcd")?;
-            let underlay = lab.underlays.first().context("the lab has no underlay")?;
-            let ns = NetNs::open(state::netns_path(&underlay.ns)).await?;
-            let mut config = cnikit::etcd::Config::new([etcd.endpoint.clone()]);
-            config.prefix = PREFIX.to_owned();
-            config.timeout_ms = 3_000;
-            config.dial_timeout_ms = 2_000;
-            ns.run(move || -> Result<Vec<KeyValue>> {
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()?;
-                runtime.block_on(async {
-                    let store = cnikit::etcd::EtcdStore::connect(&config).await?;
-                    Ok(store.list("/").await?)
-                })
-            })
-            .await?
-        }
+        StoreKind::Etcd => etcd_keys(lab).await,
+        StoreKind::Kubernetes => crate::kube::keys(lab).await,
     }
+}
+
+/// Every key of the lab's etcd (all prefixes), read from inside the underlay.
+async fn etcd_keys(lab: &Lab) -> Result<Vec<KeyValue>> {
+    let etcd = lab.etcd.as_ref().context("the lab has no etcd")?;
+    let underlay = lab.underlays.first().context("the lab has no underlay")?;
+    let ns = NetNs::open(state::netns_path(&underlay.ns)).await?;
+    let mut config = cnikit::etcd::Config::new([etcd.endpoint.clone()]);
+    config.prefix = PREFIX.to_owned();
+    config.timeout_ms = 3_000;
+    config.dial_timeout_ms = 2_000;
+    ns.run(move || -> Result<Vec<KeyValue>> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        runtime.block_on(async {
+            let store = cnikit::etcd::EtcdStore::connect(&config).await?;
+            Ok(store.list("/").await?)
+        })
+    })
+    .await?
 }
 
 /// Waits until the lab's etcd answers (from inside the underlay), up to `within`.
 pub async fn wait_etcd(lab: &Lab, within: Duration) -> Result<()> {
     let started = std::time::Instant::now();
     loop {
-        match keys(lab).await {
+        match etcd_keys(lab).await {
             Ok(_) => return Ok(()),
             Err(e) if started.elapsed() > within => {
                 return Err(e.context(format!("etcd did not answer within {within:?}")));
@@ -84,6 +89,8 @@ pub enum KeyKind {
     Handle,
     /// A node record in the registry: an agent still registered.
     NodeRecord,
+    /// A node's Lease (the Kubernetes registry's liveness): an agent still registered.
+    NodeLease,
     /// Anything else.
     Other,
 }
@@ -116,6 +123,7 @@ impl KeyKind {
             KeyKind::Used => "address in use",
             KeyKind::Handle => "attachment handle",
             KeyKind::NodeRecord => "node record in the registry",
+            KeyKind::NodeLease => "node Lease in the registry",
             KeyKind::Other => "other key",
         }
     }
@@ -132,6 +140,7 @@ pub fn classify(key: &str) -> KeyKind {
         ["blocks", _] => KeyKind::Block,
         ["registry", "epoch"] => KeyKind::RegistryEpoch,
         ["registry", "nodes", _] => KeyKind::NodeRecord,
+        ["registry", "leases", _] => KeyKind::NodeLease,
         ["nodes", _, "claim"] => KeyKind::Claim,
         ["nodes", _, "blocks", _] => KeyKind::Affinity,
         ["nodes", _, "used", _] => KeyKind::Used,
@@ -176,6 +185,10 @@ mod tests {
         assert_eq!(
             classify("/cnikit/registry/nodes/node1"),
             KeyKind::NodeRecord
+        );
+        assert_eq!(
+            classify("/cnikit/registry/leases/node1"),
+            KeyKind::NodeLease
         );
         assert_eq!(classify("/elsewhere/pool"), KeyKind::Other);
         assert!(!KeyKind::Used.expected_after_teardown());

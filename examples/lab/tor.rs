@@ -14,6 +14,7 @@ use tokio::process::Command;
 
 use crate::net::{self, NODE_NIC, UNDERLAY_BRIDGE};
 use crate::state::{Lab, Tor};
+use crate::up::which;
 use crate::{STOP_GRACE, procs};
 
 /// The AS of the top-of-rack router (the nodes are in [`crate::modes::BGP_AS`]).
@@ -398,16 +399,6 @@ pub async fn forgotten(lab: &Lab, address: &str, within: Duration) -> Result<Dur
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-}
-
-fn which(program: &str) -> Result<PathBuf> {
-    std::env::var_os("PATH")
-        .and_then(|p| {
-            std::env::split_paths(&p)
-                .map(|d| d.join(program))
-                .find(|c| c.is_file())
-        })
-        .with_context(|| format!("{program} is not on PATH"))
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::cni::{self, Binaries};
 use crate::state::{self, Etcd, Lab, Node, Pod, PodNetwork, StoreKind, Topology, Underlay};
-use crate::{UpArgs, down, ebpf, modes, net, procs, store, tor};
+use crate::{UpArgs, down, ebpf, kube, modes, net, procs, store, tor};
 
 /// How long a node may take to become ready (agent up, STATUS ok).
 const READY_WITHIN: Duration = Duration::from_secs(60);
@@ -66,8 +66,11 @@ pub async fn up(name: &str, args: &UpArgs) -> Result<()> {
         &args.mode,
         ipip_mode.is_none() || testkit::vm::kernel_has_link_kind("ipip"),
     )?;
-    if args.store == StoreKind::Etcd && which("etcd").is_err() {
-        bail!("--store etcd needs the etcd server: apt-get install -y etcd-server");
+    if args.store != StoreKind::File && which("etcd").is_err() {
+        bail!("--store etcd and kubernetes need the etcd server: apt-get install -y etcd-server");
+    }
+    if args.store == StoreKind::Kubernetes {
+        kube::preflight()?;
     }
     let mut lab = Lab {
         name: name.to_owned(),
@@ -93,6 +96,7 @@ pub async fn up(name: &str, args: &UpArgs) -> Result<()> {
         underlays: Vec::new(),
         router: None,
         etcd: None,
+        kube: None,
         nodes: Vec::new(),
     };
     lab.save()?;
@@ -173,10 +177,19 @@ pub fn diagnostics(lab: &Lab, message: &str) {
             }
         }
     }
-    if let Some(proc) = lab.etcd.as_ref().and_then(|e| e.proc.as_ref()) {
-        let tail = procs::log_tail(&proc.log, 15);
-        if !tail.is_empty() {
-            eprintln!("--- etcd log ({}):\n{tail}", proc.log.display());
+    let servers = [
+        ("etcd", lab.etcd.as_ref().and_then(|e| e.proc.as_ref())),
+        (
+            "kube-apiserver",
+            lab.kube.as_ref().and_then(|k| k.proc.as_ref()),
+        ),
+    ];
+    for (what, proc) in servers {
+        if let Some(proc) = proc {
+            let tail = procs::log_tail(&proc.log, 15);
+            if !tail.is_empty() {
+                eprintln!("--- {what} log ({}):\n{tail}", proc.log.display());
+            }
         }
     }
 }
@@ -216,8 +229,12 @@ async fn build(lab: &mut Lab, bins: &Binaries, args: &UpArgs) -> Result<()> {
         lab.save()?;
         net::build_router(&router, &lab.underlays).await?;
     }
-    if lab.store == StoreKind::Etcd {
+    if lab.store != StoreKind::File {
+        // The nodes' datastore, or the API server's.
         start_etcd(lab).await?;
+    }
+    if lab.store == StoreKind::Kubernetes {
+        kube::start(lab).await?;
     }
     if args.tor.is_some() {
         lab.tor = Some(tor::plan(lab));
@@ -227,10 +244,10 @@ async fn build(lab: &mut Lab, bins: &Binaries, args: &UpArgs) -> Result<()> {
     println!(
         "underlay ready ({} segment(s){}{}) in {} ms",
         lab.underlays.len(),
-        if lab.store == StoreKind::Etcd {
-            ", etcd up"
-        } else {
-            ""
+        match lab.store {
+            StoreKind::File => "",
+            StoreKind::Etcd => ", etcd up",
+            StoreKind::Kubernetes => ", etcd and kube-apiserver up",
         },
         if lab.tor.is_some() {
             ", top-of-rack router namespace"
@@ -372,7 +389,8 @@ async fn start_etcd(lab: &mut Lab) -> Result<()> {
     ready
 }
 
-fn which(program: &str) -> Result<std::path::PathBuf> {
+/// `program`'s path on `PATH`.
+pub fn which(program: &str) -> Result<std::path::PathBuf> {
     std::env::var_os("PATH")
         .and_then(|p| {
             std::env::split_paths(&p)

@@ -2,7 +2,7 @@
 //! namespace of the test's own (feature `kube`).
 //!
 //! [`KubeApi::start`] makes the namespace `cnkt-<tag>-<pid>-api` (only `lo`, up), a temp dir
-//! with a self-signed CA and serving certificate (made here with `rcgen`), a static token
+//! with a self-signed CA and serving certificate ([`crate::apiserver`]), a static token
 //! file, a service-account key and a kubeconfig, then starts `etcd` and `kube-apiserver`
 //! inside the namespace and waits until `/readyz` answers. Everything is torn down when the
 //! handle drops, also when the test panics: the two processes are killed by PID, the
@@ -39,13 +39,9 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tempfile::TempDir;
 
+use crate::apiserver::{self, Token};
+pub use crate::apiserver::{KUBE_APISERVER_CACHED, KUBE_APISERVER_ENV, kube_apiserver_binary};
 use crate::netns::{Namespaces, ip, netns_path};
-
-/// The environment variable naming a kube-apiserver binary to use instead of the cached one.
-pub const KUBE_APISERVER_ENV: &str = "CNIKIT_KUBE_APISERVER";
-
-/// Where `scripts/kube-apiserver.sh` caches the binary it builds.
-pub const KUBE_APISERVER_CACHED: &str = "/var/cache/cnikit/kube-apiserver-1.20.2/kube-apiserver";
 
 /// The bearer token of the `admin` user (group `system:masters`).
 pub const ADMIN_TOKEN: &str = "cnikit-test-admin-token";
@@ -64,13 +60,6 @@ pub const PORT: u16 = 6443;
 
 /// How long a fresh server may take to be ready.
 const READY_WITHIN: Duration = Duration::from_secs(60);
-
-/// The kube-apiserver binary: [`KUBE_APISERVER_ENV`] or the cached build.
-pub fn kube_apiserver_binary() -> PathBuf {
-    std::env::var_os(KUBE_APISERVER_ENV)
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(KUBE_APISERVER_CACHED))
-}
 
 /// A running private etcd + kube-apiserver. See the [module docs](self).
 pub struct KubeApi {
@@ -296,46 +285,22 @@ impl KubeApi {
     }
 
     fn write_files(&self) -> Result<(), Box<dyn std::error::Error>> {
-        use rcgen::{
-            BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
-            KeyPair, KeyUsagePurpose,
-        };
         let d = self.dir.path();
-        let ca_key = KeyPair::generate()?;
-        let mut ca = CertificateParams::new(Vec::<String>::new())?;
-        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca.distinguished_name
-            .push(DnType::CommonName, "cnikit test kube CA");
-        ca.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyCertSign,
-        ];
-        let ca_cert = ca.self_signed(&ca_key)?;
-        let issuer = Issuer::new(ca, ca_key);
-        let key = KeyPair::generate()?;
-        let mut server = CertificateParams::new(vec![
-            "127.0.0.1".to_owned(),
-            "localhost".to_owned(),
-            "kubernetes.default.svc".to_owned(),
-            ADVERTISE.to_owned(),
-        ])?;
-        server
-            .distinguished_name
-            .push(DnType::CommonName, "kube-apiserver");
-        server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        let server_cert = server.signed_by(&key, &issuer)?;
-        fs::write(d.join("ca.crt"), ca_cert.pem())?;
-        fs::write(d.join("server.crt"), server_cert.pem())?;
-        fs::write(d.join("server.key"), key.serialize_pem())?;
-        // The service-account token signer: its own key.
-        let sa = KeyPair::generate()?;
-        fs::write(d.join("sa.key"), sa.serialize_pem())?;
-        fs::write(d.join("sa.pub"), sa.public_key_pem())?;
-        fs::write(
-            d.join("tokens.csv"),
-            format!(
-                "{ADMIN_TOKEN},admin,admin,system:masters\n{NODE_TOKEN},cnikit-node,cnikit-node,cnikit:nodes\n"
-            ),
+        apiserver::write_files(
+            d,
+            &[ADVERTISE],
+            &[
+                Token {
+                    token: ADMIN_TOKEN,
+                    user: "admin",
+                    groups: &["system:masters"],
+                },
+                Token {
+                    token: NODE_TOKEN,
+                    user: "cnikit-node",
+                    groups: &["cnikit:nodes"],
+                },
+            ],
         )?;
         let remote = format!("https://{ADVERTISE}:{PORT}");
         for (file, server, token) in [
@@ -343,7 +308,10 @@ impl KubeApi {
             ("node.kubeconfig", self.server(), NODE_TOKEN),
             ("remote.kubeconfig", remote, ADMIN_TOKEN),
         ] {
-            fs::write(d.join(file), kubeconfig(&server, &d.join("ca.crt"), token))?;
+            fs::write(
+                d.join(file),
+                apiserver::kubeconfig(&server, &d.join("ca.crt"), token),
+            )?;
         }
         Ok(())
     }
@@ -374,36 +342,10 @@ impl KubeApi {
 
     fn spawn_apiserver(&self, binary: &Path) -> Result<(), String> {
         let d = self.dir.path();
-        let p = |f: &str| d.join(f).display().to_string();
         let log = log_file(&d.join("kube-apiserver.log"))?;
         let child = self
             .command(binary)
-            .args([
-                "--etcd-servers=http://127.0.0.1:2379".to_owned(),
-                format!("--advertise-address={ADVERTISE}"),
-                // Every address of its namespace: loopback and ADVERTISE.
-                "--bind-address=0.0.0.0".to_owned(),
-                format!("--secure-port={PORT}"),
-                "--insecure-port=0".to_owned(),
-                format!("--cert-dir={}", p("certs")),
-                format!("--tls-cert-file={}", p("server.crt")),
-                format!("--tls-private-key-file={}", p("server.key")),
-                format!("--client-ca-file={}", p("ca.crt")),
-                format!("--token-auth-file={}", p("tokens.csv")),
-                format!("--service-account-key-file={}", p("sa.pub")),
-                format!("--service-account-signing-key-file={}", p("sa.key")),
-                "--service-account-issuer=https://kubernetes.default.svc".to_owned(),
-                "--api-audiences=https://kubernetes.default.svc".to_owned(),
-                "--authorization-mode=RBAC".to_owned(),
-                "--service-cluster-ip-range=10.96.0.0/16".to_owned(),
-                // Tests send bursts of concurrent requests: no throttling by the server.
-                "--enable-priority-and-fairness=false".to_owned(),
-                "--max-requests-inflight=2000".to_owned(),
-                "--max-mutating-requests-inflight=1000".to_owned(),
-                "--disable-admission-plugins=ServiceAccount".to_owned(),
-                "--logtostderr=true".to_owned(),
-                "--v=0".to_owned(),
-            ])
+            .args(apiserver::args(d, "http://127.0.0.1:2379", ADVERTISE, PORT))
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(|e| e.to_string())?)
             .stderr(log)
@@ -483,32 +425,6 @@ fn tail(path: &Path) -> String {
     let text = fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(20)..].join("\n")
-}
-
-/// A kubeconfig for `server` with CA file `ca` and a bearer token.
-fn kubeconfig(server: &str, ca: &Path, token: &str) -> String {
-    format!(
-        "apiVersion: v1
-kind: Config
-clusters:
-- name: test
-  cluster:
-    server: {server}
-    certificate-authority: {ca}
-users:
-- name: test
-  user:
-    token: {token}
-contexts:
-- name: test
-  context:
-    cluster: test
-    user: test
-    namespace: default
-current-context: test
-",
-        ca = ca.display()
-    )
 }
 
 /// A hyper connector whose TCP connections are opened inside a network namespace: the

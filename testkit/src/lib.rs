@@ -14,7 +14,8 @@
 //! BPF filesystem of a test's own ([`Bpffs`]).
 //!
 //! [`kube`] (feature `kube`) runs a private etcd + kube-apiserver in a namespace of the
-//! test's own.
+//! test's own; [`apiserver`] (feature `apiserver`) writes the certificates, tokens and
+//! command line such a server needs, without a client.
 //!
 //! [`vm`] runs kernel tests inside a user-mode-linux VM when the running kernel lacks a link
 //! kind they need (ipip here): [`vm::here_or_in_vm`].
@@ -22,6 +23,8 @@
 #![warn(missing_docs)]
 
 mod agent;
+#[cfg(feature = "apiserver")]
+pub mod apiserver;
 mod bpffs;
 mod example;
 #[cfg(feature = "kube")]
