@@ -547,10 +547,25 @@ fn lifecycle_with(test: &str, tag: &str, mode: &str, extra: &[&str]) {
     );
     if let Some(kube) = &kube {
         kube.assert_registry(&["node1", "node2", "node4"]);
+        // Each running node's blocks are IPAMBlock objects, none shared. (node3's block
+        // may be gone already: its pods were deleted, so its empty block was given back.)
         let blocks = kube.names("ipamblocks", None);
+        let status = lab.status();
+        let mut owned: Vec<String> = ["node1", "node2", "node4"]
+            .iter()
+            .flat_map(|n| Peer::of(&status, n).blocks)
+            .map(|cidr| cidr.replace('/', "-"))
+            .collect();
         assert!(
-            blocks.len() >= 4,
-            "a block for each node that ever ran: {blocks:?}"
+            owned.iter().all(|b| blocks.contains(b)),
+            "the running nodes' blocks {owned:?} are among the IPAMBlocks {blocks:?}"
+        );
+        let count = owned.len();
+        owned.sort();
+        owned.dedup();
+        assert!(
+            count >= 3 && owned.len() == count,
+            "each running node owns its own block: {owned:?} of {count}"
         );
     }
     let joined = metrics.until("node4 in node1's metrics", |m| {

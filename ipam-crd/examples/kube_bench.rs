@@ -8,6 +8,11 @@
 //! its own engine, client and connection, as separate plugin processes have. Each figure is
 //! the median of three runs; addresses are released between runs, outside the measurement.
 //!
+//! Then each store's floor, what no allocation can go below: one read and one
+//! compare-and-swap write of a one-record object (Kubernetes: a GET and a replace of a node
+//! object; etcd: a range and a txn) by one client, in a row; and how far the engine's
+//! single-allocator median lies above it.
+//!
 //! ```text
 //! sudo cargo run --release -p ipam-crd --example kube_bench            # 96 allocations per run
 //! sudo cargo run --release -p ipam-crd --example kube_bench -- 256
@@ -19,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow};
 use cni_core::ipam::{Attachment, BlockIpam, BlockIpamConfig, Ipam};
-use cni_core::store::Store;
+use cni_core::store::{Compare, Store, Txn, TxnOutcome};
 use futures::future::join_all;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, ListParams, PostParams};
@@ -129,8 +134,19 @@ impl Side for KubeSide<'_> {
     }
 }
 
-/// Median allocations/s and requests per allocation of `total` allocations by `c` allocators.
-async fn measure<X: Side>(side: &X, c: usize, total: usize) -> anyhow::Result<(f64, f64)> {
+/// What [`measure`] found.
+struct Figures {
+    /// Median allocations per second over the runs.
+    rate: f64,
+    /// Median requests (round trips) per allocation over the runs.
+    requests: f64,
+    /// Latency of one allocation over all runs, ms: median, 99th percentile, max.
+    latency: [f64; 3],
+}
+
+/// Allocations/s, requests per allocation and allocation latency of `total` allocations by
+/// `c` allocators.
+async fn measure<X: Side>(side: &X, c: usize, total: usize) -> anyhow::Result<Figures> {
     let mut engines = Vec::new();
     for i in 0..c {
         let store = side.store().await?;
@@ -141,20 +157,24 @@ async fn measure<X: Side>(side: &X, c: usize, total: usize) -> anyhow::Result<(f
     let per = total / c;
     let mut rates = Vec::new();
     let mut per_alloc = Vec::new();
+    let mut latencies = Vec::new();
     for run in 0..RUNS {
         let before: u64 = engines.iter().map(|(s, _)| X::requests(s)).sum();
         let start = Instant::now();
         let results = join_all(engines.iter().map(|(_, ipam)| async move {
+            let mut took = Vec::with_capacity(per);
             for k in 0..per {
+                let one = Instant::now();
                 ipam.allocate(&Attachment::new("net", format!("r{run}-{k}"), "eth0"))
                     .await?;
+                took.push(one.elapsed().as_secs_f64() * 1000.0);
             }
-            anyhow::Ok(())
+            anyhow::Ok(took)
         }))
         .await;
         let secs = start.elapsed().as_secs_f64();
         for r in results {
-            r?;
+            latencies.extend(r?);
         }
         let after: u64 = engines.iter().map(|(s, _)| X::requests(s)).sum();
         let n = (per * c) as f64;
@@ -164,7 +184,35 @@ async fn measure<X: Side>(side: &X, c: usize, total: usize) -> anyhow::Result<(f
             ipam.gc(&[]).await?;
         }
     }
-    Ok((median(rates), median(per_alloc)))
+    latencies.sort_by(f64::total_cmp);
+    let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q).round() as usize];
+    Ok(Figures {
+        rate: median(rates),
+        requests: median(per_alloc),
+        latency: [at(0.5), at(0.99), at(1.0)],
+    })
+}
+
+/// The store's floor: the median latency (ms) of one read and one compare-and-swap write of
+/// a single small record, `rounds` times in a row by one client.
+async fn floor<X: Side>(side: &X, rounds: usize) -> anyhow::Result<f64> {
+    let store = side.store().await?;
+    let key = format!("{}/nodes/floor/used/10.90.255.1", config(0).key_prefix);
+    let mut took = Vec::with_capacity(rounds);
+    for round in 0..rounds {
+        let start = Instant::now();
+        let seen = store.get(&key).await?;
+        let txn = Txn::new()
+            .when(Compare::unchanged(key.clone(), seen.as_ref()))
+            .put(key.clone(), format!("{{\"round\":{round}}}"));
+        match store.commit(txn).await? {
+            TxnOutcome::Committed(_) => took.push(start.elapsed().as_secs_f64() * 1000.0),
+            TxnOutcome::Failed(_) => {
+                return Err(anyhow!("{}: floor write conflicted", side.name()));
+            }
+        }
+    }
+    Ok(median(took))
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -192,18 +240,46 @@ async fn main() -> anyhow::Result<()> {
     }
     let etcd = start_etcd().await?;
     println!("block IPAM, {total} allocations per run, median of {RUNS} runs, node per allocator");
-    println!("store        allocators   allocations/s   requests per allocation");
+    println!(
+        "store        allocators   allocations/s   requests per allocation   \
+         latency ms p50 / p99 / max"
+    );
     let mut rows = Vec::new();
+    let mut single = (0.0, 0.0);
     for c in CONCURRENCY {
         let (etcd_side, kube_side) = (EtcdSide(etcd.endpoint.clone()), KubeSide(&api));
-        let (er, eq) = measure(&etcd_side, c, total).await?;
-        let (kr, kq) = measure(&kube_side, c, total).await?;
-        println!("{:<12} {c:>10}   {er:>13.0}   {eq:>10.2}", etcd_side.name());
-        println!("{:<12} {c:>10}   {kr:>13.0}   {kq:>10.2}", kube_side.name());
-        rows.push((c, kr / er));
+        let e = measure(&etcd_side, c, total).await?;
+        let k = measure(&kube_side, c, total).await?;
+        for (name, f) in [(etcd_side.name(), &e), (kube_side.name(), &k)] {
+            let [p50, p99, max] = f.latency;
+            println!(
+                "{name:<12} {c:>10}   {:>13.0}   {:>23.2}   {p50:>8.1} / {p99:.1} / {max:.1}",
+                f.rate, f.requests
+            );
+        }
+        rows.push((c, k.rate / e.rate));
+        if c == 1 {
+            single = (e.latency[0], k.latency[0]);
+        }
     }
     for (c, ratio) in rows {
         println!("kubernetes/etcd allocations/s at {c}: {ratio:.2}");
     }
+    let rounds = 3 * total;
+    let (etcd_floor, kube_floor) = (
+        floor(&EtcdSide(etcd.endpoint.clone()), rounds).await?,
+        floor(&KubeSide(&api), rounds).await?,
+    );
+    println!(
+        "floor (one read + one compare-and-swap write of one record, 1 client, {rounds} \
+         rounds), ms p50: etcd {etcd_floor:.1}, kubernetes {kube_floor:.1} \
+         (kubernetes/etcd {:.1})",
+        kube_floor / etcd_floor
+    );
+    println!(
+        "allocation p50 at 1 allocator / floor: etcd {:.2}, kubernetes {:.2}",
+        single.0 / etcd_floor,
+        single.1 / kube_floor
+    );
     Ok(())
 }
