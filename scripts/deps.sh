@@ -14,7 +14,7 @@ CNIKIT_DEBS=(
   clang llvm libbpf-dev                            # scripts/bpf.sh: the eBPF objects (--check)
   bird2 gobgpd                                     # BGP peers of the bgp interop tests
   containerd                                       # a real CRI runtime (tests/cri.rs)
-  openssl binutils                                 # tests/manifests.rs keys; scripts/image.sh strip
+  binutils                                         # scripts/image.sh strip
 )
 # kubectl for the manifests' server-side validation: Debian's, unless one is installed already.
 command -v kubectl >/dev/null || CNIKIT_DEBS+=(kubernetes-client)

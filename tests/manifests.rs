@@ -6,8 +6,9 @@
 //! its own etcd in a network namespace of the test, on loopback there; `kubectl` (Debian's
 //! `kubernetes-client`) talks to it from inside that namespace.
 //!
-//! Needs root, etcd-server, kubernetes-client, openssl and the kube-apiserver binary
-//! (`CNIKIT_KUBE_APISERVER`, else the cached build); skips loudly without them.
+//! Needs root, etcd-server, kubernetes-client and the kube-apiserver binary
+//! (`CNIKIT_KUBE_APISERVER`, else the cached build); skips loudly without them. The server's
+//! certificates, token file and arguments are the tests' usual ones (`testkit::apiserver`).
 
 mod common;
 
@@ -18,23 +19,16 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use common::*;
 use serde_json::Value;
+use testkit::apiserver::{self, Token};
 
-/// Where the API server binary is looked for first.
-const APISERVER_ENV: &str = "CNIKIT_KUBE_APISERVER";
-/// Where the test command caches its build.
-const APISERVER_CACHED: &str = "/var/cache/cnikit/kube-apiserver-1.20.2/kube-apiserver";
 /// The administrator's bearer token (a static token file: test-only credentials).
 const TOKEN: &str = "cnikit-manifests-admin";
-
-fn apiserver_binary() -> PathBuf {
-    std::env::var_os(APISERVER_ENV)
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(APISERVER_CACHED))
-}
 
 /// An etcd and a kube-apiserver in a namespace of `lab`.
 struct Apiserver {
     ns: Ns,
+    /// The administrator's kubeconfig (the server's CA, [`TOKEN`]).
+    kubeconfig: PathBuf,
     /// kubectl's discovery cache (not the machine's `~/.kube`).
     cache: PathBuf,
 }
@@ -43,29 +37,21 @@ impl Apiserver {
     fn start(lab: &Lab, binary: &Path) -> Result<Apiserver> {
         let ns = lab.netns("api");
         let dir = lab.dir("apiserver");
-        let sh = |args: &[&str]| -> Result<()> {
-            let out = Command::new(args[0]).args(&args[1..]).output()?;
-            ensure!(
-                out.status.success(),
-                "{args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            Ok(())
-        };
-        let key = dir.join("sa.key");
-        let public = dir.join("sa.pub");
-        sh(&["openssl", "genrsa", "-out", path(&key), "2048"])?;
-        sh(&[
-            "openssl",
-            "rsa",
-            "-in",
-            path(&key),
-            "-pubout",
-            "-out",
-            path(&public),
-        ])?;
-        let tokens = dir.join("tokens.csv");
-        std::fs::write(&tokens, format!("{TOKEN},admin,admin,system:masters\n"))?;
+        apiserver::write_files(
+            &dir,
+            &[],
+            &[Token {
+                token: TOKEN,
+                user: "admin",
+                groups: &["system:masters"],
+            }],
+        )
+        .map_err(|e| anyhow::anyhow!("the API server's files: {e}"))?;
+        let kubeconfig = dir.join("admin.kubeconfig");
+        std::fs::write(
+            &kubeconfig,
+            apiserver::kubeconfig("https://127.0.0.1:6443", &dir.join("ca.crt"), TOKEN),
+        )?;
 
         let spawn = |program: &Path, args: Vec<String>, log: &str| -> Result<()> {
             let log = std::fs::File::create(dir.join(log))?;
@@ -97,30 +83,15 @@ impl Apiserver {
             .to_vec(),
             "etcd.log",
         )?;
-        spawn(
-            binary,
-            [
-                "--etcd-servers=http://127.0.0.1:2379",
-                "--advertise-address=127.0.0.1",
-                "--bind-address=127.0.0.1",
-                "--secure-port=6443",
-                "--insecure-port=0",
-                &format!("--cert-dir={}", dir.join("certs").display()),
-                &format!("--token-auth-file={}", tokens.display()),
-                &format!("--service-account-key-file={}", public.display()),
-                &format!("--service-account-signing-key-file={}", key.display()),
-                "--service-account-issuer=https://kubernetes.default.svc",
-                "--api-audiences=https://kubernetes.default.svc",
-                "--authorization-mode=Node,RBAC",
-                "--service-cluster-ip-range=10.96.0.0/16",
-                "--logtostderr=true",
-            ]
-            .map(String::from)
-            .to_vec(),
-            "kube-apiserver.log",
-        )?;
+        // The tests' server, with the default admission chain: the manifests must pass it.
+        let args = apiserver::args(&dir, "http://127.0.0.1:2379", "127.0.0.1", 6443)
+            .into_iter()
+            .filter(|a| !a.starts_with("--disable-admission-plugins="))
+            .collect();
+        spawn(binary, args, "kube-apiserver.log")?;
         let server = Apiserver {
             ns,
+            kubeconfig,
             cache: dir.join("kubectl-cache"),
         };
         // Ready means the bootstrap objects the manifests rely on exist too: the kube-system
@@ -149,14 +120,8 @@ impl Apiserver {
     fn kubectl(&self, args: &[&str]) -> Result<Output> {
         Ok(Command::new("ip")
             .args(["netns", "exec", &self.ns.name, "kubectl"])
-            .args([
-                "--server=https://127.0.0.1:6443",
-                &format!("--token={TOKEN}"),
-                // The server's certificate is the self-signed one it made at start.
-                "--insecure-skip-tls-verify=true",
-                // No kubeconfig of the machine is read.
-                "--kubeconfig=/dev/null",
-            ])
+            // Not the machine's kubeconfig: the test's own.
+            .arg(format!("--kubeconfig={}", self.kubeconfig.display()))
             .arg(format!("--cache-dir={}", self.cache.display()))
             .args(args)
             .output()?)
@@ -268,7 +233,7 @@ fn the_manifests_pass_the_api_servers_validation() -> Result<()> {
     if !testkit::root(test) {
         return Ok(());
     }
-    let binary = apiserver_binary();
+    let binary = apiserver::kube_apiserver_binary();
     for (file, what) in [
         (
             binary.as_path(),
@@ -276,7 +241,6 @@ fn the_manifests_pass_the_api_servers_validation() -> Result<()> {
         ),
         (Path::new("/usr/bin/etcd"), "etcd-server"),
         (Path::new("/usr/bin/kubectl"), "kubernetes-client"),
-        (Path::new("/usr/bin/openssl"), "openssl"),
     ] {
         if !file.exists() {
             testkit::skip(test, format!("{} is missing: {what}", file.display()));
