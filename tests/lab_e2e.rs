@@ -132,6 +132,10 @@ impl Lab {
         println!("{out}");
         assert!(!out.contains("UNEXPECTED"), "down found leftovers: {out}");
         assert!(
+            out.contains("the store is empty") || out.contains("the store holds"),
+            "down read the store: {out}"
+        );
+        assert!(
             namespaces(&self.name).is_empty(),
             "namespaces left: {:?}",
             namespaces(&self.name)
@@ -547,26 +551,33 @@ fn lifecycle_with(test: &str, tag: &str, mode: &str, extra: &[&str]) {
     );
     if let Some(kube) = &kube {
         kube.assert_registry(&["node1", "node2", "node4"]);
-        // Each running node's blocks are IPAMBlock objects, none shared. (node3's block
-        // may be gone already: its pods were deleted, so its empty block was given back.)
-        let blocks = kube.names("ipamblocks", None);
+        // Each running node's blocks are owned by that node in the store: the IPAMBlock's
+        // ownership record names it. (IPAMBlocks are never deleted: a given-back block's
+        // object stays, empty, so its existence alone says nothing.)
         let status = lab.status();
-        let mut owned: Vec<String> = ["node1", "node2", "node4"]
-            .iter()
-            .flat_map(|n| Peer::of(&status, n).blocks)
-            .map(|cidr| cidr.replace('/', "-"))
-            .collect();
-        assert!(
-            owned.iter().all(|b| blocks.contains(b)),
-            "the running nodes' blocks {owned:?} are among the IPAMBlocks {blocks:?}"
-        );
+        let mut owned = Vec::new();
+        for node in ["node1", "node2", "node4"] {
+            let blocks = Peer::of(&status, node).blocks;
+            assert!(!blocks.is_empty(), "{node} owns a block: {status}");
+            for cidr in blocks {
+                let block = cidr.replace('/', "-");
+                assert_eq!(
+                    kube.block_owner(&block).as_deref(),
+                    Some(node),
+                    "the owner of IPAMBlock {block}"
+                );
+                owned.push(block);
+            }
+        }
         let count = owned.len();
         owned.sort();
         owned.dedup();
-        assert!(
-            count >= 3 && owned.len() == count,
-            "each running node owns its own block: {owned:?} of {count}"
+        assert_eq!(
+            owned.len(),
+            count,
+            "no block is listed by two nodes: {owned:?}"
         );
+        println!("kubernetes store: each running node's blocks are owned by it: {owned:?}");
     }
     let joined = metrics.until("node4 in node1's metrics", |m| {
         m.get("cnikit_agent_peers") == Some(2.0) && routes(m) == routes(&routes_before)
@@ -1024,7 +1035,7 @@ fn reflector_with_tor(test: &str, tag: &str, extra: &[&str]) {
     lab.ok(&up);
     let kube = extra.contains(&"kubernetes").then(|| Kubectl::of(&lab));
     if let Some(kube) = &kube {
-        kube.assert_registry(&["node1", "node2", "node3"]);
+        kube.assert_registry(&["node1", "node2", "node3", "node4", "node5"]);
         kube.assert_node_rights();
     }
 
@@ -1552,6 +1563,38 @@ impl Kubectl {
             .collect();
         names.sort();
         names
+    }
+
+    /// The node named by the ownership record of IPAMBlock `block` (`10.244.0.64-26`), or
+    /// `None` when the object holds no record (never claimed, or given back).
+    fn block_owner(&self, block: &str) -> Option<String> {
+        let name = format!("ipamblock/cnikit.{block}");
+        let out = self.run(&self.admin, &["get", &name, "-o", "json"]);
+        assert!(
+            out.status.success(),
+            "kubectl get {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let object: Value = serde_json::from_slice(&out.stdout).expect("kubectl's JSON");
+        let records = object["spec"]["records"]
+            .as_object()
+            .unwrap_or_else(|| panic!("{name} has a records map: {object}"));
+        assert!(
+            records.len() <= 1,
+            "{name} holds one ownership record: {object}"
+        );
+        records.values().next().map(|record| {
+            let value: Value = serde_json::from_str(
+                record["value"]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("a record's value is text: {object}")),
+            )
+            .expect("an ownership record is JSON");
+            value["node"]
+                .as_str()
+                .unwrap_or_else(|| panic!("the ownership record names a node: {value}"))
+                .to_owned()
+        })
     }
 
     /// The registry holds a NetworkNode and a Lease for exactly `nodes`.

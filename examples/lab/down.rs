@@ -154,6 +154,8 @@ async fn teardown_lab(lab: &Lab, problems: &mut Vec<String>) {
             }
             Err(e) => problems.push(format!("reading the store: {e:#}")),
         }
+    } else {
+        println!("the store was not checked for leftovers: its server is not running");
     }
     // The API server first: it is etcd's client.
     let servers = [

@@ -248,12 +248,22 @@ fn kubectl(lab: &Lab, args: &[&str], stdin: Option<&str>) -> Result<std::process
             Stdio::null()
         });
     let mut child = command.spawn().context("run kubectl")?;
-    if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        use std::io::Write;
-        pipe.write_all(text.as_bytes())
-            .context("write to kubectl")?;
+    let written = match (stdin, child.stdin.take()) {
+        (Some(text), Some(mut pipe)) => {
+            use std::io::Write;
+            pipe.write_all(text.as_bytes())
+        }
+        _ => Ok(()),
+    };
+    // Reaped in any case; a kubectl that quit before reading all of its input says why on
+    // stderr, which the caller shows with the exit status.
+    let out = child.wait_with_output().context("wait for kubectl")?;
+    match written {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe || out.status.success() => {
+            Err(e).context("write to kubectl")
+        }
+        _ => Ok(out),
     }
-    child.wait_with_output().context("wait for kubectl")
 }
 
 /// A random bearer token (128 bits, hex).

@@ -227,6 +227,11 @@ async fn main() -> anyhow::Result<()> {
         .map(|a| a.parse())
         .transpose()?
         .unwrap_or(96);
+    let most = CONCURRENCY.iter().max().copied().unwrap_or(1);
+    anyhow::ensure!(
+        total >= most,
+        "{total} allocations per run: at least {most}, one per allocator"
+    );
     let api = KubeApi::start("kube_bench", "kbench")
         .await
         .ok_or_else(|| anyhow!("cannot run: see the SKIPPED line"))?;

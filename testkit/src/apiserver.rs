@@ -12,10 +12,14 @@
 //! | `sa.key`, `sa.pub` | the service-account token signer |
 //! | `tokens.csv` | the static bearer tokens |
 //! | `certs/` | the server's own generated files |
+//!
+//! The directory is made `0700` and the private keys and the token file `0600`: the token
+//! file holds an administrator's token.
 
 use std::error::Error;
 use std::fmt::Write as _;
 use std::fs;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 /// The environment variable naming a kube-apiserver binary to use instead of the cached one.
@@ -50,6 +54,7 @@ pub fn write_files(dir: &Path, addresses: &[&str], tokens: &[Token]) -> Result<(
         KeyPair, KeyUsagePurpose,
     };
     fs::create_dir_all(dir)?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
     let ca_key = KeyPair::generate()?;
     let mut ca = CertificateParams::new(Vec::<String>::new())?;
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -76,10 +81,10 @@ pub fn write_files(dir: &Path, addresses: &[&str], tokens: &[Token]) -> Result<(
     let server_cert = server.signed_by(&key, &issuer)?;
     fs::write(dir.join("ca.crt"), ca_cert.pem())?;
     fs::write(dir.join("server.crt"), server_cert.pem())?;
-    fs::write(dir.join("server.key"), key.serialize_pem())?;
+    write_private(&dir.join("server.key"), &key.serialize_pem())?;
     // The service-account token signer: its own key.
     let sa = KeyPair::generate()?;
-    fs::write(dir.join("sa.key"), sa.serialize_pem())?;
+    write_private(&dir.join("sa.key"), &sa.serialize_pem())?;
     fs::write(dir.join("sa.pub"), sa.public_key_pem())?;
     let mut csv = String::new();
     for t in tokens {
@@ -93,8 +98,23 @@ pub fn write_files(dir: &Path, addresses: &[&str], tokens: &[Token]) -> Result<(
             t.groups.join(",")
         )?;
     }
-    fs::write(dir.join("tokens.csv"), csv)?;
+    write_private(&dir.join("tokens.csv"), &csv)?;
     Ok(())
+}
+
+/// Writes `text` to `path`, readable and writable by its owner only (also when the file
+/// was there before).
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    file.set_permissions(fs::Permissions::from_mode(0o600))?;
+    file.write_all(text.as_bytes())
 }
 
 /// A kubeconfig for `server` with CA file `ca` and a bearer token.
@@ -182,6 +202,17 @@ mod tests {
              system:serviceaccount:kube-system:cnikit-node,\
              \"system:serviceaccounts,system:serviceaccounts:kube-system\"\n"
         );
+        let mode = |f: &str| {
+            fs::metadata(dir.path().join(f))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777
+        };
+        assert_eq!(mode(""), 0o700, "the directory is its owner's only");
+        for secret in ["server.key", "sa.key", "tokens.csv"] {
+            assert_eq!(mode(secret), 0o600, "{secret} is its owner's only");
+        }
         for arg in args(dir.path(), "http://127.0.0.1:2379", "192.0.2.7", 6443) {
             if let Some((flag, file)) = arg.split_once('=')
                 && flag.ends_with("-file")
