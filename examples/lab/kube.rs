@@ -127,7 +127,10 @@ pub async fn start(lab: &mut Lab) -> Result<()> {
         (admin_kubeconfig(lab), &admin),
         (node_kubeconfig(lab), &node),
     ] {
-        write_private(&path, &testkit::apiserver::kubeconfig(&server, &ca, token))?;
+        // Only root may read it: it holds a bearer token.
+        let text = testkit::apiserver::kubeconfig(&server, &ca, token);
+        cnikit::core::private_fs::write(&path, text.as_bytes())
+            .with_context(|| format!("write {}", path.display()))?;
     }
     lab.kube = Some(KubeApiserver {
         server: server.clone(),
@@ -274,21 +277,6 @@ fn token() -> Result<String> {
         .and_then(|mut f| f.read_exact(&mut bytes))
         .context("read /dev/urandom")?;
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
-}
-
-/// Writes a file only root can read (it holds a bearer token).
-fn write_private(path: &std::path::Path, text: &str) -> Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("write {}", path.display()))?;
-    file.write_all(text.as_bytes())?;
-    Ok(())
 }
 
 /// Every IPAM key of the lab's custom resources (read with the store the plugin uses, from
