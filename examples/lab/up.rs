@@ -3,6 +3,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use cnikit::core::state::NodeState;
 
 use crate::cni::{self, Binaries};
 use crate::state::{self, Etcd, Lab, Node, Pod, PodNetwork, StoreKind, Topology, Underlay};
@@ -283,7 +284,96 @@ async fn build(lab: &mut Lab, bins: &Binaries, args: &UpArgs) -> Result<()> {
         phase.elapsed().as_millis()
     );
     wait_blocks_announced(lab, &names).await?;
+    wait_routed(lab, Duration::from_secs(20)).await?;
     tor::wait_learned(lab, Duration::from_secs(20)).await
+}
+
+/// Waits until every node's agent knows every other node of the lab and has routed it: the
+/// node state lists each other node among its peers (the agent writes it at the end of the
+/// reconcile that programmed their routes), and in `bgp` mode its BGP report lists a route
+/// to each other node's blocks (learned over sessions that may take a second or more to
+/// come up, BIRD's first attempt waits its connect delay of 1 s). A peer the mode reports
+/// as unroutable counts as done: `show` and `check` say why. Past `within` it says what is
+/// missing and returns: `check` then shows which pods do not answer.
+pub async fn wait_routed(lab: &Lab, within: Duration) -> Result<()> {
+    let started = Instant::now();
+    loop {
+        let missing = unrouted(lab)?;
+        if missing.is_empty() {
+            return Ok(());
+        }
+        if started.elapsed() > within {
+            println!(
+                "warning: not every node routes every other node after {} ms: {}",
+                started.elapsed().as_millis(),
+                missing.join("; ")
+            );
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// What [`wait_routed`] still waits for, from the nodes' state files.
+fn unrouted(lab: &Lab) -> Result<Vec<String>> {
+    let states = lab
+        .nodes
+        .iter()
+        .map(|n| Ok((n.name.as_str(), NodeState::read(&n.data_dir())?)))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(missing_routes(&lab.mode, &states))
+}
+
+/// What [`wait_routed`] still waits for in the nodes' states (`None`: not written yet), one
+/// entry per node and peer. Pure.
+fn missing_routes(mode: &str, states: &[(&str, Option<NodeState>)]) -> Vec<String> {
+    let mut missing = Vec::new();
+    for (name, state) in states {
+        let Some(state) = state else {
+            missing.push(format!("{name}: no node state yet"));
+            continue;
+        };
+        // Every prefix the BGP report lists as installed (`PREFIX via NEXT_HOP`).
+        let learned: Vec<&str> = state
+            .routing
+            .as_ref()
+            .and_then(|r| r["installed"].as_object())
+            .into_iter()
+            .flat_map(|by_peer| by_peer.values())
+            .filter_map(|routes| routes.as_array())
+            .flatten()
+            .filter_map(|route| route.as_str()?.split_whitespace().next())
+            .collect();
+        for (peer, peer_state) in states {
+            let reported_unroutable = state
+                .routing
+                .as_ref()
+                .is_some_and(|r| r["unroutable"].get(*peer).is_some());
+            if peer == name || state.unroutable.contains_key(*peer) || reported_unroutable {
+                continue;
+            }
+            if !state.peers.iter().any(|p| p == peer) {
+                missing.push(format!("{name} does not know {peer} yet"));
+            } else if mode == "bgp" {
+                let blocks = peer_state
+                    .as_ref()
+                    .map(|s| s.blocks.as_slice())
+                    .unwrap_or_default();
+                let unlearned: Vec<String> = blocks
+                    .iter()
+                    .map(ToString::to_string)
+                    .filter(|b| !learned.contains(&b.as_str()))
+                    .collect();
+                if !unlearned.is_empty() {
+                    missing.push(format!(
+                        "{name} has no BGP route to {peer}'s {}",
+                        unlearned.join(", ")
+                    ));
+                }
+            }
+        }
+    }
+    missing
 }
 
 /// Waits until the agents of `nodes` announce every block their pods got addresses from.
@@ -530,5 +620,79 @@ pub async fn add_pods(lab: &mut Lab, node: &str, count: u32) -> Result<()> {
     match first_error {
         Some(e) => Err(e),
         None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn state(
+        name: &str,
+        block: &str,
+        peers: &[&str],
+        routing: Option<serde_json::Value>,
+    ) -> NodeState {
+        let mut s = NodeState::new(name, "bgp", 1500, vec![block.parse().unwrap()]);
+        s.peers = peers.iter().map(|p| p.to_string()).collect();
+        s.routing = routing;
+        s
+    }
+
+    #[test]
+    fn a_node_is_routed_once_it_knows_its_peers() {
+        let a = state("a", "10.244.0.0/26", &["b"], None);
+        let b = state("b", "10.244.0.64/26", &[], None);
+        let missing = missing_routes("host-gw", &[("a", Some(a.clone())), ("b", Some(b))]);
+        assert_eq!(missing, ["b does not know a yet"]);
+        let missing = missing_routes("host-gw", &[("a", Some(a.clone())), ("b", None)]);
+        assert_eq!(missing, ["b: no node state yet"]);
+        let b = state("b", "10.244.0.64/26", &["a"], None);
+        assert!(missing_routes("host-gw", &[("a", Some(a)), ("b", Some(b))]).is_empty());
+    }
+
+    #[test]
+    fn an_unroutable_peer_counts_as_done() {
+        let mut a = state("a", "10.244.0.0/26", &[], None);
+        a.unroutable.insert("b".into(), "not on-link".into());
+        let b = state("b", "10.244.0.64/26", &["a"], None);
+        assert!(missing_routes("host-gw", &[("a", Some(a)), ("b", Some(b))]).is_empty());
+    }
+
+    #[test]
+    fn bgp_waits_for_a_route_to_every_block_of_every_peer() {
+        let report = |installed: serde_json::Value| {
+            Some(json!({"peers": [], "installed": installed, "unroutable": {}}))
+        };
+        // a knows b from the registry, but its session has not brought b's block yet.
+        let a = state("a", "10.244.0.0/26", &["b"], report(json!({})));
+        let b = state(
+            "b",
+            "10.244.0.64/26",
+            &["a"],
+            report(json!({"a": ["10.244.0.0/26 via 172.30.1.11"]})),
+        );
+        let missing = missing_routes("bgp", &[("a", Some(a)), ("b", Some(b.clone()))]);
+        assert_eq!(missing, ["a has no BGP route to b's 10.244.0.64/26"]);
+        // Learned through a route reflector: any peer of the report will do.
+        let a = state(
+            "a",
+            "10.244.0.0/26",
+            &["b"],
+            report(json!({"rr": ["10.244.0.64/26 via 172.30.1.12"]})),
+        );
+        assert!(missing_routes("bgp", &[("a", Some(a)), ("b", Some(b.clone()))]).is_empty());
+        // A peer the BGP report calls unroutable is done too.
+        let a = state(
+            "a",
+            "10.244.0.0/26",
+            &["b"],
+            Some(
+                json!({"installed": {}, "unroutable": {"b": "next hop 172.30.2.12 is not in the underlay subnet"}}),
+            ),
+        );
+        assert!(missing_routes("bgp", &[("a", Some(a)), ("b", Some(b))]).is_empty());
     }
 }

@@ -151,18 +151,21 @@ async fn agents_on_the_kubernetes_store_route_to_each_other() {
     let mut config = Config::new(Some(api.kubeconfig()));
     config.timeout_ms = 60_000;
     let registry = KubeRegistry::new(client.clone(), &config);
+    // The peers' blocks and addresses, from their NetworkNode objects: unlike the registry's
+    // list, not filtered by liveness, which a 3 s lease on a loaded machine can lapse for a
+    // moment between renewals.
     let expected = async |peers: &[&str]| -> BTreeSet<(String, String)> {
-        let list = registry.list().await.unwrap();
-        list.nodes
-            .iter()
-            .filter(|n| peers.contains(&n.name.as_str()))
-            .flat_map(|n| {
-                n.blocks
-                    .iter()
-                    .map(|b| (b.to_string(), n.address.to_string()))
-                    .collect::<Vec<_>>()
-            })
-            .collect()
+        let mut want = BTreeSet::new();
+        for peer in peers {
+            let node = records
+                .get(&format!("cnikit.{peer}"))
+                .await
+                .unwrap_or_else(|e| panic!("{peer}'s NetworkNode: {e}"));
+            for block in &node.spec.blocks {
+                want.insert((block.clone(), node.spec.address.clone()));
+            }
+        }
+        want
     };
     let all = ["node-1", "node-2", "node-3"];
     wait_until("three live nodes", &logs, async || {
@@ -196,6 +199,7 @@ async fn agents_on_the_kubernetes_store_route_to_each_other() {
 
     // node-3 stops cleanly: it deregisters, the others drop its routes.
     let node3_blocks = expected(&["node-3"]).await;
+    assert!(!node3_blocks.is_empty(), "node-3 published its block");
     assert!(agents[2].stop(), "node-3 stops cleanly");
     assert!(records.get_opt("cnikit.node-3").await.unwrap().is_none());
     for (_, ns) in &nodes[..2] {

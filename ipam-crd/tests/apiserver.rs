@@ -337,14 +337,15 @@ async fn the_rbac_manifest_grants_what_the_store_uses() {
         backend: Default::default(),
     };
     node_registry
-        .register(&record, Duration::from_secs(3))
+        .register(&record, Duration::from_secs(5))
         .await
         .unwrap();
     let list = node_registry.list().await.unwrap();
     assert_eq!(list.nodes, vec![record.clone()]);
     let mut events = node_registry.watch(list.revision).await.unwrap();
-    // Renewals go on (they would log and retry if refused): still live after two TTLs.
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    // Renewals go on (they would log and retry if refused): still live after two TTLs. 5 s:
+    // a renewal every 1.7 s leaves a loaded machine 3 s of slack before the lease lapses.
+    tokio::time::sleep(Duration::from_secs(11)).await;
     assert_eq!(node_registry.list().await.unwrap().nodes, vec![record]);
     node_registry.deregister("n1").await.unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
