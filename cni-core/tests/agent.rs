@@ -184,6 +184,9 @@ impl NodeRegistry for Flaky {
         }
         self.inner.watch(revision).await
     }
+    async fn prune_expired(&self) -> Result<Vec<String>> {
+        self.inner.prune_expired().await
+    }
 }
 
 struct Setup {

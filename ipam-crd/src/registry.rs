@@ -10,8 +10,10 @@
 //! `leaseDurationSeconds` lies ahead (the holder's clock against the reader's: the nodes'
 //! clocks must agree to well within the TTL, as they do under NTP). A node that dies stops
 //! renewing and drops out of [`list`](NodeRegistry::list) and, through a timer of the
-//! watch, out of every [`watch`](NodeRegistry::watch) once its Lease expires; its objects
-//! stay (a node that comes back renews them). A node that deregisters deletes both.
+//! watch, out of every [`watch`](NodeRegistry::watch) once its Lease expires. Its objects
+//! stay until [`prune_expired`](NodeRegistry::prune_expired) deletes them, once the Lease
+//! has been expired for a whole lease duration more (a node that comes back later
+//! registers again at its next renewal). A node that deregisters deletes both.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex as StdMutex};
@@ -27,7 +29,8 @@ use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{
-    Api, DeleteParams, ListParams, ObjectMeta, PostParams, VersionMatch, WatchEvent, WatchParams,
+    Api, DeleteParams, ListParams, ObjectMeta, PostParams, Preconditions, VersionMatch, WatchEvent,
+    WatchParams,
 };
 use kube::{Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
@@ -46,6 +49,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(2);
 const WATCH_BUFFER: usize = 256;
 /// How often a write re-reads its object after a 409 Conflict before it gives up.
 const MAX_CONFLICTS: u32 = 10;
+/// How old a record with no Lease must be before [`NodeRegistry::prune_expired`] deletes
+/// it: a registration writes the record first and its Lease right after.
+pub const ORPHAN_AGE: Duration = Duration::from_secs(60);
 /// Added to a Lease's expiry before the watch's timer looks again, so that the expiry has
 /// passed by then.
 const EXPIRY_MARGIN: Duration = Duration::from_millis(50);
@@ -55,8 +61,9 @@ const EXPIRY_MARGIN: Duration = Duration::from_millis(50);
 /// - [`register`](NodeRegistry::register): creates or replaces the node's [`NetworkNode`]
 ///   and its Lease (`holderIdentity` the node, `leaseDurationSeconds` the TTL in whole
 ///   seconds, rounded up), then renews the Lease every third of the TTL in the background
-///   until [`deregister`](NodeRegistry::deregister) or drop. A Lease found gone at a renewal
-///   (deleted by hand) is created again, and the record written again with it.
+///   until [`deregister`](NodeRegistry::deregister) or drop. Each renewal also writes the
+///   record again when it is gone or differs (one more GET per renewal): a Lease or record
+///   deleted by hand, or pruned while the node could not renew, comes back.
 /// - [`deregister`](NodeRegistry::deregister): stops the renewals, deletes the record and the
 ///   Lease (`Ok` when they are absent).
 /// - [`list`](NodeRegistry::list): two lists (records, then Leases at exactly the records'
@@ -70,6 +77,11 @@ const EXPIRY_MARGIN: Duration = Duration::from_millis(50);
 ///   past the server's watch cache) lists that kind again and yields
 ///   [`NodeEvent::Reset`] with the fresh live set. A record that does not decode is left
 ///   out with a warning.
+/// - [`prune_expired`](NodeRegistry::prune_expired): deletes the Lease and then the record
+///   of every node whose Lease expired at least one lease duration ago (by the reader's
+///   clock: a margin of a whole TTL against clock skew), each with a precondition on the
+///   resourceVersion it read, so a node that renewed meanwhile keeps both; a record without
+///   a Lease for [`ORPHAN_AGE`], and an expired Lease without a record, go too.
 ///
 /// Errors: 7 for a node name that is not a Kubernetes object name, or when the server
 /// refuses (401/403/404: the CRDs or RBAC rules of `deploy/crds/` missing); 11 when it
@@ -321,6 +333,89 @@ impl Apis {
         }
     }
 
+    /// See [`KubeRegistry`]'s `prune_expired`: the nodes whose records were deleted.
+    async fn prune(&self, now: Timestamp) -> Result<Vec<String>, StoreError> {
+        let params = ListParams::default().labels(&self.selector);
+        let records = self
+            .call("list node records", self.records.list(&params))
+            .await?
+            .map_err(|e| self.error(e))?;
+        let leases = self
+            .call("list leases", self.leases.list(&params))
+            .await?
+            .map_err(|e| self.error(e))?;
+        let mut leases: BTreeMap<String, Lease> = leases
+            .items
+            .into_iter()
+            .filter_map(|l| Some((self.node_of(&l.name_any())?.to_owned(), l)))
+            .collect();
+        let mut pruned = Vec::new();
+        for record in &records.items {
+            let Some(node) = self.node_of(&record.name_any()).map(str::to_owned) else {
+                continue;
+            };
+            let lease = leases.remove(&node);
+            let dead = match &lease {
+                Some(lease) => long_expired(lease, now),
+                None => older_than(record.meta(), ORPHAN_AGE, now),
+            };
+            if !dead {
+                continue;
+            }
+            // The Lease first: if the node renewed since the list, the precondition fails
+            // and both objects stay.
+            if let Some(lease) = &lease
+                && !self
+                    .delete_unchanged(&self.leases, lease, "delete lease")
+                    .await?
+            {
+                continue;
+            }
+            if self
+                .delete_unchanged(&self.records, record, "delete node record")
+                .await?
+            {
+                pruned.push(node);
+            }
+        }
+        // Leases whose record is gone (deleted by hand): the same rule.
+        for lease in leases.values() {
+            if long_expired(lease, now) {
+                self.delete_unchanged(&self.leases, lease, "delete lease")
+                    .await?;
+            }
+        }
+        Ok(pruned)
+    }
+
+    /// Deletes `object` if it is still at the resourceVersion it was read at; `false` when it
+    /// changed or is gone.
+    async fn delete_unchanged<K>(
+        &self,
+        api: &Api<K>,
+        object: &K,
+        op: &'static str,
+    ) -> Result<bool, StoreError>
+    where
+        K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
+    {
+        let params = DeleteParams {
+            preconditions: Some(Preconditions {
+                resource_version: object.meta().resource_version.clone(),
+                uid: object.meta().uid.clone(),
+            }),
+            ..DeleteParams::default()
+        };
+        match self
+            .call(op, api.delete(&object.name_any(), &params))
+            .await?
+        {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => Ok(false),
+            Err(e) => Err(self.error(e)),
+        }
+    }
+
     /// Both kinds: the records now (`at` `None`) or at exactly `at`, the Leases at exactly
     /// the records' resourceVersion. A 410 Gone for `at` is an `Err(Gone)`.
     async fn snapshot(&self, at: Option<Revision>) -> Result<Snapshot, Listed> {
@@ -386,6 +481,30 @@ fn expiry(lease: &Lease) -> Option<Timestamp> {
     let renewed = spec.renew_time.as_ref().or(spec.acquire_time.as_ref())?;
     let secs = u64::try_from(spec.lease_duration_seconds?).ok()?;
     renewed.0.checked_add(Duration::from_secs(secs)).ok()
+}
+
+/// Whether a Lease expired at least one lease duration before `now` (a Lease never renewed:
+/// created more than [`ORPHAN_AGE`] ago).
+fn long_expired(lease: &Lease, now: Timestamp) -> bool {
+    let duration = lease
+        .spec
+        .as_ref()
+        .and_then(|s| s.lease_duration_seconds)
+        .and_then(|d| u64::try_from(d).ok());
+    match (expiry(lease), duration) {
+        (Some(expiry), Some(duration)) => expiry
+            .checked_add(Duration::from_secs(duration))
+            .is_ok_and(|dead| dead < now),
+        _ => older_than(lease.meta(), ORPHAN_AGE, now),
+    }
+}
+
+/// Whether an object was created more than `age` before `now`.
+fn older_than(meta: &ObjectMeta, age: Duration, now: Timestamp) -> bool {
+    meta.creation_timestamp
+        .as_ref()
+        .and_then(|t| t.0.checked_add(age).ok())
+        .is_some_and(|t| t < now)
 }
 
 /// A resourceVersion as a revision (0 when it is not a number, which no server built on
@@ -605,6 +724,10 @@ impl NodeRegistry for KubeRegistry {
         })
         .boxed())
     }
+
+    async fn prune_expired(&self) -> cni_core::Result<Vec<String>> {
+        Ok(self.apis.prune(Timestamp::now()).await?)
+    }
 }
 
 /// Sleeps, or returns `false` at once if the registry is dropped meanwhile.
@@ -616,7 +739,7 @@ async fn pause(shutdown: &mut watch::Receiver<()>, d: Duration) -> bool {
 }
 
 /// Renews one node's Lease every third of its TTL until aborted or the registry is dropped;
-/// writes the record again when the Lease had to be created again.
+/// writes the record again when it is gone.
 async fn renew(
     apis: Apis,
     name: String,
@@ -635,12 +758,15 @@ async fn renew(
         }
         let _writing = writing.lock().await;
         let renewed = match apis.renew_lease(&name, &node, ttl).await {
-            Ok(true) => {
-                tracing::warn!(lease = name, "node lease was gone; created it again");
+            Ok(created) => {
+                if created {
+                    tracing::warn!(lease = name, "node lease was gone; created it again");
+                }
+                // The record may have been deleted (by hand, or pruned while this node
+                // could not renew): write it again (a GET when it is there and the same).
                 let spec = record.lock().unwrap_or_else(|p| p.into_inner()).clone();
                 apis.put_record(&name, &spec).await
             }
-            Ok(false) => Ok(()),
             Err(e) => Err(e),
         };
         match renewed {
@@ -907,6 +1033,38 @@ mod tests {
         assert_eq!(live.keys().collect::<Vec<_>>(), ["a"]);
         assert_eq!(state.next_expiry(now), Some(later));
         assert_eq!(state.next_expiry(later), None);
+    }
+
+    #[test]
+    fn a_lease_is_long_expired_one_duration_after_its_expiry() {
+        let now = Timestamp::now();
+        let ago = |secs: u64| now.checked_sub(Duration::from_secs(secs)).unwrap();
+        let lease = |renewed: Option<Timestamp>, created: Timestamp| Lease {
+            metadata: ObjectMeta {
+                creation_timestamp: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                    created,
+                )),
+                ..ObjectMeta::default()
+            },
+            spec: Some(LeaseSpec {
+                renew_time: renewed.map(MicroTime),
+                lease_duration_seconds: Some(10),
+                ..LeaseSpec::default()
+            }),
+        };
+        // Renewed 15 s ago with a 10 s duration: expired, but not for 10 s yet.
+        assert!(!long_expired(&lease(Some(ago(15)), ago(3600)), now));
+        assert!(long_expired(&lease(Some(ago(21)), ago(3600)), now));
+        // Never renewed: by its age.
+        assert!(!long_expired(&lease(None, ago(5)), now));
+        assert!(long_expired(
+            &lease(None, ago(ORPHAN_AGE.as_secs() + 1)),
+            now
+        ));
+        assert!(
+            !older_than(&ObjectMeta::default(), ORPHAN_AGE, now),
+            "no creation time: kept"
+        );
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Three `cnikit-agent` processes (`host-gw`) whose IPAM and node registry are the
 //! Kubernetes API find each other and program routes to each other's blocks; a node that
 //! stops cleanly (deregisters) and a node that is killed (its Lease expires) both lose
-//! their routes on the others.
+//! their routes on the others, and the survivor prunes what the killed node left.
 //!
 //! The API server runs with its own etcd in a namespace of the test (`testkit::kube`); that
 //! namespace holds the underlay bridge `br0` (10.98.0.254/24), each node is a namespace with
@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use cni_core::registry::NodeRegistry;
 use ipam_crd::resources::NetworkNode;
 use ipam_crd::{Config, KubeRegistry};
+use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::Api;
 use serde_json::json;
 use testkit::kube::{ADVERTISE, KubeApi};
@@ -220,10 +221,22 @@ async fn agents_on_the_kubernetes_store_route_to_each_other() {
         peer_routes(&nodes[0].1).is_empty()
     })
     .await;
-    assert!(
-        records.get_opt("cnikit.node-2").await.unwrap().is_some(),
-        "a killed node's record stays; only its Lease lapses"
-    );
     assert!(!node2_blocks.is_empty());
+    // node-1, the only live node, prunes what node-2 left once its Lease has been expired
+    // for a whole TTL more (at a resync, every 2 s here).
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "kube-system");
+    wait_until(
+        "node-1 to prune node-2's record and Lease",
+        &logs,
+        async || {
+            records.get_opt("cnikit.node-2").await.unwrap().is_none()
+                && leases.get_opt("cnikit.node-2").await.unwrap().is_none()
+        },
+    )
+    .await;
+    assert!(
+        records.get_opt("cnikit.node-1").await.unwrap().is_some(),
+        "the live node's record stays"
+    );
     assert!(agents[0].stop(), "node-1 stops cleanly");
 }

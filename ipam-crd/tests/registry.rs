@@ -11,8 +11,9 @@ use futures::StreamExt;
 use futures::stream::BoxStream;
 use ipam_crd::resources::NetworkNode;
 use ipam_crd::{Config, KubeRegistry};
-use k8s_openapi::api::coordination::v1::Lease;
-use kube::api::Api;
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use kube::api::{Api, ObjectMeta, PostParams};
 use testkit::kube::KubeApi;
 
 /// A generous bound for things that take a moment on a busy machine: a deadline, not a
@@ -243,6 +244,123 @@ async fn a_lease_that_is_not_renewed_expires() {
         .until(&mut events, "n2 is back", |f| f.names() == ["n1", "n2"])
         .await;
     back.deregister("n2").await.unwrap();
+}
+
+/// What dead nodes leave (a record and an expired Lease) is pruned once the Lease has been
+/// expired for a whole lease duration more; a live node is never pruned, and a live node
+/// whose record is deleted writes it again at its next renewal. An expired Lease without
+/// a record goes too; a fresh record without a Lease (a registration under way) stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_nodes_are_pruned_and_live_ones_are_not() {
+    let Some(api) = server("dead_nodes_are_pruned_and_live_ones_are_not", "kprune").await else {
+        return;
+    };
+    let client = api.client().await;
+    let records: Api<NetworkNode> = Api::all(client.clone());
+    let leases: Api<Lease> = Api::namespaced(client, "kube-system");
+    let pruner = registry(&api).await;
+    pruner
+        .register(&record("n1", 1), Duration::from_secs(6))
+        .await
+        .unwrap();
+    let dying = registry(&api).await;
+    let ttl = Duration::from_secs(2);
+    dying.register(&record("n2", 2), ttl).await.unwrap();
+    drop(dying);
+    let renewed = leases
+        .get("cnikit.n2")
+        .await
+        .unwrap()
+        .spec
+        .unwrap()
+        .renew_time
+        .unwrap()
+        .0;
+    let dead_at = renewed.checked_add(ttl * 2).unwrap();
+
+    // Not yet: n2's Lease has not been expired for a whole duration.
+    let pruned = pruner.prune_expired().await.unwrap();
+    if k8s_openapi::jiff::Timestamp::now() < dead_at {
+        assert!(pruned.is_empty(), "pruned before its time: {pruned:?}");
+    } else {
+        println!("the machine was too slow to see n2 before its pruning time: not checked");
+    }
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let pruned = pruner.prune_expired().await.unwrap();
+        if !pruned.is_empty() {
+            assert_eq!(pruned, ["n2"], "only the dead node");
+            break;
+        }
+        assert!(Instant::now() < deadline, "n2 is never pruned");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let now = k8s_openapi::jiff::Timestamp::now();
+    assert!(dead_at <= now, "n2 was pruned at {now}, before {dead_at}");
+    assert!(records.get_opt("cnikit.n2").await.unwrap().is_none());
+    assert!(leases.get_opt("cnikit.n2").await.unwrap().is_none());
+    assert_eq!(pruner.list().await.unwrap().nodes, vec![record("n1", 1)]);
+    assert!(
+        pruner.prune_expired().await.unwrap().is_empty(),
+        "nothing left to prune"
+    );
+
+    // n1's record deleted by hand: its next renewal (every 2 s) writes it again.
+    records
+        .delete("cnikit.n1", &Default::default())
+        .await
+        .unwrap();
+    let deadline = Instant::now() + DEADLINE;
+    while pruner.list().await.unwrap().nodes != vec![record("n1", 1)] {
+        assert!(Instant::now() < deadline, "n1's record does not come back");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // An expired Lease without a record goes; a fresh record without a Lease stays.
+    let label = || {
+        Some(BTreeMap::from([(
+            ipam_crd::resources::PREFIX_LABEL.to_owned(),
+            "cnikit".to_owned(),
+        )]))
+    };
+    let long_ago = k8s_openapi::jiff::Timestamp::now() - Duration::from_secs(120);
+    let orphan = Lease {
+        metadata: ObjectMeta {
+            name: Some("cnikit.n3".into()),
+            labels: label(),
+            ..Default::default()
+        },
+        spec: Some(LeaseSpec {
+            holder_identity: Some("n3".into()),
+            lease_duration_seconds: Some(10),
+            renew_time: Some(MicroTime(long_ago)),
+            ..Default::default()
+        }),
+    };
+    leases
+        .create(&PostParams::default(), &orphan)
+        .await
+        .unwrap();
+    let mut fresh = NetworkNode::new("cnikit.n4", (&record("n4", 4)).into());
+    fresh.metadata.labels = label();
+    records
+        .create(&PostParams::default(), &fresh)
+        .await
+        .unwrap();
+    assert!(pruner.prune_expired().await.unwrap().is_empty());
+    assert!(
+        leases.get_opt("cnikit.n3").await.unwrap().is_none(),
+        "the orphan Lease goes"
+    );
+    assert!(
+        records.get_opt("cnikit.n4").await.unwrap().is_some(),
+        "the fresh record stays"
+    );
+    assert!(
+        leases.get_opt("cnikit.n1").await.unwrap().is_some(),
+        "n1's Lease stays"
+    );
+    pruner.deregister("n1").await.unwrap();
 }
 
 /// A watch from a revision the server no longer has (before the watch cache began, or

@@ -15,7 +15,9 @@
 //!    node's own blocks, which the plugin may have grown, are re-read every
 //!    [`block_poll`](AgentConfig::block_poll) and a change is passed to the blackholes, the
 //!    mode (through its idempotent `init`) and the node record; at the same pace the node
-//!    state file follows the mode's [`report`](CrossNodeRouting::report);
+//!    state file follows the mode's [`report`](CrossNodeRouting::report); at each resync
+//!    one node (the live one whose name sorts first) deletes what dead nodes left in the
+//!    registry ([`NodeRegistry::prune_expired`]);
 //! 7. on shutdown removes what it made: record, mode devices and routes, blackholes, tunnel
 //!    address, state file (unless told to keep them for a restart).
 //!
@@ -369,6 +371,7 @@ impl Agent {
                 }
                 _ = resync.tick() => {
                     self.relist(&mut revision).await;
+                    self.prune_dead_nodes().await;
                     // Blocks the pods no longer need go back to the pool (never the last).
                     match self.ipam.release_empty_blocks().await {
                         Ok(blocks) if !blocks.is_empty() => {
@@ -394,6 +397,29 @@ impl Agent {
                     }
                 }
             }
+        }
+    }
+
+    /// Deletes what nodes that died without deregistering left in the registry
+    /// ([`NodeRegistry::prune_expired`]). One node does it, so that the registry is not read
+    /// in full by every node at every resync: the live node whose name sorts first, as this
+    /// agent sees the registry. Two agents that both believe so for a moment both try, which
+    /// is safe.
+    async fn prune_dead_nodes(&self) {
+        if self
+            .peers
+            .keys()
+            .next()
+            .is_some_and(|first| *first < self.config.node)
+        {
+            return;
+        }
+        match self.registry.prune_expired().await {
+            Ok(nodes) if !nodes.is_empty() => {
+                tracing::info!(?nodes, "registry records of dead nodes deleted");
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "deleting dead nodes' registry records failed"),
         }
     }
 

@@ -99,4 +99,16 @@ pub trait NodeRegistry: Send + Sync {
     /// Streams changes after `revision`. When the history is gone the stream yields
     /// [`NodeEvent::Reset`]; it ends only when the registry is dropped.
     async fn watch(&self, revision: Revision) -> Result<BoxStream<'static, Result<NodeEvent>>>;
+
+    /// Deletes what nodes that died without deregistering left behind (their records, and
+    /// whatever kept them alive), and returns those nodes' names. They are no longer live
+    /// peers already: this only keeps the registry from growing with every node that ever
+    /// came and went. Safe on every node at once: each deletion is guarded by what was
+    /// read, and a node that comes back writes its record again at its next refresh.
+    ///
+    /// The default does nothing, for registries whose records expire by themselves (etcd's
+    /// leases). Errors: 11 when the datastore is unavailable.
+    async fn prune_expired(&self) -> Result<Vec<String>> {
+        Ok(Vec::new())
+    }
 }

@@ -112,8 +112,9 @@ impl<S: Store + 'static> StoreRegistry<S> {
     }
 
     /// Deletes the records whose expiry has passed; returns their names. Watches report
-    /// them as deleted when they expire, whether or not this runs.
-    pub async fn prune_expired(&self) -> Result<Vec<String>> {
+    /// them as deleted when they expire, whether or not this runs; a node still refreshing
+    /// puts its record back at its next refresh.
+    async fn prune(&self) -> Result<Vec<String>> {
         let snapshot = self.shared.snapshot().await?;
         let now = now_ms();
         let mut txn = Txn::new();
@@ -463,6 +464,12 @@ impl<S: Store + 'static> NodeRegistry for StoreRegistry<S> {
             Some((event, w))
         });
         Ok(stream.boxed())
+    }
+
+    /// Deletes the records whose expiry has passed, in one transaction that compares each
+    /// (a record refreshed meanwhile fails it: the next run looks again).
+    async fn prune_expired(&self) -> Result<Vec<String>> {
+        self.prune().await
     }
 }
 
