@@ -321,12 +321,26 @@ fn unrouted(lab: &Lab) -> Result<Vec<String>> {
         .iter()
         .map(|n| Ok((n.name.as_str(), NodeState::read(&n.data_dir())?)))
         .collect::<Result<Vec<_>>>()?;
-    Ok(missing_routes(&lab.mode, &states))
+    // Without IPIP, BGP routes only to next hops on the node's own underlay subnet (BIRD
+    // drops the others without saying so): peers across the router are not waited for.
+    let subnet: std::collections::BTreeMap<&str, usize> = lab
+        .nodes
+        .iter()
+        .map(|n| (n.name.as_str(), n.underlay))
+        .collect();
+    let bgp_reaches =
+        |node: &str, peer: &str| lab.ipip_mode.is_some() || subnet.get(node) == subnet.get(peer);
+    Ok(missing_routes(&lab.mode, &states, &bgp_reaches))
 }
 
 /// What [`wait_routed`] still waits for in the nodes' states (`None`: not written yet), one
-/// entry per node and peer. Pure.
-fn missing_routes(mode: &str, states: &[(&str, Option<NodeState>)]) -> Vec<String> {
+/// entry per node and peer; in `bgp` mode a route to a peer's blocks only where
+/// `bgp_reaches(node, peer)`. Pure.
+fn missing_routes(
+    mode: &str,
+    states: &[(&str, Option<NodeState>)],
+    bgp_reaches: &dyn Fn(&str, &str) -> bool,
+) -> Vec<String> {
     let mut missing = Vec::new();
     for (name, state) in states {
         let Some(state) = state else {
@@ -354,7 +368,7 @@ fn missing_routes(mode: &str, states: &[(&str, Option<NodeState>)]) -> Vec<Strin
             }
             if !state.peers.iter().any(|p| p == peer) {
                 missing.push(format!("{name} does not know {peer} yet"));
-            } else if mode == "bgp" {
+            } else if mode == "bgp" && bgp_reaches(name, peer) {
                 let blocks = peer_state
                     .as_ref()
                     .map(|s| s.blocks.as_slice())
@@ -629,6 +643,10 @@ mod tests {
 
     use super::*;
 
+    fn missing_routes_everywhere(mode: &str, states: &[(&str, Option<NodeState>)]) -> Vec<String> {
+        missing_routes(mode, states, &|_, _| true)
+    }
+
     fn state(
         name: &str,
         block: &str,
@@ -645,12 +663,13 @@ mod tests {
     fn a_node_is_routed_once_it_knows_its_peers() {
         let a = state("a", "10.244.0.0/26", &["b"], None);
         let b = state("b", "10.244.0.64/26", &[], None);
-        let missing = missing_routes("host-gw", &[("a", Some(a.clone())), ("b", Some(b))]);
+        let missing =
+            missing_routes_everywhere("host-gw", &[("a", Some(a.clone())), ("b", Some(b))]);
         assert_eq!(missing, ["b does not know a yet"]);
-        let missing = missing_routes("host-gw", &[("a", Some(a.clone())), ("b", None)]);
+        let missing = missing_routes_everywhere("host-gw", &[("a", Some(a.clone())), ("b", None)]);
         assert_eq!(missing, ["b: no node state yet"]);
         let b = state("b", "10.244.0.64/26", &["a"], None);
-        assert!(missing_routes("host-gw", &[("a", Some(a)), ("b", Some(b))]).is_empty());
+        assert!(missing_routes_everywhere("host-gw", &[("a", Some(a)), ("b", Some(b))]).is_empty());
     }
 
     #[test]
@@ -658,7 +677,7 @@ mod tests {
         let mut a = state("a", "10.244.0.0/26", &[], None);
         a.unroutable.insert("b".into(), "not on-link".into());
         let b = state("b", "10.244.0.64/26", &["a"], None);
-        assert!(missing_routes("host-gw", &[("a", Some(a)), ("b", Some(b))]).is_empty());
+        assert!(missing_routes_everywhere("host-gw", &[("a", Some(a)), ("b", Some(b))]).is_empty());
     }
 
     #[test]
@@ -674,7 +693,7 @@ mod tests {
             &["a"],
             report(json!({"a": ["10.244.0.0/26 via 172.30.1.11"]})),
         );
-        let missing = missing_routes("bgp", &[("a", Some(a)), ("b", Some(b.clone()))]);
+        let missing = missing_routes_everywhere("bgp", &[("a", Some(a)), ("b", Some(b.clone()))]);
         assert_eq!(missing, ["a has no BGP route to b's 10.244.0.64/26"]);
         // Learned through a route reflector: any peer of the report will do.
         let a = state(
@@ -683,7 +702,9 @@ mod tests {
             &["b"],
             report(json!({"rr": ["10.244.0.64/26 via 172.30.1.12"]})),
         );
-        assert!(missing_routes("bgp", &[("a", Some(a)), ("b", Some(b.clone()))]).is_empty());
+        assert!(
+            missing_routes_everywhere("bgp", &[("a", Some(a)), ("b", Some(b.clone()))]).is_empty()
+        );
         // A peer the BGP report calls unroutable is done too.
         let a = state(
             "a",
@@ -693,6 +714,13 @@ mod tests {
                 json!({"installed": {}, "unroutable": {"b": "next hop 172.30.2.12 is not in the underlay subnet"}}),
             ),
         );
-        assert!(missing_routes("bgp", &[("a", Some(a)), ("b", Some(b))]).is_empty());
+        assert!(
+            missing_routes_everywhere("bgp", &[("a", Some(a)), ("b", Some(b.clone()))]).is_empty()
+        );
+        // A peer BGP cannot reach (another subnet, no IPIP) is not waited for.
+        let a = state("a", "10.244.0.0/26", &["b"], report(json!({})));
+        let states = [("a", Some(a)), ("b", Some(b))];
+        assert_eq!(missing_routes_everywhere("bgp", &states).len(), 1);
+        assert!(missing_routes("bgp", &states, &|node, _| node != "a").is_empty());
     }
 }

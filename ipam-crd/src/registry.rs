@@ -11,13 +11,13 @@
 //! clocks must agree to well within the TTL, as they do under NTP). A node that dies stops
 //! renewing and drops out of [`list`](NodeRegistry::list) and, through a timer of the
 //! watch, out of every [`watch`](NodeRegistry::watch) once its Lease expires. Its objects
-//! stay until [`prune_expired`](NodeRegistry::prune_expired) deletes them, once the Lease
-//! has been expired for a whole lease duration more (a node that comes back later
-//! registers again at its next renewal). A node that deregisters deletes both.
+//! stay until [`prune_expired`](NodeRegistry::prune_expired) deletes them, once the pruner
+//! has seen the Lease unrenewed for two lease durations by its own clock (a node that comes
+//! back later registers again at its next renewal). A node that deregisters deletes both.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex as StdMutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use cni_core::StoreError;
@@ -49,9 +49,16 @@ const MAX_BACKOFF: Duration = Duration::from_secs(2);
 const WATCH_BUFFER: usize = 256;
 /// How often a write re-reads its object after a 409 Conflict before it gives up.
 const MAX_CONFLICTS: u32 = 10;
-/// How old a record with no Lease must be before [`NodeRegistry::prune_expired`] deletes
-/// it: a registration writes the record first and its Lease right after.
+/// How long [`NodeRegistry::prune_expired`] must have seen a record without a Lease before
+/// it deletes it (a node whose Lease was deleted by hand creates it again within a third of
+/// its TTL).
 pub const ORPHAN_AGE: Duration = Duration::from_secs(60);
+/// The annotation a node's record gets a fresh value of (the time) whenever the node
+/// registers or its Lease had to be created again: a write that always changes the
+/// resourceVersion.
+pub const REGISTERED_ANNOTATION: &str = "ipam.cnikit.io/registered";
+/// Every how many renewals a node also checks that its record is there.
+pub const RECORD_CHECK_EVERY: u32 = 10;
 /// Added to a Lease's expiry before the watch's timer looks again, so that the expiry has
 /// passed by then.
 const EXPIRY_MARGIN: Duration = Duration::from_millis(50);
@@ -61,9 +68,13 @@ const EXPIRY_MARGIN: Duration = Duration::from_millis(50);
 /// - [`register`](NodeRegistry::register): creates or replaces the node's [`NetworkNode`]
 ///   and its Lease (`holderIdentity` the node, `leaseDurationSeconds` the TTL in whole
 ///   seconds, rounded up), then renews the Lease every third of the TTL in the background
-///   until [`deregister`](NodeRegistry::deregister) or drop. Each renewal also writes the
-///   record again when it is gone or differs (one more GET per renewal): a Lease or record
-///   deleted by hand, or pruned while the node could not renew, comes back.
+///   until [`deregister`](NodeRegistry::deregister) or drop. A Lease found gone at a renewal
+///   (pruned while the node could not renew, or deleted by hand) is created again and the
+///   record written again with it, always as a new write (a fresh annotation
+///   [`REGISTERED_ANNOTATION`]), so that a pruner's delete guarded by the record's old
+///   resourceVersion cannot take it away after the node came back. Every
+///   [`RECORD_CHECK_EVERY`]th renewal also writes the record again if it is gone (deleted by
+///   hand).
 /// - [`deregister`](NodeRegistry::deregister): stops the renewals, deletes the record and the
 ///   Lease (`Ok` when they are absent).
 /// - [`list`](NodeRegistry::list): two lists (records, then Leases at exactly the records'
@@ -78,10 +89,12 @@ const EXPIRY_MARGIN: Duration = Duration::from_millis(50);
 ///   [`NodeEvent::Reset`] with the fresh live set. A record that does not decode is left
 ///   out with a warning.
 /// - [`prune_expired`](NodeRegistry::prune_expired): deletes the Lease and then the record
-///   of every node whose Lease expired at least one lease duration ago (by the reader's
-///   clock: a margin of a whole TTL against clock skew), each with a precondition on the
-///   resourceVersion it read, so a node that renewed meanwhile keeps both; a record without
-///   a Lease for [`ORPHAN_AGE`], and an expired Lease without a record, go too.
+///   of every node whose Lease this registry has seen at one resourceVersion for two lease
+///   durations (by its own monotonic clock, across its calls: the holders' and the pruner's
+///   clocks do not matter, and a first call deletes nothing), each with a precondition on
+///   the resourceVersion (and uid) it read, so a Lease renewed meanwhile stays, and with it
+///   the record. A record seen without a Lease for [`ORPHAN_AGE`], and a Lease without a
+///   record seen unrenewed for two durations, go too.
 ///
 /// Errors: 7 for a node name that is not a Kubernetes object name, or when the server
 /// refuses (401/403/404: the CRDs or RBAC rules of `deploy/crds/` missing); 11 when it
@@ -89,6 +102,10 @@ const EXPIRY_MARGIN: Duration = Duration::from_millis(50);
 pub struct KubeRegistry {
     apis: Apis,
     registrations: tokio::sync::Mutex<HashMap<String, Registration>>,
+    /// What [`NodeRegistry::prune_expired`] has seen unchanged, and since when.
+    sightings: StdMutex<Sightings>,
+    /// How long a record without a Lease is seen before it is pruned.
+    orphan_age: Duration,
     /// Dropped with the registry, which ends every background task.
     shutdown: watch::Sender<()>,
 }
@@ -142,8 +159,17 @@ impl KubeRegistry {
                 timeout: Duration::from_millis(config.timeout_ms),
             },
             registrations: tokio::sync::Mutex::new(HashMap::new()),
+            sightings: StdMutex::new(Sightings::default()),
+            orphan_age: ORPHAN_AGE,
             shutdown: watch::channel(()).0,
         }
+    }
+
+    /// The same registry, pruning records seen without a Lease for `age` instead of
+    /// [`ORPHAN_AGE`].
+    pub fn with_orphan_age(mut self, age: Duration) -> Self {
+        self.orphan_age = age;
+        self
     }
 
     /// The name of a node's [`NetworkNode`] and Lease: `<pool>.<node>`. Errors: code 7 when
@@ -206,17 +232,37 @@ impl Apis {
         }
     }
 
-    /// Creates or replaces the record `name` (re-reading after a 409).
-    async fn put_record(&self, name: &str, spec: &NetworkNodeSpec) -> Result<(), StoreError> {
+    /// Creates or replaces the record `name` (re-reading after a 409, or a 404 when it was
+    /// deleted between the read and the write). `fresh`: always a new write, with a new
+    /// [`REGISTERED_ANNOTATION`]; else nothing when the record is there with `spec`.
+    async fn put_record(
+        &self,
+        name: &str,
+        spec: &NetworkNodeSpec,
+        fresh: bool,
+    ) -> Result<(), StoreError> {
+        let stamp = || {
+            Some(BTreeMap::from([(
+                REGISTERED_ANNOTATION.to_owned(),
+                Timestamp::now().to_string(),
+            )]))
+        };
         for _ in 0..=MAX_CONFLICTS {
             let current = self
                 .call("get node record", self.records.get_opt(name))
                 .await?
                 .map_err(|e| self.error(e))?;
             let result = match current {
-                Some(object) if object.spec == *spec => return Ok(()),
+                Some(object) if object.spec == *spec && !fresh => return Ok(()),
                 Some(mut object) => {
                     object.spec = spec.clone();
+                    if fresh {
+                        object
+                            .metadata
+                            .annotations
+                            .get_or_insert_default()
+                            .extend(stamp().unwrap_or_default());
+                    }
                     self.call(
                         "replace node record",
                         self.records.replace(name, &PostParams::default(), &object),
@@ -226,6 +272,7 @@ impl Apis {
                 None => {
                     let mut object = NetworkNode::new(name, spec.clone());
                     object.metadata = self.meta(name);
+                    object.metadata.annotations = stamp();
                     self.call(
                         "create node record",
                         self.records.create(&PostParams::default(), &object),
@@ -235,7 +282,7 @@ impl Apis {
             };
             match result {
                 Ok(_) => return Ok(()),
-                Err(kube::Error::Api(s)) if s.code == 409 => continue,
+                Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => continue,
                 Err(e) => return Err(self.error(e)),
             }
         }
@@ -294,7 +341,8 @@ impl Apis {
             };
             match result {
                 Ok(_) => return Ok(created),
-                Err(kube::Error::Api(s)) if s.code == 409 => continue,
+                // 404: deleted between the read and the replace; created on the next turn.
+                Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => continue,
                 Err(e) => return Err(self.error(e)),
             }
         }
@@ -334,7 +382,11 @@ impl Apis {
     }
 
     /// See [`KubeRegistry`]'s `prune_expired`: the nodes whose records were deleted.
-    async fn prune(&self, now: Timestamp) -> Result<Vec<String>, StoreError> {
+    async fn prune(
+        &self,
+        sightings: &StdMutex<Sightings>,
+        orphan_age: Duration,
+    ) -> Result<Vec<String>, StoreError> {
         let params = ListParams::default().labels(&self.selector);
         let records = self
             .call("list node records", self.records.list(&params))
@@ -349,21 +401,45 @@ impl Apis {
             .into_iter()
             .filter_map(|l| Some((self.node_of(&l.name_any())?.to_owned(), l)))
             .collect();
-        let mut pruned = Vec::new();
-        for record in &records.items {
-            let Some(node) = self.node_of(&record.name_any()).map(str::to_owned) else {
-                continue;
-            };
-            let lease = leases.remove(&node);
-            let dead = match &lease {
-                Some(lease) => long_expired(lease, now),
-                None => older_than(record.meta(), ORPHAN_AGE, now),
-            };
-            if !dead {
-                continue;
+        // Decided under the lock, deleted after it.
+        let mut doomed: Vec<(String, Option<Lease>, Option<&NetworkNode>)> = Vec::new();
+        {
+            let mut seen = sightings.lock().unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            let mut looked = HashSet::new();
+            for record in &records.items {
+                let Some(node) = self.node_of(&record.name_any()).map(str::to_owned) else {
+                    continue;
+                };
+                let lease = leases.remove(&node);
+                let dead = match &lease {
+                    Some(lease) => {
+                        let key = seen.lease(lease, now, &mut looked);
+                        seen.unchanged_for(&key, now) >= unrenewed_limit(lease)
+                    }
+                    None => {
+                        let key = seen.orphan(record, now, &mut looked);
+                        seen.unchanged_for(&key, now) >= orphan_age
+                    }
+                };
+                if dead {
+                    doomed.push((node, lease, Some(record)));
+                }
             }
+            // Leases whose record is gone (deleted by hand): the same rule.
+            for (node, lease) in leases {
+                let key = seen.lease(&lease, now, &mut looked);
+                if seen.unchanged_for(&key, now) >= unrenewed_limit(&lease) {
+                    doomed.push((node, Some(lease), None));
+                }
+            }
+            seen.keep_only(&looked);
+        }
+        let mut pruned = Vec::new();
+        for (node, lease, record) in doomed {
             // The Lease first: if the node renewed since the list, the precondition fails
-            // and both objects stay.
+            // and both objects stay. A node that creates its Lease again after this also
+            // writes its record anew, which fails the record's precondition below.
             if let Some(lease) = &lease
                 && !self
                     .delete_unchanged(&self.leases, lease, "delete lease")
@@ -371,18 +447,12 @@ impl Apis {
             {
                 continue;
             }
-            if self
-                .delete_unchanged(&self.records, record, "delete node record")
-                .await?
+            if let Some(record) = record
+                && self
+                    .delete_unchanged(&self.records, record, "delete node record")
+                    .await?
             {
                 pruned.push(node);
-            }
-        }
-        // Leases whose record is gone (deleted by hand): the same rule.
-        for lease in leases.values() {
-            if long_expired(lease, now) {
-                self.delete_unchanged(&self.leases, lease, "delete lease")
-                    .await?;
             }
         }
         Ok(pruned)
@@ -483,28 +553,85 @@ fn expiry(lease: &Lease) -> Option<Timestamp> {
     renewed.0.checked_add(Duration::from_secs(secs)).ok()
 }
 
-/// Whether a Lease expired at least one lease duration before `now` (a Lease never renewed:
-/// created more than [`ORPHAN_AGE`] ago).
-fn long_expired(lease: &Lease, now: Timestamp) -> bool {
-    let duration = lease
+/// How long a Lease must be seen at one resourceVersion before it is pruned: two of its
+/// durations (its holder renews it every third of one), or [`ORPHAN_AGE`] for a Lease
+/// without a duration.
+fn unrenewed_limit(lease: &Lease) -> Duration {
+    lease
         .spec
         .as_ref()
         .and_then(|s| s.lease_duration_seconds)
-        .and_then(|d| u64::try_from(d).ok());
-    match (expiry(lease), duration) {
-        (Some(expiry), Some(duration)) => expiry
-            .checked_add(Duration::from_secs(duration))
-            .is_ok_and(|dead| dead < now),
-        _ => older_than(lease.meta(), ORPHAN_AGE, now),
-    }
+        .and_then(|d| u64::try_from(d).ok())
+        .map_or(ORPHAN_AGE, |d| Duration::from_secs(d * 2))
 }
 
-/// Whether an object was created more than `age` before `now`.
-fn older_than(meta: &ObjectMeta, age: Duration, now: Timestamp) -> bool {
-    meta.creation_timestamp
-        .as_ref()
-        .and_then(|t| t.0.checked_add(age).ok())
-        .is_some_and(|t| t < now)
+/// What the pruner has seen, by key, at which version, and since when by its own monotonic
+/// clock: a Lease at one resourceVersion, a record without a Lease. Keys not seen in a pass
+/// are forgotten, so one that comes back starts again from zero.
+#[derive(Debug, Default)]
+struct Sightings(HashMap<String, (String, Instant)>);
+
+impl Sightings {
+    /// Notes `key` at `version` (`now` starts the clock when it is new or changed).
+    fn note(
+        &mut self,
+        key: String,
+        version: String,
+        now: Instant,
+        looked: &mut HashSet<String>,
+    ) -> String {
+        match self.0.get(&key) {
+            Some((v, _)) if *v == version => {}
+            _ => {
+                self.0.insert(key.clone(), (version, now));
+            }
+        }
+        looked.insert(key.clone());
+        key
+    }
+
+    /// A Lease, by uid (a Lease deleted and created again is another), at its
+    /// resourceVersion.
+    fn lease(&mut self, lease: &Lease, now: Instant, looked: &mut HashSet<String>) -> String {
+        let meta = lease.meta();
+        let key = format!(
+            "lease {}",
+            meta.uid.clone().unwrap_or_else(|| lease.name_any())
+        );
+        self.note(
+            key,
+            meta.resource_version.clone().unwrap_or_default(),
+            now,
+            looked,
+        )
+    }
+
+    /// A record without a Lease, by uid.
+    fn orphan(
+        &mut self,
+        record: &NetworkNode,
+        now: Instant,
+        looked: &mut HashSet<String>,
+    ) -> String {
+        let meta = record.meta();
+        let key = format!(
+            "orphan {}",
+            meta.uid.clone().unwrap_or_else(|| record.name_any())
+        );
+        self.note(key, String::new(), now, looked)
+    }
+
+    /// How long `key` has been seen unchanged.
+    fn unchanged_for(&self, key: &str, now: Instant) -> Duration {
+        self.0.get(key).map_or(Duration::ZERO, |(_, since)| {
+            now.saturating_duration_since(*since)
+        })
+    }
+
+    /// Forgets every key but `looked`.
+    fn keep_only(&mut self, looked: &HashSet<String>) {
+        self.0.retain(|k, _| looked.contains(k));
+    }
 }
 
 /// A resourceVersion as a revision (0 when it is not a number, which no server built on
@@ -613,7 +740,7 @@ impl NodeRegistry for KubeRegistry {
             && !existing.task.is_finished()
         {
             let _writing = existing.writing.lock().await;
-            self.apis.put_record(&name, &spec).await?;
+            self.apis.put_record(&name, &spec, false).await?;
             *existing.record.lock().unwrap_or_else(|p| p.into_inner()) = spec;
             return Ok(());
         }
@@ -621,8 +748,11 @@ impl NodeRegistry for KubeRegistry {
             let _writing = old.writing.lock().await;
             old.task.abort();
         }
-        self.apis.put_record(&name, &spec).await?;
+        // The Lease first, then the record as a new write: a pruner that read the node's
+        // objects before this (a node back after a long absence) cannot delete the record
+        // any more, its precondition names the old resourceVersion.
         self.apis.renew_lease(&name, &node.name, ttl).await?;
+        self.apis.put_record(&name, &spec, true).await?;
         let record = Arc::new(StdMutex::new(spec));
         let writing = Arc::new(tokio::sync::Mutex::new(()));
         let task = tokio::spawn(renew(
@@ -726,7 +856,7 @@ impl NodeRegistry for KubeRegistry {
     }
 
     async fn prune_expired(&self) -> cni_core::Result<Vec<String>> {
-        Ok(self.apis.prune(Timestamp::now()).await?)
+        Ok(self.apis.prune(&self.sightings, self.orphan_age).await?)
     }
 }
 
@@ -739,7 +869,8 @@ async fn pause(shutdown: &mut watch::Receiver<()>, d: Duration) -> bool {
 }
 
 /// Renews one node's Lease every third of its TTL until aborted or the registry is dropped;
-/// writes the record again when it is gone.
+/// writes the record anew when the Lease had to be created again, and checks it every
+/// [`RECORD_CHECK_EVERY`]th renewal.
 async fn renew(
     apis: Apis,
     name: String,
@@ -752,6 +883,8 @@ async fn renew(
     let interval = Duration::from_millis(u64::try_from(ttl).unwrap_or(1) * 1000 / 3);
     let mut wait = interval;
     let mut backoff = MIN_BACKOFF;
+    let mut renewals: u32 = 0;
+    let mut owe_fresh_record = false;
     loop {
         if !pause(&mut shutdown, wait).await {
             return;
@@ -759,13 +892,24 @@ async fn renew(
         let _writing = writing.lock().await;
         let renewed = match apis.renew_lease(&name, &node, ttl).await {
             Ok(created) => {
+                renewals = renewals.wrapping_add(1);
                 if created {
                     tracing::warn!(lease = name, "node lease was gone; created it again");
+                    owe_fresh_record = true;
                 }
-                // The record may have been deleted (by hand, or pruned while this node
-                // could not renew): write it again (a GET when it is there and the same).
                 let spec = record.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                apis.put_record(&name, &spec).await
+                if owe_fresh_record {
+                    // Pruned while this node could not renew (or deleted by hand): the
+                    // record again, as a new write (see `KubeRegistry`).
+                    apis.put_record(&name, &spec, true)
+                        .await
+                        .map(|()| owe_fresh_record = false)
+                } else if renewals.is_multiple_of(RECORD_CHECK_EVERY) {
+                    // A record deleted by hand comes back.
+                    apis.put_record(&name, &spec, false).await
+                } else {
+                    Ok(())
+                }
             }
             Err(e) => Err(e),
         };
@@ -1036,35 +1180,48 @@ mod tests {
     }
 
     #[test]
-    fn a_lease_is_long_expired_one_duration_after_its_expiry() {
-        let now = Timestamp::now();
-        let ago = |secs: u64| now.checked_sub(Duration::from_secs(secs)).unwrap();
-        let lease = |renewed: Option<Timestamp>, created: Timestamp| Lease {
+    fn a_lease_is_unrenewed_for_two_durations_by_the_pruners_clock() {
+        let lease = |uid: &str, rv: &str, duration: Option<i32>| Lease {
             metadata: ObjectMeta {
-                creation_timestamp: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-                    created,
-                )),
+                name: Some("cnikit.n".into()),
+                uid: Some(uid.into()),
+                resource_version: Some(rv.into()),
                 ..ObjectMeta::default()
             },
             spec: Some(LeaseSpec {
-                renew_time: renewed.map(MicroTime),
-                lease_duration_seconds: Some(10),
+                lease_duration_seconds: duration,
                 ..LeaseSpec::default()
             }),
         };
-        // Renewed 15 s ago with a 10 s duration: expired, but not for 10 s yet.
-        assert!(!long_expired(&lease(Some(ago(15)), ago(3600)), now));
-        assert!(long_expired(&lease(Some(ago(21)), ago(3600)), now));
-        // Never renewed: by its age.
-        assert!(!long_expired(&lease(None, ago(5)), now));
-        assert!(long_expired(
-            &lease(None, ago(ORPHAN_AGE.as_secs() + 1)),
-            now
-        ));
-        assert!(
-            !older_than(&ObjectMeta::default(), ORPHAN_AGE, now),
-            "no creation time: kept"
+        assert_eq!(
+            unrenewed_limit(&lease("u", "1", Some(10))),
+            Duration::from_secs(20)
         );
+        assert_eq!(unrenewed_limit(&lease("u", "1", None)), ORPHAN_AGE);
+
+        let t0 = Instant::now();
+        let at = |secs: u64| t0 + Duration::from_secs(secs);
+        let mut seen = Sightings::default();
+        let mut looked = HashSet::new();
+        // First seen: zero, whatever the Lease's own times say.
+        let key = seen.lease(&lease("u", "1", Some(10)), at(0), &mut looked);
+        assert_eq!(seen.unchanged_for(&key, at(0)), Duration::ZERO);
+        let key = seen.lease(&lease("u", "1", Some(10)), at(15), &mut looked);
+        assert_eq!(seen.unchanged_for(&key, at(15)), Duration::from_secs(15));
+        // Renewed (a new resourceVersion): the clock starts again.
+        let key = seen.lease(&lease("u", "2", Some(10)), at(16), &mut looked);
+        assert_eq!(seen.unchanged_for(&key, at(30)), Duration::from_secs(14));
+        // Deleted and created again (a new uid): another Lease.
+        let other = seen.lease(&lease("v", "2", Some(10)), at(30), &mut looked);
+        assert_ne!(other, key);
+        assert_eq!(seen.unchanged_for(&other, at(30)), Duration::ZERO);
+        // Not seen in a pass: forgotten, and new when it shows up again.
+        seen.keep_only(&HashSet::from([other.clone()]));
+        assert_eq!(seen.unchanged_for(&key, at(40)), Duration::ZERO);
+        let mut orphan = NetworkNode::new("cnikit.n", NetworkNodeSpec::from(&record("n")));
+        orphan.metadata.uid = Some("w".into());
+        let key = seen.orphan(&orphan, at(40), &mut looked);
+        assert_eq!(seen.unchanged_for(&key, at(100)), Duration::from_secs(60));
     }
 
     #[test]

@@ -158,10 +158,11 @@ async fn agents_on_the_kubernetes_store_route_to_each_other() {
     let expected = async |peers: &[&str]| -> BTreeSet<(String, String)> {
         let mut want = BTreeSet::new();
         for peer in peers {
-            let node = records
-                .get(&format!("cnikit.{peer}"))
-                .await
-                .unwrap_or_else(|e| panic!("{peer}'s NetworkNode: {e}"));
+            // Absent: never written yet, or pruned after a long stall (the route waits
+            // then fail naming what they miss).
+            let Some(node) = records.get_opt(&format!("cnikit.{peer}")).await.unwrap() else {
+                continue;
+            };
             for block in &node.spec.blocks {
                 want.insert((block.clone(), node.spec.address.clone()));
             }

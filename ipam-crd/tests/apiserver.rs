@@ -342,6 +342,8 @@ async fn the_rbac_manifest_grants_what_the_store_uses() {
         .unwrap();
     let list = node_registry.list().await.unwrap();
     assert_eq!(list.nodes, vec![record.clone()]);
+    // The pruner's reads (every node's record and Lease) are within the node's rights.
+    assert!(node_registry.prune_expired().await.unwrap().is_empty());
     let mut events = node_registry.watch(list.revision).await.unwrap();
     // Renewals go on (they would log and retry if refused): still live after two TTLs. 5 s:
     // a renewal every 1.7 s leaves a loaded machine 3 s of slack before the lease lapses.

@@ -246,10 +246,10 @@ async fn a_lease_that_is_not_renewed_expires() {
     back.deregister("n2").await.unwrap();
 }
 
-/// What dead nodes leave (a record and an expired Lease) is pruned once the Lease has been
-/// expired for a whole lease duration more; a live node is never pruned, and a live node
-/// whose record is deleted writes it again at its next renewal. An expired Lease without
-/// a record goes too; a fresh record without a Lease (a registration under way) stays.
+/// What dead nodes leave (a record and a Lease no longer renewed) is pruned once the pruner
+/// has seen the Lease unrenewed for two lease durations; a live node is never pruned, and a
+/// live node whose record is deleted writes it again. A Lease without a record goes by the
+/// same rule, a record without a Lease once it has been seen so for the orphan age.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_nodes_are_pruned_and_live_ones_are_not() {
     let Some(api) = server("dead_nodes_are_pruned_and_live_ones_are_not", "kprune").await else {
@@ -258,54 +258,31 @@ async fn dead_nodes_are_pruned_and_live_ones_are_not() {
     let client = api.client().await;
     let records: Api<NetworkNode> = Api::all(client.clone());
     let leases: Api<Lease> = Api::namespaced(client, "kube-system");
-    let pruner = registry(&api).await;
+    let pruner = registry(&api).await.with_orphan_age(Duration::from_secs(2));
     pruner
-        .register(&record("n1", 1), Duration::from_secs(6))
+        .register(&record("n1", 1), Duration::from_secs(3))
         .await
         .unwrap();
     let dying = registry(&api).await;
     let ttl = Duration::from_secs(2);
     dying.register(&record("n2", 2), ttl).await.unwrap();
     drop(dying);
-    let renewed = leases
-        .get("cnikit.n2")
-        .await
-        .unwrap()
-        .spec
-        .unwrap()
-        .renew_time
-        .unwrap()
-        .0;
-    let dead_at = renewed.checked_add(ttl * 2).unwrap();
 
-    // Not yet: n2's Lease has not been expired for a whole duration.
-    let pruned = pruner.prune_expired().await.unwrap();
-    if k8s_openapi::jiff::Timestamp::now() < dead_at {
-        assert!(pruned.is_empty(), "pruned before its time: {pruned:?}");
-    } else {
-        println!("the machine was too slow to see n2 before its pruning time: not checked");
-    }
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        let pruned = pruner.prune_expired().await.unwrap();
-        if !pruned.is_empty() {
-            assert_eq!(pruned, ["n2"], "only the dead node");
-            break;
-        }
-        assert!(Instant::now() < deadline, "n2 is never pruned");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let now = k8s_openapi::jiff::Timestamp::now();
-    assert!(dead_at <= now, "n2 was pruned at {now}, before {dead_at}");
+    // The first look only starts the pruner's clock.
+    let first_look = Instant::now();
+    assert!(pruner.prune_expired().await.unwrap().is_empty());
+    let pruned = until_pruned(&pruner).await;
+    assert_eq!(pruned, ["n2"], "only the dead node");
+    assert!(
+        first_look.elapsed() >= ttl * 2,
+        "pruned {:?} after the first look, before two lease durations",
+        first_look.elapsed()
+    );
     assert!(records.get_opt("cnikit.n2").await.unwrap().is_none());
     assert!(leases.get_opt("cnikit.n2").await.unwrap().is_none());
     assert_eq!(pruner.list().await.unwrap().nodes, vec![record("n1", 1)]);
-    assert!(
-        pruner.prune_expired().await.unwrap().is_empty(),
-        "nothing left to prune"
-    );
 
-    // n1's record deleted by hand: its next renewal (every 2 s) writes it again.
+    // n1's record deleted by hand: a later renewal (every 10th, each second) writes it again.
     records
         .delete("cnikit.n1", &Default::default())
         .await
@@ -316,14 +293,13 @@ async fn dead_nodes_are_pruned_and_live_ones_are_not() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
-    // An expired Lease without a record goes; a fresh record without a Lease stays.
+    // A Lease without a record and a record without a Lease, both left by hand.
     let label = || {
         Some(BTreeMap::from([(
             ipam_crd::resources::PREFIX_LABEL.to_owned(),
             "cnikit".to_owned(),
         )]))
     };
-    let long_ago = k8s_openapi::jiff::Timestamp::now() - Duration::from_secs(120);
     let orphan = Lease {
         metadata: ObjectMeta {
             name: Some("cnikit.n3".into()),
@@ -332,8 +308,8 @@ async fn dead_nodes_are_pruned_and_live_ones_are_not() {
         },
         spec: Some(LeaseSpec {
             holder_identity: Some("n3".into()),
-            lease_duration_seconds: Some(10),
-            renew_time: Some(MicroTime(long_ago)),
+            lease_duration_seconds: Some(1),
+            renew_time: Some(MicroTime(k8s_openapi::jiff::Timestamp::now())),
             ..Default::default()
         }),
     };
@@ -341,26 +317,48 @@ async fn dead_nodes_are_pruned_and_live_ones_are_not() {
         .create(&PostParams::default(), &orphan)
         .await
         .unwrap();
-    let mut fresh = NetworkNode::new("cnikit.n4", (&record("n4", 4)).into());
-    fresh.metadata.labels = label();
+    let mut alone = NetworkNode::new("cnikit.n4", (&record("n4", 4)).into());
+    alone.metadata.labels = label();
     records
-        .create(&PostParams::default(), &fresh)
+        .create(&PostParams::default(), &alone)
         .await
         .unwrap();
-    assert!(pruner.prune_expired().await.unwrap().is_empty());
     assert!(
-        leases.get_opt("cnikit.n3").await.unwrap().is_none(),
-        "the orphan Lease goes"
+        pruner.prune_expired().await.unwrap().is_empty(),
+        "seen for the first time"
     );
+    assert!(leases.get_opt("cnikit.n3").await.unwrap().is_some());
+    assert!(records.get_opt("cnikit.n4").await.unwrap().is_some());
+    assert_eq!(until_pruned(&pruner).await, ["n4"]);
+    assert!(records.get_opt("cnikit.n4").await.unwrap().is_none());
+    let deadline = Instant::now() + DEADLINE;
+    while leases.get_opt("cnikit.n3").await.unwrap().is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "the orphan Lease is never pruned"
+        );
+        pruner.prune_expired().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     assert!(
-        records.get_opt("cnikit.n4").await.unwrap().is_some(),
-        "the fresh record stays"
-    );
-    assert!(
-        leases.get_opt("cnikit.n1").await.unwrap().is_some(),
-        "n1's Lease stays"
+        leases.get_opt("cnikit.n1").await.unwrap().is_some()
+            && records.get_opt("cnikit.n1").await.unwrap().is_some(),
+        "the live node keeps both"
     );
     pruner.deregister("n1").await.unwrap();
+}
+
+/// Calls `prune_expired` until it prunes something; what it pruned.
+async fn until_pruned(pruner: &KubeRegistry) -> Vec<String> {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let pruned = pruner.prune_expired().await.unwrap();
+        if !pruned.is_empty() {
+            return pruned;
+        }
+        assert!(Instant::now() < deadline, "nothing is ever pruned");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// A watch from a revision the server no longer has (before the watch cache began, or
