@@ -347,22 +347,17 @@ fn missing_routes(
             missing.push(format!("{name}: no node state yet"));
             continue;
         };
+        let report = crate::bgp::report(state);
         // Every prefix the BGP report lists as installed (`PREFIX via NEXT_HOP`).
-        let learned: Vec<&str> = state
-            .routing
-            .as_ref()
-            .and_then(|r| r["installed"].as_object())
-            .into_iter()
-            .flat_map(|by_peer| by_peer.values())
-            .filter_map(|routes| routes.as_array())
-            .flatten()
-            .filter_map(|route| route.as_str()?.split_whitespace().next())
+        let learned: Vec<&str> = report
+            .iter()
+            .flat_map(|r| r.installed.values().flatten())
+            .filter_map(|route| route.split_whitespace().next())
             .collect();
         for (peer, peer_state) in states {
-            let reported_unroutable = state
-                .routing
+            let reported_unroutable = report
                 .as_ref()
-                .is_some_and(|r| r["unroutable"].get(*peer).is_some());
+                .is_some_and(|r| r.unroutable.contains_key(*peer));
             if peer == name || state.unroutable.contains_key(*peer) || reported_unroutable {
                 continue;
             }
@@ -682,9 +677,17 @@ mod tests {
 
     #[test]
     fn bgp_waits_for_a_route_to_every_block_of_every_peer() {
-        let report = |installed: serde_json::Value| {
-            Some(json!({"peers": [], "installed": installed, "unroutable": {}}))
+        let report_with = |installed: serde_json::Value, unroutable: serde_json::Value| {
+            Some(json!({
+                "asNumber": 64512,
+                "routerId": "172.30.1.11",
+                "listen": "172.30.1.11:179",
+                "peers": [],
+                "installed": installed,
+                "unroutable": unroutable,
+            }))
         };
+        let report = |installed: serde_json::Value| report_with(installed, json!({}));
         // a knows b from the registry, but its session has not brought b's block yet.
         let a = state("a", "10.244.0.0/26", &["b"], report(json!({})));
         let b = state(
@@ -710,8 +713,9 @@ mod tests {
             "a",
             "10.244.0.0/26",
             &["b"],
-            Some(
-                json!({"installed": {}, "unroutable": {"b": "next hop 172.30.2.12 is not in the underlay subnet"}}),
+            report_with(
+                json!({}),
+                json!({"b": "next hop 172.30.2.12 is not in the underlay subnet"}),
             ),
         );
         assert!(

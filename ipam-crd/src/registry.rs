@@ -242,10 +242,10 @@ impl Apis {
         fresh: bool,
     ) -> Result<(), StoreError> {
         let stamp = || {
-            Some(BTreeMap::from([(
+            (
                 REGISTERED_ANNOTATION.to_owned(),
                 Timestamp::now().to_string(),
-            )]))
+            )
         };
         for _ in 0..=MAX_CONFLICTS {
             let current = self
@@ -257,11 +257,12 @@ impl Apis {
                 Some(mut object) => {
                     object.spec = spec.clone();
                     if fresh {
+                        let (key, value) = stamp();
                         object
                             .metadata
                             .annotations
                             .get_or_insert_default()
-                            .extend(stamp().unwrap_or_default());
+                            .insert(key, value);
                     }
                     self.call(
                         "replace node record",
@@ -272,7 +273,7 @@ impl Apis {
                 None => {
                     let mut object = NetworkNode::new(name, spec.clone());
                     object.metadata = self.meta(name);
-                    object.metadata.annotations = stamp();
+                    object.metadata.annotations = Some(BTreeMap::from([stamp()]));
                     self.call(
                         "create node record",
                         self.records.create(&PostParams::default(), &object),
@@ -406,21 +407,14 @@ impl Apis {
         {
             let mut seen = sightings.lock().unwrap_or_else(|p| p.into_inner());
             let now = Instant::now();
-            let mut looked = HashSet::new();
             for record in &records.items {
                 let Some(node) = self.node_of(&record.name_any()).map(str::to_owned) else {
                     continue;
                 };
                 let lease = leases.remove(&node);
                 let dead = match &lease {
-                    Some(lease) => {
-                        let key = seen.lease(lease, now, &mut looked);
-                        seen.unchanged_for(&key, now) >= unrenewed_limit(lease)
-                    }
-                    None => {
-                        let key = seen.orphan(record, now, &mut looked);
-                        seen.unchanged_for(&key, now) >= orphan_age
-                    }
+                    Some(lease) => seen.lease(lease, now) >= unrenewed_limit(lease),
+                    None => seen.orphan(record, now) >= orphan_age,
                 };
                 if dead {
                     doomed.push((node, lease, Some(record)));
@@ -428,12 +422,11 @@ impl Apis {
             }
             // Leases whose record is gone (deleted by hand): the same rule.
             for (node, lease) in leases {
-                let key = seen.lease(&lease, now, &mut looked);
-                if seen.unchanged_for(&key, now) >= unrenewed_limit(&lease) {
+                if seen.lease(&lease, now) >= unrenewed_limit(&lease) {
                     doomed.push((node, Some(lease), None));
                 }
             }
-            seen.keep_only(&looked);
+            seen.end_pass();
         }
         let mut pruned = Vec::new();
         for (node, lease, record) in doomed {
@@ -566,71 +559,59 @@ fn unrenewed_limit(lease: &Lease) -> Duration {
 }
 
 /// What the pruner has seen, by key, at which version, and since when by its own monotonic
-/// clock: a Lease at one resourceVersion, a record without a Lease. Keys not seen in a pass
-/// are forgotten, so one that comes back starts again from zero.
+/// clock: a Lease at one resourceVersion, a record without a Lease. A key not seen in a
+/// pass is forgotten at [`end_pass`](Self::end_pass), so one that comes back starts again
+/// from zero.
 #[derive(Debug, Default)]
-struct Sightings(HashMap<String, (String, Instant)>);
+struct Sightings {
+    since: HashMap<String, (String, Instant)>,
+    /// The keys seen in this pass.
+    looked: HashSet<String>,
+}
 
 impl Sightings {
-    /// Notes `key` at `version` (`now` starts the clock when it is new or changed).
-    fn note(
-        &mut self,
-        key: String,
-        version: String,
-        now: Instant,
-        looked: &mut HashSet<String>,
-    ) -> String {
-        match self.0.get(&key) {
-            Some((v, _)) if *v == version => {}
+    /// Notes `key` at `version` (`now` starts its clock when it is new or changed); how long
+    /// it has been seen at that version.
+    fn note(&mut self, key: String, version: String, now: Instant) -> Duration {
+        let since = match self.since.get(&key) {
+            Some((v, since)) if *v == version => *since,
             _ => {
-                self.0.insert(key.clone(), (version, now));
+                self.since.insert(key.clone(), (version, now));
+                now
             }
-        }
-        looked.insert(key.clone());
-        key
+        };
+        self.looked.insert(key);
+        now.saturating_duration_since(since)
     }
 
     /// A Lease, by uid (a Lease deleted and created again is another), at its
-    /// resourceVersion.
-    fn lease(&mut self, lease: &Lease, now: Instant, looked: &mut HashSet<String>) -> String {
+    /// resourceVersion: how long it has been unrenewed.
+    fn lease(&mut self, lease: &Lease, now: Instant) -> Duration {
         let meta = lease.meta();
         let key = format!(
             "lease {}",
             meta.uid.clone().unwrap_or_else(|| lease.name_any())
         );
-        self.note(
-            key,
-            meta.resource_version.clone().unwrap_or_default(),
-            now,
-            looked,
-        )
+        self.note(key, meta.resource_version.clone().unwrap_or_default(), now)
     }
 
-    /// A record without a Lease, by uid.
-    fn orphan(
-        &mut self,
-        record: &NetworkNode,
-        now: Instant,
-        looked: &mut HashSet<String>,
-    ) -> String {
-        let meta = record.meta();
+    /// A record without a Lease, by uid: how long it has been without one.
+    fn orphan(&mut self, record: &NetworkNode, now: Instant) -> Duration {
         let key = format!(
             "orphan {}",
-            meta.uid.clone().unwrap_or_else(|| record.name_any())
+            record
+                .meta()
+                .uid
+                .clone()
+                .unwrap_or_else(|| record.name_any())
         );
-        self.note(key, String::new(), now, looked)
+        self.note(key, String::new(), now)
     }
 
-    /// How long `key` has been seen unchanged.
-    fn unchanged_for(&self, key: &str, now: Instant) -> Duration {
-        self.0.get(key).map_or(Duration::ZERO, |(_, since)| {
-            now.saturating_duration_since(*since)
-        })
-    }
-
-    /// Forgets every key but `looked`.
-    fn keep_only(&mut self, looked: &HashSet<String>) {
-        self.0.retain(|k, _| looked.contains(k));
+    /// Forgets every key not noted since the last pass.
+    fn end_pass(&mut self) {
+        let looked = std::mem::take(&mut self.looked);
+        self.since.retain(|k, _| looked.contains(k));
     }
 }
 
@@ -1202,26 +1183,38 @@ mod tests {
         let t0 = Instant::now();
         let at = |secs: u64| t0 + Duration::from_secs(secs);
         let mut seen = Sightings::default();
-        let mut looked = HashSet::new();
         // First seen: zero, whatever the Lease's own times say.
-        let key = seen.lease(&lease("u", "1", Some(10)), at(0), &mut looked);
-        assert_eq!(seen.unchanged_for(&key, at(0)), Duration::ZERO);
-        let key = seen.lease(&lease("u", "1", Some(10)), at(15), &mut looked);
-        assert_eq!(seen.unchanged_for(&key, at(15)), Duration::from_secs(15));
+        assert_eq!(
+            seen.lease(&lease("u", "1", Some(10)), at(0)),
+            Duration::ZERO
+        );
+        assert_eq!(
+            seen.lease(&lease("u", "1", Some(10)), at(15)),
+            Duration::from_secs(15)
+        );
         // Renewed (a new resourceVersion): the clock starts again.
-        let key = seen.lease(&lease("u", "2", Some(10)), at(16), &mut looked);
-        assert_eq!(seen.unchanged_for(&key, at(30)), Duration::from_secs(14));
+        seen.lease(&lease("u", "2", Some(10)), at(16));
+        assert_eq!(
+            seen.lease(&lease("u", "2", Some(10)), at(30)),
+            Duration::from_secs(14)
+        );
         // Deleted and created again (a new uid): another Lease.
-        let other = seen.lease(&lease("v", "2", Some(10)), at(30), &mut looked);
-        assert_ne!(other, key);
-        assert_eq!(seen.unchanged_for(&other, at(30)), Duration::ZERO);
+        assert_eq!(
+            seen.lease(&lease("v", "2", Some(10)), at(30)),
+            Duration::ZERO
+        );
         // Not seen in a pass: forgotten, and new when it shows up again.
-        seen.keep_only(&HashSet::from([other.clone()]));
-        assert_eq!(seen.unchanged_for(&key, at(40)), Duration::ZERO);
+        seen.end_pass();
+        seen.lease(&lease("v", "2", Some(10)), at(35));
+        seen.end_pass();
+        assert_eq!(
+            seen.lease(&lease("u", "2", Some(10)), at(40)),
+            Duration::ZERO
+        );
         let mut orphan = NetworkNode::new("cnikit.n", NetworkNodeSpec::from(&record("n")));
         orphan.metadata.uid = Some("w".into());
-        let key = seen.orphan(&orphan, at(40), &mut looked);
-        assert_eq!(seen.unchanged_for(&key, at(100)), Duration::from_secs(60));
+        seen.orphan(&orphan, at(40));
+        assert_eq!(seen.orphan(&orphan, at(100)), Duration::from_secs(60));
     }
 
     #[test]

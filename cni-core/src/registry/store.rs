@@ -111,37 +111,6 @@ impl<S: Store + 'static> StoreRegistry<S> {
         self
     }
 
-    /// Deletes the records whose expiry has passed; returns their names. Watches report
-    /// them as deleted when they expire, whether or not this runs; a node still refreshing
-    /// puts its record back at its next refresh.
-    async fn prune(&self) -> Result<Vec<String>> {
-        let snapshot = self.shared.snapshot().await?;
-        let now = now_ms();
-        let mut txn = Txn::new();
-        let mut names = Vec::new();
-        for (stored, kv) in &snapshot.nodes {
-            if stored.expires_at_ms <= now {
-                txn = txn
-                    .when(Compare::ModRevision(kv.key.clone(), kv.mod_revision))
-                    .delete(kv.key.clone());
-                names.push(stored.record.name.clone());
-            }
-        }
-        if names.is_empty() {
-            return Ok(names);
-        }
-        match self
-            .shared
-            .store
-            .commit(txn.put(self.shared.epoch_key.clone(), "{}"))
-            .await?
-        {
-            TxnOutcome::Committed(_) => Ok(names),
-            // Refreshed meanwhile: they are not dead after all; the next run looks again.
-            TxnOutcome::Failed(_) => Ok(Vec::new()),
-        }
-    }
-
     fn keepalives(&self) -> std::sync::MutexGuard<'_, HashMap<String, KeepAlive>> {
         // The map is only inserted into and removed from: a panic cannot leave it broken.
         self.keepalives.lock().unwrap_or_else(|p| p.into_inner())
@@ -467,9 +436,35 @@ impl<S: Store + 'static> NodeRegistry for StoreRegistry<S> {
     }
 
     /// Deletes the records whose expiry has passed, in one transaction that compares each
-    /// (a record refreshed meanwhile fails it: the next run looks again).
+    /// (a record refreshed meanwhile fails it: the next run looks again); returns their
+    /// names. Watches report them as deleted when they expire, whether or not this runs; a
+    /// node still refreshing puts its record back at its next refresh.
     async fn prune_expired(&self) -> Result<Vec<String>> {
-        self.prune().await
+        let snapshot = self.shared.snapshot().await?;
+        let now = now_ms();
+        let mut txn = Txn::new();
+        let mut names = Vec::new();
+        for (stored, kv) in &snapshot.nodes {
+            if stored.expires_at_ms <= now {
+                txn = txn
+                    .when(Compare::ModRevision(kv.key.clone(), kv.mod_revision))
+                    .delete(kv.key.clone());
+                names.push(stored.record.name.clone());
+            }
+        }
+        if names.is_empty() {
+            return Ok(names);
+        }
+        match self
+            .shared
+            .store
+            .commit(txn.put(self.shared.epoch_key.clone(), "{}"))
+            .await?
+        {
+            TxnOutcome::Committed(_) => Ok(names),
+            // Refreshed meanwhile: they are not dead after all; the next run looks again.
+            TxnOutcome::Failed(_) => Ok(Vec::new()),
+        }
     }
 }
 
