@@ -511,6 +511,65 @@ async fn the_node_state_follows_the_peers() {
     stop_cleanly(&stop, run).await;
 }
 
+/// A start the datastore fails with code 11 is tried again until it succeeds; stopped
+/// while the datastore keeps failing, the agent returns and leaves nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_the_datastore_fails_is_tried_again() {
+    if !root("a_start_the_datastore_fails_is_tried_again") {
+        return;
+    }
+    let node = Node::new("restart");
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let registry = Arc::new(StoreRegistry::new(store.clone()));
+    let flaky = Arc::new(Flaky::new(store.clone(), 0, 0));
+    flaky.failing_registers.store(2, Ordering::SeqCst);
+    let s = setup_with(&node, false, store.clone(), registry.clone(), flaky.clone()).await;
+    let metrics = s.agent.metrics();
+    let stop = Arc::new(Notify::new());
+    let stop_rx = stop.clone();
+    let run = tokio::spawn(s.agent.run(async move { stop_rx.notified().await }));
+    until_up(s.data.path()).await;
+    assert_eq!(flaky.failed_registers.load(Ordering::SeqCst), 2);
+    let names: Vec<String> = registry
+        .list()
+        .await
+        .unwrap()
+        .nodes
+        .into_iter()
+        .map(|n| n.name)
+        .collect();
+    assert_eq!(names, ["n1"]);
+    assert_eq!(metrics.not_ready(), None, "ready once up");
+    stop_cleanly(&stop, run).await;
+    assert_eq!(leftovers(&store).await, Vec::<String>::new());
+
+    // Now the datastore never answers: the agent keeps trying, not ready, until stopped.
+    let node = Node::new("restart2");
+    let flaky = Arc::new(Flaky::new(store.clone(), 0, 0));
+    flaky.failing_registers.store(usize::MAX, Ordering::SeqCst);
+    let s = setup_with(&node, false, store.clone(), registry.clone(), flaky.clone()).await;
+    let metrics = s.agent.metrics();
+    let stop = Arc::new(Notify::new());
+    let stop_rx = stop.clone();
+    let run = tokio::spawn(s.agent.run(async move { stop_rx.notified().await }));
+    let tried = tokio::time::timeout(Duration::from_secs(10), async {
+        while flaky.failed_registers.load(Ordering::SeqCst) < 2 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(tried.is_ok(), "the start was not tried twice within 10 s");
+    assert!(!run.is_finished(), "the agent gave up: {:?}", run.await);
+    let reason = metrics
+        .not_ready()
+        .expect("not ready while it cannot start");
+    assert!(reason.contains("datastore"), "{reason}");
+    assert!(NodeState::read(s.data.path()).unwrap().is_none());
+    stop_cleanly(&stop, run).await;
+    assert!(s.torn_down.load(Ordering::SeqCst), "the mode was torn down");
+    assert_eq!(leftovers(&store).await, Vec::<String>::new());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_first_watch_that_fails_is_retried() {
     if !root("a_first_watch_that_fails_is_retried") {

@@ -3,8 +3,10 @@
 //! exactly as a runtime on that node would run it.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
+use cnikit::core::ErrorCode;
 use cnikit::core::exec::{self, Invocation};
 use cnikit::core::spec::{CniResult, Command, ConfList, Version};
 use serde_json::{Map, Value, json};
@@ -102,12 +104,38 @@ fn invocation(lab: &Lab, node: &Node, pod: Option<&Pod>) -> Invocation {
     invocation.in_netns(state::netns_path(&node.ns))
 }
 
+/// How many times the lab runs an ADD that keeps failing with code 11 ("try again later"),
+/// as a runtime sets a pod sandbox up again when its network setup failed.
+const ADD_TRIES: u32 = 3;
+
 /// ADD of `pod` on `node`; returns the result (spec 1.1.0 JSON) and the pod's addresses.
+///
+/// An ADD that fails with code 11 (the datastore unreachable or slow) is followed by a DEL
+/// and tried again after a pause, up to [`ADD_TRIES`] times in all, as a runtime would.
 pub async fn add(lab: &Lab, node: &Node, pod: &Pod) -> Result<(Value, Vec<String>)> {
     let list = read_conflist(node)?;
-    let result = exec::add_list(&list, &invocation(lab, node, Some(pod)), &Map::new())
-        .await
-        .with_context(|| format!("ADD {} on {}", pod.name, node.name))?;
+    let invocation = invocation(lab, node, Some(pod));
+    let mut tries = 1;
+    let result = loop {
+        match exec::add_list(&list, &invocation, &Map::new()).await {
+            Err(e) if e.code() == ErrorCode::TRY_AGAIN_LATER && tries < ADD_TRIES => {
+                eprintln!(
+                    "lab: ADD {} on {} failed with code 11 ({e}); DEL, then ADD again in {tries} s",
+                    pod.name, node.name
+                );
+                if let Err(e) = exec::del_list(&list, &invocation, &Map::new(), None).await {
+                    eprintln!(
+                        "lab: DEL {} on {} before the next ADD: {e}",
+                        pod.name, node.name
+                    );
+                }
+                tokio::time::sleep(Duration::from_secs(tries.into())).await;
+                tries += 1;
+            }
+            result => break result,
+        }
+    }
+    .with_context(|| format!("ADD {} on {}", pod.name, node.name))?;
     let ips = result.ips.iter().map(|ip| ip.address.to_string()).collect();
     Ok((result.to_json(Version::V1_1_0), ips))
 }

@@ -9,7 +9,9 @@
 //!    per own block, so traffic to an unused address of the node's blocks dies here;
 //! 4. registers the node record (underlay address, blocks, the mode's data) with a TTL;
 //! 5. lists the peers, reconciles, writes the [node state file](crate::state::NodeState)
-//!    that the CNI plugin reads (MTU; STATUS is ready once it exists);
+//!    that the CNI plugin reads (MTU; STATUS is ready once it exists); steps 2–5 are
+//!    idempotent, and when the datastore fails them with code 11 they run again after a
+//!    growing pause, so a node started before its datastore answers comes up once it does;
 //! 6. then watches the peers: every change (and a periodic resync) leads to one
 //!    level-triggered reconcile of the full peer set, which changes only what differs; the
 //!    node's own blocks, which the plugin may have grown, are re-read every
@@ -34,7 +36,7 @@ use std::time::{Duration, Instant};
 use futures::{FutureExt, StreamExt};
 use ipnet::IpNet;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorCode, Result};
 use crate::ipam::{Attachment, BlockIpam, Ipam};
 use crate::linux::{NetNs, addr, link, route, sysctl};
 use crate::registry::{NodeEvent, NodeRecord, NodeRegistry};
@@ -51,6 +53,13 @@ use endpoints::gauge;
 
 /// The block IPAM the agent claims blocks and tunnel addresses from.
 pub type AgentIpam = BlockIpam<Arc<dyn Store>>;
+
+/// The pause before a start that failed with code 11 (the datastore unreachable or too
+/// slow) is tried again; it doubles with each failure, up to [`START_RETRY_MAX`].
+pub const START_RETRY_FIRST: Duration = Duration::from_millis(500);
+
+/// The longest pause between two tries of a start that fails with code 11.
+pub const START_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// Network name under which tunnel addresses are allocated: not a pod network, so a
 /// pod network's GC never releases them.
@@ -186,9 +195,12 @@ impl Agent {
     /// with the peers. On shutdown removes what it made (see [`AgentConfig::keep_on_exit`]),
     /// also when `shutdown` resolves while the node is still coming up.
     ///
-    /// Errors: what stops the node from coming up (no underlay, no block, the mode's devices,
-    /// the registry unreachable at start). Once up, failures are logged and retried at the
-    /// next event or resync.
+    /// Errors: what stops the node from coming up (no underlay, no free block, the mode's
+    /// devices, a configuration the datastore refuses). A start that fails with code 11 (the
+    /// datastore unreachable or too slow) is not an error: it is logged and tried again,
+    /// after a pause from [`START_RETRY_FIRST`] doubling up to [`START_RETRY_MAX`], until it
+    /// succeeds or `shutdown` resolves; meanwhile `/readyz` says why the node is not ready.
+    /// Once up, failures are logged and retried at the next event or resync.
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<()> {
         let endpoints = match self.config.metrics_address {
             Some(address) => Some(endpoints::serve(&self.ns, address, self.metrics.clone()).await?),
@@ -207,9 +219,31 @@ impl Agent {
         let started = Instant::now();
         let shutdown = shutdown.fuse();
         futures::pin_mut!(shutdown);
-        let start = tokio::select! {
-            result = self.start() => Some(result),
-            () = &mut shutdown => None,
+        let mut pause = START_RETRY_FIRST;
+        let start = loop {
+            let result = tokio::select! {
+                result = self.start() => result,
+                () = &mut shutdown => break None,
+            };
+            match result {
+                // The datastore was unreachable or slow (code 11): that may pass, and start
+                // is idempotent, so it runs again from the top after a pause.
+                Err(e) if e.code() == ErrorCode::TRY_AGAIN_LATER => {
+                    tracing::warn!(
+                        error = %e,
+                        retry_in_ms = pause.as_millis() as u64,
+                        "node agent cannot start yet; trying again"
+                    );
+                    self.metrics
+                        .set_not_ready(Some("starting: the datastore failed; trying again"));
+                    tokio::select! {
+                        () = tokio::time::sleep(pause) => {}
+                        () = &mut shutdown => break None,
+                    }
+                    pause = (pause * 2).min(START_RETRY_MAX);
+                }
+                other => break Some(other),
+            }
         };
         let revision = match start {
             Some(Ok(revision)) => revision,
