@@ -44,7 +44,11 @@
 //!   (racing claims of one node conflict on it); the ownership record, created if absent;
 //!   the affinity *confirmed*. Only confirmed affinities are allocated from. A crash leaves
 //!   a pending affinity, which the node's next claim finishes, or drops when another node
-//!   won the block.
+//!   won the block. A claim that finishes a pending affinity another process of the node
+//!   has just dropped can create the ownership all the same (when the other node has given
+//!   the block back meanwhile): that *orphaned* ownership is never allocated from, and the
+//!   node's next claim takes it on (one commit on the node's object, comparing its claim
+//!   record) before it looks for a free block; a node that leaves gives it back.
 //! - **release**: deletes handle and `used` and writes `free`, comparing all three.
 //! - **block give-back** ([`BlockIpam::release_empty_blocks`], for the node agent): first
 //!   marks the affinity draining (which makes every allocation that read the old affinity
@@ -106,6 +110,16 @@ pub struct BlockIpam<S> {
     geometry: Geometry,
     keys: Keys,
     rng: Mutex<fastrand::Rng>,
+}
+
+/// What [`BlockIpam::adopt_orphan`] did.
+enum Adopted {
+    /// The node now holds this orphaned block, confirmed.
+    Block(IpNet),
+    /// The node owns no block it has no affinity to.
+    NoOrphan,
+    /// The node's keys changed since they were read: re-read them.
+    NodeChanged,
 }
 
 /// Who owns a block after step (2) of a claim.
@@ -210,10 +224,13 @@ impl<S: Store> BlockIpam<S> {
     /// Checks the consistency of the whole pool (every node) and describes each problem
     /// found; empty when all is well. One list of `<prefix>/`. For tests and debugging.
     ///
-    /// Checked: every block is owned by one node, which has the affinity, and no other node
-    /// has; every used address lies in a block of its node, is usable, is not also released,
-    /// is used once in the whole pool, and has the handle naming it, and the other way
-    /// round; release records lie in the node's blocks; the pool record matches.
+    /// Checked: a node's settled (confirmed, not draining) affinity is to a block it owns,
+    /// and a pending one holds no address; every used address lies in a block of its node,
+    /// is usable, is not also released, is used once in the whole pool, and has the handle
+    /// naming it, and the other way round; release records lie in the node's blocks; the
+    /// pool record matches. Not a problem: a block owned by a node that has no affinity to
+    /// it, which no one allocates from and that node's next claim takes on (an *orphaned*
+    /// ownership, left by claims of one node racing with another node's give-back).
     pub async fn audit(&self) -> Result<Vec<String>> {
         let kvs = self
             .store
@@ -243,7 +260,17 @@ impl<S: Store> BlockIpam<S> {
     }
 
     async fn give_back_empty_blocks(&self, keep_one: bool) -> Result<Vec<IpNet>> {
-        let state = self.load().await?;
+        let mut state = self.load().await?;
+        if !keep_one {
+            // A node that leaves takes on its orphaned blocks first, so they go back too.
+            for _ in 0..MAX_ATTEMPTS {
+                let owners = self.block_owners().await?;
+                match self.adopt_orphan(&state, &owners).await? {
+                    Adopted::NoOrphan => break,
+                    Adopted::Block(_) | Adopted::NodeChanged => state = self.load().await?,
+                }
+            }
+        }
         let in_use: BTreeSet<IpNet> = state
             .affinities
             .keys()
@@ -416,16 +443,75 @@ impl<S: Store> BlockIpam<S> {
         Ok(())
     }
 
-    /// Blocks of the pool some node owns.
-    async fn taken_blocks(&self) -> Result<HashSet<IpNet>> {
+    /// The blocks of the pool some node owns, and who. One list.
+    async fn block_owners(&self) -> Result<BTreeMap<IpNet, String>> {
         let prefix = self.keys.blocks();
         let kvs = self.store.list(&prefix).await?;
         kvs.iter()
             .map(|kv| {
                 let name = kv.key.strip_prefix(&prefix).unwrap_or(&kv.key);
-                keys::decode_block(name).ok_or_else(|| corrupt_key(&kv.key, "not a block").into())
+                let block = keys::decode_block(name)
+                    .ok_or_else(|| Error::from(corrupt_key(&kv.key, "not a block")))?;
+                Ok((block, decode::<OwnerRecord>(kv)?.node))
             })
             .collect()
+    }
+
+    /// Takes on a block this node owns while `state` shows no affinity to it, the first of
+    /// `owners` (listed after `state` was read) if there is one.
+    ///
+    /// Such an *orphaned* ownership is left by a claim that read a pending affinity, lost it
+    /// to another process of the node (which dropped it, the block then being another
+    /// node's), and created the ownership once that node had given the block back. No
+    /// address is ever allocated from it, but it is lost to the pool: the node's next claim
+    /// takes it on instead of a new block, and a node that leaves gives it back.
+    ///
+    /// One commit on the node's object: a confirmed affinity, and the claim record rewritten,
+    /// comparing the claim record as `state` read it and the affinity absent. That is safe
+    /// because only the node's own give-back deletes its ownership, and only of a block it
+    /// has an affinity to, which only a claim or this step creates, each rewriting the claim
+    /// record: an ownership seen after `state` showed neither affinity nor a later claim
+    /// still stands when the commit succeeds. (This holds with one give-back of the node at
+    /// a time, as its agent runs them: a give-back that acts on an affinity another one has
+    /// meanwhile removed is the exception.)
+    async fn adopt_orphan(
+        &self,
+        state: &NodeState,
+        owners: &BTreeMap<IpNet, String>,
+    ) -> Result<Adopted> {
+        let Some(block) = owners
+            .iter()
+            .find(|(b, node)| **node == self.config.node && !state.affinities.contains_key(b))
+            .map(|(b, _)| *b)
+        else {
+            return Ok(Adopted::NoOrphan);
+        };
+        let affinity_key = self.keys.affinity(&block);
+        let txn = Txn::new()
+            .when(self.claim_compare(state.claim))
+            .when(Compare::Absent(affinity_key.clone()))
+            .put(affinity_key, encode(&AffinityRecord::default()))
+            .put(
+                self.keys.claim(),
+                encode(&ClaimRecord {
+                    last_claimed: block,
+                }),
+            );
+        Ok(match self.store.commit(txn).await? {
+            TxnOutcome::Committed(_) => {
+                tracing::debug!(%block, node = %self.config.node, "orphaned block taken on");
+                Adopted::Block(block)
+            }
+            TxnOutcome::Failed(_) => Adopted::NodeChanged,
+        })
+    }
+
+    /// The compare that a claim record is still at `rev` (`None`: absent).
+    fn claim_compare(&self, rev: Option<u64>) -> Compare {
+        match rev {
+            Some(rev) => Compare::ModRevision(self.keys.claim(), rev),
+            None => Compare::Absent(self.keys.claim()),
+        }
     }
 
     /// A free block of the pool: the first one, or after a lost race, one of the first few
@@ -506,7 +592,13 @@ impl<S: Store> BlockIpam<S> {
             return self.no_room(state, reason).await;
         }
         self.ensure_pool_record().await?;
-        let mut taken = self.taken_blocks().await?;
+        let owners = self.block_owners().await?;
+        match self.adopt_orphan(state, &owners).await? {
+            Adopted::Block(block) => return Ok(Claim::Claimed { block }),
+            Adopted::NodeChanged => return Ok(Claim::NodeChanged),
+            Adopted::NoOrphan => {}
+        }
+        let mut taken: HashSet<IpNet> = owners.into_keys().collect();
         let mut claim = state.claim;
         let mut lost_races = 0;
         for failures in 0..MAX_ATTEMPTS {
@@ -518,12 +610,8 @@ impl<S: Store> BlockIpam<S> {
                 return self.no_room(state, reason).await;
             };
             let affinity_key = self.keys.affinity(&block);
-            let claim_compare = match claim {
-                Some(rev) => Compare::ModRevision(self.keys.claim(), rev),
-                None => Compare::Absent(self.keys.claim()),
-            };
             let intent = Txn::new()
-                .when(claim_compare)
+                .when(self.claim_compare(claim))
                 .when(Compare::Absent(affinity_key.clone()))
                 .put(affinity_key.clone(), encode(&AffinityRecord::pending()))
                 .put(
@@ -551,7 +639,7 @@ impl<S: Store> BlockIpam<S> {
                     let current = self.store.get(&self.keys.claim()).await?;
                     claim = current.map(|kv| kv.mod_revision);
                     lost_races += 1;
-                    taken = self.taken_blocks().await?;
+                    taken = self.block_owners().await?.into_keys().collect();
                 }
             }
             self.backoff(failures + 1).await;
@@ -810,16 +898,6 @@ pub(crate) fn audit_kvs(config: &BlockIpamConfig, kvs: &[KeyValue]) -> Vec<Strin
                 }
                 None => problems.push(format!("unknown key {}", kv.key)),
             }
-        }
-    }
-    for (block, owner) in &owners {
-        if !nodes
-            .get(owner)
-            .is_some_and(|s| s.affinities.contains_key(block))
-        {
-            problems.push(format!(
-                "block {block} is owned by {owner}, which has no affinity to it"
-            ));
         }
     }
     let mut seen: BTreeMap<IpAddr, &str> = BTreeMap::new();

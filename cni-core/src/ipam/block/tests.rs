@@ -649,6 +649,73 @@ async fn an_allocation_racing_a_block_give_back_fails_over_cleanly() {
     assert_consistent(&agent).await;
 }
 
+/// A process of n1 finishes a pending claim of a block that n2 owns; just before it creates
+/// the ownership, another process of n1 drops that pending affinity (n2 owns the block)
+/// and n2 gives the block back. The ownership it then creates has no affinity behind it:
+/// the claim that follows takes that orphaned block on rather than a new one, and a node
+/// that leaves gives an orphaned block back.
+#[tokio::test]
+async fn an_orphaned_block_is_taken_on_by_the_next_claim_and_given_back_on_leave() {
+    let store = Mem::default();
+    let pool = "10.14.0.0/28";
+    let n2 = Arc::new(engine(&store, config(pool, 30, "n2")));
+    let contested = n2.ensure_block().await.unwrap();
+    assert_eq!(contested, net("10.14.0.0/30"));
+    // n1's pending affinity to it, as a claim interrupted after step (1) leaves it.
+    let n1_affinity = format!("{DEFAULT_KEY_PREFIX}/nodes/n1/blocks/10.14.0.0-30");
+    let pending = Txn::new().put(n1_affinity.clone(), encode(&AffinityRecord::pending()));
+    store.commit(pending).await.unwrap();
+
+    let hook_store = Arc::clone(&store);
+    let hook_n2 = Arc::clone(&n2);
+    let hooked = BeforeCommit {
+        inner: Arc::clone(&store),
+        hook: tokio::sync::Mutex::new(Some(move || async move {
+            let dropped = Txn::new().delete(n1_affinity);
+            hook_store.commit(dropped).await.unwrap();
+            assert_eq!(hook_n2.leave().await.unwrap(), vec![contested]);
+        })),
+        when: |txn| {
+            txn.ops
+                .iter()
+                .any(|op| matches!(op, crate::store::Op::Put(k, _) if k.ends_with("/blocks/10.14.0.0-30") && !k.contains("/nodes/")))
+        },
+    };
+    let n1 = BlockIpam::new(hooked, config(pool, 30, "n1")).unwrap();
+    assert_eq!(
+        n1.ensure_block().await.unwrap(),
+        contested,
+        "took the orphan on"
+    );
+    assert_eq!(n1.node_blocks().await.unwrap(), vec![contested]);
+    assert_eq!(orphaned(&store.dump()), Vec::<String>::new());
+    assert!(n1.audit().await.unwrap().is_empty());
+    let a = n1.allocate(&att("c1")).await.unwrap();
+    assert!(contested.contains(&a.ips[0].address.addr()));
+    n1.release(&att("c1")).await.unwrap();
+
+    // An orphaned ownership of a node that leaves goes back with its other blocks.
+    let orphan = net("10.14.0.8/30");
+    let owner = Txn::new().put(
+        n1.keys.block(&orphan),
+        encode(&OwnerRecord { node: "n1".into() }),
+    );
+    store.commit(owner).await.unwrap();
+    assert_eq!(orphaned(&store.dump()), vec!["10.14.0.8-30 n1".to_owned()]);
+    assert!(
+        n1.audit().await.unwrap().is_empty(),
+        "an orphan is no problem"
+    );
+    let mut gone = n1.leave().await.unwrap();
+    gone.sort();
+    assert_eq!(gone, vec![contested, orphan]);
+    assert!(
+        !store.dump().iter().any(|kv| kv.key.contains("/blocks/")),
+        "{:#?}",
+        store.dump()
+    );
+}
+
 /// A store that runs a hook once, just before the first list of exactly `prefix`.
 struct BeforeList<H> {
     inner: Mem,
@@ -781,6 +848,19 @@ async fn racing_nodes_get_distinct_blocks() {
     let blocks: BTreeSet<IpNet> = blocks.into_iter().map(|b| b.expect("claims")).collect();
     assert_eq!(blocks.len(), 10);
     assert_consistent(&engines[0]).await;
+}
+
+/// The blocks owned by a node that has no affinity to them, as `block owner`.
+fn orphaned(kvs: &[KeyValue]) -> Vec<String> {
+    let blocks = format!("{DEFAULT_KEY_PREFIX}/blocks/");
+    kvs.iter()
+        .filter_map(|kv| {
+            let block = kv.key.strip_prefix(&blocks)?;
+            let owner: OwnerRecord = decode(kv).unwrap();
+            let affinity = format!("{DEFAULT_KEY_PREFIX}/nodes/{}/blocks/{block}", owner.node);
+            (!kvs.iter().any(|kv| kv.key == affinity)).then(|| format!("{block} {}", owner.node))
+        })
+        .collect()
 }
 
 /// What the property test's clients do.
@@ -967,6 +1047,8 @@ mod properties {
         let blocks = (if small_pool { 2 } else { 4 }) * (if gateway { 1 } else { 2 });
         assert_eq!(handed_out.len(), per_block * blocks, "addresses lost");
         check("filling the pool");
+        // Orphaned ownerships (the audit allows them while claims run) were taken on.
+        assert_eq!(orphaned(&store.dump()), Vec::<String>::new());
         let failures = failures.into_inner().unwrap();
         assert!(failures.is_empty(), "{failures:#?}");
         assert_eq!(
