@@ -301,9 +301,7 @@ async fn stopped_once_up_removes_everything() {
     let state_dir = s.data.path().to_path_buf();
     let registry = s.registry.clone();
     let store = s.store.clone();
-    let stop = Arc::new(Notify::new());
-    let stop_rx = stop.clone();
-    let run = tokio::spawn(s.agent.run(async move { stop_rx.notified().await }));
+    let (stop, run) = spawn(s.agent);
 
     // Up: the state file is written last.
     let up = tokio::time::timeout(Duration::from_secs(10), async {
@@ -382,9 +380,7 @@ async fn stopped_while_the_registry_cannot_be_watched_returns() {
     let registry = Arc::new(StoreRegistry::new(store.clone()));
     let flaky = Arc::new(Flaky::new(store.clone(), 1, usize::MAX));
     let s = setup_with(&node, false, store.clone(), registry, flaky.clone()).await;
-    let stop = Arc::new(Notify::new());
-    let stop_rx = stop.clone();
-    let run = tokio::spawn(s.agent.run(async move { stop_rx.notified().await }));
+    let (stop, run) = spawn(s.agent);
     until_up(s.data.path()).await;
 
     // The first watch has ended and the agent is trying to watch again, in vain.
@@ -416,9 +412,7 @@ async fn a_block_whose_publication_failed_is_published_at_the_next_poll() {
     let registry = Arc::new(StoreRegistry::new(store.clone()));
     let flaky = Arc::new(Flaky::new(store.clone(), 0, 0));
     let s = setup_with(&node, false, store.clone(), registry.clone(), flaky.clone()).await;
-    let stop = Arc::new(Notify::new());
-    let stop_rx = stop.clone();
-    let run = tokio::spawn(s.agent.run(async move { stop_rx.notified().await }));
+    let (stop, run) = spawn(s.agent);
     until_up(s.data.path()).await;
     let blocks = |nodes: Vec<NodeRecord>| nodes.into_iter().map(|n| n.blocks).collect::<Vec<_>>();
     assert_eq!(blocks(registry.list().await.unwrap().nodes)[0].len(), 1);
@@ -459,9 +453,7 @@ async fn the_node_state_follows_the_peers() {
     }
     let node = Node::new("peers");
     let s = setup(&node, false).await;
-    let stop = Arc::new(Notify::new());
-    let stop_rx = stop.clone();
-    let run = tokio::spawn(s.agent.run(async move { stop_rx.notified().await }));
+    let (stop, run) = spawn(s.agent);
     until_up(s.data.path()).await;
     let peers = || NodeState::read(s.data.path()).unwrap().map(|st| st.peers);
     assert_eq!(peers(), Some(vec![]));
@@ -525,9 +517,7 @@ async fn a_start_the_datastore_fails_is_tried_again() {
     flaky.failing_registers.store(2, Ordering::SeqCst);
     let s = setup_with(&node, false, store.clone(), registry.clone(), flaky.clone()).await;
     let metrics = s.agent.metrics();
-    let stop = Arc::new(Notify::new());
-    let stop_rx = stop.clone();
-    let run = tokio::spawn(s.agent.run(async move { stop_rx.notified().await }));
+    let (stop, run) = spawn(s.agent);
     until_up(s.data.path()).await;
     assert_eq!(flaky.failed_registers.load(Ordering::SeqCst), 2);
     let names: Vec<String> = registry
@@ -549,9 +539,7 @@ async fn a_start_the_datastore_fails_is_tried_again() {
     flaky.failing_registers.store(usize::MAX, Ordering::SeqCst);
     let s = setup_with(&node, false, store.clone(), registry.clone(), flaky.clone()).await;
     let metrics = s.agent.metrics();
-    let stop = Arc::new(Notify::new());
-    let stop_rx = stop.clone();
-    let run = tokio::spawn(s.agent.run(async move { stop_rx.notified().await }));
+    let (stop, run) = spawn(s.agent);
     let tried = tokio::time::timeout(Duration::from_secs(10), async {
         while flaky.failed_registers.load(Ordering::SeqCst) < 2 {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -580,9 +568,7 @@ async fn a_first_watch_that_fails_is_retried() {
     let registry = Arc::new(StoreRegistry::new(store.clone()));
     let flaky = Arc::new(Flaky::new(store.clone(), 0, 1));
     let s = setup_with(&node, false, store.clone(), registry.clone(), flaky.clone()).await;
-    let stop = Arc::new(Notify::new());
-    let stop_rx = stop.clone();
-    let run = tokio::spawn(s.agent.run(async move { stop_rx.notified().await }));
+    let (stop, run) = spawn(s.agent);
     until_up(s.data.path()).await;
 
     let peer = peer_p1();
@@ -614,6 +600,14 @@ fn peer_p1() -> NodeRecord {
         blocks: vec![],
         backend: BTreeMap::new(),
     }
+}
+
+/// Runs `agent` in a task until the returned `Notify` is notified.
+fn spawn(agent: Agent) -> (Arc<Notify>, tokio::task::JoinHandle<Result<()>>) {
+    let stop = Arc::new(Notify::new());
+    let stop_rx = stop.clone();
+    let run = tokio::spawn(agent.run(async move { stop_rx.notified().await }));
+    (stop, run)
 }
 
 /// Tells the agent running as `run` to stop; it must return `Ok` within 10 s.
@@ -669,9 +663,7 @@ async fn the_endpoints_report_health_readiness_and_reconciles() {
     let address: std::net::SocketAddr = "127.0.0.1:9153".parse().unwrap();
     let s = setup_serving(&node, true, Some(address)).await;
     let init_started = s.init_started.clone();
-    let stop = Arc::new(Notify::new());
-    let stop_rx = stop.clone();
-    let run = tokio::spawn(s.agent.run(async move { stop_rx.notified().await }));
+    let (stop, run) = spawn(s.agent);
     init_started.notified().await;
     let (status, body) = get(&ns, address, "/readyz").await;
     assert_eq!(status, 503, "{body}");
@@ -689,9 +681,7 @@ async fn the_endpoints_report_health_readiness_and_reconciles() {
     // Up: ready after the first reconcile; a peer joining means another reconcile.
     let address: std::net::SocketAddr = "127.0.0.1:9154".parse().unwrap();
     let s = setup_serving(&node, false, Some(address)).await;
-    let stop = Arc::new(Notify::new());
-    let stop_rx = stop.clone();
-    let run = tokio::spawn(s.agent.run(async move { stop_rx.notified().await }));
+    let (stop, run) = spawn(s.agent);
     until_up(s.data.path()).await;
     let (status, body) = get(&ns, address, "/readyz").await;
     assert_eq!((status, body.as_str()), (200, "ready\n"));

@@ -188,11 +188,10 @@ async fn a_lease_that_is_not_renewed_expires() {
     let leases: Api<Lease> = Api::namespaced(api.client().await, "kube-system");
     let renewed_at = |l: &Lease| l.spec.as_ref().and_then(|s| s.renew_time.clone());
     let first = renewed_at(&leases.get("cnikit.n2").await.unwrap());
-    let deadline = Instant::now() + DEADLINE;
-    while renewed_at(&leases.get("cnikit.n2").await.unwrap()) == first {
-        assert!(Instant::now() < deadline, "the lease is not renewed");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    until("the lease is not renewed", async || {
+        renewed_at(&leases.get("cnikit.n2").await.unwrap()) != first
+    })
+    .await;
     assert!(
         watcher
             .list()
@@ -287,11 +286,10 @@ async fn dead_nodes_are_pruned_and_live_ones_are_not() {
         .delete("cnikit.n1", &Default::default())
         .await
         .unwrap();
-    let deadline = Instant::now() + DEADLINE;
-    while pruner.list().await.unwrap().nodes != vec![record("n1", 1)] {
-        assert!(Instant::now() < deadline, "n1's record does not come back");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    until("n1's record does not come back", async || {
+        pruner.list().await.unwrap().nodes == vec![record("n1", 1)]
+    })
+    .await;
 
     // A Lease without a record and a record without a Lease, both left by hand.
     let label = || {
@@ -331,15 +329,14 @@ async fn dead_nodes_are_pruned_and_live_ones_are_not() {
     assert!(records.get_opt("cnikit.n4").await.unwrap().is_some());
     assert_eq!(until_pruned(&pruner).await, ["n4"]);
     assert!(records.get_opt("cnikit.n4").await.unwrap().is_none());
-    let deadline = Instant::now() + DEADLINE;
-    while leases.get_opt("cnikit.n3").await.unwrap().is_some() {
-        assert!(
-            Instant::now() < deadline,
-            "the orphan Lease is never pruned"
-        );
+    until("the orphan Lease is never pruned", async || {
+        if leases.get_opt("cnikit.n3").await.unwrap().is_none() {
+            return true;
+        }
         pruner.prune_expired().await.unwrap();
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+        false
+    })
+    .await;
     assert!(
         leases.get_opt("cnikit.n1").await.unwrap().is_some()
             && records.get_opt("cnikit.n1").await.unwrap().is_some(),
@@ -350,13 +347,20 @@ async fn dead_nodes_are_pruned_and_live_ones_are_not() {
 
 /// Calls `prune_expired` until it prunes something; what it pruned.
 async fn until_pruned(pruner: &KubeRegistry) -> Vec<String> {
+    let mut pruned = Vec::new();
+    until("nothing is ever pruned", async || {
+        pruned = pruner.prune_expired().await.unwrap();
+        !pruned.is_empty()
+    })
+    .await;
+    pruned
+}
+
+/// Polls `done` every 200 ms until it holds; panics with `what` after [`DEADLINE`].
+async fn until(what: &str, mut done: impl AsyncFnMut() -> bool) {
     let deadline = Instant::now() + DEADLINE;
-    loop {
-        let pruned = pruner.prune_expired().await.unwrap();
-        if !pruned.is_empty() {
-            return pruned;
-        }
-        assert!(Instant::now() < deadline, "nothing is ever pruned");
+    while !done().await {
+        assert!(Instant::now() < deadline, "{what}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
